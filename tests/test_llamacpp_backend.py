@@ -1,0 +1,188 @@
+"""The llama.cpp backend on the real starter model (Gemma 3 270M Q4_K_M)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+import pytest
+
+from localllm.backends.base import FinishEvent, GenerationRequest, SamplingParams, TokenEvent
+from localllm.backends.llamacpp import LlamaCppBackend, LlamaCppOptions
+from localllm.errors import BadRequest, TemplateError
+from localllm.modelinfo import read_model_info
+
+FRANCE = "The capital of France is"
+FRANCE_IDS = [2, 818, 5279, 529, 7001, 563]
+
+
+@pytest.fixture(scope="module")
+def backend(starter_gguf):
+    engine = LlamaCppBackend("starter", read_model_info(starter_gguf), LlamaCppOptions(n_ctx=1024, n_threads=2))
+    yield engine
+    engine.close()
+
+
+def collect(backend, prompt, params=None, *, templated=False, request_id="r", stop_after=None):
+    """Run one request; return (text, finish event, token events)."""
+
+    async def go():
+        tokens, text, finish = [], "", None
+        req = GenerationRequest(request_id, prompt, params or SamplingParams(temperature=0), templated=templated)
+        async for event in backend.generate(req):
+            if isinstance(event, TokenEvent):
+                tokens.append(event)
+                text += event.text
+                if stop_after is not None and len(tokens) == stop_after:
+                    backend.abort(request_id)
+            else:
+                finish = event
+        return text, finish, tokens
+
+    return asyncio.run(go())
+
+
+def greedy(**kw) -> SamplingParams:
+    return SamplingParams(temperature=0, **kw)
+
+
+def test_tokenizer_matches_llama_cpp_reference(backend):
+    assert backend.tokenize(FRANCE) == FRANCE_IDS
+
+
+def test_greedy_raw_completion_matches_reference(backend):
+    text, finish, _ = collect(backend, FRANCE, greedy(max_tokens=12))
+    assert text.startswith(" the capital of the country of France")
+    assert finish.reason == "length"
+    assert finish.usage.prompt_tokens == 6 and finish.usage.completion_tokens == 12
+
+
+def test_stop_string_ends_generation_and_never_leaks(backend):
+    text, finish, events = collect(backend, FRANCE, greedy(max_tokens=40, stop=["France"]))
+    assert text == " the capital of the country of "
+    assert finish.reason == "stop"
+    assert all("Fr" not in e.text for e in events)
+
+
+def test_max_tokens_counts_exactly(backend):
+    _, finish, events = collect(backend, FRANCE, greedy(max_tokens=5))
+    assert finish.reason == "length"
+    assert finish.usage.completion_tokens == 5
+    assert sum(len(e.token_ids) for e in events) == 5
+
+
+def test_same_seed_same_text_at_temperature(backend):
+    params = SamplingParams(temperature=0.8, seed=1234, max_tokens=24)
+    first, _, _ = collect(backend, "Once upon a time", params)
+    second, _, _ = collect(backend, "Once upon a time", dataclasses.replace(params))
+    assert first == second
+    others = {collect(backend, "Once upon a time", dataclasses.replace(params, seed=s))[0] for s in (1, 2, 3)}
+    assert len(others | {first}) > 1, "different seeds should not all give the same text"
+
+
+def test_abort_mid_generation(backend):
+    text, finish, events = collect(backend, FRANCE, greedy(max_tokens=400), stop_after=3)
+    assert finish.reason == "abort"
+    assert 3 <= finish.usage.completion_tokens < 400
+    # the engine is still healthy afterwards
+    again, finish2, _ = collect(backend, FRANCE, greedy(max_tokens=6), request_id="after-abort")
+    assert finish2.reason == "length" and again.startswith(" the capital")
+
+
+def test_consumer_that_walks_away_aborts_the_request(backend):
+    async def go():
+        agen = backend.generate(GenerationRequest("walk", FRANCE, greedy(max_tokens=400)))
+        async for event in agen:
+            break  # the client disconnected
+        await agen.aclose()
+
+    asyncio.run(go())
+    _, finish, _ = collect(backend, FRANCE, greedy(max_tokens=4), request_id="next")
+    assert finish.reason == "length"
+    assert backend.stats().running == 0
+
+
+def test_concurrent_requests_all_finish(backend):
+    async def one(i):
+        text = ""
+        async for event in backend.generate(GenerationRequest(f"c{i}", FRANCE, greedy(max_tokens=8))):
+            if isinstance(event, TokenEvent):
+                text += event.text
+            else:
+                assert event.reason == "length"
+        return text
+
+    async def many():
+        return await asyncio.gather(*(one(i) for i in range(3)))
+
+    texts = asyncio.run(many())
+    assert len(set(texts)) == 1 and texts[0].startswith(" the capital of the country")
+
+
+def test_prompt_longer_than_context_is_a_bad_request(backend):
+    with pytest.raises(BadRequest, match="context"):
+        collect(backend, "word " * 2000, greedy(max_tokens=4))
+
+
+def test_invalid_sampling_values_are_bad_requests(backend):
+    for bad in (dict(temperature=-1), dict(top_p=0), dict(max_tokens=0), dict(stop=[""])):
+        with pytest.raises(BadRequest):
+            collect(backend, FRANCE, SamplingParams(**bad))
+
+
+def test_chat_prompt_uses_gemma_turns_and_one_bos(backend):
+    prompt = backend.render_chat([{"role": "user", "content": "Hi"}])
+    assert prompt == "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n"
+    tokens = backend.prompt_tokens(GenerationRequest("t", prompt, templated=True))
+    assert tokens[0] == 2 and tokens[1] != 2
+    start_of_turn = backend.tokenize("<start_of_turn>", add_bos=False, special=True)
+    assert len(start_of_turn) == 1 and start_of_turn[0] in tokens
+    text, finish, _ = collect(backend, prompt, greedy(max_tokens=16), templated=True)
+    assert finish.reason in ("stop", "length")
+
+
+def test_second_turn_reuses_the_cached_prefix_and_matches_a_cold_run(backend, starter_gguf):
+    history = FRANCE + " the capital of the country of France."
+    collect(backend, history, greedy(max_tokens=2))
+    warm_text, warm, _ = collect(backend, history + " It is", greedy(max_tokens=10))
+    assert warm.usage.cached_prompt_tokens > 0
+    cold_engine = LlamaCppBackend("cold", read_model_info(starter_gguf), LlamaCppOptions(n_ctx=1024, n_threads=2))
+    try:
+        cold_text, cold, _ = collect(cold_engine, history + " It is", greedy(max_tokens=10))
+    finally:
+        cold_engine.close()
+    assert cold.usage.cached_prompt_tokens == 0
+    assert warm_text == cold_text
+
+
+def test_logprobs_rank_the_greedy_token_first(backend):
+    _, _, events = collect(backend, FRANCE, greedy(max_tokens=3, logprobs=5))
+    first = events[0].logprobs[0]
+    assert first["token"] == 506  # " the", the reference top-1
+    assert [t["token"] for t in first["top"]][:3] == [506, 496, 9079]
+    assert first["logprob"] <= 0 and first["top"][0]["logprob"] == first["logprob"]
+
+
+def test_timings_and_usage_are_filled(backend):
+    _, finish, _ = collect(backend, FRANCE, greedy(max_tokens=8))
+    t = finish.timings
+    assert 0 < t.ttft_s <= t.total_s
+    assert t.decode_tokens_per_s(finish.usage.completion_tokens) > 0
+
+
+def test_hostile_model_template_is_refused(starter_gguf, tmp_path):
+    marker = tmp_path / "pwned"
+    hostile = "{{ cycler.__init__.__globals__.os.system('touch " + str(marker) + "') }}"
+    info = dataclasses.replace(read_model_info(starter_gguf), chat_template=hostile)
+    engine = LlamaCppBackend("hostile", info, LlamaCppOptions(n_ctx=256, n_threads=2))
+    try:
+        with pytest.raises(TemplateError, match="hostile"):
+            engine.render_chat([{"role": "user", "content": "hi"}])
+    finally:
+        engine.close()
+    assert not marker.exists()
+
+
+def test_context_larger_than_trained_is_refused(starter_gguf):
+    with pytest.raises(BadRequest, match="trained"):
+        LlamaCppBackend("big", read_model_info(starter_gguf), LlamaCppOptions(n_ctx=10**6))
