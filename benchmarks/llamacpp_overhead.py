@@ -4,6 +4,11 @@ Same model file, same prompt, same threads, greedy; runs interleaved (bare, ours
 bare, ours, ...) so machine noise hits both alike; medians reported. Ours is
 timed from the client's side of the event stream, as a front end sees it.
 
+Each side lives in its own process. In one process the two would each start an
+OpenMP thread team (llama.cpp calls from two different threads), and a team's
+spinning workers slow the other by a third on two cores: a fault of the bench,
+not of either side.
+
     python benchmarks/llamacpp_overhead.py [--model PATH] [--tokens 128] [--rounds 7] [--threads 2]
 
 Goal (foundation issue): decode >= 0.95x bare, TTFT within +10%.
@@ -60,6 +65,21 @@ def ours_run(backend: LlamaCppBackend, prompt: str, n_tokens: int, rid: str) -> 
     return asyncio.run(go())
 
 
+def worker(side: str, path: str, threads: int, conn) -> None:
+    """Load one side, then run the prompts the parent sends until it sends None."""
+    if side == "bare":
+        import llama_cpp
+
+        llm = llama_cpp.Llama(path, n_ctx=1024, n_batch=512, n_threads=threads, n_threads_batch=threads, verbose=False)
+        run = lambda prompt, n, rid: bare_run(llm, prompt, n)  # noqa: E731
+    else:
+        backend = LlamaCppBackend("bench", read_model_info(Path(path)), LlamaCppOptions(n_ctx=1024, n_threads=threads))
+        run = lambda prompt, n, rid: ours_run(backend, prompt, n, rid)  # noqa: E731
+    conn.send("ready")
+    while (job := conn.recv()) is not None:
+        conn.send(run(*job))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path)
@@ -69,20 +89,33 @@ def main() -> int:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
-    import llama_cpp
+    import multiprocessing as mp
 
     path = args.model or starter_path()
-    bare = llama_cpp.Llama(str(path), n_ctx=1024, n_batch=512, n_threads=args.threads,
-                           n_threads_batch=args.threads, verbose=False)
-    ours = LlamaCppBackend("bench", read_model_info(path), LlamaCppOptions(n_ctx=1024, n_threads=args.threads))
+    ctx = mp.get_context("spawn")
+    sides = {}
+    for side in ("bare", "ours"):
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=worker, args=(side, str(path), args.threads, child), daemon=True)
+        proc.start()
+        assert parent.recv() == "ready"
+        sides[side] = (proc, parent)
+
+    def run(side: str, prompt: str, n: int, rid: str):
+        time.sleep(0.3)  # let the other process's OpenMP workers stop spinning
+        sides[side][1].send((prompt, n, rid))
+        return sides[side][1].recv()
+
     results: dict[str, list[tuple[float, float, int]]] = {"bare": [], "ours": []}
-    bare_run(bare, PROMPT, 8)  # warm-up both
-    ours_run(ours, "Warm up " + PROMPT, 8, "warm")
+    for side in sides:  # warm-up
+        run(side, "Warm up. " + PROMPT, 8, "warm")
     for i in range(args.rounds):
         prompt = f"{i + 1}. {PROMPT}"  # a new first token each round: neither side can reuse the KV
-        results["bare"].append(bare_run(bare, prompt, args.tokens))
-        results["ours"].append(ours_run(ours, prompt, args.tokens, f"r{i}"))
-    ours.close()
+        for side in (("bare", "ours") if i % 2 == 0 else ("ours", "bare")):
+            results[side].append(run(side, prompt, args.tokens, f"r{i}"))
+    for proc, conn in sides.values():
+        conn.send(None)
+        proc.join(timeout=30)
 
     med = {k: (statistics.median(r[0] for r in v), statistics.median(r[1] for r in v)) for k, v in results.items()}
     summary = {
