@@ -188,11 +188,14 @@ def test_pull_of_unknown_name_is_one_line(tmp_path):
     assert "llama9:400b" in line
 
 
-def test_store_is_created_under_localllm_home_only(tmp_path):
+def test_default_store_is_the_xdg_data_home_and_nothing_goes_to_cache(tmp_path):
     fake_home = tmp_path / "user"
     fake_home.mkdir()
-    env = {**os.environ, "HOME": str(fake_home), "XDG_DATA_HOME": ""}
+    env = {**os.environ, "HOME": str(fake_home)}
     env.pop("LOCALLLM_HOME", None)
-    result = subprocess.run([sys.executable, "-m", "localllm", "ls", "--json"], capture_output=True, text=True, env=env)
-    assert result.returncode == 0
+    env.pop("XDG_DATA_HOME", None)
+    result = subprocess.run([sys.executable, "-m", "localllm", "pull", "starter", "--quiet"],
+                            capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr
+    assert (fake_home / ".local/share/localllm/manifests/starter.json").is_file()
     assert not (fake_home / ".cache").exists()

@@ -183,6 +183,18 @@ def test_hostile_model_template_is_refused(starter_gguf, tmp_path):
     assert not marker.exists()
 
 
+def test_unknown_architecture_without_template_refuses_chat_but_runs_raw(starter_gguf):
+    info = dataclasses.replace(read_model_info(starter_gguf), architecture="mystery")
+    engine = LlamaCppBackend("mystery-model", info, LlamaCppOptions(n_ctx=256, n_threads=2))
+    try:
+        with pytest.raises(TemplateError, match="--raw"):
+            engine.render_chat([{"role": "user", "content": "hi"}])
+        text, finish, _ = collect(engine, FRANCE, greedy(max_tokens=4))
+        assert text.startswith(" the capital") and finish.reason == "length"
+    finally:
+        engine.close()
+
+
 def test_context_larger_than_trained_is_refused(starter_gguf):
     with pytest.raises(BadRequest, match="trained"):
         LlamaCppBackend("big", read_model_info(starter_gguf), LlamaCppOptions(n_ctx=10**6))

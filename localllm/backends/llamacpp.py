@@ -160,6 +160,8 @@ class LlamaCppBackend:
         if self._closed:
             return
         self._closed = True
+        with self._lock:  # stop what is running rather than wait for it
+            self._aborted |= self._active
         self._inbox.put(None)
         self._thread.join()
 
