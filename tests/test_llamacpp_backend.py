@@ -198,3 +198,29 @@ def test_unknown_architecture_without_template_refuses_chat_but_runs_raw(starter
 def test_context_larger_than_trained_is_refused(starter_gguf):
     with pytest.raises(BadRequest, match="trained"):
         LlamaCppBackend("big", read_model_info(starter_gguf), LlamaCppOptions(n_ctx=10**6))
+
+
+def test_abort_during_a_long_prompt_lands_quickly(starter_gguf):
+    """Esc or Ctrl+Q while a long prompt is processed must not wait for the whole chunk."""
+    import time
+
+    engine = LlamaCppBackend("long", read_model_info(starter_gguf), LlamaCppOptions(n_ctx=4096, n_threads=2))
+    long_prompt = "The quick brown fox jumps over the lazy dog. " * 300  # ~3,000 tokens, seconds of work
+
+    async def go():
+        agen = engine.generate(GenerationRequest("long", long_prompt, greedy(max_tokens=4)))
+        task = asyncio.ensure_future(agen.__anext__())
+        await asyncio.sleep(0.3)  # the engine is inside the prompt now
+        asked = time.perf_counter()
+        engine.abort("long")
+        event = await task
+        return event, time.perf_counter() - asked
+
+    try:
+        event, waited = asyncio.run(go())
+        assert isinstance(event, FinishEvent) and event.reason == "abort"
+        assert waited < 0.5, f"abort took {waited:.2f} s"
+        text, finish, _ = collect(engine, FRANCE, greedy(max_tokens=6), request_id="after")
+        assert text.startswith(" the capital of the country")
+    finally:
+        engine.close()

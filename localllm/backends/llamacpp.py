@@ -39,6 +39,7 @@ from localllm.modelinfo import ModelInfo
 DEFAULT_CONTEXT = 4096
 DEFAULT_BATCH = 512
 RANDOM_SEED = 0xFFFFFFFF  # llama.cpp's LLAMA_DEFAULT_SEED: pick a random seed
+DECODE_ABORTED = 2  # llama_decode's status when the abort callback said stop
 
 
 @dataclass
@@ -204,6 +205,9 @@ class LlamaCppBackend:
         ctx_params.no_perf = True
         self._ctx = _internals.LlamaContext(model=self._model, params=ctx_params, verbose=self.options.verbose)
         self._batch = _internals.LlamaBatch(n_tokens=self.options.n_batch, embd=0, n_seq_max=1)
+        self._prefilling: str | None = None
+        self._abort_callback = llama_cpp.ggml_abort_callback(self._should_abort_compute)
+        self._no_abort_callback = llama_cpp.ggml_abort_callback(0)  # NULL: no Python call per graph node
         self._llama_cpp = llama_cpp
         self._internals = _internals
         self._kv_tokens: list[int] = []  # what the KV cache of sequence 0 holds, in order
@@ -293,18 +297,42 @@ class LlamaCppBackend:
             self._ctx.kv_cache_clear()
             self._kv_tokens = []
         n_batch = self.options.n_batch
-        for start in range(reuse, len(tokens), n_batch):
-            if self._is_aborted(rid):
-                return -1
-            chunk = tokens[start : start + n_batch]
-            self._decode(chunk)
+        # While a prompt is processed, llama.cpp asks between graph nodes whether to stop,
+        # so an abort (Esc, Ctrl+Q, a closed connection) lands within milliseconds. Decode
+        # steps are short and skip the callback: it would take the GIL once per node.
+        self._prefilling = rid
+        self._llama_cpp.llama_set_abort_callback(self._ctx.ctx, self._abort_callback, None)
+        try:
+            for start in range(reuse, len(tokens), n_batch):
+                if self._is_aborted(rid):
+                    return -1
+                chunk = tokens[start : start + n_batch]
+                if not self._decode(chunk):
+                    return -1
+        finally:
+            self._prefilling = None
+            self._llama_cpp.llama_set_abort_callback(self._ctx.ctx, self._no_abort_callback, None)
         return reuse
 
-    def _decode(self, chunk: list[int]) -> None:
-        """Run `chunk` at the end of sequence 0; logits only for its last token."""
+    def _decode(self, chunk: list[int]) -> bool:
+        """Run `chunk` at the end of sequence 0; logits only for its last token.
+
+        False when the abort callback stopped it: llama.cpp then drops the
+        chunk's positions from the cache, so the bookkeeping stays true.
+        """
         self._batch.set_batch(chunk, n_past=len(self._kv_tokens), logits_all=False)
-        self._ctx.decode(self._batch)
+        status = self._llama_cpp.llama_decode(self._ctx.ctx, self._batch.batch)
+        if status == DECODE_ABORTED:
+            return False
+        if status != 0:
+            raise RuntimeError(f"llama_decode returned {status}")
         self._kv_tokens.extend(chunk)
+        return True
+
+    def _should_abort_compute(self, _data) -> bool:
+        """Called by llama.cpp between graph nodes (only while a prompt is processed)."""
+        rid = self._prefilling
+        return rid is not None and rid in self._aborted
 
     def _decode_loop(self, job: _Job, sampler, usage: Usage, timings: Timings) -> str:
         rid, params = job.request.request_id, job.request.params
@@ -337,7 +365,7 @@ class LlamaCppBackend:
                 break
             if usage.completion_tokens >= limit:
                 break
-            self._decode([token])
+            self._decode([token])  # the abort callback only acts during prefill
         else:
             reason = "length"
         if reason == "length":
