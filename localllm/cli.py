@@ -79,9 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_flags(p)
     _add_load_flags(p)
 
-    p = sub.add_parser("chat", help="an interactive chat")
+    p = sub.add_parser("chat", help="the chat app (a line chat with --plain or when output is not a terminal)")
     p.add_argument("model", nargs="?", default="starter")
-    p.add_argument("--system", help="system prompt")
+    p.add_argument("--system", help="system prompt (line chat)")
+    p.add_argument("--plain", action="store_true", help="the line chat instead of the full-screen app")
     _add_sampling_flags(p)
     _add_load_flags(p)
 

@@ -156,11 +156,34 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from localllm.linechat import line_chat
 
     params = sampling_from(args)
+    if not args.plain and sys.stdout.isatty() and sys.stdin.isatty():
+        return _chat_app(args, params)
     backend = open_model(args)
     try:
         return line_chat(backend, params, system=args.system, show_stats=args.stats)
     finally:
         backend.close()
+
+
+def _chat_app(args: argparse.Namespace, params: SamplingParams) -> int:
+    """The full-screen chat; the command's flags become the first chat's settings."""
+    from localllm.backends.select import LoadOptions, open_backend
+    from localllm.tui.app import LocalLLMApp
+    from localllm.tui.conversations import ChatSettings
+
+    def factory(model: str, context: int | None) -> Backend:
+        options = LoadOptions(backend=args.backend, n_ctx=context, n_threads=args.threads, verbose=args.verbose)
+        return open_backend(ModelStore().resolve(model), options)
+
+    defaults = ChatSettings(
+        system=args.system or "",
+        temperature=params.temperature,
+        top_p=params.top_p,
+        max_tokens=params.max_tokens or ChatSettings.max_tokens,
+        context=args.ctx,
+    )
+    LocalLLMApp(args.model, factory=factory, defaults=defaults).run()
+    return EXIT_OK
 
 
 def _read_prompt(given: str | None) -> str | None:

@@ -1,0 +1,79 @@
+"""A deterministic stand-in for a backend, for TUI tests that pin layout and flow.
+
+It speaks the real Backend protocol (async events, abort, usage, timings); the
+real engine is covered by its own tests and by the TUI's tmux smoke test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from localllm.backends.base import EngineStats, FinishEvent, GenerationRequest, Timings, TokenEvent, Usage
+from localllm.errors import BackendError
+
+REPLY = "Hello! Here is **bold** text and code:\n\n```python\nprint('hi')\n```\n"
+
+
+@dataclass
+class FakeBackend:
+    model_name: str
+    reply: str = REPLY
+    delay_s: float = 0.0
+    name: str = "fake"
+    info: object = None
+    prompts: list[str] = field(default_factory=list)
+    _aborted: set[str] = field(default_factory=set)
+    closed: bool = False
+
+    def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]:
+        return list(range(len(text.split())))
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return ""
+
+    def render_chat(self, messages: list[dict], tools=None) -> str:
+        return "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
+
+    async def generate(self, req: GenerationRequest):
+        self.prompts.append(req.prompt)
+        pieces = [self.reply[i : i + 4] for i in range(0, len(self.reply), 4)]
+        limit = req.params.max_tokens or len(pieces)
+        sent, reason = 0, "stop"
+        for piece in pieces:
+            if req.request_id in self._aborted:
+                reason = "abort"
+                break
+            if sent == limit:
+                reason = "length"
+                break
+            await asyncio.sleep(self.delay_s)
+            sent += 1
+            yield TokenEvent(req.request_id, piece, [sent])
+        timings = Timings(ttft_s=0.125, decode_s=max(sent - 1, 0) / 50, total_s=0.2)
+        yield FinishEvent(req.request_id, reason, Usage(len(self.tokenize(req.prompt)), sent), timings)
+
+    def abort(self, request_id: str) -> None:
+        self._aborted.add(request_id)
+
+    def stats(self) -> EngineStats:
+        return EngineStats()
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class FakeFactory:
+    """Opens FakeBackends; remembers what it opened; fails for names in `broken`."""
+
+    def __init__(self, delay_s: float = 0.0, broken: tuple[str, ...] = ()) -> None:
+        self.delay_s = delay_s
+        self.broken = broken
+        self.opened: list[FakeBackend] = []
+
+    def __call__(self, model: str, context: int | None) -> FakeBackend:
+        if model in self.broken:
+            raise BackendError(f"cannot open {model}: not enough memory")
+        backend = FakeBackend(model, delay_s=self.delay_s)
+        self.opened.append(backend)
+        return backend
