@@ -77,3 +77,27 @@ class FakeFactory:
         backend = FakeBackend(model, delay_s=self.delay_s)
         self.opened.append(backend)
         return backend
+
+
+class FixedHardwareProbe:
+    """The same readings every second, so screenshots are stable."""
+
+    def __init__(self) -> None:
+        from localllm.hardware import GPU, Hardware, LlamaCppSupport
+
+        self.facts = Hardware(
+            os="Linux", os_release="6.1", machine="x86_64", python="3.11.7",
+            cpu_model="Example CPU 8-Core", physical_cores=8, logical_cores=16,
+            cpu_flags=["avx", "avx2", "fma", "f16c"],
+            ram_total_bytes=32 * 1024**3, ram_available_bytes=20 * 1024**3,
+            gpus=[GPU(0, "NVIDIA GeForce RTX 4070", 12 * 1024**3, 10 * 1024**3, "8.9", "550.54", "nvidia-smi")],
+            llama_cpp=LlamaCppSupport(installed=True, version="0.3.36"),
+        )
+
+    def start(self) -> None:
+        pass
+
+    def live(self):
+        from localllm.tui.screens.hardware import LiveReading
+
+        return LiveReading(37.0, 12 * 1024**3, 32 * 1024**3, self.facts.gpus)

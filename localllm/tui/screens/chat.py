@@ -25,6 +25,13 @@ from localllm.tui.widgets.message_view import MessageView
 from localllm.tui.widgets.prompt_input import PromptInput
 
 
+WELCOME = (
+    "Type a message below and press [b]Enter[/b].\n\n"
+    "[b]F1[/b] help · [b]F3[/b] models and downloads · [b]F5[/b] API server · [b]Ctrl+P[/b] every command"
+)
+SIDEBAR_MIN_WIDTH = 90  # narrower terminals start with the chat list hidden (Ctrl+B shows it)
+
+
 class ConversationItem(ListItem):
     def __init__(self, conversation: Conversation) -> None:
         super().__init__(Label(conversation.title, markup=False))
@@ -36,8 +43,8 @@ class ChatScreen(Screen):
     BINDINGS = [
         Binding("escape", "stop", "Stop reply"),
         Binding("ctrl+n", "new_chat", "New chat"),
-        Binding("ctrl+r", "regenerate", "Regenerate"),
-        Binding("ctrl+e", "edit_last", "Edit last", priority=True),
+        Binding("ctrl+r", "regenerate", "Regenerate", show=False),
+        Binding("ctrl+e", "edit_last", "Edit last", priority=True, show=False),
         Binding("ctrl+s", "settings", "Settings"),
         Binding("f6", "rename", "Rename", show=False),
         Binding("f8", "delete_chat", "Delete chat", show=False),
@@ -50,6 +57,7 @@ class ChatScreen(Screen):
         self.conversation: Conversation | None = None
         self.draft_settings = ChatSettings()
         self.request_id: str | None = None
+        self.sidebar_chosen = False  # once the user shows or hides the list, the width no longer decides
 
     # -- layout ----------------------------------------------------------------
     def compose(self) -> ComposeResult:
@@ -65,6 +73,7 @@ class ChatScreen(Screen):
         yield Footer()
 
     def on_mount(self) -> None:
+        self.query_one("#messages").mount(Static(WELCOME, classes="welcome"))
         self.refresh_conversations()
         self.show_model_status()
 
@@ -111,6 +120,8 @@ class ChatScreen(Screen):
         if self.conversation:
             messages.mount_all(MessageView(m) for m in self.app.conversations.messages(self.conversation.id))
             messages.scroll_end(animate=False)
+        else:
+            messages.mount(Static(WELCOME, classes="welcome"))
         self.app.ensure_model(self.model_name, self.settings.context)
         self.show_model_status()
 
@@ -120,12 +131,18 @@ class ChatScreen(Screen):
         self.refresh_conversations()
         self.query_one(PromptInput).focus()
 
+    def on_resize(self, event) -> None:
+        if not self.sidebar_chosen:
+            self.query_one("#sidebar").display = event.size.width >= SIDEBAR_MIN_WIDTH
+
     def action_toggle_sidebar(self) -> None:
         sidebar = self.query_one("#sidebar")
         sidebar.display = not sidebar.display
+        self.sidebar_chosen = True
 
     def action_search(self) -> None:
         self.query_one("#sidebar").display = True
+        self.sidebar_chosen = True
         self.query_one("#search", Input).focus()
 
     def action_rename(self) -> None:
@@ -208,6 +225,8 @@ class ChatScreen(Screen):
             self.conversation = self.app.conversations.create(self.model_name, self.draft_settings, title_from(text))
             self.refresh_conversations()
         message = self.app.conversations.add_message(self.conversation.id, Message("user", text))
+        for hint in self.query(".welcome"):
+            hint.remove()
         self.query_one("#messages", VerticalScroll).mount(MessageView(message))
         self.reply()
 
@@ -245,6 +264,7 @@ class ChatScreen(Screen):
                             self.notify(event.error or "generation failed", severity="error", timeout=8)
             finally:
                 await stream.stop()
+            await view.body.update(text)  # one clean render of the whole reply once it is complete
         except LocalLLMError as exc:
             self.notify(str(exc), severity="error", timeout=8)
             stopped = True

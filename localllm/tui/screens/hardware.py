@@ -96,4 +96,9 @@ class HardwareScreen(Screen):
             self.query_one("#gpus", Static).update("\n".join(lines))
         else:
             self.query_one("#gpus", Static).update("GPUs: none found (models run on the CPU)")
-        self.query_one("#backend", Static).update(self.app.backend_explanation())
+        engines = ""
+        if facts:
+            lc = facts.llama_cpp
+            offload = ", ".join(n for n, on in (("CUDA", lc.cuda), ("Metal", lc.metal)) if on) or "CPU only"
+            engines = f"llama.cpp {lc.version or 'not installed'} ({offload}) · torch {facts.torch_version or 'not installed'}\n"
+        self.query_one("#backend", Static).update(engines + self.app.backend_explanation())
