@@ -17,22 +17,25 @@ from textual.binding import Binding
 from textual.screen import Screen
 
 from localllm.backends.base import Backend
-from localllm.config import home_dir
+from localllm.config import Paths, home_dir
+from localllm.store.store import ModelStore
 from localllm.errors import BackendError
 from localllm.tui.conversations import ChatSettings, ConversationStore
 from localllm.tui.screens.chat import ChatScreen
 from localllm.tui.screens.hardware import HardwareProbe, HardwareScreen
 from localllm.tui.screens.help import HelpScreen
-from localllm.tui.session import BackendFactory, ModelLoaded, ModelLoadFailed, ModelSession, default_factory
+from localllm.tui.screens.models import ModelsScreen
+from localllm.tui.session import BackendFactory, ModelLoaded, ModelLoadFailed, ModelSession, store_factory
 
 
 class LocalLLMApp(App):
     CSS_PATH = "app.tcss"
     TITLE = "localllm"
-    MODES = {"chat": "chat-screen", "hardware": "hardware-screen"}
+    MODES = {"chat": "chat-screen", "models": "models-screen", "hardware": "hardware-screen"}
     BINDINGS = [
         Binding("f1", "help", "Help"),
         Binding("f2", "switch_mode('chat')", "Chat"),
+        Binding("f3", "switch_mode('models')", "Models"),
         Binding("f4", "switch_mode('hardware')", "Hardware"),
         Binding("ctrl+t", "toggle_dark", "Theme", show=False),
         Binding("ctrl+q", "quit", "Quit", priority=True),
@@ -52,7 +55,8 @@ class LocalLLMApp(App):
         self.default_settings = defaults or ChatSettings()
         self.home = home or home_dir()
         self.conversations = ConversationStore(self.home / "conversations.sqlite3")
-        self.session = ModelSession(factory or default_factory, self.post_message)
+        self.store = ModelStore(Paths(self.home))
+        self.session = ModelSession(factory or store_factory(self.store), self.post_message)
         self.hardware_probe = hardware_probe or HardwareProbe()
         self.chat = ChatScreen()
         self._model_changed = asyncio.Event()
@@ -61,6 +65,7 @@ class LocalLLMApp(App):
     def on_mount(self) -> None:
         self.chat.draft_settings = replace(self.default_settings)
         self.install_screen(self.chat, "chat-screen")
+        self.install_screen(ModelsScreen(), "models-screen")
         self.install_screen(HardwareScreen(), "hardware-screen")
         self.switch_mode("chat")
         self.ensure_model(self.default_model, self.default_settings.context)
@@ -123,6 +128,7 @@ class LocalLLMApp(App):
         yield from super().get_system_commands(screen)
         yield SystemCommand("Help", "Every key and what it does", self.action_help)
         yield SystemCommand("Chat", "The chat screen", lambda: self.switch_mode("chat"))
+        yield SystemCommand("Models", "Installed models, the catalog and downloads", lambda: self.switch_mode("models"))
         yield SystemCommand("Hardware", "CPU, RAM, GPUs and the active backend", lambda: self.switch_mode("hardware"))
         yield SystemCommand("Toggle theme", "Dark or light", self.action_toggle_dark)
         chat = self.chat

@@ -15,18 +15,22 @@ from textual.message import Message
 
 from localllm.backends.base import Backend
 from localllm.errors import LocalLLMError
+from localllm.store.store import ModelStore
 
 
 class BackendFactory(Protocol):
     def __call__(self, model: str, context: int | None) -> Backend: ...
 
 
-def default_factory(model: str, context: int | None) -> Backend:
-    """Resolve MODEL in the store (installing the starter on first use) and open it."""
-    from localllm.backends.select import LoadOptions, open_backend
-    from localllm.store.store import ModelStore
+def store_factory(store: ModelStore) -> BackendFactory:
+    """Open models from `store` (installing the starter on first use) with default options."""
 
-    return open_backend(ModelStore().resolve(model), LoadOptions(n_ctx=context))
+    def factory(model: str, context: int | None) -> Backend:
+        from localllm.backends.select import LoadOptions, open_backend
+
+        return open_backend(store.resolve(model), LoadOptions(n_ctx=context))
+
+    return factory
 
 
 class ModelLoaded(Message):

@@ -1,0 +1,87 @@
+"""The models screen: switching the chat's model, deleting, downloading with progress."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from localllm.config import Paths
+from localllm.store.store import ModelStore
+from localllm.tui.app import LocalLLMApp
+from localllm.tui.screens.models import ModelsScreen
+from tui_fakes import FakeFactory, FixedHardwareProbe
+
+SIZE = (100, 30)
+
+
+@pytest.fixture
+def home(tmp_path, starter_gguf) -> Path:
+    """A store holding two models: `starter` and `second` (the same weights under another name)."""
+    store = ModelStore(Paths(tmp_path))
+    for name in ("starter", "second"):
+        target = store.folder_for(name) / "model.gguf"
+        target.symlink_to(starter_gguf)
+        store.add(name, source="test", file=target, sha256="0" * 64)
+    return tmp_path
+
+
+async def wait_until(pilot, condition, timeout=10.0):
+    waited = 0.0
+    while not condition():
+        await pilot.pause(0.05)
+        waited += 0.05
+        if waited > timeout:
+            raise AssertionError("condition not met in time")
+
+
+async def select_row(pilot, name: str) -> None:
+    screen = pilot.app.screen
+    assert isinstance(screen, ModelsScreen)
+    index = [r.name for r in screen.rows].index(name)
+    screen.query_one("DataTable").move_cursor(row=index)
+    await pilot.pause(0.05)
+
+
+def test_enter_on_an_installed_model_switches_the_chat(home):
+    async def run():
+        factory = FakeFactory()
+        app = LocalLLMApp("starter", factory=factory, home=home, hardware_probe=FixedHardwareProbe())
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_until(pilot, lambda: app.session.current is not None)
+            await pilot.press("f3")
+            await select_row(pilot, "second")
+            await pilot.press("enter")
+            await wait_until(pilot, lambda: app.session.current is not None and app.session.current.name == "second")
+            assert app.screen is app.chat
+            assert factory.opened[-1].model_name == "second"
+            assert factory.opened[0].closed, "the previous model is closed"
+
+    asyncio.run(run())
+
+
+def test_delete_asks_first_then_removes_the_model(home):
+    async def run():
+        app = LocalLLMApp("starter", factory=FakeFactory(), home=home, hardware_probe=FixedHardwareProbe())
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.press("f3")
+            await select_row(pilot, "second")
+            await pilot.press("d")
+            await pilot.press("escape")  # changed our mind
+            assert app.store.get("second") is not None
+            await pilot.press("d")
+            await pilot.press("y")
+            await wait_until(pilot, lambda: app.store.get("second") is None)
+            assert "second" not in [r.name for r in app.screen.rows if r.installed]
+
+    asyncio.run(run())
+
+
+def test_models_screen_snapshot(snap_compare, home):
+    async def models(pilot):
+        await pilot.press("f3")
+        await pilot.pause(0.2)
+
+    app = LocalLLMApp("starter", factory=FakeFactory(), home=home, hardware_probe=FixedHardwareProbe())
+    assert snap_compare(app, terminal_size=SIZE, run_before=models)
