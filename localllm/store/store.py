@@ -19,7 +19,7 @@ from pathlib import Path
 
 from localllm.atomic import write_json_atomic
 from localllm.config import Paths, paths
-from localllm.errors import BadModelFile, ModelNotFound
+from localllm.errors import BadModelFile, ModelNotFound, ModelNotInstalled
 from localllm.modelinfo import ModelInfo, read_model_info
 
 STARTER_NAME = "starter"
@@ -35,6 +35,8 @@ class Manifest:
     format: str  # "gguf"
     added: str  # ISO 8601, UTC
     info: dict = field(default_factory=dict)  # cached ModelInfo.to_dict(), so `show` needs no parse
+    # every file of the model (the parts of a split GGUF, a snapshot's files): path, size, sha256, hub_id
+    files: list[dict] = field(default_factory=list)
 
 
 @dataclass
@@ -49,12 +51,23 @@ class ResolvedModel:
         if self.manifest and self.manifest.info:
             try:
                 cached = ModelInfo.from_dict(self.manifest.info)
-                if cached.size_bytes == self.path.stat().st_size:
+                if cached.size_bytes == self._size_on_disk():
                     cached.path = self.path
                     return cached
             except (KeyError, TypeError, ValueError, OSError):
                 pass  # an old or damaged cache: read the file again
+        if self.path.is_dir():  # a Hugging Face model folder (config.json, safetensors)
+            from native.hf_info import read_hf_model_info
+
+            return read_hf_model_info(self.path)
         return read_model_info(self.path)
+
+    def _size_on_disk(self) -> int:
+        """Bytes of the model's files: every part of a split GGUF, else the one file."""
+        files = self.manifest.files if self.manifest else []
+        if len(files) > 1 and self.manifest.format == "gguf":
+            return sum((self.path.parent / Path(f["path"]).name).stat().st_size for f in files)
+        return self.path.stat().st_size
 
 
 def slug(name: str) -> str:
@@ -114,7 +127,11 @@ class ModelStore:
             added=datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
             info=info.to_dict(),
         )
-        write_json_atomic(self.manifest_path(name), asdict(manifest))
+        return self.save(manifest)
+
+    def save(self, manifest: Manifest) -> Manifest:
+        """Write a manifest (atomically): the moment a model becomes installed."""
+        write_json_atomic(self.manifest_path(manifest.name), asdict(manifest))
         return manifest
 
     def remove(self, name: str) -> Manifest:
@@ -129,13 +146,27 @@ class ModelStore:
 
     # -- naming ----------------------------------------------------------
     def resolve(self, ref: str, *, pull_starter: bool = True) -> ResolvedModel:
-        """An installed name, the built-in `starter` (pulled on first use), or a .gguf path."""
+        """An installed name, the built-in `starter` (pulled on first use), a .gguf path,
+        or the path of a Hugging Face model folder (for the native engine).
+
+        Catalog names and hf: references resolve to their installed files under
+        their canonical name (`qwen2.5` -> `qwen2.5:7b`); when not installed they
+        raise ModelNotInstalled, which front ends may answer with a pull.
+        """
         manifest = self.get(ref)
         if manifest is not None:
             path = self.model_file(manifest)
             if not path.is_file():
                 raise ModelNotFound(f"model '{ref}' is installed but its file {path} is missing; pull it again")
             return ResolvedModel(ref, path, manifest)
+        if ref != STARTER_NAME:
+            from localllm.store.refs import parse_ref
+
+            remote = parse_ref(ref)
+            if remote is not None:
+                if self.get(remote.name) is not None:
+                    return self.resolve(remote.name, pull_starter=False)
+                raise ModelNotInstalled(f"model '{ref}' is not installed; `localllm pull {ref}` downloads it")
         if ref == STARTER_NAME and pull_starter:
             from localllm.store.starter import pull_starter as do_pull
 
@@ -144,7 +175,9 @@ class ModelStore:
         candidate = Path(ref).expanduser()
         if candidate.suffix.lower() == ".gguf" or candidate.exists():
             if candidate.is_dir():
-                raise BadModelFile(f"{candidate} is a directory, not a GGUF model file")
+                if (candidate / "config.json").is_file():  # a Hugging Face model folder: the native engine
+                    return ResolvedModel(candidate.resolve().name, candidate.resolve())
+                raise BadModelFile(f"{candidate} is a directory with no config.json: not a GGUF file or a Hugging Face model folder")
             if not candidate.is_file():
                 raise ModelNotFound(f"model file {candidate} does not exist")
             return ResolvedModel(candidate.name, candidate.resolve())

@@ -1,0 +1,87 @@
+"""The curated catalog: it parses, every entry is complete, and it ships inside the package."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tomllib
+from importlib import resources
+from pathlib import Path
+
+import pytest
+
+from localllm.store.catalog import REQUIRED_FIELDS, default_catalog, parse_catalog
+
+SOURCE = Path(__file__).resolve().parents[1] / "models" / "catalog.toml"
+# The models the issue names, by their Ollama-style names.
+WANTED = {
+    "llama3.2:1b", "llama3.2:3b", "llama3.1:8b", "qwen2.5:0.5b", "qwen2.5:1.5b", "qwen2.5:3b", "qwen2.5:7b",
+    "qwen2.5:14b", "qwen2.5-coder:7b", "gemma3:1b", "gemma3:4b", "gemma3:12b", "mistral:7b", "phi4-mini:3.8b",
+}
+
+
+def test_every_entry_has_every_field():
+    raw = tomllib.loads(SOURCE.read_text())["model"]
+    assert len(raw) >= 12
+    for entry in raw:
+        for key, kind in REQUIRED_FIELDS.items():
+            assert isinstance(entry.get(key), kind) and entry[key], (entry.get("name"), key)
+
+
+def test_the_catalog_holds_the_curated_chat_models():
+    catalog = default_catalog()
+    assert WANTED <= {e.name for e in catalog.entries}
+    for e in catalog.entries:
+        assert e.kv_heads < e.heads and e.heads % e.kv_heads == 0, f"{e.name} is not grouped-query attention"
+        assert "gguf" in e.gguf_repo.lower() and e.gguf_repo != e.source_repo
+        assert e.default_quant == "Q4_K_M"
+        assert e.context_length >= 8192 and e.parameter_count > 100_000_000
+    assert default_catalog().get("qwen2.5").name == "qwen2.5:7b"  # an alias is a family's default size
+
+
+def test_the_packaged_catalog_is_the_source_file():
+    """importlib.resources finds the catalog in this (editable) install, and it is models/catalog.toml."""
+    packaged = resources.files("localllm.store").joinpath("catalog.toml").read_text(encoding="utf-8")
+    assert packaged == SOURCE.read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda e: e.pop("gguf_repo"), "needs gguf_repo"),
+        (lambda e: e.update(context_length="big"), "needs context_length"),
+        (lambda e: e.update(gguf_repo="not a repo"), "is not ORG/REPO"),
+        (lambda e: e.update(parameters="seven"), "is not like 7.61B"),
+        (lambda e: e.update(name="Bad Name"), "not a valid model name"),
+        (lambda e: e.update(extra=1), "unknown field"),
+    ],
+)
+def test_broken_entries_are_named(change, message):
+    entry = {
+        "name": "x:1b", "description": "d", "gguf_repo": "o/x-GGUF", "source_repo": "o/x", "parameters": "1B",
+        "context_length": 4096, "license": "mit", "default_quant": "Q4_K_M", "heads": 8, "kv_heads": 2,
+    }
+    change(entry)
+    text = "[[model]]\n" + "\n".join(f"{k} = {json.dumps(v)}" for k, v in entry.items())
+    with pytest.raises(ValueError, match=message):
+        parse_catalog(text)
+
+
+def test_duplicate_names_are_refused():
+    one = '[[model]]\nname = "a:1b"\naliases = ["a"]\ndescription = "d"\ngguf_repo = "o/a"\nsource_repo = "o/b"\n'
+    one += 'parameters = "1B"\ncontext_length = 4096\nlicense = "mit"\ndefault_quant = "Q4_K_M"\nheads = 4\nkv_heads = 1\n'
+    with pytest.raises(ValueError, match="used twice"):
+        parse_catalog(one + one.replace('name = "a:1b"', 'name = "a:2b"'))
+
+
+def test_ls_catalog_lists_every_entry(tmp_path):
+    env = {**os.environ, "LOCALLLM_HOME": str(tmp_path)}
+    out = subprocess.run(
+        [sys.executable, "-m", "localllm", "ls", "--catalog", "--json"], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    rows = json.loads(out.stdout)
+    assert {r["name"] for r in rows} == {e.name for e in default_catalog().entries}
+    assert not any(r["installed"] for r in rows)
