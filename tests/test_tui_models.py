@@ -85,3 +85,67 @@ def test_models_screen_snapshot(snap_compare, home):
 
     app = LocalLLMApp("starter", factory=FakeFactory(), home=home, hardware_probe=FixedHardwareProbe())
     assert snap_compare(app, terminal_size=SIZE, run_before=models)
+
+
+@pytest.fixture
+def hub(starter_gguf, tmp_path, monkeypatch):
+    """The hub emulator serving a catalog model's repository (the starter's bytes under its name)."""
+    from hub_emulator import HubEmulator, header_only_gguf
+
+    from localllm.store.catalog import default_catalog
+
+    entry = default_catalog().get("llama3.2:1b")
+    tiny = header_only_gguf(starter_gguf, tmp_path / "tiny.gguf")  # a small, valid GGUF
+    emulator = HubEmulator()
+    emulator.add_repo(entry.gguf_repo, {"Llama-3.2-1B-Instruct-Q4_K_M.gguf": tiny, "README.md": b"# card\n"})
+    emulator.start()
+    monkeypatch.setenv("HF_ENDPOINT", emulator.url)
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    yield emulator
+    emulator.stop()
+
+
+def test_enter_on_a_catalog_model_downloads_it_with_progress(home, hub):
+    async def run():
+        app = LocalLLMApp("starter", factory=FakeFactory(), home=home, hardware_probe=FixedHardwareProbe())
+        hub.faults.throttle_bps["Llama-3.2-1B-Instruct-Q4_K_M.gguf"] = 4_000_000  # about 2 s: progress is visible
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.press("f3")
+            await select_row(pilot, "llama3.2:1b")
+            await pilot.press("enter")
+            screen = app.screen
+            label = screen.query_one("#download-label")
+            await wait_until(pilot, lambda: "downloading" in str(label.render()) and " MB/s" in str(label.render()))
+            assert screen.query_one("#download-bar").progress > 0
+            await wait_until(pilot, lambda: screen.downloading is None, timeout=30)
+            assert app.store.get("llama3.2:1b") is not None
+            row = next(r for r in screen.rows if r.name == "llama3.2:1b")
+            assert row.installed
+            assert any("installed" in n.message for n in app._notifications)
+
+    asyncio.run(run())
+
+
+def test_a_download_can_be_cancelled_and_resumed(home, hub):
+    async def run():
+        app = LocalLLMApp("starter", factory=FakeFactory(), home=home, hardware_probe=FixedHardwareProbe())
+        hub.faults.throttle_bps["Llama-3.2-1B-Instruct-Q4_K_M.gguf"] = 1_000_000
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.press("f3")
+            await select_row(pilot, "llama3.2:1b")
+            await pilot.press("enter")
+            screen = app.screen
+            await wait_until(pilot, lambda: screen.query_one("#download-bar").progress > 500_000)
+            await pilot.press("c")
+            await wait_until(pilot, lambda: screen.downloading is None)
+            assert app.store.get("llama3.2:1b") is None
+            assert any("cancelled" in n.message for n in app._notifications)
+            hub.faults.throttle_bps.clear()
+            await select_row(pilot, "llama3.2:1b")
+            await pilot.press("enter")
+            await wait_until(pilot, lambda: screen.downloading is None and app.store.get("llama3.2:1b") is not None, timeout=30)
+        ranges = [s.range for s in hub.gets("Llama-3.2-1B-Instruct-Q4_K_M.gguf")]
+        assert ranges[-1] and not ranges[-1].startswith("bytes=0-"), f"the second download resumed: {ranges}"
+
+    asyncio.run(run())
