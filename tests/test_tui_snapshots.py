@@ -23,6 +23,12 @@ async def _loaded(pilot) -> None:
         await pilot.pause(0.05)
 
 
+async def _steady(pilot) -> None:
+    """No focus, so no blinking cursor: otherwise every picture is a coin toss."""
+    pilot.app.screen.set_focus(None)
+    await pilot.pause(0.1)
+
+
 def test_chat_screen_with_a_reply(snap_compare, tmp_path):
     async def chat(pilot):
         await _loaded(pilot)
@@ -31,7 +37,7 @@ def test_chat_screen_with_a_reply(snap_compare, tmp_path):
         await pilot.press("enter")
         while pilot.app.screen.request_id is not None or not pilot.app.screen.query("MessageView"):
             await pilot.pause(0.05)
-        await pilot.pause(0.2)
+        await _steady(pilot)
 
     assert snap_compare(make_app(tmp_path), terminal_size=SIZE, run_before=chat)
 
@@ -49,6 +55,6 @@ def test_chat_screen_light_theme_at_80x24(snap_compare, tmp_path):
     async def light(pilot):
         await _loaded(pilot)
         await pilot.press("ctrl+t")
-        await pilot.pause(0.1)
+        await _steady(pilot)
 
     assert snap_compare(make_app(tmp_path), terminal_size=(80, 24), run_before=light)
