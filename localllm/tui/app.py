@@ -25,17 +25,19 @@ from localllm.tui.screens.chat import ChatScreen
 from localllm.tui.screens.hardware import HardwareProbe, HardwareScreen
 from localllm.tui.screens.help import HelpScreen
 from localllm.tui.screens.models import ModelsScreen
+from localllm.tui.screens.server import ServerScreen
 from localllm.tui.session import BackendFactory, ModelLoaded, ModelLoadFailed, ModelSession, store_factory
 
 
 class LocalLLMApp(App):
     CSS_PATH = "app.tcss"
     TITLE = "localllm"
-    MODES = {"chat": "chat-screen", "models": "models-screen", "hardware": "hardware-screen"}
+    MODES = {"chat": "chat-screen", "models": "models-screen", "hardware": "hardware-screen", "server": "server-screen"}
     BINDINGS = [
         Binding("f1", "help", "Help"),
         Binding("f2", "switch_mode('chat')", "Chat"),
         Binding("f3", "switch_mode('models')", "Models"),
+        Binding("f5", "switch_mode('server')", "Server"),
         Binding("f4", "switch_mode('hardware')", "Hardware"),
         Binding("ctrl+t", "toggle_dark", "Theme", show=False),
         Binding("ctrl+q", "quit", "Quit", priority=True),
@@ -59,6 +61,7 @@ class LocalLLMApp(App):
         self.session = ModelSession(factory or store_factory(self.store), self.post_message)
         self.hardware_probe = hardware_probe or HardwareProbe()
         self.chat = ChatScreen()
+        self.server_panel = ServerScreen()
         self._model_changed = asyncio.Event()
         self._load_failure: tuple[str, str] | None = None
 
@@ -67,6 +70,7 @@ class LocalLLMApp(App):
         self.install_screen(self.chat, "chat-screen")
         self.install_screen(ModelsScreen(), "models-screen")
         self.install_screen(HardwareScreen(), "hardware-screen")
+        self.install_screen(self.server_panel, "server-screen")
         self.switch_mode("chat")
         self.ensure_model(self.default_model, self.default_settings.context)
 
@@ -130,6 +134,8 @@ class LocalLLMApp(App):
         yield SystemCommand("Chat", "The chat screen", lambda: self.switch_mode("chat"))
         yield SystemCommand("Models", "Installed models, the catalog and downloads", lambda: self.switch_mode("models"))
         yield SystemCommand("Hardware", "CPU, RAM, GPUs and the active backend", lambda: self.switch_mode("hardware"))
+        yield SystemCommand("Server", "Start or stop the local API server", lambda: self.switch_mode("server"))
+        yield SystemCommand("Start or stop the API server", "The OpenAI- and Ollama-compatible API", self.server_panel.action_toggle_server)
         yield SystemCommand("Toggle theme", "Dark or light", self.action_toggle_dark)
         chat = self.chat
         if chat.is_mounted:
@@ -159,5 +165,6 @@ class LocalLLMApp(App):
                 await asyncio.wait_for(worker.wait(), timeout=0.5)
             except Exception:  # cancelled or failed: either way it is over
                 pass
+        self.server_panel.shutdown()
         self.session.close()
         self.conversations.close()

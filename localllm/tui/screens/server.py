@@ -1,0 +1,136 @@
+"""The server panel: start and stop the local OpenAI- and Ollama-compatible API from the app.
+
+Starting binds the port and waits for uvicorn on a thread of its own, then
+reports back with `post_message`, so the UI stays responsive.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+
+from textual import on
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, VerticalScroll
+from textual.message import Message
+from textual.screen import Screen
+from textual.widgets import Button, Footer, Header, Input, Label, Static, Switch
+
+from localllm.errors import LocalLLMError
+
+
+class ServerStarted(Message):
+    def __init__(self, url: str) -> None:
+        super().__init__()
+        self.url = url
+
+
+class ServerFailed(Message):
+    def __init__(self, reason: str) -> None:
+        super().__init__()
+        self.reason = reason
+
+
+class ServerScreen(Screen):
+    BINDINGS = [Binding("ctrl+o", "toggle_server", "Start/stop server")]
+
+    def __init__(self) -> None:
+        super().__init__(name="server")
+        self.server = None  # a localllm.server.run.ServerThread while running
+        self.api_key: str | None = None
+        self.starting = False
+
+    def compose(self) -> ComposeResult:
+        from localllm.server.settings import DEFAULT_PORT
+
+        yield Header()
+        with VerticalScroll(id="server"):
+            yield Static("[b]Local API server[/b]: OpenAI- and Ollama-compatible, on this machine only (127.0.0.1).")
+            with Horizontal(classes="field"):
+                yield Label("Port")
+                yield Input(str(DEFAULT_PORT), id="port", type="integer")
+            with Horizontal(classes="field"):
+                yield Label("Require an API key")
+                yield Switch(value=True, id="require-key")
+            yield Button("Start server", id="toggle", variant="primary")
+            yield Static("stopped", id="server-status")
+            yield Static("", id="server-usage")
+        yield Footer()
+
+    @on(Button.Pressed, "#toggle")
+    def action_toggle_server(self) -> None:
+        if self.starting:
+            return
+        if self.server is not None:
+            self.stop()
+        else:
+            self.start()
+
+    def start(self) -> None:
+        from localllm.server.run import ServerThread
+        from localllm.server.settings import ServerSettings
+
+        try:
+            port = int(self.query_one("#port", Input).value or "0")
+        except ValueError:
+            self.notify("the port must be a number", severity="error")
+            return
+        self.api_key = secrets.token_urlsafe(18) if self.query_one("#require-key", Switch).value else None
+        settings = ServerSettings(port=port, api_key=self.api_key, model=None)
+        self.starting = True
+        self.query_one("#server-status", Static).update("starting …")
+        server = ServerThread(settings)
+
+        def run() -> None:
+            try:
+                url = server.start()
+            except LocalLLMError as exc:
+                self.post_message(ServerFailed(str(exc)))
+            except Exception as exc:  # the app reports, never crashes
+                self.post_message(ServerFailed(f"{type(exc).__name__}: {exc}"))
+            else:
+                self.server = server
+                self.post_message(ServerStarted(url))
+
+        threading.Thread(target=run, name="start-api", daemon=True).start()
+
+    @on(ServerStarted)
+    def _started(self, message: ServerStarted) -> None:
+        self.starting = False
+        key = self.api_key
+        self.query_one("#toggle", Button).label = "Stop server"
+        self.query_one("#server-status", Static).update(
+            f"[b]running[/b] at {message.url}\nOpenAI base URL: {message.url}/v1 · Ollama: {message.url}\n"
+            f"API key: {key if key else 'none (anyone on this machine can use it)'}"
+        )
+        auth = f' -H "Authorization: Bearer {key}"' if key else ""
+        self.query_one("#server-usage", Static).update(
+            "Try it:\n"
+            f"  curl {message.url}/v1/chat/completions{auth} -H 'Content-Type: application/json' \\\n"
+            f"    -d '{{\"model\": \"starter\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}]}}'"
+        )
+        self.notify(f"API server running at {message.url}")
+
+    @on(ServerFailed)
+    def _failed(self, message: ServerFailed) -> None:
+        self.starting = False
+        self.server = None
+        self.query_one("#server-status", Static).update(f"stopped: {message.reason}")
+        self.notify(f"the server did not start: {message.reason}", severity="error", timeout=10)
+
+    def stop(self) -> None:
+        server, self.server = self.server, None
+        if server is not None:
+            threading.Thread(target=server.stop, name="stop-api", daemon=True).start()
+        self.query_one("#toggle", Button).label = "Start server"
+        self.query_one("#server-status", Static).update("stopped")
+        self.query_one("#server-usage", Static).update("")
+
+    def shutdown(self) -> None:
+        """On quit: stop without waiting long."""
+        server, self.server = self.server, None
+        if server is not None:
+            stopper = threading.Thread(target=server.stop, daemon=True)
+            stopper.start()
+            stopper.join(timeout=0.5)

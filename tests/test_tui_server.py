@@ -1,0 +1,53 @@
+"""The server panel starts a real API server on 127.0.0.1, shows its URL and key, and stops it."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+
+from localllm.tui.app import LocalLLMApp
+from tui_fakes import FakeFactory, FixedHardwareProbe
+
+
+async def wait_until(pilot, condition, timeout=20.0):
+    waited = 0.0
+    while not condition():
+        await pilot.pause(0.05)
+        waited += 0.05
+        if waited > timeout:
+            raise AssertionError("condition not met in time")
+
+
+def test_start_and_stop_the_api_server_from_the_app(tmp_path, monkeypatch):
+    monkeypatch.setenv("LOCALLLM_HOME", str(tmp_path))
+
+    async def run():
+        app = LocalLLMApp("starter", factory=FakeFactory(), home=tmp_path, hardware_probe=FixedHardwareProbe())
+        async with app.run_test(size=(100, 30)) as pilot:
+            await pilot.press("f5")
+            panel = app.server_panel
+            port = panel.query_one("#port")
+            port.value = "0"  # any free port
+            await pilot.click("#toggle")
+            await wait_until(pilot, lambda: panel.server is not None and panel.server.url)
+            url, key = panel.server.url, panel.api_key
+            status = str(panel.query_one("#server-status").render())
+            assert url in status and key in status
+            async with httpx.AsyncClient() as client:
+                assert (await client.get(f"{url}/health")).status_code in (200, 503)
+                denied = await client.get(f"{url}/v1/models")
+                assert denied.status_code == 401
+                allowed = await client.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {key}"})
+                assert allowed.status_code == 200
+            await pilot.click("#toggle")
+            await pilot.pause(1.0)
+            async with httpx.AsyncClient() as client:
+                try:
+                    await client.get(f"{url}/health", timeout=2)
+                    stopped = False
+                except httpx.HTTPError:
+                    stopped = True
+            assert stopped, "the server still answers after Stop"
+
+    asyncio.run(run())
