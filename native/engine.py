@@ -1,0 +1,229 @@
+"""LLMEngine: add requests, step, abort. The loop every front end drives.
+
+A step is: the scheduler picks sequences and token counts, the model runner
+runs them as one batch, the sampler picks a token for every sequence that
+reached its last token, and sequences that are done leave and return their
+blocks. Everything is synchronous and single-threaded; the backend
+(localllm/backends/native.py) runs it on its engine thread.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from localllm.backends.base import SamplingParams
+from localllm.errors import BadRequest
+
+from .block_manager import BlockManager
+from .model_runner import ModelRunner, RunnerOptions
+from .sampler import Sampler, TokenLogprobs
+from .scheduler import Scheduled, Scheduler
+from .sequence import Sequence, Status
+from .tokenizer import Tokenizer, load_tokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class EngineOptions:
+    device: str | None = None  # None: cuda when available, else cpu
+    dtype: str | None = None  # None: float32 on CPU, bfloat16 on CUDA
+    max_model_len: int | None = None  # None: min(4096, the model's trained context)
+    max_num_seqs: int = 16
+    max_num_batched_tokens: int | None = None  # None: 256 on CPU, 8192 on CUDA
+    block_size: int = 16
+    kv_cache_bytes: int | None = None  # CPU KV budget (see model_runner)
+    gpu_memory_utilization: float = 0.90
+    prefix_caching: bool = True
+    pack_output: bool = True  # CPU: the output projection in oneDNN's layout (see layers/linear.py)
+    threads: int | None = None  # CPU threads for torch
+    load_tokenizer: bool = True
+    verbose: bool = False
+
+
+@dataclass
+class StepOutput:
+    request_id: str
+    token: int
+    logprobs: TokenLogprobs | None
+    finish_reason: str | None  # "stop" (end of generation token) or "length"; None while running
+
+
+@dataclass
+class EngineCounters:
+    steps: int = 0
+    tokens_computed: int = 0  # tokens run through the model (prompts, recomputes, decodes)
+    tokens_generated: int = 0
+    requests_finished: int = 0
+
+
+class LLMEngine:
+    def __init__(self, model_path: Path | str, options: EngineOptions | None = None) -> None:
+        o = options or EngineOptions()
+        self.options = o
+        if o.threads:
+            torch.set_num_threads(o.threads)
+        device = o.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype_name = o.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+        if dtype_name not in DTYPES:
+            raise BadRequest(f"dtype must be one of {', '.join(DTYPES)}")
+        self.tokenizer: Tokenizer | None = load_tokenizer(Path(model_path), verbose=o.verbose) if o.load_tokenizer else None
+        self.runner = _make_runner(Path(model_path), o, device, DTYPES[dtype_name])
+        self.config = self.runner.config
+        self.max_model_len = self.runner.options.max_model_len
+        self.blocks = BlockManager(self.runner.num_blocks, o.block_size, prefix_caching=o.prefix_caching)
+        budget = self.runner.options.max_num_batched_tokens
+        self.scheduler = Scheduler(self.blocks, max_num_seqs=o.max_num_seqs, max_num_batched_tokens=budget)
+        self.sampler = Sampler()
+        self.eos_ids = set(self.config.eos_token_ids) | (self.tokenizer.eog_ids if self.tokenizer else set())
+        self.sequences: dict[str, Sequence] = {}
+        self.counters = EngineCounters()
+
+    # -- requests ----------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt: list[int], params: SamplingParams) -> Sequence:
+        if request_id in self.sequences:
+            raise BadRequest(f"request id '{request_id}' is already in use")
+        if not prompt:
+            raise BadRequest("the prompt is empty")
+        if len(prompt) >= self.max_model_len:
+            raise BadRequest(
+                f"the prompt has {len(prompt)} tokens but the context holds {self.max_model_len}; "
+                f"shorten it or raise the context size (--ctx)"
+            )
+        if max(prompt) >= self.config.vocab_size or min(prompt) < 0:
+            raise BadRequest("the prompt holds token ids outside the vocabulary")
+        limit = self.max_model_len - len(prompt)
+        if params.max_tokens is not None:
+            limit = min(limit, params.max_tokens)
+        seq = Sequence(request_id, prompt, params, limit)
+        self.sequences[request_id] = seq
+        self.scheduler.add(seq)
+        return seq
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request wherever it is; its blocks go back to the pool. False if unknown."""
+        seq = self.sequences.pop(request_id, None)
+        if seq is None:
+            return False
+        self.scheduler.remove(seq)
+        seq.status = Status.FINISHED
+        seq.finish_reason = seq.finish_reason or "abort"
+        return True
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    # -- the loop ----------------------------------------------------------------------
+    def step(self) -> list[StepOutput]:
+        scheduled = self.scheduler.schedule()
+        if not scheduled:
+            return []
+        logits = self.runner.run(scheduled)
+        samplers = [item.seq for item in scheduled if item.samples]
+        tokens, logprobs = self.sampler(logits, samplers) if samplers else ([], [])
+        self.counters.steps += 1
+        for item in scheduled:
+            item.seq.num_computed += item.n_tokens
+            self.blocks.commit(item.seq)
+            self.counters.tokens_computed += item.n_tokens
+        outputs = []
+        for seq, token, lp in zip(samplers, tokens, logprobs):
+            seq.token_ids.append(token)
+            self.counters.tokens_generated += 1
+            reason = None
+            if token in self.eos_ids:
+                reason = "stop"
+            elif seq.num_completion >= seq.max_tokens:
+                reason = "length"
+            if reason:
+                self._finish(seq, reason)
+            outputs.append(StepOutput(seq.request_id, token, lp, reason))
+        return outputs
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        seq.finish_reason = reason
+        seq.status = Status.FINISHED
+        self.scheduler.remove(seq)
+        self.sequences.pop(seq.request_id, None)
+        self.counters.requests_finished += 1
+
+    # -- conveniences for tests and benchmarks -----------------------------------------------
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[list[int]]:
+        """Run prompts to completion together; their generated token ids, in order."""
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [f"gen-{id(self)}-{i}-{self.counters.steps}" for i in range(len(prompts))]
+        for rid, prompt, p in zip(ids, prompts, plist):
+            self.add_request(rid, prompt, p)
+        results: dict[str, list[int]] = {rid: [] for rid in ids}
+        while any(rid in self.sequences for rid in ids):
+            for out in self.step():
+                if out.request_id in results:
+                    results[out.request_id].append(out.token)
+        return [results[rid] for rid in ids]
+
+    @torch.inference_mode()
+    def prompt_logits(self, prompt: list[int], *, chunk: int | None = None, last: int | None = None) -> torch.Tensor:
+        """Logits at the prompt's positions (the `last` ones, or all), through the paged cache.
+
+        Positions served by the prefix cache are not computed; their rows are
+        NaN. Runs alone (only on an idle engine); its blocks are freed after,
+        but full ones stay in the prefix cache.
+        """
+        if self.scheduler.has_work():
+            raise RuntimeError("prompt_logits runs only on an idle engine")
+        seq = Sequence(f"score-{self.counters.steps}", prompt, SamplingParams(max_tokens=1), 1)
+        if not self.blocks.allocate(seq):
+            raise BadRequest("the prompt does not fit in the KV cache")
+        first = len(prompt) - (last or len(prompt))  # first position whose logits are wanted
+        skipped = max(seq.num_computed, first)
+        parts = []
+        try:
+            while seq.num_computed < seq.num_tokens:
+                start = seq.num_computed
+                n = min(chunk or seq.num_tokens, seq.num_tokens - start)
+                rows = [i for i in range(n) if start + i >= first]
+                parts.append(self.runner.run([Scheduled(seq, n)], logit_rows=rows))
+                seq.num_computed += n
+                self.blocks.commit(seq)
+        finally:
+            self.blocks.free(seq)
+        logits = torch.cat(parts)
+        if skipped > first:  # answered from the cache: no logits
+            gap = torch.full((skipped - first, logits.shape[1]), float("nan"), device=logits.device)
+            logits = torch.cat([gap, logits])
+        return logits
+
+    def stats(self) -> dict:
+        return {
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting),
+            "kv_blocks_used": self.blocks.num_used,
+            "kv_blocks_total": self.blocks.num_blocks,
+            "prefix_cache_hit_rate": self.blocks.hit_rate,
+            "preemptions": self.scheduler.num_preemptions,
+        }
+
+    def close(self) -> None:
+        if self.tokenizer is not None:
+            self.tokenizer.close()
+            self.tokenizer = None
+
+
+def _make_runner(path: Path, o: EngineOptions, device: str, dtype: torch.dtype) -> ModelRunner:
+    on_gpu = device.startswith("cuda")
+    budget = o.max_num_batched_tokens or (8192 if on_gpu else 256)
+    runner_options = RunnerOptions(
+        device=device,
+        dtype=dtype,
+        block_size=o.block_size,
+        max_model_len=o.max_model_len or 0,
+        max_num_seqs=o.max_num_seqs,
+        max_num_batched_tokens=max(budget, o.max_num_seqs),
+        kv_cache_bytes=o.kv_cache_bytes,
+        gpu_memory_utilization=o.gpu_memory_utilization,
+        pack_output=o.pack_output,
+    )
+    return ModelRunner(path, runner_options)

@@ -1,0 +1,26 @@
+"""RMSNorm, computed in float32 whatever the engine's dtype.
+
+`weight` holds the multiplier actually applied. Llama-family checkpoints store
+it directly; Gemma checkpoints store w and multiply by 1 + w, so the Gemma
+model adds the 1 once at load time instead of at every call (the same float32
+sum transformers computes on the fly, so results are identical).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .linear import empty_parameter
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = empty_parameter(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight).to(x.dtype)

@@ -1,0 +1,217 @@
+"""The model, its KV cache, and turning a scheduled step into one forward pass.
+
+The runner owns the device side: it loads the weights, sizes and allocates
+the block pool, lays a step's tokens out as one flat batch (token ids,
+positions, cache slots, per-sequence spans), runs the model, and computes
+logits only for the rows that sample.
+
+Sizing the pool:
+- CPU: from a RAM budget (an option; by default a quarter of the memory
+  available now, but no more than max_num_seqs full contexts need). CPU pages
+  are only touched when written, so an unused pool costs address space, not RAM.
+- CUDA: from measured memory. A profiling pass runs the largest step the
+  scheduler can produce with a minimal cache, measures the activation peak,
+  and gives the cache what is left of `gpu_memory_utilization` of the device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from localllm.errors import BadRequest, DoesNotFit
+
+from .config import ModelConfig
+from .layers.attention import AttentionBatch, SeqSpan, Workspace
+from .loader import load_config, load_weights
+from .models import build_model
+from .scheduler import Scheduled
+
+CPU_DEFAULT_RAM_SHARE = 0.25
+DEFAULT_CONTEXT = 4096
+
+
+@dataclass
+class RunnerOptions:
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float32
+    block_size: int = 16
+    max_model_len: int = 0  # 0: min(DEFAULT_CONTEXT, the model's trained context)
+    max_num_seqs: int = 16
+    max_num_batched_tokens: int = 256
+    kv_cache_bytes: int | None = None  # CPU budget; None: the default policy above
+    gpu_memory_utilization: float = 0.90
+    pack_output: bool = True  # CPU: reorder the output projection for oneDNN (faster; a second copy if tied)
+
+
+class ModelRunner:
+    def __init__(self, model_path: Path, options: RunnerOptions) -> None:
+        self.options = options
+        self.device = torch.device(options.device)
+        self.dtype = options.dtype
+        self.block_size = options.block_size
+        self.config: ModelConfig = load_config(model_path)
+        options.max_model_len = _context(options.max_model_len, self.config.max_position)
+        self.dtype_bytes = torch.tensor([], dtype=self.dtype).element_size()
+        self.workspace = Workspace()  # gather buffers, reused by every layer and step
+        on_cpu = self.device.type == "cpu"
+        if on_cpu:  # a budget that cannot hold one context fails before seconds of loading
+            self.num_blocks = self._plan_blocks()
+        loaded = load_weights(model_path)
+        self.config = loaded.config
+        self.weights_source = loaded.source
+        self.model = build_model(self.config)
+        self.model.load_weights(loaded.tensors, self.dtype, self.device)
+        self.model.eval()
+        if on_cpu and options.pack_output:
+            self.model.pack_output_for_cpu(options.max_num_seqs)
+        if not on_cpu:  # measured, so only now
+            self.num_blocks = self._plan_blocks()
+        self._allocate_cache(self.num_blocks)
+
+    # -- the pool --------------------------------------------------------------------
+    @property
+    def block_bytes(self) -> int:
+        return self.block_size * self.config.kv_bytes_per_token(self.dtype_bytes)
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return self.num_blocks * self.block_bytes
+
+    def _plan_blocks(self) -> int:
+        o = self.options
+        per_seq = -(-o.max_model_len // self.block_size)
+        if self.device.type == "cuda":
+            budget = self._cuda_budget()
+        elif o.kv_cache_bytes is not None:
+            budget = o.kv_cache_bytes
+        else:
+            budget = min(int(_available_ram() * CPU_DEFAULT_RAM_SHARE), o.max_num_seqs * per_seq * self.block_bytes)
+        blocks = budget // self.block_bytes
+        if blocks < per_seq:
+            raise DoesNotFit(
+                f"the KV cache budget ({budget / 2**20:.0f} MiB) holds {blocks * self.block_size} tokens, "
+                f"fewer than one context of {o.max_model_len}; give it more memory or lower the context"
+            )
+        return int(blocks)
+
+    def _allocate_cache(self, num_blocks: int) -> None:
+        """The pool. On CPU it is zeroed block by block as blocks are first used (see _zero_new_blocks)."""
+        c = self.config
+        shape = (2, c.n_layers, num_blocks, self.block_size, c.n_kv_heads, c.head_dim)
+        if self.device.type == "cpu":
+            self.kv_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
+            self._zeroed_blocks = 0
+        else:
+            self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            self._zeroed_blocks = num_blocks
+        for i, attn in enumerate(self.model.attention_layers()):
+            attn.k_cache, attn.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
+
+    def _cuda_budget(self) -> int:
+        """Bytes for the cache: what the largest step leaves of the allowed share of the device."""
+        o = self.options
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        n_tokens = min(o.max_num_batched_tokens, o.max_model_len)
+        self._allocate_cache(self.blocks_for_tokens(n_tokens))
+        self._profile_step(n_tokens)
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        self.kv_cache = None
+        for attn in self.model.attention_layers():
+            attn.k_cache = attn.v_cache = None
+        torch.cuda.empty_cache()
+        current = torch.cuda.memory_allocated(self.device)
+        free, total = torch.cuda.mem_get_info(self.device)
+        used_elsewhere = total - free - current  # other processes, the CUDA context, the allocator's slack
+        # The reference attention gathers a decode batch's keys and values into a workspace:
+        # at worst every sequence at full length, one layer at a time.
+        c = self.config
+        gather = 2 * o.max_num_seqs * o.max_model_len * c.n_kv_heads * c.head_dim * self.dtype_bytes
+        return int(total * o.gpu_memory_utilization - used_elsewhere - peak - gather)
+
+    def blocks_for_tokens(self, n_tokens: int) -> int:
+        return -(-n_tokens // self.block_size)
+
+    @torch.inference_mode()
+    def _profile_step(self, n_tokens: int) -> None:
+        """One prompt chunk of `n_tokens` plus logits for a full batch of samplers."""
+        table = list(range(self.blocks_for_tokens(n_tokens)))
+        span = SeqSpan(0, n_tokens, n_tokens, table)
+        slots = torch.arange(n_tokens, device=self.device)
+        batch = AttentionBatch([span], slots, self.block_size, self.device)
+        ids = torch.zeros(n_tokens, dtype=torch.int64, device=self.device)
+        hidden = self.model(ids, torch.arange(n_tokens, device=self.device), batch)
+        self.model.compute_logits(hidden[: self.options.max_num_seqs])
+
+    # -- a step ----------------------------------------------------------------------
+    @torch.inference_mode()
+    def run(self, step: list[Scheduled], *, logit_rows: list[int] | None = None) -> torch.Tensor:
+        """Run a step. Returns float32 logits of the sampling rows, in step order.
+
+        `logit_rows` asks for the logits of those rows of the flat batch instead
+        (scoring and tests).
+        """
+        bs = self.block_size
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        spans: list[SeqSpan] = []
+        sample_rows: list[int] = []
+        for item in step:
+            seq, start = item.seq, item.seq.num_computed
+            end = start + item.n_tokens
+            if end > self.options.max_model_len:
+                raise BadRequest(f"sequence {seq.request_id} would pass the context of {self.options.max_model_len}")
+            spans.append(SeqSpan(len(ids), item.n_tokens, end, seq.block_table))
+            ids.extend(seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            table = seq.block_table
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            if item.samples:
+                sample_rows.append(len(ids) - 1)
+        self._zero_new_blocks(max(max(item.seq.block_table) for item in step))
+        dev = self.device
+        batch = AttentionBatch(spans, torch.tensor(slots, dtype=torch.int64, device=dev), bs, dev, self.workspace)
+        hidden = self.model(
+            torch.tensor(ids, dtype=torch.int64, device=dev), torch.tensor(positions, dtype=torch.int64, device=dev), batch
+        )
+        rows = sample_rows if logit_rows is None else logit_rows
+        if not rows:
+            return torch.empty(0, self.config.vocab_size, device=dev)
+        return self.model.compute_logits(hidden[torch.tensor(rows, device=dev)])
+
+
+    def _zero_new_blocks(self, highest: int) -> None:
+        """Zero blocks up to `highest` that no step has touched yet.
+
+        Attention reads whole blocks and masks the slots past a sequence's end;
+        those must hold finite numbers (0 x NaN is NaN), and uninitialised memory
+        may not. Zeroing on first use keeps the promise without making the whole
+        pool resident in RAM up front.
+        """
+        if highest >= self._zeroed_blocks:
+            self.kv_cache[:, :, self._zeroed_blocks : highest + 1].zero_()
+            self._zeroed_blocks = highest + 1
+
+
+def _context(requested: int, trained: int) -> int:
+    if not requested:
+        return min(DEFAULT_CONTEXT, trained)
+    if requested < 16:
+        raise BadRequest(f"context size must be at least 16 tokens (got {requested})")
+    if requested > trained:
+        raise BadRequest(f"context size {requested} is larger than the {trained} tokens the model was trained for")
+    return requested
+
+
+def _available_ram() -> int:
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except Exception:  # no psutil, or a platform it cannot read: assume a small machine
+        return 4 * 2**30

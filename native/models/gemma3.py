@@ -1,0 +1,53 @@
+"""Gemma 3 (text): Llama's skeleton with Gemma's habits.
+
+Differences from Llama, each checked against transformers' modeling_gemma3:
+- four RMSNorms per layer: before and after attention, before and after the MLP;
+- norm weights w are applied as 1 + w;
+- RMSNorm on each query and key head before rotary;
+- embeddings multiplied by sqrt(hidden_size);
+- gelu (tanh approximation) in the MLP;
+- softmax scale query_pre_attn_scalar ** -0.5;
+- five sliding-window layers (local rope base 10,000) to each global layer
+  (the file's rope base); the output head is the tied embedding.
+All of those but the layer wiring are config switches (see config.py).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from ..layers.attention import AttentionBatch
+from ..layers.mlp import GatedMLP
+from ..layers.norm import RMSNorm
+from .llama import CausalLM, SelfAttention
+
+
+class Gemma3DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        dim, eps = config.hidden_size, config.rms_norm_eps
+        self.self_attn = SelfAttention(config, layer)
+        self.mlp = GatedMLP(dim, config.intermediate_size, config.activation, config.mlp_bias)
+        self.input_layernorm = RMSNorm(dim, eps)
+        self.post_attention_layernorm = RMSNorm(dim, eps)
+        self.pre_feedforward_layernorm = RMSNorm(dim, eps)
+        self.post_feedforward_layernorm = RMSNorm(dim, eps)
+
+    def forward(self, x: torch.Tensor, rope: dict, batch: AttentionBatch) -> torch.Tensor:
+        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), rope, batch))
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+
+
+class Gemma3ForCausalLM(CausalLM):
+    norm_offset = 1.0
+    layer_norm_names = (
+        "input_layernorm",
+        "post_attention_layernorm",
+        "pre_feedforward_layernorm",
+        "post_feedforward_layernorm",
+    )
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config, [Gemma3DecoderLayer(config, i) for i in range(config.n_layers)])
