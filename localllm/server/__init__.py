@@ -1,0 +1,5 @@
+"""The localhost API: OpenAI- and Ollama-compatible HTTP routes over the same backends.
+
+`create_app(settings)` (app.py) builds the FastAPI application; `serve(settings)`
+and `ServerThread` (run.py) run it under uvicorn.
+"""

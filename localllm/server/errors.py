@@ -1,0 +1,160 @@
+"""Every failure as an HTTP error in the caller's own dialect.
+
+OpenAI clients expect `{"error": {"message", "type", "param", "code"}}`;
+Ollama clients expect `{"error": "..."}`. Which one a request gets follows
+from its path: `/api/...` is Ollama's, everything else OpenAI's. Errors are
+values (localllm.errors) until they reach this module; no response ever
+carries a stack trace, and the server log keeps the one of an unexpected error.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse
+
+from localllm.errors import (
+    AccessDenied,
+    BadModelFile,
+    BadRequest,
+    DoesNotFit,
+    DownloadFailed,
+    HubUnreachable,
+    LocalLLMError,
+    ModelNotFound,
+    NotEnoughDisk,
+    QueueFull,
+    TemplateError,
+)
+
+# OpenAI's `type` for each status we send (OpenAI itself answers 401 and 404 as invalid requests).
+_OPENAI_TYPES = {
+    400: "invalid_request_error",
+    401: "invalid_request_error",
+    403: "permission_error",
+    404: "invalid_request_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    502: "server_error",
+    503: "server_error",
+    507: "server_error",
+}
+
+
+@dataclass
+class APIError(Exception):
+    """An HTTP error raised by route code; rendered by `error_response`."""
+
+    status: int
+    message: str
+    param: str | None = None
+    code: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def is_ollama_path(path: str) -> bool:
+    return path == "/api" or path.startswith("/api/")
+
+
+def error_body(path: str, error: APIError) -> dict[str, Any]:
+    if is_ollama_path(path):
+        return {"error": error.message}
+    return {
+        "error": {
+            "message": error.message,
+            "type": _OPENAI_TYPES.get(error.status, "server_error" if error.status >= 500 else "invalid_request_error"),
+            "param": error.param,
+            "code": error.code,
+        }
+    }
+
+
+def error_response(path: str, error: APIError) -> JSONResponse:
+    return JSONResponse(error_body(path, error), status_code=error.status, headers=error.headers or None)
+
+
+def error_bytes(path: str, error: APIError) -> bytes:
+    """The body of an error sent from ASGI middleware (no Request object there)."""
+    return json.dumps(error_body(path, error)).encode()
+
+
+def from_localllm_error(exc: LocalLLMError) -> APIError:
+    """The HTTP status for each kind of failure (localllm.errors)."""
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if isinstance(exc, QueueFull):
+        return APIError(429, message, code="queue_full", headers={"Retry-After": str(exc.retry_after_s)})
+    if isinstance(exc, ModelNotFound):
+        return APIError(404, message, param="model", code="model_not_found")
+    if isinstance(exc, (BadRequest, TemplateError)):
+        return APIError(400, message)
+    if isinstance(exc, AccessDenied):
+        return APIError(403, message)
+    if isinstance(exc, NotEnoughDisk):
+        return APIError(507, message)
+    if isinstance(exc, HubUnreachable):
+        return APIError(502, message)
+    if isinstance(exc, (DoesNotFit, BadModelFile, DownloadFailed)):
+        return APIError(500, message)
+    return APIError(500, message)  # BackendError and anything new: the server's side failed
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    """One line for the first problem pydantic found, and the parameter it concerns."""
+    errors = exc.errors()
+    if not errors:
+        return "invalid request", None
+    first = errors[0]
+    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    kind = first.get("type", "")
+    if kind == "json_invalid":
+        detail = (first.get("ctx") or {}).get("error", "")
+        return f"the request body is not valid JSON{': ' + detail if detail else ''}", None
+    param = ".".join(loc) or None
+    if kind == "missing":
+        return f"'{param}' is required", param
+    if kind == "extra_forbidden":
+        return f"unrecognized request argument '{param}'", param
+    if not loc:
+        return "the request body must be a JSON object", None
+    msg = str(first.get("msg", "is invalid"))
+    return f"'{param}': {msg[0].lower() + msg[1:] if msg else 'is invalid'}", param
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return error_response(request.url.path, exc)
+
+    @app.exception_handler(LocalLLMError)
+    async def _localllm_error(request: Request, exc: LocalLLMError) -> JSONResponse:
+        return error_response(request.url.path, from_localllm_error(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _validation_message(exc)
+        return error_response(request.url.path, APIError(400, message, param=param))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        detail = exc.detail if isinstance(exc.detail, str) else "request failed"
+        if exc.status_code == 404:
+            detail = f"no route {request.method} {request.url.path}"
+        elif exc.status_code == 405:
+            detail = f"method {request.method} is not allowed on {request.url.path}"
+        return error_response(request.url.path, APIError(exc.status_code, detail, headers=dict(exc.headers or {})))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # Starlette re-raises after sending this, so uvicorn logs the traceback (server side only).
+        message = f"internal error ({type(exc).__name__}); the server log has the details"
+        return error_response(request.url.path, APIError(500, message))

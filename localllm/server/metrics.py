@@ -1,0 +1,81 @@
+"""Prometheus metrics for `GET /metrics`.
+
+Each app has its own CollectorRegistry, so several servers (or tests) in one
+process never share counters. Latencies are measured where a client feels
+them: time to first token from the moment the request reached its model
+(queueing included), and the gap between consecutive tokens as they are
+handed to the HTTP response. Gauges read the engines' own statistics when
+scraped.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from localllm.backends.base import EngineStats
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+_TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_ITL_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0, 2.5)
+
+# Requests to these paths are counted in localllm_requests_total; scrapes and probes are not.
+_COUNTED_PREFIXES = ("/v1/", "/api/")
+
+
+class Metrics:
+    def __init__(self, engine_stats: Callable[[], Iterable[EngineStats]]) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.time_to_first_token = Histogram(
+            "localllm_time_to_first_token_seconds",
+            "Seconds from a request reaching its model to its first token.",
+            buckets=_TTFT_BUCKETS,
+            registry=r,
+        )
+        self.inter_token_latency = Histogram(
+            "localllm_inter_token_latency_seconds",
+            "Seconds between consecutive tokens of one response.",
+            buckets=_ITL_BUCKETS,
+            registry=r,
+        )
+        self.generated_tokens = Counter("localllm_generated_tokens", "Tokens generated.", registry=r)
+        self.prompt_tokens = Counter("localllm_prompt_tokens", "Prompt tokens processed or reused.", registry=r)
+        self.requests = Counter("localllm_requests", "API requests by HTTP status.", ["status"], registry=r)
+        running = Gauge("localllm_requests_running", "Requests the engines are running.", registry=r)
+        waiting = Gauge("localllm_requests_waiting", "Requests queued for an engine.", registry=r)
+        kv = Gauge(
+            "localllm_kv_cache_usage_ratio",
+            "Share of the KV cache in use (the fullest loaded model).",
+            registry=r,
+        )
+        running.set_function(lambda: sum(s.running for s in engine_stats()))
+        waiting.set_function(lambda: sum(s.waiting for s in engine_stats()))
+        kv.set_function(lambda: max((s.kv_used_ratio for s in engine_stats()), default=0.0))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class RequestCounter:
+    """ASGI middleware: counts each API response by status once its headers go out."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith(_COUNTED_PREFIXES):
+            await self.app(scope, receive, send)
+            return
+
+        async def counting_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                self.metrics.requests.labels(status=str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, counting_send)

@@ -1,0 +1,509 @@
+"""Ollama's API, so tools built for Ollama work: chat, generate, tags, show, ps, pull, version.
+
+Streaming is NDJSON (one JSON object per line) and is on unless `stream` is
+false, as in Ollama. Errors are `{"error": "..."}`; an error after a stream has
+begun is sent as such a line, which Ollama's clients raise. Durations are in
+nanoseconds. Options we cannot honour are refused by name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, AsyncIterator
+
+from fastapi import APIRouter, Request
+from starlette.responses import JSONResponse, Response
+
+from localllm import __version__
+from localllm.backends.base import FinishEvent, GenerationRequest, SamplingParams, TokenEvent
+from localllm.errors import BadRequest, LocalLLMError
+from localllm.server.errors import APIError, from_localllm_error
+from localllm.server.generation import (
+    ClientGone,
+    EventStreamResponse,
+    Run,
+    collect,
+    guarded,
+    new_id,
+    start_run,
+    until_disconnected,
+)
+from localllm.server.json_grammar import json_object_grammar, schema_grammar
+from localllm.server.registry import _KEEP, Lease, LoadedModel
+from localllm.server.schemas import (
+    JsonFormat,
+    OllamaChatRequest,
+    OllamaGenerateRequest,
+    OllamaModelRequest,
+    OllamaOptions,
+)
+from localllm.server.settings import parse_duration
+from localllm.server.state import ServerState
+from localllm.server.tools import ToolPlan, plan_tools
+from localllm.units import human_count
+
+router = APIRouter()
+
+NDJSON = "application/x-ndjson"
+# Options that change nothing at these values; any other value, or any other option, is refused.
+_NEUTRAL_OPTIONS: dict[str, Any] = {"mirostat": 0, "tfs_z": 1.0, "typical_p": 1.0}
+_SUPPORTED_OPTIONS = sorted(OllamaOptions.model_fields)
+_NEVER = "2318-08-30T00:00:00Z"  # Ollama's "expires_at" for a model that never unloads (year 2318)
+
+
+def _state(request: Request) -> ServerState:
+    return request.app.state.localllm
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def _ndjson(data: dict[str, Any]) -> bytes:
+    return json.dumps(data, ensure_ascii=False).encode("utf-8") + b"\n"
+
+
+def _error_line(message: str) -> bytes:
+    return _ndjson({"error": message})
+
+
+# -- small routes ----------------------------------------------------------------------
+
+
+@router.get("/api/version")
+async def version() -> dict[str, str]:
+    return {"version": __version__}
+
+
+@router.get("/api/tags")
+async def tags(request: Request) -> dict[str, Any]:
+    state = _state(request)
+    models = []
+    for manifest in state.registry.store.list():
+        models.append(
+            {
+                "name": manifest.name,
+                "model": manifest.name,
+                "modified_at": manifest.added,
+                "size": manifest.size,
+                "digest": manifest.sha256,
+                "details": _details(manifest.info or {}, manifest.format),
+            }
+        )
+    return {"models": models}
+
+
+@router.get("/api/ps")
+async def ps(request: Request) -> dict[str, Any]:
+    state = _state(request)
+    return {"models": [_loaded_entry(m) for m in state.registry.loaded()]}
+
+
+def _loaded_entry(model: LoadedModel) -> dict[str, Any]:
+    info = model.backend.info
+    manifest = model.resolved.manifest
+    expires = model.expires_at()
+    return {
+        "name": model.name,
+        "model": model.name,
+        "size": info.size_bytes,
+        "digest": manifest.sha256 if manifest else "",
+        "details": _details(info.to_dict(), info.format),
+        "expires_at": expires.isoformat().replace("+00:00", "Z") if expires else _NEVER,
+        "size_vram": 0,
+        "context_length": model.n_ctx,
+    }
+
+
+@router.post("/api/show")
+async def show(body: OllamaModelRequest, request: Request) -> dict[str, Any]:
+    state = _state(request)
+    name = body.model_name()
+    if not name:
+        raise APIError(400, "'model' is required", param="model")
+    resolved = state.registry.resolve(name)
+    info = resolved.info()
+    template = info.chat_template
+    arch = info.architecture
+    model_info = {
+        "general.architecture": arch,
+        "general.name": info.model_name,
+        "general.parameter_count": info.parameters,
+        "general.quantization": info.quantization,
+        f"{arch}.context_length": info.context_length,
+        f"{arch}.block_count": info.n_layers,
+        f"{arch}.embedding_length": info.hidden_size,
+        f"{arch}.attention.head_count": info.n_heads,
+        f"{arch}.attention.head_count_kv": info.n_kv_heads,
+        f"{arch}.attention.key_length": info.head_dim,
+        f"{arch}.attention.sliding_window": info.sliding_window,
+        "tokenizer.ggml.bos_token_id": info.bos_token_id,
+        "tokenizer.ggml.eos_token_id": info.eos_token_id,
+        "tokenizer.ggml.vocab_size": info.vocab_size,
+    }
+    modelfile = f"# Modelfile generated by localllm {__version__}\nFROM {resolved.name}\n"
+    if template:
+        modelfile += f'TEMPLATE """{template}"""\n'
+    return {
+        "license": "",
+        "modelfile": modelfile,
+        "parameters": "",
+        "template": template or "",
+        "details": _details(info.to_dict(), info.format),
+        "model_info": model_info,
+        "capabilities": ["completion", "tools"],
+        "modified_at": resolved.manifest.added if resolved.manifest else _now(),
+    }
+
+
+def _details(info: dict[str, Any], fmt: str) -> dict[str, Any]:
+    arch = info.get("architecture") or ""
+    params = info.get("parameters")
+    return {
+        "parent_model": "",
+        "format": fmt,
+        "family": arch,
+        "families": [arch] if arch else None,
+        "parameter_size": human_count(params) if params else "",
+        "quantization_level": info.get("quantization") or "",
+    }
+
+
+# -- generation --------------------------------------------------------------------------
+
+
+@dataclass
+class _Reply:
+    """A generation in flight and what its reply needs (chat and generate share it)."""
+
+    lease: Lease
+    run: Run
+    tools: ToolPlan | None
+    started: float
+    model: str
+    logprobs: bool
+
+
+@router.post("/api/generate")
+async def generate(body: OllamaGenerateRequest, request: Request) -> Response:
+    state = _state(request)
+    for name in ("suffix", "template"):
+        if getattr(body, name):
+            raise APIError(400, f"'{name}' is not supported by this server")
+    if body.images:
+        raise APIError(400, f"model '{body.model}' does not support images")
+    if body.context:
+        raise APIError(400, "'context' is not supported by this server; send the conversation to /api/chat")
+    _refuse_thinking(body.model, body.think)
+    keep_alive = _keep_alive(body.keep_alive)
+    params, n_ctx = _options(body.options)
+    started = time.perf_counter()
+    if not body.prompt:
+        return await _load_or_unload(state, body.model, keep_alive, n_ctx, "response")
+
+    lease = await state.registry.acquire(body.model, n_ctx=n_ctx)
+    try:
+        if keep_alive is not _KEEP:
+            lease.keep_alive_s = keep_alive
+        backend = lease.backend
+        if body.raw:
+            prompt, templated = body.prompt, False
+        else:
+            messages = ([{"role": "system", "content": body.system}] if body.system else []) + [
+                {"role": "user", "content": body.prompt}
+            ]
+            prompt, templated = backend.render_chat(messages), True
+        _format(params, body.format, None)
+        _logprobs(params, body.logprobs, body.top_logprobs)
+        run = await start_run(lease, GenerationRequest(new_id(), prompt, params, templated=templated), state.metrics)
+    except BaseException:
+        lease.release()
+        raise
+    reply = _Reply(lease, run, None, started, body.model, bool(body.logprobs))
+    return await _respond(reply, request, body.stream is not False, "response")
+
+
+@router.post("/api/chat")
+async def chat(body: OllamaChatRequest, request: Request) -> Response:
+    state = _state(request)
+    _refuse_thinking(body.model, body.think)
+    keep_alive = _keep_alive(body.keep_alive)
+    params, n_ctx = _options(body.options)
+    started = time.perf_counter()
+    if not body.messages:
+        return await _load_or_unload(state, body.model, keep_alive, n_ctx, "message")
+    for i, message in enumerate(body.messages):
+        if message.images:
+            raise APIError(400, f"model '{body.model}' does not support images (messages[{i}].images)")
+
+    lease = await state.registry.acquire(body.model, n_ctx=n_ctx)
+    try:
+        if keep_alive is not _KEEP:
+            lease.keep_alive_s = keep_alive
+        backend = lease.backend
+        tools = plan_tools(
+            [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None,
+            "auto",
+            parallel=True,
+            template=backend.info.chat_template,
+        )
+        messages = [_chat_message(m) for m in body.messages]
+        if tools is not None:
+            messages = tools.prepare_messages(messages)
+        prompt = backend.render_chat(messages, tools=tools.template_tools() if tools else None)
+        _format(params, body.format, tools)
+        _logprobs(params, body.logprobs, body.top_logprobs)
+        run = await start_run(lease, GenerationRequest(new_id(), prompt, params, templated=True), state.metrics)
+    except BaseException:
+        lease.release()
+        raise
+    reply = _Reply(lease, run, tools, started, body.model, bool(body.logprobs))
+    return await _respond(reply, request, body.stream is not False, "message")
+
+
+def _chat_message(message: Any) -> dict[str, Any]:
+    data: dict[str, Any] = {"role": message.role, "content": message.content or ""}
+    if message.tool_calls:
+        data["tool_calls"] = [{"type": "function", "function": c.function.model_dump()} for c in message.tool_calls]
+    if message.tool_name:
+        data["name"] = message.tool_name
+    return data
+
+
+async def _respond(reply: _Reply, request: Request, stream: bool, kind: str) -> Response:
+    if stream:
+        return EventStreamResponse(guarded(_stream(reply, kind), _error_line), NDJSON, reply.run.close)
+    try:
+        tokens, finish = await collect(reply.run, request)
+    except ClientGone:
+        return Response(status_code=499)
+    if finish.reason == "error":
+        raise APIError(500, finish.error or "the engine failed")
+    text = "".join(t.text for t in tokens)
+    content, calls = reply.tools.parse(text) if reply.tools else (text, [])
+    body = _head(reply.model, kind, content or "", calls)
+    body.update(_final_stats(reply, finish))
+    if reply.logprobs:
+        body["logprobs"] = _ollama_logprobs(tokens)
+    return JSONResponse(body)
+
+
+async def _stream(reply: _Reply, kind: str) -> AsyncIterator[bytes]:
+    tool_stream = reply.tools.stream() if reply.tools else None
+    async for event in reply.run.events():
+        if isinstance(event, TokenEvent):
+            text = tool_stream.feed(event.text) if tool_stream else event.text
+            if text or (reply.logprobs and event.logprobs):
+                line = _head(reply.model, kind, text, [], done=False)
+                if reply.logprobs and event.logprobs:
+                    line["logprobs"] = _ollama_logprobs([event])
+                yield _ndjson(line)
+            continue
+        if event.reason == "error":
+            yield _ndjson({"error": event.error or "the engine failed"})
+            return
+        if tool_stream:
+            rest, calls = tool_stream.finish()
+            if rest or calls:
+                yield _ndjson(_head(reply.model, kind, rest, calls, done=False))
+        final = _head(reply.model, kind, "", [])
+        final.update(_final_stats(reply, event))
+        yield _ndjson(final)
+
+
+def _head(model: str, kind: str, text: str, calls: list, *, done: bool = True) -> dict[str, Any]:
+    head: dict[str, Any] = {"model": model, "created_at": _now()}
+    if kind == "message":
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        if calls:
+            message["tool_calls"] = [c.ollama() for c in calls]
+        head["message"] = message
+    else:
+        head["response"] = text
+    head["done"] = done
+    return head
+
+
+def _final_stats(reply: _Reply, finish: FinishEvent) -> dict[str, Any]:
+    t, u = finish.timings, finish.usage
+    return {
+        "done": True,
+        "done_reason": "length" if finish.reason == "length" else "stop",
+        "total_duration": _ns(time.perf_counter() - reply.started),
+        "load_duration": _ns(reply.lease.load_s),
+        "prompt_eval_count": u.prompt_tokens,
+        "prompt_eval_duration": _ns(t.prompt_s),
+        "eval_count": u.completion_tokens,
+        "eval_duration": _ns(t.decode_s),
+    }
+
+
+def _ns(seconds: float) -> int:
+    return int(seconds * 1e9)
+
+
+async def _load_or_unload(state: ServerState, model: str, keep_alive: Any, n_ctx: int | None, kind: str) -> Response:
+    """An empty prompt loads a model (or, with keep_alive 0, unloads it), as in Ollama."""
+    if keep_alive == 0:
+        resolved = state.registry.resolve(model)  # 404 for unknown names, as for any request
+        await state.registry.unload(resolved.name)
+        reason = "unload"
+    else:
+        lease = await state.registry.acquire(model, n_ctx=n_ctx)
+        if keep_alive is not _KEEP:
+            lease.keep_alive_s = keep_alive
+        lease.release()
+        reason = "load"
+    reply = _head(model, kind, "", [])
+    reply["done_reason"] = reason
+    return JSONResponse(reply)
+
+
+def _refuse_thinking(model: str, think: Any) -> None:
+    if think not in (None, False, "", "false"):
+        raise APIError(400, f"model '{model}' does not support thinking")
+
+
+def _keep_alive(value: Any) -> Any:
+    if value is None:
+        return _KEEP
+    try:
+        return parse_duration(value)
+    except BadRequest as exc:
+        raise APIError(400, str(exc)) from None
+
+
+def _options(options: OllamaOptions | None) -> tuple[SamplingParams, int | None]:
+    """Ollama's options as sampling parameters, plus the context size asked for."""
+    params = SamplingParams()
+    if options is None:
+        return params, None
+    for key, value in (options.model_extra or {}).items():
+        if key in _NEUTRAL_OPTIONS and value == _NEUTRAL_OPTIONS[key]:
+            continue
+        raise APIError(400, f"option '{key}' is not supported; supported options: {', '.join(_SUPPORTED_OPTIONS)}")
+    for name in ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "repeat_last_n", "presence_penalty", "frequency_penalty"):
+        value = getattr(options, name)
+        if value is not None:
+            setattr(params, name, value)
+    if options.top_p == 0:
+        params.top_p, params.temperature = 1.0, 0.0  # only the most likely token remains
+    if options.seed is not None:
+        params.seed = None if options.seed < 0 else options.seed % 2**32
+    if options.stop is not None:
+        params.stop = [options.stop] if isinstance(options.stop, str) else list(options.stop)
+    n = options.num_predict
+    if n is not None:
+        if n > 0:
+            params.max_tokens = n
+        elif n not in (-1, -2):
+            raise APIError(400, "num_predict must be positive, -1 (no limit) or -2 (fill the context)")
+    try:
+        params.validate()
+    except BadRequest as exc:
+        raise APIError(400, str(exc)) from None
+    return params, options.num_ctx
+
+
+def _format(params: SamplingParams, fmt: JsonFormat, tools: ToolPlan | None) -> None:
+    if fmt in (None, ""):
+        return
+    if tools is not None:
+        raise APIError(400, "'format' cannot be combined with 'tools'")
+    params.grammar = json_object_grammar() if fmt == "json" else schema_grammar(fmt, "format")
+
+
+def _logprobs(params: SamplingParams, logprobs: bool | None, top: int | None) -> None:
+    if logprobs:
+        params.logprobs = top or 0
+    elif top:
+        raise APIError(400, "'top_logprobs' needs 'logprobs': true")
+
+
+def _ollama_logprobs(tokens: list[TokenEvent]) -> list[dict[str, Any]]:
+    out = []
+    for event in tokens:
+        for lp in event.logprobs or []:
+            out.append(
+                {
+                    "token": lp["text"],
+                    "logprob": lp["logprob"],
+                    "top_logprobs": [{"token": t["text"], "logprob": t["logprob"]} for t in lp["top"]],
+                }
+            )
+    return out
+
+
+# -- pull ------------------------------------------------------------------------------
+
+
+@router.post("/api/pull")
+async def pull(body: OllamaModelRequest, request: Request) -> Response:
+    state = _state(request)
+    ref = body.model_name()
+    if not ref:
+        raise APIError(400, "'model' is required", param="model")
+    from localllm.store.pull import PullProgress, pull as do_pull
+
+    loop = asyncio.get_running_loop()
+    updates: asyncio.Queue[PullProgress] = asyncio.Queue()
+    cancel = threading.Event()
+
+    def progress(update: PullProgress) -> None:
+        loop.call_soon_threadsafe(updates.put_nowait, update)
+
+    job = asyncio.ensure_future(
+        asyncio.to_thread(do_pull, ref.strip(), store=state.registry.store, progress=progress, cancel=cancel)
+    )
+    job.add_done_callback(lambda done: done.cancelled() or done.exception())  # never "unretrieved"
+    if body.stream is False:
+        try:
+            await until_disconnected(request, asyncio.shield(job))
+        except ClientGone:
+            cancel.set()
+            return Response(status_code=499)
+        return JSONResponse({"status": "success"})
+
+    async def lines() -> AsyncIterator[bytes]:
+        try:
+            yield _ndjson({"status": "pulling manifest"})
+            while True:
+                waiter = asyncio.ensure_future(updates.get())
+                await asyncio.wait({waiter, job}, return_when=asyncio.FIRST_COMPLETED)
+                if waiter.done():
+                    yield _ndjson(_progress_line(waiter.result()))
+                    continue
+                waiter.cancel()
+                while not updates.empty():
+                    yield _ndjson(_progress_line(updates.get_nowait()))
+                break
+            error = job.exception()
+            if error is None:
+                yield _ndjson({"status": "success"})
+            elif isinstance(error, LocalLLMError):
+                yield _ndjson({"error": from_localllm_error(error).message})
+            else:
+                yield _ndjson({"error": f"pull failed ({type(error).__name__}); the server log has the details"})
+        finally:
+            cancel.set()  # a client that went away stops the transfer; the partial file is kept
+
+    async def stop() -> None:
+        cancel.set()
+
+    return EventStreamResponse(guarded(lines(), _error_line), NDJSON, stop)
+
+
+def _progress_line(update: Any) -> dict[str, Any]:
+    line: dict[str, Any] = {"status": update.status}
+    if update.file:
+        line["status"] = f"{update.status} {update.file}"
+        line["digest"] = update.file
+    if update.total:
+        line["total"] = update.total
+        line["completed"] = update.completed
+    return line

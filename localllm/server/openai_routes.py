@@ -1,0 +1,406 @@
+"""OpenAI's API: /v1/models, /v1/chat/completions, /v1/completions, /v1/embeddings.
+
+Shapes follow OpenAI's field for field, so the official SDK (and anything
+built on it) works unchanged. Options we cannot honour are a 400 that names
+them; options that do not change an answer (user, metadata, store, ...) are
+accepted.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime
+from typing import Any, AsyncIterator
+
+from fastapi import APIRouter, Request
+from starlette.responses import JSONResponse, Response
+
+from localllm.backends.base import FinishEvent, GenerationRequest, SamplingParams, TokenEvent
+from localllm.errors import BadRequest
+from localllm.server.errors import APIError
+from localllm.server.generation import ClientGone, EventStreamResponse, Run, collect, guarded, new_id, start_run
+from localllm.server.json_grammar import json_object_grammar, schema_grammar
+from localllm.server.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, EmbeddingRequest
+from localllm.server.state import ServerState
+from localllm.server.tools import ToolPlan, plan_tools
+
+router = APIRouter()
+
+_REFUSED_CHAT_FIELDS = ("audio", "prediction", "reasoning_effort", "verbosity", "web_search_options", "functions", "function_call")
+
+
+def _state(request: Request) -> ServerState:
+    return request.app.state.localllm
+
+
+# -- models --------------------------------------------------------------------------
+
+
+@router.get("/v1/models")
+async def list_models(request: Request) -> dict[str, Any]:
+    state = _state(request)
+    return {"object": "list", "data": [_model_object(state, name) for name in state.registry.known_names()]}
+
+
+@router.get("/v1/models/{model_id:path}")
+async def get_model(model_id: str, request: Request) -> dict[str, Any]:
+    state = _state(request)
+    state.registry.resolve(model_id)  # ModelNotFound -> 404
+    return _model_object(state, model_id)
+
+
+def _model_object(state: ServerState, name: str) -> dict[str, Any]:
+    manifest = state.registry.store.get(name)
+    created = int(state.started_at)
+    if manifest is not None:
+        try:
+            created = int(datetime.fromisoformat(manifest.added).timestamp())
+        except ValueError:
+            pass
+    return {"id": name, "object": "model", "created": created, "owned_by": "localllm"}
+
+
+# -- chat completions ------------------------------------------------------------------
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+    state = _state(request)
+    _refuse_common(body)
+    for name in _REFUSED_CHAT_FIELDS:
+        if getattr(body, name) is not None:
+            raise APIError(400, f"'{name}' is not supported by this server", param=name)
+    if body.modalities not in (None, ["text"]):
+        raise APIError(400, "only the 'text' modality is supported", param="modalities")
+    if body.top_logprobs is not None and not body.logprobs:
+        raise APIError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+
+    lease = await state.registry.acquire(body.model)
+    try:
+        backend = lease.backend
+        plan = plan_tools(
+            [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None,
+            body.tool_choice.model_dump() if hasattr(body.tool_choice, "model_dump") else body.tool_choice,
+            parallel=body.parallel_tool_calls is not False,
+            template=backend.info.chat_template,
+        )
+        messages = [_message_dict(i, m) for i, m in enumerate(body.messages)]
+        if plan is not None:
+            messages = plan.prepare_messages(messages)
+        prompt = backend.render_chat(messages, tools=plan.template_tools() if plan else None)
+        params = _sampling(body, body.max_completion_tokens or body.max_tokens)
+        if body.logprobs:
+            params.logprobs = body.top_logprobs or 0
+        _constrain(params, body, plan)
+        rid = new_id()
+        run = await start_run(lease, GenerationRequest(rid, prompt, params, templated=True), state.metrics)
+    except BaseException:
+        lease.release()
+        raise
+    meta = _Meta(f"chatcmpl-{rid}", body.model, int(time.time()))
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        body_lines = guarded(_chat_stream(run, meta, plan, include_usage), _sse_error)
+        return EventStreamResponse(body_lines, "text/event-stream", run.close)
+    return await _chat_reply(run, request, meta, plan, bool(body.logprobs))
+
+
+def _message_dict(index: int, message: ChatMessage) -> dict[str, Any]:
+    """A message as chat templates expect it: text content only, `developer` as `system`."""
+    data: dict[str, Any] = {"role": "system" if message.role == "developer" else message.role}
+    content = message.content
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            kind = part.get("type")
+            if kind != "text" or not isinstance(part.get("text"), str):
+                raise APIError(400, f"messages[{index}].content: only text parts are supported (got {kind!r})", param=f"messages[{index}].content")
+            texts.append(part["text"])
+        content = "".join(texts)
+    data["content"] = content
+    if message.name is not None:
+        data["name"] = message.name
+    if message.tool_calls:
+        data["tool_calls"] = [c.model_dump(exclude_none=True) for c in message.tool_calls]
+    if message.tool_call_id is not None:
+        data["tool_call_id"] = message.tool_call_id
+    return data
+
+
+def _constrain(params: SamplingParams, body: ChatCompletionRequest, plan: ToolPlan | None) -> None:
+    """Grammars: a forced tool call, or the JSON that response_format asks for."""
+    fmt = body.response_format
+    wants_json = fmt is not None and fmt.type != "text"
+    if plan is not None and plan.choice != "none":
+        if wants_json:
+            raise APIError(400, "response_format JSON modes cannot be combined with tools unless tool_choice is 'none'", param="response_format")
+        params.grammar, params.grammar_triggers = plan.grammar()
+        return
+    if fmt is None or fmt.type == "text":
+        return
+    if fmt.type == "json_object":
+        params.grammar = json_object_grammar()
+        return
+    if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+        raise APIError(400, "response_format of type json_schema needs json_schema.schema", param="response_format.json_schema")
+    params.grammar = schema_grammar(fmt.json_schema.schema_, "response_format.json_schema.schema")
+
+
+async def _chat_reply(run: Run, request: Request, meta: "_Meta", plan: ToolPlan | None, logprobs: bool) -> Response:
+    try:
+        tokens, finish = await collect(run, request)
+    except ClientGone:
+        return Response(status_code=499)  # nobody is listening; the request was aborted
+    _raise_on_engine_error(finish)
+    text = "".join(t.text for t in tokens)
+    content, calls = plan.parse(text) if plan else (text, [])
+    message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None, "annotations": []}
+    reason = _finish_reason(finish)
+    if calls:
+        message["tool_calls"] = [c.openai() for c in calls]
+        reason = "tool_calls"
+    choice = {
+        "index": 0,
+        "message": message,
+        "logprobs": {"content": _chat_logprobs(tokens), "refusal": None} if logprobs else None,
+        "finish_reason": reason,
+    }
+    return JSONResponse({**meta.head("chat.completion"), "choices": [choice], "usage": _usage(finish)})
+
+
+async def _chat_stream(run: Run, meta: "_Meta", plan: ToolPlan | None, include_usage: bool) -> AsyncIterator[bytes]:
+    head = meta.head("chat.completion.chunk")
+    extra = {"usage": None} if include_usage else {}
+
+    def chunk(delta: dict[str, Any], finish_reason: str | None = None, logprobs: Any = None) -> bytes:
+        choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+        return _sse({**head, "choices": [choice], **extra})
+
+    tool_stream = plan.stream() if plan else None
+    yield chunk({"role": "assistant", "content": "", "refusal": None})
+    async for event in run.events():
+        if isinstance(event, TokenEvent):
+            text = tool_stream.feed(event.text) if tool_stream else event.text
+            lp = {"content": _chat_logprobs([event]), "refusal": None} if event.logprobs else None
+            if text or lp:
+                yield chunk({"content": text}, logprobs=lp)
+            continue
+        if event.reason == "error":
+            yield _sse({"error": _stream_error(event)})
+            return
+        reason = _finish_reason(event)
+        if tool_stream:
+            rest, calls = tool_stream.finish()
+            if rest:
+                yield chunk({"content": rest})
+            if calls:
+                yield chunk({"tool_calls": [c.openai(index=i) for i, c in enumerate(calls)]})
+                reason = "tool_calls"
+        yield chunk({}, finish_reason=reason)
+        if include_usage:
+            yield _sse({**head, "choices": [], "usage": _usage(event)})
+    yield b"data: [DONE]\n\n"
+
+
+# -- text completions ------------------------------------------------------------------
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request) -> Response:
+    state = _state(request)
+    _refuse_common(body)
+    if body.echo:
+        raise APIError(400, "'echo' is not supported by this server", param="echo")
+    if body.suffix:
+        raise APIError(400, "'suffix' is not supported by this server", param="suffix")
+    if body.best_of not in (None, 1):
+        raise APIError(400, "'best_of' above 1 is not supported by this server", param="best_of")
+    prompt = _single_prompt(body.prompt)
+
+    lease = await state.registry.acquire(body.model)
+    try:
+        if isinstance(prompt, list):
+            vocab = lease.backend.info.vocab_size
+            bad = next((t for t in prompt if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise APIError(400, f"prompt token {bad} is outside the vocabulary (0 to {vocab - 1})", param="prompt")
+        params = _sampling(body, 16 if body.max_tokens is None else body.max_tokens)  # null: OpenAI's default
+        params.logprobs = body.logprobs
+        rid = new_id()
+        run = await start_run(lease, GenerationRequest(rid, prompt, params), state.metrics)
+    except BaseException:
+        lease.release()
+        raise
+    meta = _Meta(f"cmpl-{rid}", body.model, int(time.time()))
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        body_lines = guarded(_completion_stream(run, meta, include_usage), _sse_error)
+        return EventStreamResponse(body_lines, "text/event-stream", run.close)
+    try:
+        tokens, finish = await collect(run, request)
+    except ClientGone:
+        return Response(status_code=499)
+    _raise_on_engine_error(finish)
+    choice = {
+        "index": 0,
+        "text": "".join(t.text for t in tokens),
+        "logprobs": _completion_logprobs(tokens) if body.logprobs is not None else None,
+        "finish_reason": _finish_reason(finish),
+    }
+    return JSONResponse({**meta.head("text_completion"), "choices": [choice], "usage": _usage(finish)})
+
+
+def _single_prompt(prompt: Any) -> str | list[int]:
+    if isinstance(prompt, str):
+        if not prompt:
+            raise APIError(400, "'prompt' must not be empty", param="prompt")
+        return prompt
+    if not prompt:
+        raise APIError(400, "'prompt' must not be empty", param="prompt")
+    if all(isinstance(t, int) for t in prompt):
+        return list(prompt)
+    if len(prompt) == 1:
+        return _single_prompt(prompt[0])
+    raise APIError(400, "one prompt per request: a list of several prompts is not supported", param="prompt")
+
+
+async def _completion_stream(run: Run, meta: "_Meta", include_usage: bool) -> AsyncIterator[bytes]:
+    head = meta.head("text_completion")
+    extra = {"usage": None} if include_usage else {}
+    async for event in run.events():
+        if isinstance(event, TokenEvent):
+            if event.text or event.logprobs:
+                lp = _completion_logprobs([event]) if event.logprobs else None
+                choice = {"index": 0, "text": event.text, "logprobs": lp, "finish_reason": None}
+                yield _sse({**head, "choices": [choice], **extra})
+            continue
+        if event.reason == "error":
+            yield _sse({"error": _stream_error(event)})
+            return
+        choice = {"index": 0, "text": "", "logprobs": None, "finish_reason": _finish_reason(event)}
+        yield _sse({**head, "choices": [choice], **extra})
+        if include_usage:
+            yield _sse({**head, "choices": [], "usage": _usage(event)})
+    yield b"data: [DONE]\n\n"
+
+
+# -- embeddings --------------------------------------------------------------------------
+
+
+@router.post("/v1/embeddings")
+async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
+    """No backend computes embeddings yet: after the usual checks (404 for an unknown model), a 400 that says so."""
+    state = _state(request)
+    resolved = state.registry.resolve(body.model)
+    raise APIError(
+        400,
+        f"model '{resolved.name}' cannot produce embeddings: no localllm backend computes them yet",
+        param="model",
+        code="embeddings_unsupported",
+    )
+
+
+# -- shared ----------------------------------------------------------------------------------
+
+
+class _Meta:
+    def __init__(self, rid: str, model: str, created: int) -> None:
+        self.rid, self.model, self.created = rid, model, created
+
+    def head(self, kind: str) -> dict[str, Any]:
+        return {"id": self.rid, "object": kind, "created": self.created, "model": self.model, "system_fingerprint": None}
+
+
+def _refuse_common(body: Any) -> None:
+    if body.n not in (None, 1):
+        raise APIError(400, "'n' above 1 is not supported by this server: ask once per completion", param="n")
+    if body.logit_bias:
+        raise APIError(400, "'logit_bias' is not supported by this server", param="logit_bias")
+    if body.stream_options is not None and not body.stream:
+        raise APIError(400, "'stream_options' is only allowed with 'stream': true", param="stream_options")
+
+
+def _sampling(body: Any, max_tokens: int | None) -> SamplingParams:
+    params = SamplingParams(max_tokens=max_tokens)
+    if body.temperature is not None:
+        params.temperature = body.temperature
+    if body.top_p is not None:
+        if body.top_p == 0:
+            params.temperature = 0.0  # only the most likely token remains: greedy
+        else:
+            params.top_p = body.top_p
+    for name in ("top_k", "min_p", "repeat_penalty", "presence_penalty", "frequency_penalty"):
+        value = getattr(body, name)
+        if value is not None:
+            setattr(params, name, value)
+    if body.seed is not None:
+        params.seed = body.seed % 2**32  # OpenAI takes any integer; the engine's seed is 32-bit
+    if body.stop is not None:
+        params.stop = [body.stop] if isinstance(body.stop, str) else list(body.stop)
+    try:
+        return params.validate()
+    except BadRequest as exc:
+        raise APIError(400, str(exc)) from None
+
+
+def _finish_reason(finish: FinishEvent) -> str:
+    return "length" if finish.reason == "length" else "stop"
+
+
+def _raise_on_engine_error(finish: FinishEvent) -> None:
+    if finish.reason == "error":
+        raise APIError(500, finish.error or "the engine failed", code="engine_error")
+
+
+def _stream_error(finish: FinishEvent) -> dict[str, Any]:
+    return {"message": finish.error or "the engine failed", "type": "server_error", "param": None, "code": "engine_error"}
+
+
+def _usage(finish: FinishEvent) -> dict[str, Any]:
+    u = finish.usage
+    return {
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "total_tokens": u.total_tokens,
+        "prompt_tokens_details": {"cached_tokens": u.cached_prompt_tokens},
+    }
+
+
+def _chat_logprobs(tokens: list[TokenEvent]) -> list[dict[str, Any]]:
+    out = []
+    for event in tokens:
+        for lp in event.logprobs or []:
+            out.append(
+                {
+                    "token": lp["text"],
+                    "logprob": lp["logprob"],
+                    "bytes": list(lp["text"].encode("utf-8")),
+                    "top_logprobs": [
+                        {"token": t["text"], "logprob": t["logprob"], "bytes": list(t["text"].encode("utf-8"))}
+                        for t in lp["top"]
+                    ],
+                }
+            )
+    return out
+
+
+def _completion_logprobs(tokens: list[TokenEvent]) -> dict[str, Any]:
+    result: dict[str, Any] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    offset = 0
+    for event in tokens:
+        for lp in event.logprobs or []:
+            result["tokens"].append(lp["text"])
+            result["token_logprobs"].append(lp["logprob"])
+            result["top_logprobs"].append({t["text"]: t["logprob"] for t in lp["top"]})
+            result["text_offset"].append(offset)
+            offset += len(lp["text"])
+    return result
+
+
+def _sse_error(message: str) -> bytes:
+    return _sse({"error": {"message": message, "type": "server_error", "param": None, "code": None}})
+
+
+def _sse(data: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(data, ensure_ascii=False).encode("utf-8") + b"\n\n"

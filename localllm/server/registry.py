@@ -1,0 +1,280 @@
+"""The models a server holds in memory, loaded when a request names them.
+
+A request *leases* its model: `acquire` returns a Lease that keeps the model
+loaded until `release`. Between leases a model stays for its keep-alive time
+(the server's `--keep-alive`, or the last request's own `keep_alive`), then a
+reaper unloads it. At most `max_loaded` models are in memory: a new one evicts
+the least recently used idle model, or waits until one is idle. Two requests
+for a model that is loading share the load.
+
+Admission control lives here too: the server accepts `parallel + max_queue`
+requests at once (running, queued for an engine, or waiting for a load) and
+answers the next with QueueFull (HTTP 429).
+
+Requests may name installed models (and `starter`, installed on first use), and
+the model the server was started with; never a file path, so a client cannot
+make the server open arbitrary files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Callable
+
+from localllm.backends.base import Backend, EngineStats
+from localllm.errors import ModelNotFound, QueueFull
+from localllm.server.settings import ServerSettings
+from localllm.store.store import STARTER_NAME, ModelStore, ResolvedModel
+
+Opener = Callable[[ResolvedModel, "int | None"], Backend]
+_KEEP = object()  # "leave the model's keep-alive as it is"
+
+
+def _looks_like_path(name: str) -> bool:
+    if name.startswith("hf:"):
+        return False
+    return name.startswith((".", "~")) or "/" in name or "\\" in name or name.lower().endswith(".gguf")
+
+
+def canonical_name(name: str) -> str:
+    """Ollama clients say `starter:latest` for `starter`."""
+    name = name.strip()
+    return name[: -len(":latest")] if name.endswith(":latest") else name
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    resolved: ResolvedModel
+    backend: Backend
+    n_ctx: int | None
+    load_s: float
+    keep_alive_s: float | None  # None: stays until evicted or the server stops
+    last_used: float = field(default_factory=time.monotonic)
+    in_flight: int = 0
+
+    def expires_at(self) -> datetime | None:
+        """Wall-clock time when it unloads if unused, for /api/ps; None when it never expires."""
+        if self.keep_alive_s is None:
+            return None
+        idle = 0.0 if self.in_flight else time.monotonic() - self.last_used
+        return datetime.now(timezone.utc) + timedelta(seconds=max(0.0, self.keep_alive_s - idle))
+
+
+class Lease:
+    """One request's hold on a loaded model; `release` is idempotent."""
+
+    def __init__(self, registry: "ModelRegistry", model: LoadedModel, load_s: float) -> None:
+        self.registry = registry
+        self.model = model
+        self.load_s = load_s  # seconds this request waited for a load (0 if it was loaded)
+        self.keep_alive_s: object = _KEEP
+        self._released = False
+
+    @property
+    def backend(self) -> Backend:
+        return self.model.backend
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self.registry._release(self)
+
+
+class ModelRegistry:
+    def __init__(
+        self,
+        settings: ServerSettings,
+        store: ModelStore | None = None,
+        opener: Opener | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store or ModelStore()
+        self._opener = opener or self._open_backend
+        self._models: dict[str, LoadedModel] = {}
+        self._loading: dict[str, asyncio.Task] = {}
+        self._pending = 0  # admitted requests not yet released
+        self._changed = asyncio.Event()
+        self._preloaded: ResolvedModel | None = None
+        self.preload_state = "none"  # none | loading | ready | failed
+        self.preload_error: str | None = None
+
+    # -- names ----------------------------------------------------------------
+    def resolve(self, name: str) -> ResolvedModel:
+        """The model a request names (installed, catalog alias, `starter`), or ModelNotFound."""
+        name = canonical_name(name)
+        if self._preloaded is not None and name == self._preloaded.name:
+            return self._preloaded
+        if not name or _looks_like_path(name):
+            raise ModelNotFound(f"model '{name}' not found: requests name installed models, not files")
+        resolved = self.store.resolve(name)
+        if resolved.manifest is None and name != STARTER_NAME:
+            raise ModelNotFound(f"model '{name}' not found: requests name installed models, not files")
+        return resolved
+
+    def known_names(self) -> list[str]:
+        names = {m.name for m in self.store.list()} | set(self._models)
+        if self._preloaded is not None:
+            names.add(self._preloaded.name)
+        return sorted(names)
+
+    # -- leases ---------------------------------------------------------------
+    async def acquire(self, name: str, *, n_ctx: int | None = None) -> Lease:
+        """Lease model `name`, loading it if needed. Raises ModelNotFound, QueueFull, load errors."""
+        resolved = self.resolve(name)
+        limit = self.settings.parallel + self.settings.max_queue
+        if self._pending >= limit:
+            raise QueueFull(
+                f"the server is busy: {self._pending} requests are running or queued (limit {limit}); retry shortly",
+                retry_after_s=1,
+            )
+        self._pending += 1
+        started = time.monotonic()
+        try:
+            model = await self._get(resolved, n_ctx)
+        except BaseException:
+            self._pending -= 1
+            self._notify()
+            raise
+        model.in_flight += 1
+        waited = time.monotonic() - started
+        return Lease(self, model, waited if waited > 0.05 else 0.0)
+
+    def _release(self, lease: Lease) -> None:
+        model = lease.model
+        model.in_flight -= 1
+        model.last_used = time.monotonic()
+        if lease.keep_alive_s is not _KEEP:
+            model.keep_alive_s = lease.keep_alive_s  # type: ignore[assignment]
+        self._pending -= 1
+        self._notify()
+
+    async def _get(self, resolved: ResolvedModel, n_ctx: int | None) -> LoadedModel:
+        name = resolved.name
+        while True:
+            model = self._models.get(name)
+            if model is not None and (n_ctx is None or model.n_ctx == n_ctx):
+                return model
+            if model is not None:  # loaded with another context size: reload once idle
+                if model.in_flight == 0:
+                    await self._unload(model)
+                else:
+                    await self._wait_for_change()
+                continue
+            if name in self._loading:
+                await asyncio.shield(self._loading[name])
+                continue
+            if len(self._models) + len(self._loading) >= self.settings.max_loaded:
+                idle = [m for m in self._models.values() if m.in_flight == 0]
+                if idle:
+                    await self._unload(min(idle, key=lambda m: m.last_used))
+                else:
+                    await self._wait_for_change()
+                continue
+            task = asyncio.create_task(self._load(resolved, n_ctx))
+            self._loading[name] = task
+            return await asyncio.shield(task)
+
+    async def _load(self, resolved: ResolvedModel, n_ctx: int | None) -> LoadedModel:
+        started = time.monotonic()
+        try:
+            backend = await asyncio.to_thread(self._opener, resolved, n_ctx)
+            model = LoadedModel(
+                name=resolved.name,
+                resolved=resolved,
+                backend=backend,
+                n_ctx=getattr(backend, "n_ctx", n_ctx),
+                load_s=time.monotonic() - started,
+                keep_alive_s=self.settings.keep_alive_s,
+            )
+            self._models[resolved.name] = model
+            return model
+        finally:
+            del self._loading[resolved.name]
+            self._notify()
+
+    def _open_backend(self, resolved: ResolvedModel, n_ctx: int | None) -> Backend:
+        from localllm.backends.select import LoadOptions, open_backend
+
+        s = self.settings
+        options = LoadOptions(backend=s.backend, n_ctx=n_ctx or s.n_ctx, n_threads=s.n_threads, verbose=s.verbose)
+        return open_backend(resolved, options)
+
+    # -- unloading ------------------------------------------------------------
+    async def unload(self, name: str) -> None:
+        """Unload `name` now if it is idle, else as soon as its requests end."""
+        model = self._models.get(canonical_name(name))
+        if model is None:
+            return
+        if model.in_flight:
+            model.keep_alive_s = 0.0  # the reaper takes it once idle
+            return
+        await self._unload(model)
+
+    async def _unload(self, model: LoadedModel) -> None:
+        if self._models.get(model.name) is model:
+            del self._models[model.name]
+            await asyncio.to_thread(model.backend.close)
+            self._notify()
+
+    async def reap_idle(self) -> None:
+        """Unload every idle model whose keep-alive has run out."""
+        now = time.monotonic()
+        for model in list(self._models.values()):
+            if model.in_flight == 0 and model.keep_alive_s is not None and now - model.last_used >= model.keep_alive_s:
+                await self._unload(model)
+
+    async def run_reaper(self, interval_s: float = 0.5) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            await self.reap_idle()
+
+    def set_startup_model(self, ref: str) -> ResolvedModel:
+        """The model named on the command line; it may also be a .gguf path (the operator's choice).
+
+        Resolved at once, so a wrong name fails before the server binds its port.
+        """
+        self._preloaded = self.store.resolve(canonical_name(ref))
+        self.preload_state = "loading"  # from now on, so /health never says ready before the load
+        return self._preloaded
+
+    async def preload(self) -> None:
+        """Load the start-up model; /health says 'loading' meanwhile and 'failed' if it could not."""
+        if self._preloaded is None:
+            return
+        try:
+            lease = await self.acquire(self._preloaded.name)
+            lease.release()
+            self.preload_state = "ready"
+        except Exception as exc:  # requests may still try to load it later
+            self.preload_state, self.preload_error = "failed", str(exc)
+
+    async def close(self) -> None:
+        for task in list(self._loading.values()):
+            try:
+                await task
+            except Exception:
+                pass
+        for model in list(self._models.values()):
+            await self._unload(model)
+
+    # -- views ----------------------------------------------------------------
+    def loaded(self) -> list[LoadedModel]:
+        return list(self._models.values())
+
+    def engine_stats(self) -> list[EngineStats]:
+        return [m.backend.stats() for m in self._models.values()]
+
+    @property
+    def loading(self) -> list[str]:
+        return list(self._loading)
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def _wait_for_change(self) -> None:
+        await self._changed.wait()

@@ -1,0 +1,113 @@
+"""Running the API: in the foreground for `localllm serve`, or on a thread for the terminal UI.
+
+We bind the listening socket ourselves before uvicorn starts, so the address
+is known (port 0 picks a free one) and a busy port is one clear error line.
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+import threading
+from dataclasses import dataclass
+
+from localllm.errors import BadRequest
+from localllm.server.settings import ServerSettings
+
+
+@dataclass
+class Listening:
+    socket: socket.socket
+    url: str
+
+
+def bind(settings: ServerSettings) -> Listening:
+    """A listening socket on the settings' host and port; BadRequest if that fails."""
+    try:
+        infos = socket.getaddrinfo(settings.host, settings.port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise BadRequest(f"cannot listen on {settings.host}: {exc.strerror}") from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        raise BadRequest(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}") from None
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if family == socket.AF_INET6 else host
+    return Listening(sock, f"http://{shown}:{port}")
+
+
+def _uvicorn_server(settings: ServerSettings, app):
+    import uvicorn
+
+    config = uvicorn.Config(
+        app,
+        log_level="info" if settings.verbose else "warning",
+        access_log=settings.verbose,
+        server_header=False,
+        timeout_graceful_shutdown=5,
+    )
+    return uvicorn.Server(config)
+
+
+def prepare(settings: ServerSettings):
+    """Validate settings and resolve the start-up model, before any port is taken; the app."""
+    from localllm.server.app import create_app
+    from localllm.server.registry import ModelRegistry
+
+    settings.validate()
+    registry = ModelRegistry(settings)
+    if settings.model:
+        registry.set_startup_model(settings.model)
+    return create_app(settings, registry)
+
+
+def serve(settings: ServerSettings) -> None:
+    """Serve until Ctrl+C or SIGTERM (`localllm serve`)."""
+    app = prepare(settings)
+    listening = bind(settings)
+    if settings.insecure_no_auth and settings.api_key is None:
+        print(f"WARNING: serving {settings.host} without an API key (--insecure-no-auth): anyone who can reach "
+              "this address can use it", file=sys.stderr)
+    print(f"localllm API on {listening.url}  (OpenAI: {listening.url}/v1  Ollama: {listening.url}/api)",
+          file=sys.stderr, flush=True)
+    _uvicorn_server(settings, app).run(sockets=[listening.socket])
+
+
+class ServerThread:
+    """The API on a background thread, for front ends that host it (the terminal UI)."""
+
+    def __init__(self, settings: ServerSettings) -> None:
+        self.settings = settings
+        self.url: str | None = None
+        self._server = None
+        self._thread: threading.Thread | None = None
+
+    def start(self, timeout_s: float = 30.0) -> str:
+        app = prepare(self.settings)
+        listening = bind(self.settings)
+        self._server = _uvicorn_server(self.settings, app)
+        self._thread = threading.Thread(
+            target=self._server.run, kwargs={"sockets": [listening.socket]}, name="localllm-api", daemon=True
+        )
+        self._thread.start()
+        for _ in range(int(timeout_s * 20)):
+            if self._server.started or not self._thread.is_alive():
+                break
+            threading.Event().wait(0.05)
+        if not self._server.started:
+            self.stop()
+            raise BadRequest("the API server did not start")
+        self.url = listening.url
+        return self.url
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        self._server = self._thread = None
