@@ -38,6 +38,18 @@ def _add_load_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=_number(int, "--threads", 1), help="CPU threads (default: physical cores)")
     p.add_argument("--backend", choices=["auto", "llamacpp", "native", "remote"], default="auto")
     p.add_argument("--verbose", action="store_true", help="show llama.cpp's own log")
+    p.add_argument(
+        "--kv-cache", type=_size("--kv-cache"), help="native engine: memory for its KV cache, e.g. 2GiB (default: up to 1/4 of free RAM)"
+    )
+
+
+def _size(flag: str):
+    def parse(text: str) -> int:
+        from localllm.server.settings import parse_size
+
+        return parse_size(text, flag)
+
+    return parse
 
 
 def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -58,12 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("pull", help="download a model into the store")
-    p.add_argument("model")
-    p.add_argument("--quiet", action="store_true")
+    p = sub.add_parser("pull", help="download a model into the store (resumes an interrupted pull)")
+    p.add_argument("model", help="catalog NAME[:QUANT], hf:ORG/REPO:QUANT, hf:ORG/REPO/FILE.gguf, hf:ORG/REPO or starter")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p = sub.add_parser("ls", help="list installed models")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--catalog", action="store_true", help="list the curated catalog instead")
 
     p = sub.add_parser("rm", help="remove an installed model")
     p.add_argument("model")
@@ -86,8 +99,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_flags(p)
     _add_load_flags(p)
 
+    p = sub.add_parser("serve", help="the OpenAI- and Ollama-compatible API on localhost")
+    p.add_argument("model", nargs="?", help="load this model at start-up (others load when a request names them)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=_number(int, "--port", 0, 65535), default=None, help="port (default: 11435; 0 picks a free one)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $LOCALLLM_API_KEY)")
+    p.add_argument("--insecure-no-auth", action="store_true", help="serve a non-loopback --host without an API key")
+    p.add_argument("--cors-origin", action="append", default=[], help="allow browser pages from this origin (repeatable)")
+    p.add_argument("--keep-alive", default="5m", help="unload a model after this long unused (5m, 1h, 0, -1 for never)")
+    p.add_argument("--max-loaded", type=_number(int, "--max-loaded", 1), default=1, help="models in memory at once (default 1)")
+    p.add_argument("--parallel", type=_number(int, "--parallel", 1), default=1, help="requests a model runs at once (default 1)")
+    p.add_argument("--max-queue", type=_number(int, "--max-queue", 0), default=None, help="requests that may wait; more get 429 (default 64)")
+    p.add_argument("--max-body", default="8MiB", help="largest request body (default 8MiB)")
+    _add_load_flags(p)
+
     p = sub.add_parser("info", help="this machine's CPU, memory, GPUs and engines")
     p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("service", help="run the API server at login (systemd user unit or launchd agent)")
+    p.add_argument("action", choices=["install", "uninstall", "status"])
     return parser
 
 

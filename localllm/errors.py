@@ -29,9 +29,41 @@ class DoesNotFit(LocalLLMError):
     """A model that cannot be loaded within the memory available."""
 
 
+class ModelNotInstalled(ModelNotFound):
+    """A catalog name or hf: reference that exists to pull but is not in the store."""
+
+
 class DownloadFailed(LocalLLMError):
     """A pull that could not complete; nothing partial is left as installed."""
 
 
+class HubUnreachable(DownloadFailed):
+    """The model hub cannot be reached: no network, DNS, proxy or offline mode."""
+
+
+class AccessDenied(DownloadFailed):
+    """The hub refused a file: a gated or private repository without the right token."""
+
+
+class ChecksumMismatch(DownloadFailed):
+    """Downloaded bytes whose hash differs from the hub's; they are discarded."""
+
+
+class NotEnoughDisk(DownloadFailed):
+    """Too little free space for a pull; refused before the first byte."""
+
+
+class DownloadCancelled(DownloadFailed):
+    """A pull stopped on request; its partial file is kept for a later resume."""
+
+
 class BackendError(LocalLLMError):
     """An inference engine that failed to load or run."""
+
+
+class QueueFull(LocalLLMError):
+    """More requests are waiting than the server accepts; the client should retry later."""
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s

@@ -33,7 +33,10 @@ class SamplingParams:
     max_tokens: int | None = None
     stop: list[str] = field(default_factory=list)
     logprobs: int | None = None
-    grammar: str | None = None
+    grammar: str | None = None  # GBNF (llama.cpp's grammar language) with a `root` rule
+    # Regular expressions over the generated text; when given, the grammar stays
+    # off until one matches (a "lazy" grammar: free text that may contain a forced call).
+    grammar_triggers: list[str] = field(default_factory=list)
 
     def validate(self) -> "SamplingParams":
         """Raise BadRequest naming the first invalid value; return self when all are valid."""
@@ -50,6 +53,9 @@ class SamplingParams:
         _check(all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty")
         _check(len(self.stop) <= 16, "at most 16 stop strings")
         _check(self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be in [0, 20]")
+        _check(self.grammar is None or (isinstance(self.grammar, str) and bool(self.grammar.strip())), "grammar must be non-empty")
+        _check(not self.grammar_triggers or self.grammar is not None, "grammar_triggers need a grammar")
+        _check(all(isinstance(t, str) and t for t in self.grammar_triggers), "grammar triggers must be non-empty")
         return self
 
 
@@ -128,6 +134,11 @@ class EngineStats:
     last_decode_tokens_per_s: float = 0.0
     last_ttft_s: float = 0.0
     requests_finished: int = 0
+    # engines with a paged KV cache (native): blocks in use, the pool's size, and the
+    # share of prompt tokens served from the prefix cache instead of computed
+    kv_blocks_used: int = 0
+    kv_blocks_total: int = 0
+    prefix_cache_hit_rate: float = 0.0
 
 
 class Backend(Protocol):

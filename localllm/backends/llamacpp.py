@@ -29,6 +29,7 @@ from localllm.backends.base import (
     TokenEvent,
     Usage,
 )
+from localllm.backends.grammar import GrammarSampler, check_grammar
 from localllm.backends.logprobs import top_logprobs
 from localllm.backends.textstream import TextStream
 from localllm.chat_template import ChatTemplate, resolve_template
@@ -120,6 +121,8 @@ class LlamaCppBackend:
         if self._closed:
             raise BackendError(f"model '{self.model_name}' is closed")
         req.params.validate()
+        if req.params.grammar is not None:
+            check_grammar(self._llama_cpp, self._model.vocab, req.params.grammar, req.params.grammar_triggers)
         tokens = self.prompt_tokens(req)
         if not tokens:
             raise BadRequest("the prompt is empty")
@@ -336,7 +339,7 @@ class LlamaCppBackend:
 
     def _decode_loop(self, job: _Job, sampler, usage: Usage, timings: Timings) -> str:
         rid, params = job.request.request_id, job.request.params
-        llama_cpp, vocab, ctx = self._llama_cpp, self._model.vocab, self._ctx.ctx
+        llama_cpp, vocab = self._llama_cpp, self._model.vocab
         stream = TextStream(stop=list(params.stop))
         limit = self.n_ctx - len(self._kv_tokens)
         if params.max_tokens is not None:
@@ -344,7 +347,7 @@ class LlamaCppBackend:
         first_at = last_at = 0.0
         reason = "length"
         while usage.completion_tokens < limit:
-            token = llama_cpp.llama_sampler_sample(sampler.sampler, ctx, -1)
+            token = sampler.sample(self._ctx, -1)
             last_at = time.perf_counter()
             if usage.completion_tokens == 0:
                 first_at = last_at
@@ -368,7 +371,10 @@ class LlamaCppBackend:
             self._decode([token])  # the abort callback only acts during prefill
         else:
             reason = "length"
-        if reason == "length":
+        if reason != "abort":
+            # text held back because it might have begun a stop string is part of the
+            # answer when the output ends otherwise (length, end of turn); after a stop
+            # string flush() gives nothing
             tail = stream.flush()
             if tail:
                 self._emit(job, TokenEvent(rid, tail, []))
@@ -415,6 +421,14 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 
 def _build_sampler(internals, llama_cpp, model, params: SamplingParams):
+    """The request's sampler: its chain, wrapped with its grammar when it has one."""
+    chain = _build_chain(internals, llama_cpp, model, params)
+    if params.grammar is None:
+        return chain
+    return GrammarSampler(llama_cpp, chain, model.vocab, model.n_vocab(), params.grammar, params.grammar_triggers)
+
+
+def _build_chain(internals, llama_cpp, model, params: SamplingParams):
     """A llama.cpp sampler chain in llama.cpp's own order: penalties, top-k, top-p, min-p, temperature."""
     sampler = internals.LlamaSampler()
     if params.repeat_penalty != 1.0 or params.presence_penalty or params.frequency_penalty:

@@ -1,7 +1,8 @@
 """Choosing and opening a backend for a model.
 
-Today every model is a GGUF file and llama.cpp runs it; the fit planner and
-the native and remote engines join here later, behind the same function.
+`auto` runs GGUF files on llama.cpp and Hugging Face folders on the native
+engine; `--backend native` runs either on the native engine. The fit planner
+and the remote backend join here later, behind the same function.
 """
 
 from __future__ import annotations
@@ -22,19 +23,22 @@ class LoadOptions:
     n_threads: int | None = None
     n_gpu_layers: int = 0
     verbose: bool = False
+    kv_cache_bytes: int | None = None  # native engine: memory for its KV cache (None: its default)
 
 
 def open_backend(model: ResolvedModel, options: LoadOptions | None = None) -> Backend:
     options = options or LoadOptions()
     if options.backend not in BACKENDS:
         raise BadRequest(f"unknown backend '{options.backend}'; choose one of: {', '.join(BACKENDS)}")
-    if options.backend in ("native", "remote"):
+    if options.backend == "remote":
         raise BadRequest(f"the {options.backend} backend is not available yet; use --backend llamacpp")
-    info = model.info()
-    if info.format != "gguf":
-        raise BadRequest(f"model '{model.name}' is {info.format}; only GGUF models run on llama.cpp")
     if options.n_threads is not None and options.n_threads < 1:
         raise BadRequest("threads must be >= 1")
+    info = model.info()
+    if options.backend == "native" or (options.backend == "auto" and info.format != "gguf"):
+        return _open_native(model, info, options)
+    if info.format != "gguf":
+        raise BadRequest(f"model '{model.name}' is {info.format}; only GGUF models run on llama.cpp")
     from localllm.backends.llamacpp import LlamaCppBackend, LlamaCppOptions
 
     return LlamaCppBackend(
@@ -44,6 +48,22 @@ def open_backend(model: ResolvedModel, options: LoadOptions | None = None) -> Ba
             n_ctx=options.n_ctx,
             n_threads=options.n_threads,
             n_gpu_layers=options.n_gpu_layers,
+            verbose=options.verbose,
+        ),
+    )
+
+
+def _open_native(model: ResolvedModel, info, options: LoadOptions) -> Backend:
+    """The native PyTorch engine (GGUF files and Hugging Face folders); torch is imported only now."""
+    from localllm.backends.native import NativeBackend, NativeOptions
+
+    return NativeBackend(
+        model.name,
+        info,
+        NativeOptions(
+            n_ctx=options.n_ctx,
+            n_threads=options.n_threads,
+            kv_cache_bytes=options.kv_cache_bytes,
             verbose=options.verbose,
         ),
     )

@@ -56,10 +56,10 @@ class ResolvedModel:
                     return cached
             except (KeyError, TypeError, ValueError, OSError):
                 pass  # an old or damaged cache: read the file again
-        if self.path.is_dir():  # a Hugging Face model folder (config.json, safetensors)
-            from native.hf_info import read_hf_model_info
+        if self.path.is_dir() or (self.manifest and self.manifest.format == "safetensors"):
+            from native.hf_info import read_hf_model_info  # a Hugging Face folder: config.json, safetensors
 
-            return read_hf_model_info(self.path)
+            return read_hf_model_info(self.path if self.path.is_dir() else self.path.parent)
         return read_model_info(self.path)
 
     def _size_on_disk(self) -> int:
@@ -177,7 +177,9 @@ class ModelStore:
             if candidate.is_dir():
                 if (candidate / "config.json").is_file():  # a Hugging Face model folder: the native engine
                     return ResolvedModel(candidate.resolve().name, candidate.resolve())
-                raise BadModelFile(f"{candidate} is a directory with no config.json: not a GGUF file or a Hugging Face model folder")
+                raise BadModelFile(
+                    f"{candidate} is a directory with no config.json: not a GGUF file or a Hugging Face model folder"
+                )
             if not candidate.is_file():
                 raise ModelNotFound(f"model file {candidate} does not exist")
             return ResolvedModel(candidate.name, candidate.resolve())
