@@ -17,7 +17,8 @@ PACKAGING = ROOT / "packaging"
 def ensure(tool: str, package: str) -> str:
     found = shutil.which(tool)
     if not found:
-        subprocess.run(["apt-get", "install", "-y", "-qq", package], capture_output=True, timeout=600)
+        for command in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", package]):
+            subprocess.run(command, capture_output=True, timeout=600)
         found = shutil.which(tool)
     if not found:
         pytest.fail(f"{tool} is needed here and could not be installed with apt-get ({package})")
