@@ -122,7 +122,8 @@ def test_enter_on_a_catalog_model_downloads_it_with_progress(home, hub):
             assert app.store.get("llama3.2:1b") is not None
             row = next(r for r in screen.rows if r.name == "llama3.2:1b")
             assert row.installed
-            assert any("installed" in n.message for n in app._notifications)
+            table = screen.query_one("DataTable")
+            assert table.get_row("llama3.2:1b")[1] == "installed"  # what the user sees in the STATUS column
 
     asyncio.run(run())
 
