@@ -327,6 +327,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         n_ctx=args.ctx,
         n_threads=args.threads,
         backend=args.backend,
+        kv_cache_bytes=args.kv_cache,
         verbose=args.verbose,
     )
     serve(settings)

@@ -57,6 +57,24 @@ def test_tokenizes_exactly_as_llama_cpp(backend):
     assert backend.detokenize(FRANCE_IDS[1:]) == FRANCE
 
 
+def test_chat_prompts_become_the_same_tokens_as_on_llama_cpp(backend, starter_gguf):
+    from localllm.backends.llamacpp import LlamaCppBackend, LlamaCppOptions
+
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a river <eos> in France."}]
+    reference = LlamaCppBackend("starter", read_model_info(starter_gguf), LlamaCppOptions(n_ctx=256, n_threads=1))
+    try:
+        for req in (
+            GenerationRequest("t", backend.render_chat(messages), templated=True),
+            GenerationRequest("r", "Name a river <eos> in France.", templated=False),
+        ):
+            assert backend.prompt_tokens(req) == reference.prompt_tokens(req)
+    finally:
+        reference.close()
+    prompt = backend.render_chat(messages)
+    _, finish, _ = collect(backend, prompt, greedy(max_tokens=4), templated=True)
+    assert finish.usage.prompt_tokens == len(backend.prompt_tokens(GenerationRequest("x", prompt, templated=True)))
+
+
 def test_greedy_completion_streams_text_and_ends_with_usage_and_timings(backend):
     text, finish, tokens = collect(backend, FRANCE, greedy(max_tokens=12))
     assert text.startswith(" the capital of the country of France")

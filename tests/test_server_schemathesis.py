@@ -2,9 +2,9 @@
 
 Every route runs (except /api/pull, which would reach for the network), with
 positive and negative examples. Generation routes get the starter as their
-model and at most 8 tokens, so the requests are cheap but pass through every
-check a real one does: sampling values, stop strings, grammars from schemas,
-tools, templates. Loading options (keep_alive, num_ctx) are left out: each
+model, a 256-token context and at most 4 generated tokens, so the requests
+are cheap but pass through every check a real one does: sampling values,
+stop strings, grammars from schemas, tools, templates. Loading options (keep_alive, num_ctx) are left out: each
 would reload the model, and test_server_ollama covers them.
 """
 
@@ -18,14 +18,14 @@ from server_harness import make_store, start_server
 
 MAX_EXAMPLES = 10
 GENERATION_PATHS = {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/api/chat", "/api/generate"}
-SMALL = 8
+SMALL = 4
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, starter_gguf):
     home = tmp_path_factory.mktemp("schemathesis-home")
     make_store(home, {"starter": starter_gguf})
-    srv = start_server(home, "starter", "--ctx", "512", "--max-queue", "256", "--threads", "1")
+    srv = start_server(home, "starter", "--ctx", "256", "--max-queue", "256", "--threads", "1")
     yield srv
     srv.stop()
     assert "Traceback" not in srv.log_text(), srv.log_text()

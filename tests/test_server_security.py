@@ -77,6 +77,45 @@ def test_bad_flags_are_one_line_errors(tmp_path):
     assert result.returncode == 1 and "ghost-model" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_health_says_loading_then_ready_and_503_when_the_model_failed(tmp_path, starter_gguf):
+    from server_harness import copy_with_renamed_key
+
+    broken = copy_with_renamed_key(starter_gguf, tmp_path / "broken.gguf", "gemma3.attention.layer_norm_rms_epsilon")
+    make_store(tmp_path, {"starter": starter_gguf, "broken": broken})
+    srv = start_server(tmp_path, "starter", "--threads", "1", wait_healthy=False)
+    try:
+        seen = []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and (not seen or seen[-1][0] != 200):
+            try:
+                r = httpx.get(f"{srv.url}/health", timeout=5)
+                seen.append((r.status_code, r.json()["status"]))
+            except httpx.TransportError:
+                pass  # not listening yet
+            time.sleep(0.02)
+        assert seen[0] == (503, "loading") and seen[-1] == (200, "ok")
+        assert set(seen) == {(503, "loading"), (200, "ok")}
+    finally:
+        srv.stop()
+    srv = start_server(tmp_path, "broken", "--threads", "1", wait_healthy=False)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                r = httpx.get(f"{srv.url}/health", timeout=5)
+                if r.json()["status"] != "loading":
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert r.status_code == 503 and r.json()["status"] == "failed" and "broken" in r.json()["error"]
+        ok = httpx.post(f"{srv.url}/api/generate", json={"model": "starter", "prompt": "Hi", "stream": False, "options": {"num_predict": 2}})
+        assert ok.status_code == 200  # the server still serves other models
+    finally:
+        srv.stop()
+
+
 # -- keys ----------------------------------------------------------------------------------
 
 

@@ -50,6 +50,8 @@ def create_app(settings: ServerSettings, registry: ModelRegistry | None = None) 
         version=__version__,
         description="OpenAI- and Ollama-compatible API for local models.",
         lifespan=lifespan,
+        docs_url=None,  # FastAPI's doc pages load scripts from a CDN: not for an offline, local server
+        redoc_url=None,
     )
     app.state.localllm = state
     install_error_handlers(app)

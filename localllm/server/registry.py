@@ -200,7 +200,13 @@ class ModelRegistry:
         from localllm.backends.select import LoadOptions, open_backend
 
         s = self.settings
-        options = LoadOptions(backend=s.backend, n_ctx=n_ctx or s.n_ctx, n_threads=s.n_threads, verbose=s.verbose)
+        options = LoadOptions(
+            backend=s.backend,
+            n_ctx=n_ctx or s.n_ctx,
+            n_threads=s.n_threads,
+            verbose=s.verbose,
+            kv_cache_bytes=s.kv_cache_bytes,
+        )
         return open_backend(resolved, options)
 
     # -- unloading ------------------------------------------------------------

@@ -36,6 +36,7 @@ class ServerSettings:
     n_ctx: int | None = None
     n_threads: int | None = None
     backend: str = "auto"
+    kv_cache_bytes: int | None = None  # native engine only
     verbose: bool = False
 
     def validate(self) -> "ServerSettings":
