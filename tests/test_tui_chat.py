@@ -10,7 +10,7 @@ from localllm.tui.app import LocalLLMApp
 from localllm.tui.screens.chat import ChatScreen
 from localllm.tui.widgets.message_view import MessageView
 from localllm.tui.widgets.prompt_input import PromptInput
-from tui_fakes import REPLY, FakeFactory
+from tui_fakes import REPLY, FakeFactory, wait_until
 
 SIZE = (100, 30)
 
@@ -18,15 +18,6 @@ SIZE = (100, 30)
 def make_app(tmp_path, **kw) -> tuple[LocalLLMApp, FakeFactory]:
     factory = FakeFactory(**kw)
     return LocalLLMApp("starter", factory=factory, home=tmp_path), factory
-
-
-async def wait_until(pilot, condition, timeout=5.0):
-    waited = 0.0
-    while not condition():
-        await pilot.pause(0.05)
-        waited += 0.05
-        if waited > timeout:
-            raise AssertionError("condition not met in time")
 
 
 async def send(pilot, text: str) -> None:

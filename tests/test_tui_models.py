@@ -11,7 +11,7 @@ from localllm.config import Paths
 from localllm.store.store import ModelStore
 from localllm.tui.app import LocalLLMApp
 from localllm.tui.screens.models import ModelsScreen
-from tui_fakes import FakeFactory, FixedHardwareProbe
+from tui_fakes import FakeFactory, FixedHardwareProbe, wait_until
 
 SIZE = (100, 30)
 
@@ -25,15 +25,6 @@ def home(tmp_path, starter_gguf) -> Path:
         target.symlink_to(starter_gguf)
         store.add(name, source="test", file=target, sha256="0" * 64)
     return tmp_path
-
-
-async def wait_until(pilot, condition, timeout=10.0):
-    waited = 0.0
-    while not condition():
-        await pilot.pause(0.05)
-        waited += 0.05
-        if waited > timeout:
-            raise AssertionError("condition not met in time")
 
 
 async def select_row(pilot, name: str) -> None:

@@ -7,16 +7,7 @@ import asyncio
 import httpx
 
 from localllm.tui.app import LocalLLMApp
-from tui_fakes import FakeFactory, FixedHardwareProbe
-
-
-async def wait_until(pilot, condition, timeout=20.0):
-    waited = 0.0
-    while not condition():
-        await pilot.pause(0.05)
-        waited += 0.05
-        if waited > timeout:
-            raise AssertionError("condition not met in time")
+from tui_fakes import FakeFactory, FixedHardwareProbe, wait_until
 
 
 def test_start_and_stop_the_api_server_from_the_app(tmp_path, monkeypatch):
@@ -30,7 +21,7 @@ def test_start_and_stop_the_api_server_from_the_app(tmp_path, monkeypatch):
             port = panel.query_one("#port")
             port.value = "0"  # any free port
             await pilot.click("#toggle")
-            await wait_until(pilot, lambda: panel.server is not None and panel.server.url)
+            await wait_until(pilot, lambda: panel.server is not None and panel.server.url, timeout=20.0)
             url, key = panel.server.url, panel.api_key
             status = str(panel.query_one("#server-status").render())
             assert url in status and key in status

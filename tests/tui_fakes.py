@@ -101,3 +101,13 @@ class FixedHardwareProbe:
         from localllm.tui.screens.hardware import LiveReading
 
         return LiveReading(37.0, 12 * 1024**3, 32 * 1024**3, self.facts.gpus)
+
+
+async def wait_until(pilot, condition, timeout: float = 10.0) -> None:
+    """Let the app run until `condition()` holds; fail after `timeout` seconds."""
+    waited = 0.0
+    while not condition():
+        await pilot.pause(0.05)
+        waited += 0.05
+        if waited > timeout:
+            raise AssertionError("condition not met in time")
