@@ -18,6 +18,7 @@ from localllm.backends.base import SamplingParams
 from localllm.errors import BadRequest
 
 from .block_manager import BlockManager
+from .loader import LoadedWeights
 from .model_runner import ModelRunner, RunnerOptions
 from .sampler import Sampler, TokenLogprobs
 from .scheduler import Scheduled, Scheduler
@@ -35,7 +36,7 @@ class EngineOptions:
     max_num_seqs: int = 16
     max_num_batched_tokens: int | None = None  # None: 256 on CPU, 8192 on CUDA
     block_size: int = 16
-    kv_cache_bytes: int | None = None  # CPU KV budget (see model_runner)
+    kv_cache_bytes: int | None = None  # KV budget (CPU: the budget, CUDA: a cap; see model_runner)
     gpu_memory_utilization: float = 0.90
     prefix_caching: bool = True
     pack_output: bool = True  # CPU: the output projection in oneDNN's layout (see layers/linear.py)
@@ -61,8 +62,10 @@ class EngineCounters:
 
 
 class LLMEngine:
-    def __init__(self, model_path: Path | str, options: EngineOptions | None = None) -> None:
+    def __init__(self, model_path: Path | str | LoadedWeights, options: EngineOptions | None = None) -> None:
         o = options or EngineOptions()
+        if not isinstance(model_path, LoadedWeights):
+            model_path = Path(model_path)
         self.options = o
         if o.threads:
             torch.set_num_threads(o.threads)
@@ -70,8 +73,8 @@ class LLMEngine:
         dtype_name = o.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
         if dtype_name not in DTYPES:
             raise BadRequest(f"dtype must be one of {', '.join(DTYPES)}")
-        self.tokenizer: Tokenizer | None = load_tokenizer(Path(model_path), verbose=o.verbose) if o.load_tokenizer else None
-        self.runner = _make_runner(Path(model_path), o, device, DTYPES[dtype_name])
+        self.tokenizer: Tokenizer | None = load_tokenizer(model_path, verbose=o.verbose) if o.load_tokenizer else None
+        self.runner = _make_runner(model_path, o, device, DTYPES[dtype_name])
         self.config = self.runner.config
         self.max_model_len = self.runner.options.max_model_len
         self.blocks = BlockManager(self.runner.num_blocks, o.block_size, prefix_caching=o.prefix_caching)
@@ -212,7 +215,7 @@ class LLMEngine:
             self.tokenizer = None
 
 
-def _make_runner(path: Path, o: EngineOptions, device: str, dtype: torch.dtype) -> ModelRunner:
+def _make_runner(path: Path | LoadedWeights, o: EngineOptions, device: str, dtype: torch.dtype) -> ModelRunner:
     on_gpu = device.startswith("cuda")
     budget = o.max_num_batched_tokens or (8192 if on_gpu else 256)
     runner_options = RunnerOptions(

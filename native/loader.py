@@ -184,6 +184,17 @@ def load_hf_folder(folder: Path) -> LoadedWeights:
     return LoadedWeights(_hf_config(folder, has_lm_head="lm_head.weight" in tensors), tensors, "safetensors")
 
 
+def from_state_dict(hf_config: dict, state_dict: dict[str, torch.Tensor]) -> LoadedWeights:
+    """Weights already in memory under transformers' names (a model built in-process, e.g. random weights of a
+    real shape for a GPU benchmark, where nothing can be downloaded). Tensors are used as they are, not copied."""
+    tensors = {_hf_name(k): v for k, v in state_dict.items()}
+    tensors = {k: v for k, v in tensors.items() if k.startswith(("model.", "lm_head."))}
+    config = from_hf(hf_config, has_lm_head="lm_head.weight" in tensors)
+    if config.tie_embeddings:
+        tensors.pop("lm_head.weight", None)
+    return LoadedWeights(config, tensors, "memory")
+
+
 def _hf_config(folder: Path, *, has_lm_head: bool) -> ModelConfig:
     """config.json, plus the end-of-generation ids generation_config.json adds (chat models list several)."""
     config = from_hf(read_hf_config(folder), has_lm_head=has_lm_head)

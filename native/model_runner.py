@@ -24,8 +24,8 @@ import torch
 from localllm.errors import BadRequest, DoesNotFit
 
 from .config import ModelConfig
-from .layers.attention import AttentionBatch, SeqSpan, Workspace
-from .loader import load_config, load_weights
+from .layers.attention import AttentionBatch, DecodeMeta, SeqSpan, Workspace
+from .loader import LoadedWeights, load_config, load_weights
 from .models import build_model
 from .scheduler import Scheduled
 
@@ -41,25 +41,28 @@ class RunnerOptions:
     max_model_len: int = 0  # 0: min(DEFAULT_CONTEXT, the model's trained context)
     max_num_seqs: int = 16
     max_num_batched_tokens: int = 256
-    kv_cache_bytes: int | None = None  # CPU budget; None: the default policy above
+    kv_cache_bytes: int | None = None  # CPU: the budget; CUDA: at most this; None: the default policy above
     gpu_memory_utilization: float = 0.90
     pack_output: bool = True  # CPU: reorder the output projection for oneDNN (faster; a second copy if tied)
+    cuda_graphs: bool = True  # CUDA: replay captured graphs for decode steps (needs the decode kernel)
 
 
 class ModelRunner:
-    def __init__(self, model_path: Path, options: RunnerOptions) -> None:
+    def __init__(self, model_path: Path | LoadedWeights, options: RunnerOptions) -> None:
+        """`model_path` is a file or folder, or weights already in memory (random-weight benchmarks)."""
         self.options = options
         self.device = torch.device(options.device)
         self.dtype = options.dtype
         self.block_size = options.block_size
-        self.config: ModelConfig = load_config(model_path)
+        in_memory = isinstance(model_path, LoadedWeights)
+        self.config: ModelConfig = model_path.config if in_memory else load_config(model_path)
         options.max_model_len = _context(options.max_model_len, self.config.max_position)
         self.dtype_bytes = torch.tensor([], dtype=self.dtype).element_size()
         self.workspace = Workspace()  # gather buffers, reused by every layer and step
         on_cpu = self.device.type == "cpu"
         if on_cpu:  # a budget that cannot hold one context fails before seconds of loading
             self.num_blocks = self._plan_blocks()
-        loaded = load_weights(model_path)
+        loaded = model_path if in_memory else load_weights(model_path)
         self.config = loaded.config
         self.weights_source = loaded.source
         self.model = build_model(self.config)
@@ -67,9 +70,22 @@ class ModelRunner:
         self.model.eval()
         if on_cpu and options.pack_output:
             self.model.pack_output_for_cpu(options.max_num_seqs)
+        self.decode_kernel = not on_cpu and decode_kernel_available()
         if not on_cpu:  # measured, so only now
             self.num_blocks = self._plan_blocks()
         self._allocate_cache(self.num_blocks)
+        self.graphs = None
+        if self.decode_kernel and options.cuda_graphs:
+            from .cuda_graphs import DecodeGraphs
+
+            self.graphs = DecodeGraphs(
+                self.model,
+                max_batch=options.max_num_seqs,
+                max_blocks=self.blocks_for_tokens(options.max_model_len),
+                block_size=self.block_size,
+                scratch_block=self.scratch_block,
+                device=self.device,
+            )
 
     # -- the pool --------------------------------------------------------------------
     @property
@@ -83,8 +99,10 @@ class ModelRunner:
     def _plan_blocks(self) -> int:
         o = self.options
         per_seq = -(-o.max_model_len // self.block_size)
-        if self.device.type == "cuda":
+        if self.device.type == "cuda":  # what is free, or less when a budget is given (a plan, a shared GPU)
             budget = self._cuda_budget()
+            if o.kv_cache_bytes is not None:
+                budget = min(budget, o.kv_cache_bytes)
         elif o.kv_cache_bytes is not None:
             budget = o.kv_cache_bytes
         else:
@@ -98,15 +116,20 @@ class ModelRunner:
         return int(blocks)
 
     def _allocate_cache(self, num_blocks: int) -> None:
-        """The pool. On CPU it is zeroed block by block as blocks are first used (see _zero_new_blocks)."""
+        """The pool. On CPU it is zeroed block by block as blocks are first used (see _zero_new_blocks).
+
+        One block more than the block manager hands out: the scratch block,
+        which padding rows of a CUDA-graph decode batch write into.
+        """
         c = self.config
-        shape = (2, c.n_layers, num_blocks, self.block_size, c.n_kv_heads, c.head_dim)
+        self.scratch_block = num_blocks
+        shape = (2, c.n_layers, num_blocks + 1, self.block_size, c.n_kv_heads, c.head_dim)
         if self.device.type == "cpu":
             self.kv_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
             self._zeroed_blocks = 0
         else:
             self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            self._zeroed_blocks = num_blocks
+            self._zeroed_blocks = num_blocks + 1
         for i, attn in enumerate(self.model.attention_layers()):
             attn.k_cache, attn.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
 
@@ -128,10 +151,12 @@ class ModelRunner:
         free, total = torch.cuda.mem_get_info(self.device)
         used_elsewhere = total - free - current  # other processes, the CUDA context, the allocator's slack
         # The reference attention gathers a decode batch's keys and values into a workspace:
-        # at worst every sequence at full length, one layer at a time.
+        # at worst every sequence at full length, one layer at a time. The decode kernel reads
+        # the cache in place; then only a prompt chunk over a cached prefix gathers (one context).
         c = self.config
-        gather = 2 * o.max_num_seqs * o.max_model_len * c.n_kv_heads * c.head_dim * self.dtype_bytes
-        return int(total * o.gpu_memory_utilization - used_elsewhere - peak - gather)
+        gathered_seqs = 1 if self.decode_kernel else o.max_num_seqs
+        gather = 2 * gathered_seqs * o.max_model_len * c.n_kv_heads * c.head_dim * self.dtype_bytes
+        return int(total * o.gpu_memory_utilization - used_elsewhere - peak - gather - self.block_bytes)
 
     def blocks_for_tokens(self, n_tokens: int) -> int:
         return -(-n_tokens // self.block_size)
@@ -175,14 +200,32 @@ class ModelRunner:
                 sample_rows.append(len(ids) - 1)
         self._zero_new_blocks(max(max(item.seq.block_table) for item in step))
         dev = self.device
-        batch = AttentionBatch(spans, torch.tensor(slots, dtype=torch.int64, device=dev), bs, dev, self.workspace)
-        hidden = self.model(
-            torch.tensor(ids, dtype=torch.int64, device=dev), torch.tensor(positions, dtype=torch.int64, device=dev), batch
-        )
+        decode_only = self.decode_kernel and len(ids) == len(step)  # one new token per sequence
+        tables = [item.seq.block_table for item in step]
+        if decode_only and self.graphs is not None and self.graphs.fits(len(ids), max(map(len, tables))):
+            hidden = self.graphs.run(ids, positions, slots, tables)
+        else:
+            meta = self._decode_meta(tables, positions) if decode_only else None
+            batch = AttentionBatch(
+                spans, torch.tensor(slots, dtype=torch.int64, device=dev), bs, dev, self.workspace, decode_meta=meta
+            )
+            hidden = self.model(
+                torch.tensor(ids, dtype=torch.int64, device=dev), torch.tensor(positions, dtype=torch.int64, device=dev), batch
+            )
         rows = sample_rows if logit_rows is None else logit_rows
         if not rows:
             return torch.empty(0, self.config.vocab_size, device=dev)
+        if rows == list(range(hidden.shape[0])):
+            return self.model.compute_logits(hidden)
         return self.model.compute_logits(hidden[torch.tensor(rows, device=dev)])
+
+    def _decode_meta(self, tables: list[list[int]], positions: list[int]) -> DecodeMeta:
+        width = max(map(len, tables))
+        padded = [t + [self.scratch_block] * (width - len(t)) for t in tables]
+        return DecodeMeta(
+            block_tables=torch.tensor(padded, dtype=torch.int32, device=self.device),
+            context_lens=torch.tensor([p + 1 for p in positions], dtype=torch.int32, device=self.device),
+        )
 
 
     def _zero_new_blocks(self, highest: int) -> None:
@@ -196,6 +239,19 @@ class ModelRunner:
         if highest >= self._zeroed_blocks:
             self.kv_cache[:, :, self._zeroed_blocks : highest + 1].zero_()
             self._zeroed_blocks = highest + 1
+
+
+def decode_kernel_available() -> bool:
+    """The Triton paged-decode kernel runs here (CUDA and Triton present; not switched off)."""
+    import os
+
+    if os.environ.get("LOCALLLM_NATIVE_ATTENTION", "") == "reference":
+        return False
+    try:
+        from .kernels import decode_kernel_supported
+    except ImportError:
+        return False
+    return decode_kernel_supported()
 
 
 def _context(requested: int, trained: int) -> int:

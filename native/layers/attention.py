@@ -72,12 +72,27 @@ def gather_blocks(cache: torch.Tensor, ids: torch.Tensor, out: torch.Tensor) -> 
 
 
 @dataclass
+class DecodeMeta:
+    """A decode-only step described by tensors alone, for the GPU kernels and CUDA graphs.
+
+    Row i of the flat batch is one new token of one sequence. Its keys are
+    positions 0..context_lens[i]-1, found through block_tables[i] (padded with
+    any valid block id past the sequence's last block). Nothing here is a
+    Python list, so a captured CUDA graph can replay a step with new values.
+    """
+
+    block_tables: torch.Tensor  # (B, max_blocks) int32
+    context_lens: torch.Tensor  # (B,) int32: tokens in the cache including the new one
+
+
+@dataclass
 class AttentionBatch:
     spans: list[SeqSpan]
     slot_mapping: torch.Tensor  # (T,) int64: the cache slot of each new token
     block_size: int
     device: torch.device
     workspace: Workspace = field(default_factory=Workspace)
+    decode_meta: DecodeMeta | None = None  # set when every row decodes and the decode kernel runs
     _decode_views: dict = field(default_factory=dict)  # window -> (rows, table, mask), shared by layers
     _prefill_views: dict = field(default_factory=dict)  # (span, window) -> (block ids, key offset, mask)
 
