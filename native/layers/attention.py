@@ -181,6 +181,10 @@ def paged_attention(
 
     Stores k and v first, so every query sees its own token.
     """
+    if batch.decode_meta is not None:
+        store_kv(k, v, k_cache, v_cache, batch.slot_mapping)
+        out = decode_attention(q, k_cache, v_cache, batch.decode_meta, window=window, scale=scale)
+        return out.view(q.shape[0], -1)
     store_kv(k, v, k_cache, v_cache, batch.slot_mapping)
     n_tokens, n_heads, dim = q.shape
     n_kv = k.shape[1]
@@ -222,3 +226,28 @@ def paged_attention(
         o = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask.repeat(group, 1), scale=scale)
         out[sl] = o.view(n_kv, group, n, dim).permute(2, 0, 1, 3).reshape(n, n_heads, dim)
     return out.view(n_tokens, n_heads * dim)
+
+
+def decode_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: DecodeMeta, *, window: int | None, scale: float
+) -> torch.Tensor:
+    """One new token per row, keys found through `meta` alone: (B, n_heads, d) -> (B, n_heads, d).
+
+    The GPU kernel's contract, written in torch: it reads every block of the
+    padded tables and masks by length, so it is slow for long contexts, but it
+    needs no Python list and can be captured in a CUDA graph.
+    """
+    b, n_heads, dim = q.shape
+    n_kv, bs = k_cache.shape[2], k_cache.shape[1]
+    width = meta.block_tables.shape[1]
+    ids = meta.block_tables.long()
+    keys = k_cache[ids].view(b, width * bs, n_kv, dim).transpose(1, 2)  # (B, n_kv, L, d)
+    values = v_cache[ids].view(b, width * bs, n_kv, dim).transpose(1, 2)
+    pos = torch.arange(width * bs, device=q.device).unsqueeze(0)
+    end = meta.context_lens.long().unsqueeze(1)
+    visible = pos < end
+    if window is not None:
+        visible &= pos > end - 1 - window
+    queries = q.view(b, n_kv, n_heads // n_kv, dim)
+    o = F.scaled_dot_product_attention(queries, keys.to(q.dtype), values.to(q.dtype), attn_mask=visible[:, None, None, :], scale=scale)
+    return o.reshape(b, n_heads, dim)
