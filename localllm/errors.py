@@ -67,3 +67,16 @@ class QueueFull(LocalLLMError):
     def __init__(self, message: str, retry_after_s: int = 1) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class UpstreamUnavailable(BackendError):
+    """The remote backend's upstream server cannot be reached, times out or breaks off."""
+
+
+class UpstreamRefused(LocalLLMError):
+    """The remote backend's upstream answered a request with a client error; its status passes through."""
+
+    def __init__(self, message: str, status: int, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code

@@ -66,20 +66,22 @@ def line_chat(
         if line.startswith("/") and " " not in command and command.isascii() and command[1:].isalpha():
             print(f"unknown command {command}; /help lists them", file=sys.stderr)
             continue
+        chat = None
         if raw:
             transcript += line
             prompt, templated = transcript, False
         else:
             messages.append({"role": "user", "content": line})
-            prompt = backend.render_chat(([{"role": "system", "content": system}] if system else []) + messages)
-            templated = True
+            chat = ([{"role": "system", "content": system}] if system else []) + messages
+            prompt, templated = backend.render_chat(chat), True
         reply: list[str] = []
 
         def write(text: str) -> None:
             reply.append(text)
             stdout_writer()(text)
 
-        finish = stream_to(backend, GenerationRequest(new_request_id(), prompt, params, templated=templated), write)
+        request = GenerationRequest(new_request_id(), prompt, params, templated=templated, messages=chat)
+        finish = stream_to(backend, request, write)
         print(flush=True)
         if finish.reason == "abort":
             print("[stopped]", file=sys.stderr)

@@ -30,6 +30,8 @@ from localllm.errors import (
     NotEnoughDisk,
     QueueFull,
     TemplateError,
+    UpstreamRefused,
+    UpstreamUnavailable,
 )
 
 # OpenAI's `type` for each status we send (OpenAI itself answers 401 and 404 as invalid requests).
@@ -103,6 +105,10 @@ def from_localllm_error(exc: LocalLLMError) -> APIError:
         return APIError(507, message)
     if isinstance(exc, HubUnreachable):
         return APIError(502, message)
+    if isinstance(exc, UpstreamUnavailable):  # the remote backend's server is down, refused or timed out
+        return APIError(502, message, code="upstream_unavailable")
+    if isinstance(exc, UpstreamRefused):  # the upstream's own 4xx, passed through
+        return APIError(exc.status, message, code=exc.code)
     if isinstance(exc, (DoesNotFit, BadModelFile, DownloadFailed)):
         return APIError(500, message)
     return APIError(500, message)  # BackendError and anything new: the server's side failed

@@ -99,6 +99,15 @@ async def start_run(lease: Lease, request: GenerationRequest, metrics: Metrics) 
     agen = lease.backend.generate(request)
     first = asyncio.ensure_future(agen.__anext__())
     await asyncio.sleep(0)
+    if getattr(lease.backend, "acknowledges_requests", False):
+        # The remote backend learns only from its upstream whether a request is accepted, and
+        # says so with an empty first event: waiting for it makes a refusal (upstream down, its
+        # 4xx) this reply's HTTP status instead of an error inside a stream.
+        try:
+            await asyncio.wait({first})
+        except BaseException:
+            first.cancel()  # the generator's cleanup closes the upstream request
+            raise
     if first.done() and first.exception() is not None:
         error = first.exception()
         await agen.aclose()

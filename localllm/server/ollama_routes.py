@@ -211,6 +211,7 @@ async def generate(body: OllamaGenerateRequest, request: Request) -> Response:
         if keep_alive is not _KEEP:
             lease.keep_alive_s = keep_alive
         backend = lease.backend
+        messages = None
         if body.raw:
             prompt, templated = body.prompt, False
         else:
@@ -220,7 +221,8 @@ async def generate(body: OllamaGenerateRequest, request: Request) -> Response:
             prompt, templated = backend.render_chat(messages), True
         _format(params, body.format, None)
         _logprobs(params, body.logprobs, body.top_logprobs)
-        run = await start_run(lease, GenerationRequest(new_id(), prompt, params, templated=templated), state.metrics)
+        generation = GenerationRequest(new_id(), prompt, params, templated=templated, messages=messages)
+        run = await start_run(lease, generation, state.metrics)
     except BaseException:
         lease.release()
         raise
@@ -258,7 +260,8 @@ async def chat(body: OllamaChatRequest, request: Request) -> Response:
         prompt = backend.render_chat(messages, tools=tools.template_tools() if tools else None)
         _format(params, body.format, tools)
         _logprobs(params, body.logprobs, body.top_logprobs)
-        run = await start_run(lease, GenerationRequest(new_id(), prompt, params, templated=True), state.metrics)
+        generation = GenerationRequest(new_id(), prompt, params, templated=True, messages=messages)
+        run = await start_run(lease, generation, state.metrics)
     except BaseException:
         lease.release()
         raise

@@ -94,7 +94,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
             params.logprobs = body.top_logprobs or 0
         _constrain(params, body, plan)
         rid = new_id()
-        run = await start_run(lease, GenerationRequest(rid, prompt, params, templated=True), state.metrics)
+        generation = GenerationRequest(rid, prompt, params, templated=True, messages=messages)
+        run = await start_run(lease, generation, state.metrics)
     except BaseException:
         lease.release()
         raise
@@ -221,8 +222,8 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     lease = await state.registry.acquire(body.model)
     try:
         if isinstance(prompt, list):
-            vocab = lease.backend.info.vocab_size
-            bad = next((t for t in prompt if not 0 <= t < vocab), None)
+            vocab = lease.backend.info.vocab_size  # 0: unknown (a remote model): the upstream checks
+            bad = next((t for t in prompt if not 0 <= t < vocab), None) if vocab else None
             if bad is not None:
                 raise APIError(400, f"prompt token {bad} is outside the vocabulary (0 to {vocab - 1})", param="prompt")
         params = _sampling(body, 16 if body.max_tokens is None else body.max_tokens)  # null: OpenAI's default

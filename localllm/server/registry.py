@@ -13,19 +13,22 @@ answers the next with QueueFull (HTTP 429).
 
 Requests may name installed models (and `starter`, installed on first use), and
 the model the server was started with; never a file path, so a client cannot
-make the server open arbitrary files.
+make the server open arbitrary files. Names routed to an upstream server
+(remotes.toml, see localllm.remotes) and, under `--backend remote`, every name
+open the remote backend instead: those models live on the upstream.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from typing import Callable
 
 from localllm.backends.base import Backend, EngineStats
 from localllm.errors import ModelNotFound, QueueFull
+from localllm.remotes import RemoteModel
 from localllm.server.settings import ServerSettings
 from localllm.store.store import STARTER_NAME, ModelStore, ResolvedModel
 
@@ -108,6 +111,9 @@ class ModelRegistry:
         name = canonical_name(name)
         if self._preloaded is not None and name == self._preloaded.name:
             return self._preloaded
+        remote = self._remote(name)
+        if remote is not None:
+            return remote
         if not name or _looks_like_path(name):
             raise ModelNotFound(f"model '{name}' not found: requests name installed models, not files")
         resolved = self.store.resolve(name)
@@ -115,8 +121,17 @@ class ModelRegistry:
             raise ModelNotFound(f"model '{name}' not found: requests name installed models, not files")
         return resolved
 
+    def _remote(self, name: str) -> RemoteModel | None:
+        """A routed name, or any name when the server fronts one upstream (--backend remote)."""
+        route = self.settings.remotes.get(name)
+        if route is not None:
+            return RemoteModel.named(name, route.model)
+        if self.settings.backend == "remote" and name:
+            return RemoteModel.named(name)  # the upstream decides whether it exists
+        return None
+
     def known_names(self) -> list[str]:
-        names = {m.name for m in self.store.list()} | set(self._models)
+        names = {m.name for m in self.store.list()} | set(self._models) | set(self.settings.remotes)
         if self._preloaded is not None:
             names.add(self._preloaded.name)
         return sorted(names)
@@ -206,7 +221,14 @@ class ModelRegistry:
             n_threads=s.n_threads,
             verbose=s.verbose,
             kv_cache_bytes=s.kv_cache_bytes,
+            remote_url=s.remote_url,
+            remote_api_key=s.remote_api_key,
         )
+        route = s.remotes.get(resolved.name)
+        if route is not None:
+            options = replace(
+                options, backend="remote", remote_url=route.url, remote_api_key=route.api_key(), remote_timeout_s=route.timeout_s
+            )
         return open_backend(resolved, options)
 
     # -- unloading ------------------------------------------------------------
@@ -243,7 +265,8 @@ class ModelRegistry:
 
         Resolved at once, so a wrong name fails before the server binds its port.
         """
-        self._preloaded = self.store.resolve(canonical_name(ref))
+        name = canonical_name(ref)
+        self._preloaded = self._remote(name) or self.store.resolve(name)
         self.preload_state = "loading"  # from now on, so /health never says ready before the load
         return self._preloaded
 

@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass, field
 
 from localllm.errors import BadRequest
+from localllm.remotes import RemoteRoute
 
 # Ollama listens on 11434 and llama.cpp's server on 8080. The next port after
 # Ollama's lets both run side by side; Ollama clients need only the port changed.
@@ -38,6 +39,9 @@ class ServerSettings:
     backend: str = "auto"
     kv_cache_bytes: int | None = None  # native engine only
     verbose: bool = False
+    remote_url: str | None = None  # --backend remote: the upstream every request goes to
+    remote_api_key: str | None = None
+    remotes: dict[str, RemoteRoute] = field(default_factory=dict)  # model names served by upstreams (remotes.toml)
 
     def validate(self) -> "ServerSettings":
         """Refuse settings that are invalid or unsafe, with one line that says what to do."""
@@ -50,6 +54,8 @@ class ServerSettings:
             raise BadRequest("--max-queue must be at least 0")
         if self.max_body_bytes < 1024:
             raise BadRequest("--max-body must be at least 1 KiB")
+        if self.backend == "remote" and not self.remote_url:
+            raise BadRequest("--backend remote needs --url, the upstream's OpenAI base URL (e.g. http://host:8000/v1)")
         if self.api_key is not None and not self.api_key.strip():
             raise BadRequest("--api-key must not be empty")
         if not is_loopback(self.host) and self.api_key is None and not self.insecure_no_auth:

@@ -253,7 +253,8 @@ class ChatScreen(Screen):
             stream = Markdown.get_stream(view.body)
             started = time.perf_counter()
             try:
-                async for event in backend.generate(GenerationRequest(request_id, prompt, params, templated=True)):
+                request = GenerationRequest(request_id, prompt, params, templated=True, messages=chat)
+                async for event in backend.generate(request):
                     if isinstance(event, TokenEvent):
                         text += event.text
                         await stream.write(event.text)
