@@ -43,6 +43,11 @@ def _add_load_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_remote_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--url", help="the remote backend's upstream: an OpenAI base URL such as http://host:8000/v1")
+    p.add_argument("--remote-api-key", help="the upstream's API key (default: $LOCALLLM_REMOTE_API_KEY)")
+
+
 def _size(flag: str):
     def parse(text: str) -> int:
         from localllm.server.settings import parse_size
@@ -91,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw", action="store_true", help="plain completion, no chat template")
     _add_sampling_flags(p)
     _add_load_flags(p)
+    _add_remote_flags(p)
 
     p = sub.add_parser("chat", help="the chat app (a line chat with --plain or when output is not a terminal)")
     p.add_argument("model", nargs="?", default="starter")
@@ -98,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plain", action="store_true", help="the line chat instead of the full-screen app")
     _add_sampling_flags(p)
     _add_load_flags(p)
+    _add_remote_flags(p)
 
     p = sub.add_parser("serve", help="the OpenAI- and Ollama-compatible API on localhost")
     p.add_argument("model", nargs="?", help="load this model at start-up (others load when a request names them)")
@@ -112,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=_number(int, "--max-queue", 0), default=None, help="requests that may wait; more get 429 (default 64)")
     p.add_argument("--max-body", default="8MiB", help="largest request body (default 8MiB)")
     _add_load_flags(p)
+    _add_remote_flags(p)
 
     p = sub.add_parser("info", help="this machine's CPU, memory, GPUs and engines")
     p.add_argument("--json", action="store_true")

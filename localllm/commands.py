@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING, Callable
 
 from localllm.backends.base import Backend, GenerationRequest, SamplingParams
 from localllm.cli import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, print_json
 from localllm.errors import BadRequest, ModelNotInstalled
 from localllm.store.store import Manifest, ModelStore, ResolvedModel
 from localllm.units import human_bytes, human_count
+
+if TYPE_CHECKING:
+    from localllm.backends.select import LoadOptions
 
 
 # -- store verbs -----------------------------------------------------------------
@@ -199,13 +203,46 @@ def sampling_from(args: argparse.Namespace) -> SamplingParams:
 
 
 def open_model(args: argparse.Namespace) -> Backend:
-    from localllm.backends.select import LoadOptions, open_backend
+    from localllm.backends.select import open_backend
 
-    model = resolve_or_pull(args.model)
-    options = LoadOptions(
-        backend=args.backend, n_ctx=args.ctx, n_threads=args.threads, verbose=args.verbose, kv_cache_bytes=args.kv_cache
+    options = load_options(args, args.ctx)
+    return open_backend(model_for(options, args.model, resolve_or_pull), options)
+
+
+def load_options(args: argparse.Namespace, n_ctx: int | None) -> LoadOptions:
+    """How to open a model, from the load flags (and the remote flags, on verbs that have them)."""
+    import os
+
+    from localllm.backends.select import LoadOptions
+
+    return LoadOptions(
+        backend=backend_choice(args),
+        n_ctx=n_ctx,
+        n_threads=args.threads,
+        verbose=args.verbose,
+        kv_cache_bytes=args.kv_cache,
+        remote_url=getattr(args, "url", None),
+        remote_api_key=getattr(args, "remote_api_key", None) or os.environ.get("LOCALLLM_REMOTE_API_KEY") or None,
     )
-    return open_backend(model, options)
+
+
+def backend_choice(args: argparse.Namespace) -> str:
+    """--url alone means --backend remote; --url with a local backend is a mistake worth saying."""
+    url = getattr(args, "url", None)
+    if url and args.backend == "auto":
+        return "remote"
+    if url and args.backend != "remote":
+        raise BadRequest(f"--url is for --backend remote, not --backend {args.backend}")
+    return args.backend
+
+
+def model_for(options: LoadOptions, ref: str, resolve: Callable[[str], ResolvedModel]) -> ResolvedModel:
+    """The model to open: with --backend remote a name the upstream knows (no local file), else `resolve(ref)`."""
+    if options.backend == "remote":
+        from localllm.remotes import RemoteModel
+
+        return RemoteModel.named(ref)
+    return resolve(ref)
 
 
 def resolve_or_pull(ref: str) -> ResolvedModel:
@@ -248,15 +285,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 def _chat_app(args: argparse.Namespace, params: SamplingParams) -> int:
     """The full-screen chat; the command's flags become the first chat's settings."""
-    from localllm.backends.select import LoadOptions, open_backend
+    from localllm.backends.select import open_backend
     from localllm.tui.app import LocalLLMApp
     from localllm.tui.conversations import ChatSettings
 
     def factory(model: str, context: int | None) -> Backend:
-        options = LoadOptions(
-            backend=args.backend, n_ctx=context, n_threads=args.threads, verbose=args.verbose, kv_cache_bytes=args.kv_cache
-        )
-        return open_backend(ModelStore().resolve(model), options)
+        options = load_options(args, context)
+        return open_backend(model_for(options, model, ModelStore().resolve), options)
 
     defaults = ChatSettings(
         system=args.system or "",
@@ -287,8 +322,9 @@ def _complete_once(backend: Backend, prompt: str, params: SamplingParams, *, raw
     from localllm.backends.llamacpp import new_request_id
     from localllm.console import format_stats, stdout_writer, stream_to
 
-    text = prompt if raw else backend.render_chat([{"role": "user", "content": prompt}])
-    request = GenerationRequest(new_request_id(), text, params, templated=not raw)
+    messages = None if raw else [{"role": "user", "content": prompt}]
+    text = prompt if raw else backend.render_chat(messages)
+    request = GenerationRequest(new_request_id(), text, params, templated=not raw, messages=messages)
     finish = stream_to(backend, request, stdout_writer())
     print(flush=True)
     if show_stats:
@@ -309,6 +345,7 @@ def _print_table(rows: list[list[str]]) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     import os
 
+    from localllm.remotes import load_routes
     from localllm.server.run import serve
     from localllm.server.settings import DEFAULT_MAX_QUEUE, DEFAULT_PORT, ServerSettings, parse_duration, parse_size
 
@@ -326,9 +363,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_body_bytes=parse_size(args.max_body, "--max-body"),
         n_ctx=args.ctx,
         n_threads=args.threads,
-        backend=args.backend,
+        backend=backend_choice(args),
         kv_cache_bytes=args.kv_cache,
         verbose=args.verbose,
+        remote_url=args.url,
+        remote_api_key=args.remote_api_key or os.environ.get("LOCALLLM_REMOTE_API_KEY") or None,
+        remotes=load_routes(),
     )
     serve(settings)
     return EXIT_OK

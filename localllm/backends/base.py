@@ -76,6 +76,9 @@ class GenerationRequest:
     # True when a chat template rendered the prompt: its special tokens (<start_of_turn>, ...)
     # are parsed as tokens and no second BOS is added. Raw text is tokenized as plain text.
     templated: bool = False
+    # The chat the prompt was rendered from. Local engines run the prompt; the remote backend
+    # sends these messages instead, so the upstream applies its own chat template.
+    messages: list[dict] | None = None
 
 
 @dataclass
@@ -139,6 +142,11 @@ class EngineStats:
     kv_blocks_used: int = 0
     kv_blocks_total: int = 0
     prefix_cache_hit_rate: float = 0.0
+    # engines with slots (llama.cpp: --parallel): how many sequences decode together, and
+    # how many requests reused a cached prefix and how many prompt tokens that saved
+    slots_total: int = 0
+    prefix_cache_hits: int = 0
+    prefix_cache_tokens: int = 0
 
 
 class Backend(Protocol):

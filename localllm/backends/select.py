@@ -1,8 +1,10 @@
 """Choosing and opening a backend for a model.
 
 `auto` runs GGUF files on llama.cpp and Hugging Face folders on the native
-engine; `--backend native` runs either on the native engine. The fit planner
-and the remote backend join here later, behind the same function.
+engine; `--backend native` runs either on the native engine. `--backend remote`
+(or a RemoteModel, from the server's routing file) opens no file at all: the
+model runs on an upstream OpenAI-compatible server. The fit planner joins
+here later, behind the same function.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from dataclasses import dataclass
 
 from localllm.backends.base import Backend
 from localllm.errors import BadRequest
+from localllm.remotes import RemoteModel
 from localllm.store.store import ResolvedModel
 
 BACKENDS = ("auto", "llamacpp", "native", "remote")
@@ -24,14 +27,17 @@ class LoadOptions:
     n_gpu_layers: int = 0
     verbose: bool = False
     kv_cache_bytes: int | None = None  # native engine: memory for its KV cache (None: its default)
+    remote_url: str | None = None  # remote backend: the upstream's OpenAI base URL, e.g. http://host:8000/v1
+    remote_api_key: str | None = None
+    remote_timeout_s: float | None = None  # remote backend: longest wait for the upstream (None: its default)
 
 
 def open_backend(model: ResolvedModel, options: LoadOptions | None = None) -> Backend:
     options = options or LoadOptions()
     if options.backend not in BACKENDS:
         raise BadRequest(f"unknown backend '{options.backend}'; choose one of: {', '.join(BACKENDS)}")
-    if options.backend == "remote":
-        raise BadRequest(f"the {options.backend} backend is not available yet; use --backend llamacpp")
+    if options.backend == "remote" or isinstance(model, RemoteModel):
+        return _open_remote(model, options)
     if options.n_threads is not None and options.n_threads < 1:
         raise BadRequest("threads must be >= 1")
     info = model.info()
@@ -67,3 +73,20 @@ def _open_native(model: ResolvedModel, info, options: LoadOptions) -> Backend:
             verbose=options.verbose,
         ),
     )
+
+
+def _open_remote(model: ResolvedModel, options: LoadOptions) -> Backend:
+    """A model on an upstream server; httpx is imported only now."""
+    from localllm.backends.remote import RemoteBackend, RemoteOptions
+
+    if not options.remote_url:
+        raise BadRequest("--backend remote needs --url, the upstream's OpenAI base URL (e.g. http://host:8000/v1)")
+    remote = RemoteOptions(
+        url=options.remote_url,
+        model=model.upstream_name if isinstance(model, RemoteModel) else model.name,
+        api_key=options.remote_api_key,
+        n_ctx=options.n_ctx,
+    )
+    if options.remote_timeout_s is not None:
+        remote.read_timeout_s = options.remote_timeout_s
+    return RemoteBackend(model.name, remote)
