@@ -45,6 +45,7 @@ from native.loader import from_state_dict  # noqa: E402
 
 DEVICE = torch.device("cuda")
 RESULTS: dict[str, object] = {}
+JSON_PATH: Path | None = None
 
 # Real shapes (from the published config.json files), random weights.
 LLAMA_1B = dict(
@@ -65,6 +66,8 @@ def section(name: str):
     def wrap(fn):
         def run(*args, **kwargs):
             print(f"\n== {name}", flush=True)
+            gc.collect()  # what an earlier section left, a failed one included, goes back first
+            torch.cuda.empty_cache()
             t0 = time.perf_counter()
             try:
                 fn(*args, **kwargs)
@@ -72,6 +75,8 @@ def section(name: str):
                 traceback.print_exc()
                 RESULTS[f"{name}: error"] = f"{type(exc).__name__}: {exc}"
             print(f"   ({time.perf_counter() - t0:.1f} s)", flush=True)
+            if JSON_PATH is not None:  # after every section, so a run cut short still leaves its figures
+                JSON_PATH.write_text(json.dumps(RESULTS, indent=2, default=str))
         return run
     return wrap
 
@@ -92,7 +97,7 @@ def engine_from(model, config: dict, *, dtype: str, max_model_len: int, max_num_
                 **extra) -> LLMEngine:
     """The native engine on the same weights (the state dict's tensors, shared, not copied where unfused)."""
     weights = from_state_dict(config, dict(model.state_dict()))
-    options = EngineOptions(device="cuda", dtype=dtype, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+    options = EngineOptions(device=DEVICE.type, dtype=dtype, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
                             load_tokenizer=False, **extra)
     engine = LLMEngine(weights, options)
     if ignore_eos:
@@ -195,9 +200,9 @@ def correctness() -> None:
             ref_tokens = model.generate(torch.tensor([prompts[0]], device=DEVICE), max_new_tokens=32,
                                         do_sample=False)[0, len(prompts[0]):].tolist()
         engine = engine_from(model, config, dtype="float32", max_model_len=256, max_num_seqs=8, block_size=4,
-                             ignore_eos=False)
+                             ignore_eos=False, kv_cache_bytes=64 * 2**20)
         logits = engine.prompt_logits(prompts[0]).float()
-        rel = max(float((logits[i] - ref_logits[i]).norm() / ref_logits[i].norm()) for i in range(len(prompts[0])))
+        rel = float(((logits - ref_logits).norm(dim=-1) / ref_logits.norm(dim=-1)).max())  # NaN stays NaN
         greedy = SamplingParams(temperature=0, max_tokens=32)
         tokens = engine.generate([prompts[0]], greedy)[0]
         alone = [engine.generate([p], greedy)[0] for p in prompts]
@@ -265,9 +270,9 @@ def _graph_forward_ms(engine: LLMEngine) -> float:
     runner = engine.runner
     if runner.graphs is None:
         return float("nan")
-    table = [[0]]
-    runner.graphs.run([1], [0], [0], table)
-    t = statistics.median(sync_time(lambda: runner.graphs.run([1], [0], [0], table)) for _ in range(20))
+    slots, tables = [[0], [0]], [[[0]]] * runner.graphs.groups  # block 0: the engine is idle by now
+    runner.graphs.run([1], [0], slots, tables)
+    t = statistics.median(sync_time(lambda: runner.graphs.run([1], [0], slots, tables)) for _ in range(20))
     return t * 1e3
 
 
@@ -282,8 +287,11 @@ def concurrent(skip_7b: bool) -> None:
         prompts = torch.randint(0, 100000, (n_req, prompt_len), generator=gen)
         with torch.inference_mode():
             ids = prompts.to(DEVICE)
-            model.generate(ids[:8], max_new_tokens=4, min_new_tokens=4, do_sample=False)
-            hf_t = sync_time(lambda: model.generate(ids, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False))
+            model.generate(ids[:8], attention_mask=torch.ones_like(ids[:8]), max_new_tokens=4, min_new_tokens=4,
+                           do_sample=False, pad_token_id=0)
+            mask = torch.ones_like(ids)
+            hf_t = sync_time(lambda: model.generate(ids, attention_mask=mask, max_new_tokens=n_new, min_new_tokens=n_new,
+                                                    do_sample=False, pad_token_id=0))
         hf_tps = n_req * n_new / hf_t
         sd = dict(model.state_dict())
         del model, ids
@@ -307,36 +315,36 @@ def concurrent(skip_7b: bool) -> None:
 
 
 # -- 6 --------------------------------------------------------------------------------------
-@section("6. predicted against measured VRAM (native engine)")
+@section("6. predicted against measured VRAM (native engine, Llama-3.2-1B shape, bfloat16)")
 def memory() -> None:
-    try:
-        from localllm.fit import predict_native_vram
-    except ImportError:
-        print("   the fit planner's predict_native_vram is not available; skipped")
-        return
+    from localllm.fit.native_memory import predict_native_vram
+
     for ctx in (2048, 8192):
-        model, config = hf_model(LLAMA_1B, torch.bfloat16)
-        sd = dict(model.state_dict())
-        del model
         gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
+        model, config = hf_model(LLAMA_1B, torch.bfloat16)
+        sd = dict(model.state_dict())
+        del model
         weights = from_state_dict(config, sd)
-        predicted = predict_native_vram(weights.config, context=ctx, parallel=1, dtype_bytes=2)
+        del sd
+        predicted = predict_native_vram(weights.config, "cuda", ctx, parallel=1, max_num_seqs=1)
         options = EngineOptions(device="cuda", dtype="bfloat16", max_model_len=ctx, max_num_seqs=1,
                                 load_tokenizer=False, kv_cache_bytes=predicted.kv_bytes)
         engine = LLMEngine(weights, options)
-        del sd, weights
+        del weights
         engine.eos_ids = set()
         prompt = torch.randint(0, 100000, (ctx - 8,), generator=torch.Generator().manual_seed(0)).tolist()
-        engine.generate([prompt], SamplingParams(temperature=0, max_tokens=4))
+        engine.generate([prompt], SamplingParams(temperature=0, max_tokens=4))  # a full-context prompt: the peak
         torch.cuda.synchronize()
         measured = torch.cuda.max_memory_allocated() - base
-        error = predicted.total_bytes / measured - 1
-        print(f"   ctx {ctx}: predicted {predicted.total_bytes / 2**30:.2f} GiB, measured peak {measured / 2**30:.2f} GiB "
-              f"({error:+.1%}; goal within 10%)")
-        RESULTS[f"vram_ctx{ctx}"] = dict(predicted=predicted.total_bytes, measured=measured, error=error)
+        error = predicted.allocated_bytes / measured - 1
+        parts = ", ".join(f"{k} {v / 2**20:.0f}" for k, v in predicted.parts.items())
+        print(f"   ctx {ctx}: predicted {predicted.allocated_bytes / 2**30:.3f} GiB, measured peak "
+              f"{measured / 2**30:.3f} GiB ({error:+.1%}; goal within 10%)  [MiB: {parts}]")
+        RESULTS[f"vram_ctx{ctx}"] = dict(predicted=predicted.allocated_bytes, measured=measured, error=error,
+                                         parts=predicted.parts)
         del engine
         gc.collect()
         torch.cuda.empty_cache()
@@ -345,21 +353,26 @@ def memory() -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--skip-7b", action="store_true", help="only the 1B shape in section 5")
-    parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--json", type=Path, help="also write the figures here (after every section)")
+    parser.add_argument("--sections", default="1,2,3,4,5,6", help="which sections, in this order (default: all)")
     args = parser.parse_args()
+    global JSON_PATH
+    JSON_PATH = args.json
     if not torch.cuda.is_available():
         print("no CUDA device: this script needs a GPU", file=sys.stderr)
         return 1
     t0 = time.perf_counter()
-    device_facts()
-    kernels()
-    correctness()
-    batch1(float(RESULTS.get("copy_bandwidth_GBps", 3000.0)))
-    concurrent(args.skip_7b)
-    memory()
+    run = {
+        "1": device_facts,
+        "2": kernels,
+        "3": correctness,
+        "4": lambda: batch1(float(RESULTS.get("copy_bandwidth_GBps", 3000.0))),
+        "5": lambda: concurrent(args.skip_7b),
+        "6": memory,
+    }
+    for key in args.sections.split(","):
+        run[key.strip()]()
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
-    if args.json:
-        args.json.write_text(json.dumps(RESULTS, indent=2, default=str))
     return 1 if any(k.endswith(": error") for k in RESULTS) else 0
 
 

@@ -13,6 +13,8 @@ What makes a decode step replayable:
 - the batch is padded up to the next captured size. Padding rows decode a
   dummy token into a spare block that no sequence owns, so they never touch a
   real sequence's keys and values.
+When sliding-window layers keep a pool of their own (kv_layout.py), a second
+block table and a second row of slots travel the same way.
 
 Only steps in which every sequence decodes one token replay a graph; steps
 carrying prompt chunks run eagerly, as on the CPU.
@@ -45,19 +47,21 @@ class DecodeGraphs:
         max_batch: int,
         max_blocks: int,
         block_size: int,
-        scratch_block: int,
+        scratch_blocks: list[int],
         device: torch.device,
     ) -> None:
         self.sizes = capture_sizes(max_batch)
         self.max_blocks = max_blocks
         self.block_size = block_size
-        self.scratch_block = scratch_block
+        self.scratch_blocks = scratch_blocks  # one per KV group
+        self.groups = len(scratch_blocks)
         self.device = device
-        # columns of one host buffer, copied to the device in one transfer: ids, positions, slots, lengths
-        self._host_rows = torch.zeros(4, max_batch, dtype=torch.int64).pin_memory()
-        self._host_tables = torch.zeros(max_batch, max_blocks, dtype=torch.int32).pin_memory()
-        self._rows = torch.zeros(4, max_batch, dtype=torch.int64, device=device)
-        self._tables = torch.zeros(max_batch, max_blocks, dtype=torch.int32, device=device)
+        # rows of one host buffer, copied to the device in one transfer:
+        # ids, positions, slots, lengths, and the sliding pool's slots
+        self._host_rows = torch.zeros(5, max_batch, dtype=torch.int64).pin_memory()
+        self._host_tables = torch.zeros(self.groups, max_batch, max_blocks, dtype=torch.int32).pin_memory()
+        self._rows = torch.zeros(5, max_batch, dtype=torch.int64, device=device)
+        self._tables = torch.zeros(self.groups, max_batch, max_blocks, dtype=torch.int32, device=device)
         self._lens = torch.ones(max_batch, dtype=torch.int32, device=device)
         self._clear_padding(0, max_batch)
         self._upload(max_batch)
@@ -67,8 +71,12 @@ class DecodeGraphs:
 
     # -- capture -------------------------------------------------------------------------
     def _batch(self, size: int) -> AttentionBatch:
-        meta = DecodeMeta(block_tables=self._tables[:size], context_lens=self._lens[:size])
-        return AttentionBatch([], self._rows[2, :size], self.block_size, self.device, decode_meta=meta)
+        meta = DecodeMeta(block_tables=self._tables[0, :size], context_lens=self._lens[:size])
+        batch = AttentionBatch([], self._rows[2, :size], self.block_size, self.device, decode_meta=meta)
+        if self.groups > 1:
+            meta.sliding_block_tables = self._tables[1, :size]
+            batch.sliding_slot_mapping = self._rows[4, :size]
+        return batch
 
     @torch.inference_mode()
     def _capture(self, model: nn.Module) -> None:
@@ -94,18 +102,30 @@ class DecodeGraphs:
         return n_seqs <= self.sizes[-1] and longest_table <= self.max_blocks
 
     @torch.inference_mode()
-    def run(self, ids: list[int], positions: list[int], slots: list[int], tables: list[list[int]]) -> torch.Tensor:
-        """Hidden states (n, hidden) for n decoding sequences; row i belongs to ids[i]."""
+    def run(
+        self,
+        ids: list[int],
+        positions: list[int],
+        slots: list[list[int]],
+        tables: list[list[list[int]]],
+    ) -> torch.Tensor:
+        """Hidden states (n, hidden) for n decoding sequences; row i belongs to ids[i].
+
+        slots[g][i] and tables[g][i] are sequence i's new slot and block table in KV group g.
+        """
         n = len(ids)
         size = next(s for s in self.sizes if s >= n)
         rows, host_tables = self._host_rows, self._host_tables
         rows[0, :n] = torch.tensor(ids)
         rows[1, :n] = torch.tensor(positions)
-        rows[2, :n] = torch.tensor(slots)
+        rows[2, :n] = torch.tensor(slots[0])
         rows[3, :n] = rows[1, :n] + 1  # each sequence's context length once its new token is stored
-        host_tables[:n].fill_(self.scratch_block)
-        for i, table in enumerate(tables):
-            host_tables[i, : len(table)] = torch.tensor(table, dtype=torch.int32)
+        if self.groups > 1:
+            rows[4, :n] = torch.tensor(slots[1])
+        for g in range(self.groups):
+            host_tables[g, :n].fill_(self.scratch_blocks[g])
+            for i, table in enumerate(tables[g]):
+                host_tables[g, i, : len(table)] = torch.tensor(table, dtype=torch.int32)
         self._clear_padding(n, size)
         self._upload(size)
         self.graphs[size].replay()
@@ -116,11 +136,13 @@ class DecodeGraphs:
         if start >= end:
             return
         self._host_rows[:, start:end] = 0
-        self._host_rows[2, start:end] = self.scratch_block * self.block_size
+        self._host_rows[2, start:end] = self.scratch_blocks[0] * self.block_size
         self._host_rows[3, start:end] = 1
-        self._host_tables[start:end] = self.scratch_block
+        self._host_rows[4, start:end] = self.scratch_blocks[-1] * self.block_size
+        for g in range(self.groups):
+            self._host_tables[g, start:end] = self.scratch_blocks[g]
 
     def _upload(self, size: int) -> None:
         self._rows[:, :size].copy_(self._host_rows[:, :size], non_blocking=True)
-        self._tables[:size].copy_(self._host_tables[:size], non_blocking=True)
+        self._tables[:, :size].copy_(self._host_tables[:, :size], non_blocking=True)
         self._lens[:size].copy_(self._host_rows[3, :size], non_blocking=True)

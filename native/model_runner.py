@@ -12,6 +12,9 @@ Sizing the pool:
 - CUDA: from measured memory. A profiling pass runs the largest step the
   scheduler can produce with a minimal cache, measures the activation peak,
   and gives the cache what is left of `gpu_memory_utilization` of the device.
+When contexts can outgrow a sliding window, the sliding layers get a pool of
+their own (a second KV group, see kv_layout.py) and the budget is split
+between the pools; each pool has its own scratch block.
 """
 
 from __future__ import annotations
@@ -21,9 +24,10 @@ from pathlib import Path
 
 import torch
 
-from localllm.errors import BadRequest, DoesNotFit
+from localllm.errors import BadRequest
 
 from .config import ModelConfig
+from .kv_layout import KVGroup, demand_bytes, group_block_bytes, kv_groups, split_budget
 from .layers.attention import AttentionBatch, DecodeMeta, SeqSpan, Workspace
 from .loader import LoadedWeights, load_config, load_weights
 from .models import build_model
@@ -58,6 +62,7 @@ class ModelRunner:
         self.config: ModelConfig = model_path.config if in_memory else load_config(model_path)
         options.max_model_len = _context(options.max_model_len, self.config.max_position)
         self.dtype_bytes = torch.tensor([], dtype=self.dtype).element_size()
+        self.kv_groups: list[KVGroup] = kv_groups(self.config, options.max_model_len, self.block_size)
         self.workspace = Workspace()  # gather buffers, reused by every layer and step
         on_cpu = self.device.type == "cpu"
         if on_cpu:  # a budget that cannot hold one context fails before seconds of loading
@@ -73,7 +78,7 @@ class ModelRunner:
         self.decode_kernel = not on_cpu and decode_kernel_available()
         if not on_cpu:  # measured, so only now
             self.num_blocks = self._plan_blocks()
-        self._allocate_cache(self.num_blocks)
+        self._allocate_cache()
         self.graphs = None
         if self.decode_kernel and options.cuda_graphs:
             from .cuda_graphs import DecodeGraphs
@@ -83,22 +88,34 @@ class ModelRunner:
                 max_batch=options.max_num_seqs,
                 max_blocks=self.blocks_for_tokens(options.max_model_len),
                 block_size=self.block_size,
-                scratch_block=self.scratch_block,
+                scratch_blocks=self.scratch_blocks,
                 device=self.device,
             )
 
     # -- the pool --------------------------------------------------------------------
     @property
     def block_bytes(self) -> int:
-        return self.block_size * self.config.kv_bytes_per_token(self.dtype_bytes)
+        """Bytes of one block of the first group (of every layer, unless sliding layers have their own pool)."""
+        return self.group_block_bytes[0]
+
+    @property
+    def group_block_bytes(self) -> list[int]:
+        return [group_block_bytes(g, self.config, self.block_size, self.dtype_bytes) for g in self.kv_groups]
 
     @property
     def kv_cache_bytes(self) -> int:
-        return self.num_blocks * self.block_bytes
+        return sum(g.num_blocks * b for g, b in zip(self.kv_groups, self.group_block_bytes))
 
     def _plan_blocks(self) -> int:
+        """Blocks of every KV group (set on self.kv_groups); returns the first group's."""
         o = self.options
-        per_seq = -(-o.max_model_len // self.block_size)
+        shape = dict(
+            block_size=self.block_size,
+            max_model_len=o.max_model_len,
+            max_num_seqs=o.max_num_seqs,
+            max_num_batched_tokens=o.max_num_batched_tokens,
+        )
+        sizes = self.group_block_bytes
         if self.device.type == "cuda":  # what is free, or less when a budget is given (a plan, a shared GPU)
             budget = self._cuda_budget()
             if o.kv_cache_bytes is not None:
@@ -106,32 +123,34 @@ class ModelRunner:
         elif o.kv_cache_bytes is not None:
             budget = o.kv_cache_bytes
         else:
-            budget = min(int(_available_ram() * CPU_DEFAULT_RAM_SHARE), o.max_num_seqs * per_seq * self.block_bytes)
-        blocks = budget // self.block_bytes
-        if blocks < per_seq:
-            raise DoesNotFit(
-                f"the KV cache budget ({budget / 2**20:.0f} MiB) holds {blocks * self.block_size} tokens, "
-                f"fewer than one context of {o.max_model_len}; give it more memory or lower the context"
-            )
-        return int(blocks)
+            budget = min(int(_available_ram() * CPU_DEFAULT_RAM_SHARE), demand_bytes(self.kv_groups, sizes, **shape))
+        counts = split_budget(self.kv_groups, budget, sizes, **shape)
+        for group, count in zip(self.kv_groups, counts):
+            group.num_blocks = count
+        return counts[0]
 
-    def _allocate_cache(self, num_blocks: int) -> None:
-        """The pool. On CPU it is zeroed block by block as blocks are first used (see _zero_new_blocks).
+    def _allocate_cache(self, num_blocks: int | None = None) -> None:
+        """The pools, one per KV group. On CPU zeroed block by block as blocks are first used (_zero_new_blocks).
 
+        `num_blocks` gives every group that many (the profiling pass); None, the planned counts.
         One block more than the block manager hands out: the scratch block,
         which padding rows of a CUDA-graph decode batch write into.
         """
         c = self.config
-        self.scratch_block = num_blocks
-        shape = (2, c.n_layers, num_blocks + 1, self.block_size, c.n_kv_heads, c.head_dim)
-        if self.device.type == "cpu":
-            self.kv_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
-            self._zeroed_blocks = 0
-        else:
-            self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            self._zeroed_blocks = num_blocks + 1
-        for i, attn in enumerate(self.model.attention_layers()):
-            attn.k_cache, attn.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
+        counts = [g.num_blocks if num_blocks is None else num_blocks for g in self.kv_groups]
+        self.scratch_block = counts[0]
+        self.scratch_blocks = counts
+        self.kv_caches: list[torch.Tensor] = []
+        layers = self.model.attention_layers()
+        for group, count in zip(self.kv_groups, counts):
+            shape = (2, len(group.layers), count + 1, self.block_size, c.n_kv_heads, c.head_dim)
+            make = torch.empty if self.device.type == "cpu" else torch.zeros
+            cache = make(shape, dtype=self.dtype, device=self.device)
+            self.kv_caches.append(cache)
+            for j, layer in enumerate(group.layers):
+                layers[layer].k_cache, layers[layer].v_cache = cache[0, j], cache[1, j]
+        self.kv_cache = self.kv_caches[0]
+        self._zeroed_blocks = [0 if self.device.type == "cpu" else n + 1 for n in counts]
 
     def _cuda_budget(self) -> int:
         """Bytes for the cache: what the largest step leaves of the allowed share of the device."""
@@ -144,6 +163,7 @@ class ModelRunner:
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)
         self.kv_cache = None
+        self.kv_caches = []
         for attn in self.model.attention_layers():
             attn.k_cache = attn.v_cache = None
         torch.cuda.empty_cache()
@@ -156,7 +176,8 @@ class ModelRunner:
         c = self.config
         gathered_seqs = 1 if self.decode_kernel else o.max_num_seqs
         gather = 2 * gathered_seqs * o.max_model_len * c.n_kv_heads * c.head_dim * self.dtype_bytes
-        return int(total * o.gpu_memory_utilization - used_elsewhere - peak - gather - self.block_bytes)
+        scratch = sum(self.group_block_bytes)
+        return int(total * o.gpu_memory_utilization - used_elsewhere - peak - gather - scratch)
 
     def blocks_for_tokens(self, n_tokens: int) -> int:
         return -(-n_tokens // self.block_size)
@@ -186,29 +207,40 @@ class ModelRunner:
         slots: list[int] = []
         spans: list[SeqSpan] = []
         sample_rows: list[int] = []
+        grouped = len(self.kv_groups) > 1  # sliding layers have their own pool and table
+        sliding_slots: list[int] = []
         for item in step:
             seq, start = item.seq, item.seq.num_computed
             end = start + item.n_tokens
             if end > self.options.max_model_len:
                 raise BadRequest(f"sequence {seq.request_id} would pass the context of {self.options.max_model_len}")
-            spans.append(SeqSpan(len(ids), item.n_tokens, end, seq.block_table))
+            sliding = seq.block_tables[1] if grouped else None
+            spans.append(SeqSpan(len(ids), item.n_tokens, end, seq.block_table, sliding))
             ids.extend(seq.token_ids[start:end])
             positions.extend(range(start, end))
             table = seq.block_table
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            if sliding is not None:
+                sliding_slots.extend(sliding[p // bs] * bs + p % bs for p in range(start, end))
             if item.samples:
                 sample_rows.append(len(ids) - 1)
-        self._zero_new_blocks(max(max(item.seq.block_table) for item in step))
+        for g in range(len(self.kv_groups)):
+            self._zero_new_blocks(max(max(item.seq.block_tables[g]) for item in step), g)
         dev = self.device
         decode_only = self.decode_kernel and len(ids) == len(step)  # one new token per sequence
         tables = [item.seq.block_table for item in step]
         if decode_only and self.graphs is not None and self.graphs.fits(len(ids), max(map(len, tables))):
-            hidden = self.graphs.run(ids, positions, slots, tables)
+            group_tables = [[item.seq.block_tables[g] for item in step] for g in range(len(self.kv_groups))]
+            hidden = self.graphs.run(ids, positions, [slots, sliding_slots], group_tables)
         else:
             meta = self._decode_meta(tables, positions) if decode_only else None
+            if meta is not None and grouped:
+                meta.sliding_block_tables = self._decode_meta([s.sliding_table for s in spans], positions, 1).block_tables
             batch = AttentionBatch(
                 spans, torch.tensor(slots, dtype=torch.int64, device=dev), bs, dev, self.workspace, decode_meta=meta
             )
+            if grouped:
+                batch.sliding_slot_mapping = torch.tensor(sliding_slots, dtype=torch.int64, device=dev)
             hidden = self.model(
                 torch.tensor(ids, dtype=torch.int64, device=dev), torch.tensor(positions, dtype=torch.int64, device=dev), batch
             )
@@ -219,26 +251,26 @@ class ModelRunner:
             return self.model.compute_logits(hidden)
         return self.model.compute_logits(hidden[torch.tensor(rows, device=dev)])
 
-    def _decode_meta(self, tables: list[list[int]], positions: list[int]) -> DecodeMeta:
+    def _decode_meta(self, tables: list[list[int]], positions: list[int], group: int = 0) -> DecodeMeta:
         width = max(map(len, tables))
-        padded = [t + [self.scratch_block] * (width - len(t)) for t in tables]
+        padded = [t + [self.scratch_blocks[group]] * (width - len(t)) for t in tables]
         return DecodeMeta(
             block_tables=torch.tensor(padded, dtype=torch.int32, device=self.device),
             context_lens=torch.tensor([p + 1 for p in positions], dtype=torch.int32, device=self.device),
         )
 
 
-    def _zero_new_blocks(self, highest: int) -> None:
-        """Zero blocks up to `highest` that no step has touched yet.
+    def _zero_new_blocks(self, highest: int, group: int = 0) -> None:
+        """Zero blocks up to `highest` (of the group's pool) that no step has touched yet.
 
         Attention reads whole blocks and masks the slots past a sequence's end;
         those must hold finite numbers (0 x NaN is NaN), and uninitialised memory
         may not. Zeroing on first use keeps the promise without making the whole
         pool resident in RAM up front.
         """
-        if highest >= self._zeroed_blocks:
-            self.kv_cache[:, :, self._zeroed_blocks : highest + 1].zero_()
-            self._zeroed_blocks = highest + 1
+        if highest >= self._zeroed_blocks[group]:
+            self.kv_caches[group][:, :, self._zeroed_blocks[group] : highest + 1].zero_()
+            self._zeroed_blocks[group] = highest + 1
 
 
 def decode_kernel_available() -> bool:

@@ -13,6 +13,7 @@ import math
 import torch
 
 from ..config import RopeSpec
+from ..kernels import fused_for
 
 
 def inverse_frequencies(spec: RopeSpec, dim: int) -> torch.Tensor:
@@ -53,6 +54,9 @@ class Rotary:
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: (T, heads, head_dim); cos, sin: (T, head_dim)."""
+    fused = fused_for(x) if x.is_cuda else None
+    if fused is not None:  # one kernel instead of five (see native/kernels/fused.py)
+        return fused.apply_rotary(x, cos, sin)
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
