@@ -10,8 +10,11 @@ Prints:
     them as padded static batches (of 8 and of 16, in arrival order; a batch runs
     until its longest output, and tokens past a request's own length are waste).
     Throughput counts only the tokens each request asked for;
-(c) KV cache bytes per token: the native pool against 2 x layers x kv_heads x
-    head_dim x dtype bytes, and what transformers' cache holds after a long prompt.
+(c) KV cache bytes per token held by one request at 1k, 4k and 8k tokens of
+    context (sliding layers give back the blocks their window has left), while
+    decoding and at the peak of its chunked prefill, against 2 x layers x
+    kv_heads x head_dim x dtype bytes (every layer keeping every token) and what
+    transformers' cache holds after the 1k prompt.
 
 Both sides run in this one process with the same torch thread count. transformers
 loads the same weights: the GGUF is dequantized by the native loader (shown
@@ -171,23 +174,28 @@ def hf_static(model, requests, batch: int) -> tuple[float, int, int]:
 # -- (c) KV bytes per token -------------------------------------------------------------------
 
 
-@torch.inference_mode()
-def kv_figures(engine: LLMEngine, model, prompt: list[int]) -> dict:
-    c = engine.config
-    item = engine.runner.kv_cache.element_size()
-    formula = 2 * c.n_layers * c.n_kv_heads * c.head_dim * item
-    pool = engine.runner.block_bytes / engine.blocks.block_size
-    engine.add_request("kv", prompt, SamplingParams(temperature=0, max_tokens=1))
-    used = 0
+def native_kv_held(engine: LLMEngine, prompt: list[int], new_tokens: int = 8) -> tuple[int, int]:
+    """(peak bytes while the prompt runs in chunks, bytes held while decoding) of one request, whole blocks."""
+    engine.add_request("kv", prompt, SamplingParams(temperature=0, max_tokens=new_tokens))
+    peak = decoding = 0
     while engine.has_work():
-        used = max(used, engine.blocks.num_used)
         engine.step()
-    held = used * engine.runner.block_bytes / len(prompt)
+        seq = engine.sequences.get("kv")
+        if seq is not None:
+            held = engine.kv_bytes_used()
+            peak = max(peak, held)
+            if seq.num_computed >= len(prompt):
+                decoding = held
+    return peak, decoding
+
+
+@torch.inference_mode()
+def hf_kv_bytes(model, prompt: list[int]) -> int:
     cache = model(torch.tensor([prompt]), use_cache=True).past_key_values
-    hf_bytes = 0
+    total = 0
     for layer in cache.layers:
-        hf_bytes += layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
-    return {"formula": formula, "pool": pool, "held": held, "hf": hf_bytes / len(prompt), "tokens": len(prompt)}
+        total += layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+    return total
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -253,14 +261,25 @@ def main(argv: list[str] | None = None) -> int:
           f"{work['hf16']} (of 16): at equal arithmetic speed the ratio would be about "
           f"{min(work['hf8'], work['hf16']) / work['native']:.2f}x")
 
-    long_prompt = [bos] + tokens[:1023]
-    kv = kv_figures(engine, model, long_prompt)
-    print(f"\n(c) KV cache bytes per token (float32, {kv['tokens']}-token prompt)")
-    print(f"  2 x layers x kv_heads x head_dim x 4 bytes = {kv['formula']:,} B")
-    print(f"  native pool, per token slot:                 {kv['pool']:,.0f} B")
-    print(f"  native, blocks held for the prompt / tokens: {kv['held']:,.0f} B (whole blocks; every layer keeps every token)")
-    print(f"  transformers' cache after the prompt:        {kv['hf']:,.0f} B (its sliding layers keep only the window)")
+    text = engine.tokenizer.encode(TEXT * 100, add_bos=False, special=False)
     engine.close()
+    c = engine.config
+    every_layer = 2 * c.n_layers * c.n_kv_heads * c.head_dim * 4
+    contexts = (1024, 4096, 8192)
+    long_engine = LLMEngine(gguf, EngineOptions(device="cpu", threads=args.threads, max_model_len=max(contexts) + 64,
+                                                max_num_seqs=1, load_tokenizer=False))
+    groups = ", ".join(f"{len(g.layers)} layers {'window ' + str(g.window) if g.window else 'global'}: "
+                       f"{g.num_blocks} blocks" for g in long_engine.runner.kv_groups)
+    print(f"\n(c) KV cache bytes per token held by one request (float32, blocks of 16; pools: {groups})")
+    print(f"  every layer keeping every token: 2 x layers x kv_heads x head_dim x 4 bytes = {every_layer:,} B")
+    print("  context  native decoding  native peak (prefill chunks of 256)  transformers", flush=True)
+    for n in contexts:
+        start = time.perf_counter()
+        peak, decoding = native_kv_held(long_engine, [bos] + text[: n - 1])
+        hf = f"{hf_kv_bytes(model, [bos] + text[: n - 1]) / n:,.0f} B" if n == contexts[0] else "-"
+        print(f"  {n:7,}  {decoding / n:13,.0f} B  {peak / n:34,.0f} B  {hf:>12}  ({time.perf_counter() - start:.0f} s)",
+              flush=True)
+    long_engine.close()
     return 0
 
 

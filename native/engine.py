@@ -23,6 +23,7 @@ from .model_runner import ModelRunner, RunnerOptions
 from .sampler import Sampler, TokenLogprobs
 from .scheduler import Scheduled, Scheduler
 from .sequence import Sequence, Status
+from .speculative import SpeculativeOptions, make_speculator, verify_rows
 from .tokenizer import Tokenizer, load_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -43,6 +44,7 @@ class EngineOptions:
     threads: int | None = None  # CPU threads for torch
     load_tokenizer: bool = True
     verbose: bool = False
+    speculative: SpeculativeOptions | None = None  # speculative decoding (speculative.py); None: off
 
 
 @dataclass
@@ -77,13 +79,17 @@ class LLMEngine:
         self.runner = _make_runner(model_path, o, device, DTYPES[dtype_name])
         self.config = self.runner.config
         self.max_model_len = self.runner.options.max_model_len
-        self.blocks = BlockManager(self.runner.num_blocks, o.block_size, prefix_caching=o.prefix_caching)
+        groups = self.runner.kv_groups  # one pool, or a second for sliding-window layers (kv_layout.py)
+        self.blocks = BlockManager(
+            [g.num_blocks for g in groups], o.block_size, prefix_caching=o.prefix_caching, windows=[g.window for g in groups]
+        )
         budget = self.runner.options.max_num_batched_tokens
         self.scheduler = Scheduler(self.blocks, max_num_seqs=o.max_num_seqs, max_num_batched_tokens=budget)
         self.sampler = Sampler()
         self.eos_ids = set(self.config.eos_token_ids) | (self.tokenizer.eog_ids if self.tokenizer else set())
         self.sequences: dict[str, Sequence] = {}
         self.counters = EngineCounters()
+        self.speculator = make_speculator(o.speculative, self)
 
     # -- requests ----------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: list[int], params: SamplingParams) -> Sequence:
@@ -114,6 +120,8 @@ class LLMEngine:
         self.scheduler.remove(seq)
         seq.status = Status.FINISHED
         seq.finish_reason = seq.finish_reason or "abort"
+        if self.speculator is not None:
+            self.speculator.release(seq)
         return True
 
     def has_work(self) -> bool:
@@ -124,27 +132,59 @@ class LLMEngine:
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return []
-        logits = self.runner.run(scheduled)
-        samplers = [item.seq for item in scheduled if item.samples]
-        tokens, logprobs = self.sampler(logits, samplers) if samplers else ([], [])
+        if self.speculator is not None:  # guesses join the step as extra tokens (speculative.py)
+            self.speculator.propose(scheduled, self.scheduler.max_num_batched_tokens - sum(i.n_tokens for i in scheduled))
+        samplers = [item for item in scheduled if item.samples]
+        if any(item.n_draft for item in scheduled):
+            logits = self.runner.run(scheduled, logit_rows=verify_rows(scheduled))
+            picks = self.speculator.verify(logits, samplers, self.sampler)
+        else:
+            logits = self.runner.run(scheduled)
+            tokens, logprobs = self.sampler(logits, [item.seq for item in samplers]) if samplers else ([], [])
+            picks = [([token], [lp]) for token, lp in zip(tokens, logprobs)]
         self.counters.steps += 1
+        outputs: list[StepOutput] = []
+        finished: list[tuple[Sequence, str]] = []
+        picked = iter(picks)
         for item in scheduled:
-            item.seq.num_computed += item.n_tokens
-            self.blocks.commit(item.seq)
+            seq, samples = item.seq, item.samples
             self.counters.tokens_computed += item.n_tokens
-        outputs = []
-        for seq, token, lp in zip(samplers, tokens, logprobs):
+            if item.n_draft:  # guesses leave; the verified ones come back below
+                del seq.token_ids[-item.n_draft :]
+            seq.num_computed += item.n_tokens - item.n_draft
+            reason = None
+            if samples:
+                new_tokens, logprobs = next(picked)
+                reason = self._append(seq, new_tokens, logprobs, outputs)
+            if item.n_draft and not reason:
+                self.blocks.shrink(seq, seq.num_tokens)  # blocks that held only rejected guesses
+            self.blocks.commit(seq)  # only verified tokens are counted as computed, so only they are hashed
+            if reason:
+                finished.append((seq, reason))
+        for seq, reason in finished:
+            self._finish(seq, reason)
+        return outputs
+
+    def _append(self, seq: Sequence, tokens: list[int], logprobs: list, outputs: list[StepOutput]) -> str | None:
+        """Add a step's new tokens to a sequence; why it finished, if it did.
+
+        All but the last token are guesses the model accepted: their K/V were
+        computed in this step, so they count as computed.
+        """
+        for i, (token, lp) in enumerate(zip(tokens, logprobs)):
             seq.token_ids.append(token)
+            if i < len(tokens) - 1:
+                seq.num_computed += 1
             self.counters.tokens_generated += 1
             reason = None
             if token in self.eos_ids:
                 reason = "stop"
             elif seq.num_completion >= seq.max_tokens:
                 reason = "length"
-            if reason:
-                self._finish(seq, reason)
             outputs.append(StepOutput(seq.request_id, token, lp, reason))
-        return outputs
+            if reason:
+                return reason
+        return None
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         seq.finish_reason = reason
@@ -152,6 +192,8 @@ class LLMEngine:
         self.scheduler.remove(seq)
         self.sequences.pop(seq.request_id, None)
         self.counters.requests_finished += 1
+        if self.speculator is not None:
+            self.speculator.release(seq)
 
     # -- conveniences for tests and benchmarks -----------------------------------------------
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[list[int]]:
@@ -178,7 +220,7 @@ class LLMEngine:
         if self.scheduler.has_work():
             raise RuntimeError("prompt_logits runs only on an idle engine")
         seq = Sequence(f"score-{self.counters.steps}", prompt, SamplingParams(max_tokens=1), 1)
-        if not self.blocks.allocate(seq):
+        if not self.blocks.allocate(seq, chunk):
             raise BadRequest("the prompt does not fit in the KV cache")
         first = len(prompt) - (last or len(prompt))  # first position whose logits are wanted
         skipped = max(seq.num_computed, first)
@@ -187,6 +229,10 @@ class LLMEngine:
             while seq.num_computed < seq.num_tokens:
                 start = seq.num_computed
                 n = min(chunk or seq.num_tokens, seq.num_tokens - start)
+                self.blocks.slide(seq)  # sliding groups: drop what the window left, take the chunk's blocks
+                if not self.blocks.can_grow(seq, start + n):
+                    raise BadRequest("the prompt does not fit in the KV cache")
+                self.blocks.grow(seq, start + n)
                 rows = [i for i in range(n) if start + i >= first]
                 parts.append(self.runner.run([Scheduled(seq, n)], logit_rows=rows))
                 seq.num_computed += n
@@ -199,17 +245,27 @@ class LLMEngine:
             logits = torch.cat([gap, logits])
         return logits
 
+    def kv_bytes_used(self) -> int:
+        """Bytes of KV cache the blocks in use hold, across every group."""
+        return sum(n * b for n, b in zip(self.blocks.used_per_group(), self.runner.group_block_bytes))
+
     def stats(self) -> dict:
         return {
             "running": len(self.scheduler.running),
             "waiting": len(self.scheduler.waiting),
             "kv_blocks_used": self.blocks.num_used,
             "kv_blocks_total": self.blocks.num_blocks,
+            "kv_bytes_used": self.kv_bytes_used(),  # what sequences hold now (sliding layers: their windows)
+            "kv_bytes_total": self.runner.kv_cache_bytes,
             "prefix_cache_hit_rate": self.blocks.hit_rate,
             "preemptions": self.scheduler.num_preemptions,
+            **(self.speculator.stats() if self.speculator is not None else {}),
         }
 
     def close(self) -> None:
+        if self.speculator is not None:
+            self.speculator.close()
+            self.speculator = None
         if self.tokenizer is not None:
             self.tokenizer.close()
             self.tokenizer = None

@@ -82,6 +82,7 @@ def read_hf_model_info(folder: Path) -> ModelInfo:
         token_embd_bytes=embd,
         output_bytes=output,
         other_bytes=other,
+        intermediate_size=config.intermediate_size,
     )
 
 

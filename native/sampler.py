@@ -51,18 +51,32 @@ class Sampler:
         return tokens, logprobs
 
     def _sample_one(self, logits: torch.Tensor, seq: Sequence) -> int:
-        p = seq.params
-        if _has_penalties(p):
-            logits = apply_penalties(logits, seq.completion_ids, p)
-        if p.temperature == 0:
-            return int(logits.argmax())
-        values, ids = filter_candidates(logits, p)
-        probs = torch.softmax(values / p.temperature, dim=-1)
-        if seq.generator is None:
-            seq.generator = torch.Generator(device=logits.device)
-            seq.generator.manual_seed(p.seed if p.seed is not None else secrets.randbits(63))
-        pick = torch.multinomial(probs, 1, generator=seq.generator)
-        return int(ids[pick])
+        return draw(logits, seq, seq.completion_ids)
+
+
+def draw(logits: torch.Tensor, seq: Sequence, history: list[int]) -> int:
+    """The token that follows `history` (the sequence's generated tokens): penalties, filters, one draw.
+
+    Speculative decoding checks guesses with this same draw, from the same
+    generator, so a request's sampled tokens are the ones plain decoding gives.
+    """
+    p = seq.params
+    if _has_penalties(p):
+        logits = apply_penalties(logits, history, p)
+    if p.temperature == 0:
+        return int(logits.argmax())
+    values, ids = filter_candidates(logits, p)
+    probs = torch.softmax(values / p.temperature, dim=-1)
+    pick = torch.multinomial(probs, 1, generator=request_generator(seq, logits.device))
+    return int(ids[pick])
+
+
+def request_generator(seq: Sequence, device: torch.device) -> torch.Generator:
+    """The request's own random generator, made on first use from its seed."""
+    if seq.generator is None:
+        seq.generator = torch.Generator(device=device)
+        seq.generator.manual_seed(seq.params.seed if seq.params.seed is not None else secrets.randbits(63))
+    return seq.generator
 
 
 def apply_penalties(logits: torch.Tensor, history: list[int], p: SamplingParams) -> torch.Tensor:

@@ -13,6 +13,11 @@ a new block every block_size tokens; when the pool is empty, the newest
 running sequence is preempted: its blocks go back to the pool and it waits at
 the front of the queue to be recomputed (prompt plus what it generated so far,
 so no token is lost or repeated; its own cached blocks usually make that cheap).
+
+Sliding-window groups (block_manager.py) are the exception to "all blocks at
+admission": they take blocks for each prompt chunk as it is scheduled (making
+room like a decode does), and before every step each running sequence gives
+back the blocks its window has left.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from .sequence import Sequence, Status
 class Scheduled:
     seq: Sequence
     n_tokens: int  # tokens it runs this step
+    n_draft: int = 0  # of those, speculative guesses at the end, to be verified (speculative.py)
 
     @property
     def samples(self) -> bool:
@@ -64,6 +70,8 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         step: list[Scheduled] = []
         chosen: set[int] = set()
+        for seq in self.running:  # blocks that left a sliding window go back first
+            self.blocks.slide(seq)
 
         # 1. one token for every decoding sequence, oldest first
         for seq in list(self.running):
@@ -75,13 +83,15 @@ class Scheduler:
             chosen.add(id(seq))
             budget -= 1
 
-        # 2. the next chunk of every admitted prompt
-        for seq in self.running:
+        # 2. the next chunk of every admitted prompt (sliding groups take blocks chunk by chunk)
+        for seq in list(self.running):
             if budget == 0:
                 break
-            if id(seq) in chosen or seq.num_remaining <= 1:
+            if seq.status is not Status.RUNNING or id(seq) in chosen or seq.num_remaining <= 1:
                 continue
             n = min(seq.num_remaining, budget)
+            if not self._make_room(seq, seq.num_computed + n, chosen):
+                continue  # it was preempted itself
             step.append(Scheduled(seq, n))
             chosen.add(id(seq))
             budget -= n
@@ -89,7 +99,7 @@ class Scheduler:
         # 3. admit waiting sequences while there is budget, room in the batch and blocks
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            if not self.blocks.allocate(seq):
+            if not self.blocks.allocate(seq, budget):
                 break  # first come, first served: nobody overtakes the head of the queue
             self.waiting.popleft()
             seq.status = Status.RUNNING

@@ -34,13 +34,25 @@ class Sequence:
         self.max_tokens = max_tokens  # completion tokens allowed (max_tokens and the context both bound it)
         self.status = Status.WAITING
         self.num_computed = 0  # tokens whose K/V are in the cache
-        self.block_table: list[int] = []
+        # One block table per KV group (block_manager.py; a second one when sliding layers have their
+        # own pool), indexed by position // block_size; -1 where a block has left the sliding window.
+        self.block_tables: list[list[int]] = [[]]
         self.block_hashes: list[bytes] = []  # chained hashes of its full blocks, filled by the block manager
-        self.num_committed_blocks = 0  # leading blocks the block manager has registered for prefix caching
+        self.committed_blocks: list[int] = [0]  # per group: leading blocks registered for prefix caching
         self.num_cached_prompt = -1  # prompt tokens found in the prefix cache at first admission
         self.num_preemptions = 0
         self.finish_reason: str | None = None
         self.generator = None  # the sampler's per-request random generator, made on first use
+        self.spec = None  # speculative decoding's record of this request (speculative.SpecState), made on first use
+
+    @property
+    def block_table(self) -> list[int]:
+        """The first KV group's table: the only one unless sliding layers keep their own pool."""
+        return self.block_tables[0]
+
+    @property
+    def num_committed_blocks(self) -> int:
+        return self.committed_blocks[0]
 
     @property
     def num_tokens(self) -> int:

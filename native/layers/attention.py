@@ -21,11 +21,23 @@ gather the blocks the window can reach. Decoding sequences are batched into
 one call per layer, padded to the longest and masked.
 
 A GPU kernel replaces `paged_attention` (and `store_kv`) with the same
-arguments; everything above this file is unchanged.
+arguments; everything above this file is unchanged. On CUDA, where Triton
+imports, the decode rows of a step run the Triton kernels of native/kernels/
+(steps described by a `DecodeMeta` entirely, the decode rows of mixed steps
+too); prompt chunks and the CPU keep the torch path.
+LOCALLLM_NATIVE_ATTENTION=reference switches the kernels off;
+LOCALLLM_NATIVE_ATTENTION=triton forces them on any device (on a CPU that
+works only under Triton's interpreter, TRITON_INTERPRET=1: for tests).
+
+Sliding-window layers may keep their own pool (see native/kv_layout.py): then
+each span and decode description carries a second block table, and those
+layers store and read through it. Blocks that left the window are -1 in that
+table; nothing here reads a position the window cannot reach.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -40,6 +52,10 @@ class SeqSpan:
     q_len: int  # how many new tokens it runs this step
     ctx_len: int  # tokens in its cache once this step's are written (its last position + 1)
     block_table: list[int]
+    sliding_table: list[int] | None = None  # the sliding layers' table, when they have their own pool
+
+    def table(self, window: int | None) -> list[int]:
+        return self.block_table if window is None or self.sliding_table is None else self.sliding_table
 
 
 class Workspace:
@@ -83,6 +99,12 @@ class DecodeMeta:
 
     block_tables: torch.Tensor  # (B, max_blocks) int32
     context_lens: torch.Tensor  # (B,) int32: tokens in the cache including the new one
+    sliding_block_tables: torch.Tensor | None = None  # (B, max_blocks) int32: the sliding layers' own pool
+
+    def tables(self, window: int | None) -> torch.Tensor:
+        if window is None or self.sliding_block_tables is None:
+            return self.block_tables
+        return self.sliding_block_tables
 
 
 @dataclass
@@ -93,12 +115,39 @@ class AttentionBatch:
     device: torch.device
     workspace: Workspace = field(default_factory=Workspace)
     decode_meta: DecodeMeta | None = None  # set when every row decodes and the decode kernel runs
+    sliding_slot_mapping: torch.Tensor | None = None  # (T,) the slots in the sliding layers' own pool
     _decode_views: dict = field(default_factory=dict)  # window -> (rows, table, mask), shared by layers
+    _kernel_views: dict = field(default_factory=dict)  # window -> (rows, block tables, lengths) for the kernel
     _prefill_views: dict = field(default_factory=dict)  # (span, window) -> (block ids, key offset, mask)
 
     @property
     def num_tokens(self) -> int:
         return int(self.slot_mapping.numel())
+
+    def slots(self, window: int | None) -> torch.Tensor:
+        """Where a layer with this window stores the new tokens (its group's pool)."""
+        if window is None or self.sliding_slot_mapping is None:
+            return self.slot_mapping
+        return self.sliding_slot_mapping
+
+    def kernel_view(self, window: int | None):
+        """The one-token spans as the decode kernel wants them: rows, whole block tables, lengths."""
+        key = window is not None and self.sliding_slot_mapping is not None
+        if key not in self._kernel_views:
+            decoding = [s for s in self.spans if s.q_len == 1]
+            view = None
+            if decoding:
+                tables = [s.table(window) for s in decoding]
+                width = max(map(len, tables))
+                padded = [t + [t[-1]] * (width - len(t)) for t in tables]
+                dev = self.device
+                view = (
+                    torch.tensor([s.q_start for s in decoding], dtype=torch.int64, device=dev),
+                    torch.tensor(padded, dtype=torch.int32, device=dev),
+                    torch.tensor([s.ctx_len for s in decoding], dtype=torch.int32, device=dev),
+                )
+            self._kernel_views[key] = view
+        return self._kernel_views[key]
 
     def decode_view(self, window: int | None):
         """Batched one-token sequences: rows in the flat batch, padded block tables, key mask."""
@@ -116,7 +165,7 @@ class AttentionBatch:
             first_block = first_pos // bs
             last_block = (span.ctx_len - 1) // bs
             rows.append(span.q_start)
-            tables.append(span.block_table[first_block : last_block + 1])
+            tables.append(span.table(window)[first_block : last_block + 1])
             starts.append(first_block * bs)
             firsts.append(first_pos)
             lens.append(span.ctx_len)
@@ -156,7 +205,7 @@ class AttentionBatch:
             return None, 0, mask
         first_block = first_pos // bs
         last_block = (span.ctx_len - 1) // bs
-        ids = torch.tensor(span.block_table[first_block : last_block + 1], dtype=torch.int64, device=self.device)
+        ids = torch.tensor(span.table(window)[first_block : last_block + 1], dtype=torch.int64, device=self.device)
         return ids, first_pos - first_block * bs, mask
 
 
@@ -181,17 +230,31 @@ def paged_attention(
 
     Stores k and v first, so every query sees its own token.
     """
+    kernels = _kernels(q)
+    slots = batch.slots(window)
     if batch.decode_meta is not None:
-        store_kv(k, v, k_cache, v_cache, batch.slot_mapping)
-        out = decode_attention(q, k_cache, v_cache, batch.decode_meta, window=window, scale=scale)
+        meta = batch.decode_meta
+        if kernels is not None:
+            kernels.store_kv(k, v, k_cache, v_cache, slots)
+            out = kernels.paged_decode_attention(
+                q, k_cache, v_cache, meta.tables(window), meta.context_lens, window=window, scale=scale
+            )
+        else:
+            store_kv(k, v, k_cache, v_cache, slots)
+            out = decode_attention(q, k_cache, v_cache, meta, window=window, scale=scale)
         return out.view(q.shape[0], -1)
-    store_kv(k, v, k_cache, v_cache, batch.slot_mapping)
+    (kernels.store_kv if kernels is not None else store_kv)(k, v, k_cache, v_cache, slots)
     n_tokens, n_heads, dim = q.shape
     n_kv = k.shape[1]
     group = n_heads // n_kv
     out = torch.empty(n_tokens, n_heads, dim, dtype=q.dtype, device=q.device)
 
-    decode = batch.decode_view(window)
+    view = batch.kernel_view(window) if kernels is not None else None
+    if view is not None:
+        rows, tables, lengths = view
+        o = kernels.paged_decode_attention(q.index_select(0, rows), k_cache, v_cache, tables, lengths, window=window, scale=scale)
+        out.index_copy_(0, rows, o)
+    decode = batch.decode_view(window) if kernels is None else None
     if decode is not None:
         rows, table, mask = decode
         b, width = table.shape
@@ -228,6 +291,16 @@ def paged_attention(
     return out.view(n_tokens, n_heads * dim)
 
 
+def _kernels(q: torch.Tensor):
+    """native.kernels when the decode rows should run there, else None (see the module docstring)."""
+    choice = os.environ.get("LOCALLLM_NATIVE_ATTENTION", "auto")
+    if choice == "reference" or (choice != "triton" and not q.is_cuda):
+        return None
+    from .. import kernels
+
+    return kernels if kernels.triton_importable() else None
+
+
 def decode_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: DecodeMeta, *, window: int | None, scale: float
 ) -> torch.Tensor:
@@ -240,7 +313,7 @@ def decode_attention(
     b, n_heads, dim = q.shape
     n_kv, bs = k_cache.shape[2], k_cache.shape[1]
     width = meta.block_tables.shape[1]
-    ids = meta.block_tables.long()
+    ids = meta.tables(window).long()
     keys = k_cache[ids].view(b, width * bs, n_kv, dim).transpose(1, 2)  # (B, n_kv, L, d)
     values = v_cache[ids].view(b, width * bs, n_kv, dim).transpose(1, 2)
     pos = torch.arange(width * bs, device=q.device).unsqueeze(0)

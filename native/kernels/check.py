@@ -1,0 +1,283 @@
+"""The kernels against the torch reference, on random shapes; and their speed at real model shapes.
+
+`selfcheck(device)` is what the GPU check script runs once on a real GPU, and
+what tests/test_triton_kernels.py runs under Triton's interpreter on the CPU:
+the same cases, so the interpreter tests and the GPU agree on what "correct"
+means. The reference is `paged_attention` of native/layers/attention.py (its
+per-sequence span path), which the engine's model tests pin against
+transformers.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One random comparison: a batch of decoding sequences of the given lengths."""
+
+    n_heads: int
+    n_kv: int
+    head_dim: int
+    block_size: int
+    lengths: tuple[int, ...]  # tokens in each sequence's cache, its new one included
+    window: int | None = None
+    num_splits: int = 1
+
+    @property
+    def name(self) -> str:
+        w = f" window {self.window}" if self.window else ""
+        return (f"{self.n_heads}q/{self.n_kv}kv d{self.head_dim} bs{self.block_size}{w} "
+                f"splits {self.num_splits} lengths {list(self.lengths)}")
+
+
+# Small enough for the interpreter (all of them take a few seconds there), wide enough to
+# cross every edge: GQA ratios 1, 4, 7, 8; block sizes 16 and 32; a window shorter than the
+# context and one longer; lengths of 1, exact block multiples and several tiles; split-K.
+CASES: tuple[Case, ...] = (
+    Case(4, 4, 32, 16, (1, 17, 64, 130)),
+    Case(8, 2, 64, 16, (5, 33, 100, 190), window=40),
+    Case(8, 1, 64, 32, (2, 31, 32, 77, 150), window=24),
+    Case(8, 1, 32, 32, (200, 9), window=300),
+    Case(7, 1, 80, 16, (3, 70, 129)),
+    Case(8, 2, 64, 16, (1, 90, 257), num_splits=4),
+    Case(4, 1, 64, 16, (150, 300), window=100, num_splits=2),
+)
+
+# Real shapes for the GPU: Llama-3.2-1B (32q/8kv, d64), Qwen2.5-7B (28q/4kv, d128), Gemma 3 (d256, window).
+GPU_CASES: tuple[Case, ...] = CASES + (
+    Case(32, 8, 64, 16, (1, 100, 1000, 2047, 2048, 3000)),
+    Case(28, 4, 128, 16, (1, 513, 2048, 4097)),
+    Case(4, 1, 256, 16, (600, 1500, 40), window=512),
+    Case(28, 4, 128, 32, (4000,), num_splits=8),
+)
+
+
+@dataclass
+class Result:
+    case: Case
+    dtype: torch.dtype
+    attention_error: float  # max |kernel - reference| over the outputs
+    store_error: float  # max |kernel cache - reference cache| after storing the new tokens
+    tolerance: float
+
+    @property
+    def ok(self) -> bool:
+        return self.attention_error <= self.tolerance and self.store_error == 0.0
+
+
+@dataclass
+class Report:
+    device: str
+    results: list[Result] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.results) and all(r.ok for r in self.results)
+
+    @property
+    def max_errors(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for r in self.results:
+            key = str(r.dtype).replace("torch.", "")
+            out[key] = max(out.get(key, 0.0), r.attention_error)
+        return out
+
+    def lines(self) -> list[str]:
+        lines = [f"{'ok ' if r.ok else 'BAD'} {str(r.dtype).replace('torch.', ''):8s} "
+                 f"max err {r.attention_error:.2e} (tol {r.tolerance:.0e}), store err {r.store_error:.0e}: {r.case.name}"
+                 for r in self.results]
+        summary = ", ".join(f"{k} {v:.2e}" for k, v in self.max_errors.items())
+        lines.append(f"{len(self.results)} comparisons on {self.device}, {'all ok' if self.ok else 'FAILURES'}; "
+                     f"max attention errors: {summary}")
+        return lines
+
+    def as_dict(self) -> dict:
+        return {
+            "device": self.device,
+            "ok": self.ok,
+            "max_errors": self.max_errors,
+            "cases": [
+                {"case": r.case.name, "dtype": str(r.dtype), "attention_error": r.attention_error,
+                 "store_error": r.store_error, "ok": r.ok}
+                for r in self.results
+            ],
+        }
+
+
+@dataclass
+class Inputs:
+    q: torch.Tensor  # (B, n_heads, d)
+    k: torch.Tensor  # (B, n_kv, d): the new tokens' keys and values
+    v: torch.Tensor
+    k_cache: torch.Tensor  # (num_blocks + 1, block_size, n_kv, d)
+    v_cache: torch.Tensor
+    tables: list[list[int]]  # per sequence, indexed by position // block_size; -1 where the window has left
+    slots: torch.Tensor  # (B,) int64: the new tokens' slots
+    block_tables: torch.Tensor  # (B, W) int32, padded with the spare block
+    context_lens: torch.Tensor  # (B,) int32
+
+
+def make_inputs(case: Case, dtype: torch.dtype, device: torch.device | str, seed: int = 0) -> Inputs:
+    """Random queries and cache; blocks scattered over the pool; blocks wholly before the window are -1."""
+    gen = torch.Generator().manual_seed(seed)
+    bs, n_kv, dim = case.block_size, case.n_kv, case.head_dim
+    needed = [-(-n // bs) for n in case.lengths]
+    num_blocks = sum(needed) + 3
+    order = torch.randperm(num_blocks, generator=gen).tolist()
+    tables = []
+    for n, count in zip(case.lengths, needed):
+        table = [order.pop() for _ in range(count)]
+        if case.window is not None:
+            first_block = max(0, n - case.window) // bs
+            table[:first_block] = [-1] * first_block
+        tables.append(table)
+    b = len(case.lengths)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen).to(dtype=dtype, device=device)
+
+    spare = num_blocks  # like the runner's scratch block: the padding of the tables
+    width = max(needed) + 2
+    padded = [t + [spare] * (width - len(t)) for t in tables]
+    slots = [t[(n - 1) // bs] * bs + (n - 1) % bs for t, n in zip(tables, case.lengths)]
+    return Inputs(
+        q=randn(b, case.n_heads, dim),
+        k=randn(b, n_kv, dim),
+        v=randn(b, n_kv, dim),
+        k_cache=randn(num_blocks + 1, bs, n_kv, dim),
+        v_cache=randn(num_blocks + 1, bs, n_kv, dim),
+        tables=tables,
+        slots=torch.tensor(slots, dtype=torch.int64, device=device),
+        block_tables=torch.tensor(padded, dtype=torch.int32, device=device),
+        context_lens=torch.tensor(case.lengths, dtype=torch.int32, device=device),
+    )
+
+
+@contextmanager
+def torch_attention():
+    """paged_attention on its torch path, even on CUDA where it would run these kernels."""
+    before = os.environ.get("LOCALLLM_NATIVE_ATTENTION")
+    os.environ["LOCALLLM_NATIVE_ATTENTION"] = "reference"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["LOCALLLM_NATIVE_ATTENTION"]
+        else:
+            os.environ["LOCALLLM_NATIVE_ATTENTION"] = before
+
+
+def reference(case: Case, x: Inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The torch reference: store the new tokens, then attend (per-sequence spans). (out, k_cache, v_cache)."""
+    from ..layers.attention import AttentionBatch, SeqSpan, paged_attention
+
+    k_cache, v_cache = x.k_cache.clone(), x.v_cache.clone()
+    spans = [SeqSpan(i, 1, n, t) for i, (n, t) in enumerate(zip(case.lengths, x.tables))]
+    batch = AttentionBatch(spans, x.slots, case.block_size, x.q.device)
+    with torch_attention():
+        out = paged_attention(x.q, x.k, x.v, k_cache, v_cache, batch, window=case.window, scale=case.head_dim**-0.5)
+    return out.view_as(x.q), k_cache, v_cache
+
+
+def run_kernels(case: Case, x: Inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from .decode_attention import paged_decode_attention
+    from .kv_store import store_kv
+
+    k_cache, v_cache = x.k_cache.clone(), x.v_cache.clone()
+    store_kv(x.k, x.v, k_cache, v_cache, x.slots)
+    out = paged_decode_attention(
+        x.q, k_cache, v_cache, x.block_tables, x.context_lens,
+        window=case.window, scale=case.head_dim**-0.5, num_splits=case.num_splits,
+    )
+    return out, k_cache, v_cache
+
+
+def compare(case: Case, dtype: torch.dtype, device: torch.device | str, seed: int = 0) -> Result:
+    x = make_inputs(case, dtype, device, seed)
+    want, want_k, want_v = reference(case, x)
+    got, got_k, got_v = run_kernels(case, x)
+    attention = float((got.float() - want.float()).abs().max())
+    store = max(float((got_k.float() - want_k.float()).abs().max()), float((got_v.float() - want_v.float()).abs().max()))
+    return Result(case, dtype, attention, store, TOLERANCE[dtype])
+
+
+def selfcheck(device: torch.device | str = "cuda", *, cases: tuple[Case, ...] | None = None,
+              dtypes: tuple[torch.dtype, ...] | None = None) -> Report:
+    """Every case in every dtype (float32 and bfloat16 on CUDA, float32 elsewhere): max errors and a verdict."""
+    device = torch.device(device)
+    on_gpu = device.type == "cuda"
+    cases = cases if cases is not None else (GPU_CASES if on_gpu else CASES)
+    dtypes = dtypes if dtypes is not None else ((torch.float32, torch.bfloat16) if on_gpu else (torch.float32,))
+    report = Report(torch.cuda.get_device_name(device) if on_gpu else str(device))
+    for dtype in dtypes:
+        for i, case in enumerate(cases):
+            report.results.append(compare(case, dtype, device, seed=i))
+    return report
+
+
+# -- timing --------------------------------------------------------------------------------
+
+TIMING_SHAPES = {
+    "Llama-3.2-1B (32q/8kv, d64)": (32, 8, 64),
+    "Qwen2.5-7B (28q/4kv, d128)": (28, 4, 128),
+}
+
+
+def _cuda_ms(fn, *, warmup: int = 3, iters: int = 20) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def time_decode_attention(device: torch.device | str = "cuda", *, batches: tuple[int, ...] = (64, 1),
+                          context: int = 2048, block_size: int = 16, dtype: torch.dtype = torch.bfloat16) -> list[str]:
+    """One layer's decode attention: kernel vs the torch paths, median of 20 (CUDA events).
+
+    Bandwidth counts the K and V bytes the step must read (B x context x n_kv x d x 2 x bytes).
+    """
+    from ..layers.attention import AttentionBatch, DecodeMeta, SeqSpan, decode_attention, paged_attention
+    from .decode_attention import default_splits, paged_decode_attention
+
+    device = torch.device(device)
+    lines = []
+    for name, (n_heads, n_kv, dim) in TIMING_SHAPES.items():
+        for b in batches:
+            case = Case(n_heads, n_kv, dim, block_size, (context,) * b)
+            x = make_inputs(case, dtype, device)
+            scale = dim**-0.5
+            meta = DecodeMeta(x.block_tables, x.context_lens)
+            spans = [SeqSpan(i, 1, context, t) for i, t in enumerate(x.tables)]
+            batch = AttentionBatch(spans, x.slots, block_size, device)
+            kernel = _cuda_ms(lambda: paged_decode_attention(x.q, x.k_cache, x.v_cache, x.block_tables, x.context_lens,
+                                                              window=None, scale=scale))
+            dense = _cuda_ms(lambda: decode_attention(x.q, x.k_cache, x.v_cache, meta, window=None, scale=scale))
+            with torch_attention():
+                gather = _cuda_ms(lambda: paged_attention(x.q, x.k, x.v, x.k_cache, x.v_cache, batch, window=None, scale=scale))
+            read = b * context * n_kv * dim * 2 * x.k_cache.element_size()
+            splits = default_splits(b, n_kv, x.block_tables.shape[1] * block_size, device)
+            lines.append(
+                f"{name}, {b} x {context} ctx, {str(dtype).replace('torch.', '')}: kernel {kernel * 1e3:.0f} us "
+                f"({read / kernel / 1e6:.0f} GB/s, {splits} split{'s' if splits > 1 else ''}); "
+                f"torch tensor-meta path {dense * 1e3:.0f} us ({dense / kernel:.1f}x); "
+                f"torch gather path {gather * 1e3:.0f} us ({gather / kernel:.1f}x)"
+            )
+            del x
+    return lines
