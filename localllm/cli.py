@@ -33,6 +33,19 @@ def _number(kind: Callable[[str], float | int], flag: str, low: float | None = N
     return parse
 
 
+def _int_list(flag: str):
+    def parse(text: str) -> list[int]:
+        try:
+            values = [int(part) for part in text.split(",") if part.strip()]
+        except ValueError:
+            raise BadRequest(f"{flag} expects integers separated by commas, e.g. 1,4,8,16; got '{text}'") from None
+        if not values or any(v < 1 for v in values):
+            raise BadRequest(f"{flag} expects positive integers, e.g. 1,4,8,16; got '{text}'")
+        return values
+
+    return parse
+
+
 def _add_load_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ctx", type=_number(int, "--ctx", 16), help="context size in tokens (default: 4096 or less)")
     p.add_argument("--threads", type=_number(int, "--threads", 1), help="CPU threads (default: physical cores)")
@@ -40,6 +53,14 @@ def _add_load_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verbose", action="store_true", help="show llama.cpp's own log")
     p.add_argument(
         "--kv-cache", type=_size("--kv-cache"), help="native engine: memory for its KV cache, e.g. 2GiB (default: up to 1/4 of free RAM)"
+    )
+    p.add_argument(
+        "--speculative", choices=["off", "ngram", "draft"], default=None,
+        help="native engine: speculative decoding by prompt lookup (ngram) or a --draft model (default: off)",
+    )
+    p.add_argument("--draft", metavar="MODEL", help="the draft model for --speculative draft (must share the model's tokenizer)")
+    p.add_argument(
+        "--num-speculative-tokens", type=_number(int, "--num-speculative-tokens", 1, 16), help="tokens guessed per step (default 4)"
     )
 
 
@@ -51,6 +72,15 @@ def _add_remote_flags(p: argparse.ArgumentParser) -> None:
 def _size(flag: str):
     def parse(text: str) -> int:
         from localllm.server.settings import parse_size
+
+        return parse_size(text, flag)
+
+    return parse
+
+
+def _fit_size(flag: str):
+    def parse(text: str) -> int:
+        from localllm.fit.units import parse_size
 
         return parse_size(text, flag)
 
@@ -115,11 +145,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cors-origin", action="append", default=[], help="allow browser pages from this origin (repeatable)")
     p.add_argument("--keep-alive", default="5m", help="unload a model after this long unused (5m, 1h, 0, -1 for never)")
     p.add_argument("--max-loaded", type=_number(int, "--max-loaded", 1), default=1, help="models in memory at once (default 1)")
-    p.add_argument("--parallel", type=_number(int, "--parallel", 1), default=1, help="requests a model runs at once (default 1)")
+    p.add_argument("--parallel", type=_number(int, "--parallel", 1), default=None, help="requests a model runs at once, sharing its context (default 4)")
     p.add_argument("--max-queue", type=_number(int, "--max-queue", 0), default=None, help="requests that may wait; more get 429 (default 64)")
     p.add_argument("--max-body", default="8MiB", help="largest request body (default 8MiB)")
     _add_load_flags(p)
     _add_remote_flags(p)
+
+    p = sub.add_parser("fit", help="how a model would run here: backend, GPU layers, context, memory, and why")
+    p.add_argument("model", help="an installed name, a .gguf path, a folder, or a catalog name / hf: reference not yet pulled")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--ctx", type=_number(int, "--ctx", 16), help="context per sequence (default: the largest that fits, up to 8192)")
+    p.add_argument("--parallel", type=_number(int, "--parallel", 1), default=1, help="sequences at once, each with the whole context")
+    p.add_argument("--backend", choices=["auto", "llamacpp", "native"], default="auto")
+    p.add_argument("--vram", type=_fit_size("--vram"), help="plan for GPUs of this size (12GiB; a bare number is GiB; 0: no GPU)")
+    p.add_argument("--ram", type=_fit_size("--ram"), help="plan for this much RAM available to the model")
+    p.add_argument("--gpus", type=_number(int, "--gpus", 0), help="plan for this many GPUs")
+    p.add_argument("--compute-capability", help="plan for GPUs of this CUDA compute capability (default with --vram: 8.9)")
+
+    p = sub.add_parser(
+        "bench", help="load-test an OpenAI-compatible server: TTFT, inter-token latency and tok/s by concurrency",
+        conflict_handler="resolve",
+    )
+    p.add_argument("model", nargs="?", help="the model to load in-process (default: starter), or to name in requests to --url")
+    p.add_argument("--concurrency", type=_int_list("--concurrency"), default=[1, 4, 8, 16], help="levels (default 1,4,8,16)")
+    p.add_argument("--prompt-tokens", type=_number(int, "--prompt-tokens", 1), default=128, help="prompt length (default 128)")
+    p.add_argument("--max-tokens", type=_number(int, "--max-tokens", 1), default=64, help="tokens per answer (default 64)")
+    p.add_argument("--requests", type=_number(int, "--requests", 1), help="requests per level (default: the level, at least 8)")
+    p.add_argument("--api-key", help="the benchmarked server's key (--url)")
+    p.add_argument("--parallel", type=_number(int, "--parallel", 1), help="in-process server: slots (default: the largest level)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--plot", metavar="FILE.png", help="draw throughput and TTFT against concurrency (needs matplotlib)")
+    _add_load_flags(p)
+    _add_remote_flags(p)
+    p.add_argument(
+        "--url", help="benchmark this server (an OpenAI base URL, e.g. http://127.0.0.1:8080/v1) instead of ours in-process; "
+        "with --backend remote, ours runs in front of it"
+    )
 
     p = sub.add_parser("info", help="this machine's CPU, memory, GPUs and engines")
     p.add_argument("--json", action="store_true")

@@ -32,7 +32,7 @@ def pull_with_progress(ref: str, *, quiet: bool = False) -> Manifest:
 
     bar = None if quiet else ProgressBar(sys.stderr)
     try:
-        manifest = pull(ref, progress=bar)
+        manifest = pull(ref, progress=bar, notice=None if quiet else lambda line: print(line, file=sys.stderr))
     except KeyboardInterrupt:
         if bar:
             bar.close()
@@ -165,9 +165,13 @@ def cmd_service(args: argparse.Namespace) -> int:
 
 def cmd_info(args: argparse.Namespace) -> int:
     from localllm import hardware
+    from localllm.fit.command import installed_plans
+    from localllm.fit.render import verdict
 
     hw = hardware.detect()
+    plans = installed_plans(hw)
     facts = {"localllm": __import__("localllm").__version__, **hw.to_dict()}
+    facts["fit"] = {name: plan.to_dict() for name, plan in plans.items()}
     if args.json:
         print_json(facts)
         return EXIT_OK
@@ -189,7 +193,15 @@ def cmd_info(args: argparse.Namespace) -> int:
         print("llama.cpp    not installed")
     torch_line = f"{hw.torch_version}, CUDA {'available' if hw.torch_cuda_available else 'not available'}" if hw.torch_version else "not installed"
     print(f"torch        {torch_line}")
+    for name, plan in plans.items():
+        print(f"fit          {name}: {verdict(plan)}")
     return EXIT_OK
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    from localllm.fit.command import cmd_fit as fit
+
+    return fit(args)
 
 
 # -- generation verbs ------------------------------------------------------------
@@ -221,6 +233,9 @@ def load_options(args: argparse.Namespace, n_ctx: int | None) -> LoadOptions:
         n_threads=args.threads,
         verbose=args.verbose,
         kv_cache_bytes=args.kv_cache,
+        speculative=args.speculative,
+        draft=args.draft,
+        num_speculative_tokens=args.num_speculative_tokens,
         remote_url=getattr(args, "url", None),
         remote_api_key=getattr(args, "remote_api_key", None) or os.environ.get("LOCALLLM_REMOTE_API_KEY") or None,
     )
@@ -341,13 +356,20 @@ def _print_table(rows: list[list[str]]) -> None:
         print("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
 
 
+# -- the load generator --------------------------------------------------------------
+def cmd_bench(args: argparse.Namespace) -> int:
+    from localllm.bench_command import cmd_bench as bench
+
+    return bench(args)
+
+
 # -- the API server ----------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
     import os
 
     from localllm.remotes import load_routes
     from localllm.server.run import serve
-    from localllm.server.settings import DEFAULT_MAX_QUEUE, DEFAULT_PORT, ServerSettings, parse_duration, parse_size
+    from localllm.server.settings import DEFAULT_MAX_QUEUE, DEFAULT_PARALLEL, DEFAULT_PORT, ServerSettings, parse_duration, parse_size
 
     settings = ServerSettings(
         host=args.host,
@@ -358,13 +380,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         cors_origins=list(args.cors_origin),
         keep_alive_s=parse_duration(args.keep_alive, "--keep-alive"),
         max_loaded=args.max_loaded,
-        parallel=args.parallel,
+        parallel=DEFAULT_PARALLEL if args.parallel is None else args.parallel,
         max_queue=DEFAULT_MAX_QUEUE if args.max_queue is None else args.max_queue,
         max_body_bytes=parse_size(args.max_body, "--max-body"),
         n_ctx=args.ctx,
         n_threads=args.threads,
         backend=backend_choice(args),
         kv_cache_bytes=args.kv_cache,
+        speculative=args.speculative,
+        draft=args.draft,
+        num_speculative_tokens=args.num_speculative_tokens,
         verbose=args.verbose,
         remote_url=args.url,
         remote_api_key=args.remote_api_key or os.environ.get("LOCALLLM_REMOTE_API_KEY") or None,

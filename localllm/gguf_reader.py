@@ -150,6 +150,25 @@ def tensor_nbytes(ggml_type: int, shape: Iterable[int]) -> int:
     return n // block * size
 
 
+class HeaderIncomplete(BadModelFile):
+    """The bytes given end inside the header: read more of the file and try again."""
+
+
+def read_gguf_bytes(data: bytes, file_size: int, name: str, want_tokens: Iterable[int | str] = ()) -> GGUFFile:
+    """Parse a header from the first bytes of a file of `file_size` bytes (e.g. an HTTP Range read).
+
+    Raises HeaderIncomplete when the header runs past `data` (fetch more),
+    BadModelFile when it is corrupt.
+    """
+    parser = _Parser(Path(name), data, len(data), file_size=file_size)
+    try:
+        gguf = parser.parse()
+        gguf.token_strings = parser.token_strings(gguf.metadata, want_tokens)
+        return gguf
+    except struct.error:  # a fixed-size read past the bytes at hand
+        raise parser.past_end(f"GGUF header ends early near byte {parser.off} (truncated file?)") from None
+
+
 def read_gguf(path: Path | str, want_tokens: Iterable[int | str] = ()) -> GGUFFile:
     """Read a GGUF header, plus the strings of a few vocabulary entries.
 
@@ -190,14 +209,21 @@ def read_gguf(path: Path | str, want_tokens: Iterable[int | str] = ()) -> GGUFFi
 class _Parser:
     """A cursor over the mapped header; every read checks the file's bounds."""
 
-    def __init__(self, path: Path, mm: mmap.mmap, size: int):
+    def __init__(self, path: Path, mm: mmap.mmap | bytes, size: int, file_size: int | None = None):
         self.path = path
         self.mm = mm
-        self.size = size
+        self.size = size  # bytes readable here
+        self.file_size = size if file_size is None else file_size  # the whole file's (more when only a head was read)
         self.off = 0
 
     def fail(self, why: str) -> BadModelFile:
         return BadModelFile(f"{self.path}: {why}")
+
+    def past_end(self, why: str) -> BadModelFile:
+        """A read past the bytes at hand: corrupt in a whole file, only unfinished in a file's head."""
+        if self.size < self.file_size:
+            return HeaderIncomplete(f"{self.path}: the GGUF header is longer than the first {self.size} bytes")
+        return self.fail(why)
 
     # -- primitives -------------------------------------------------------
 
@@ -214,7 +240,7 @@ class _Parser:
     def string(self, what: str) -> str:
         n = self.u64()
         if n > self.size - self.off:
-            raise self.fail(
+            raise self.past_end(
                 f"corrupt or truncated GGUF header: {what} of {n} bytes at byte {self.off - 8}"
                 " runs past end of file"
             )
@@ -224,7 +250,7 @@ class _Parser:
 
     def need(self, n_bytes: int, what: str) -> None:
         if n_bytes > self.size - self.off:
-            raise self.fail(
+            raise self.past_end(
                 f"corrupt or truncated GGUF header: {what} needs {n_bytes} bytes"
                 f" at byte {self.off}, past end of file"
             )
@@ -245,10 +271,10 @@ class _Parser:
         n_tensors = self.u64()
         n_kv = self.u64()
         # Smallest possible entries: a key/value is 8+4+1 bytes, a tensor info 8+4+4+8.
-        if n_kv * 13 > self.size or n_tensors * 24 > self.size:
+        if n_kv * 13 > self.file_size or n_tensors * 24 > self.file_size:
             raise self.fail(
                 f"corrupt or truncated GGUF header: {n_tensors} tensors and {n_kv} keys"
-                f" cannot fit in {self.size} bytes"
+                f" cannot fit in {self.file_size} bytes"
             )
 
         metadata: dict[str, Any] = {}
@@ -278,10 +304,10 @@ class _Parser:
             except ValueError as e:
                 raise self.fail(f"corrupt GGUF header: tensor {name!r}: {e}") from None
             start = data_offset + rel
-            if start + n_bytes > self.size:
+            if start + n_bytes > self.file_size:
                 raise self.fail(
                     f"truncated file: tensor {name!r} ends at byte {start + n_bytes}"
-                    f" but the file has only {self.size} bytes"
+                    f" but the file has only {self.file_size} bytes"
                 )
             tensors.append(TensorInfo(name, shape, gtype, start, n_bytes))
 
@@ -292,7 +318,7 @@ class _Parser:
             tensors=tensors,
             alignment=alignment,
             data_offset=data_offset,
-            file_size=self.size,
+            file_size=self.file_size,
         )
 
     def tensor_info(self) -> tuple[str, tuple[int, ...], int, int]:
@@ -394,5 +420,5 @@ class _Parser:
         except struct.error:
             off = self.size + 1
         if off > self.size:
-            raise self.fail("corrupt or truncated GGUF header: a string array runs past the end of the file")
+            raise self.past_end("corrupt or truncated GGUF header: a string array runs past the end of the file")
         self.off = off

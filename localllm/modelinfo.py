@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from localllm.errors import BadModelFile
-from localllm.gguf_reader import GGML_TYPES, ArrayInfo, GGUFFile, read_gguf
+from localllm.gguf_reader import GGML_TYPES, ArrayInfo, GGUFFile, TensorInfo, read_gguf
 
 # general.file_type (llama.cpp's llama_ftype) -> the name llama.cpp's quantize uses.
 FILE_TYPES: dict[int, str] = {
@@ -31,6 +31,19 @@ BOS_KEY = "tokenizer.ggml.bos_token_id"
 EOS_KEY = "tokenizer.ggml.eos_token_id"
 
 _LAYER = re.compile(r"blk\.(\d+)\.")
+LATER_FIELDS = ("intermediate_size", "layer_repack_bytes")  # cached manifests may predate these
+
+# ggml types whose matrices llama.cpp's CPU backend repacks (x86 AVX2 and ARM both), and the
+# row multiple it needs; the copy lives in a CPU_REPACK buffer beside the mapped file.
+REPACKED_TYPES = {2, 12, 20}  # Q4_0, Q4_K, IQ4_NL
+REPACK_ROWS = 8
+
+
+def repack_bytes(t: TensorInfo) -> int:
+    """Bytes of the interleaved copy llama.cpp makes of a layer matrix on the CPU (0 for most)."""
+    if t.ggml_type in REPACKED_TYPES and len(t.shape) == 2 and t.shape[1] % REPACK_ROWS == 0:
+        return t.n_bytes
+    return 0
 
 
 @dataclass
@@ -64,6 +77,10 @@ class ModelInfo:
     token_embd_bytes: int = 0
     output_bytes: int = 0  # 0 when the output projection is tied to the embedding
     other_bytes: int = 0
+    intermediate_size: int = 0  # feed-forward width (0: unknown); sizes activation buffers
+    # Bytes per layer of the matrices llama.cpp's CPU backend copies into an interleaved
+    # layout at load (Q4_0, Q4_K, IQ4_NL): RAM they take twice while the layer runs on the CPU.
+    layer_repack_bytes: list[int] = field(default_factory=list)
 
     @property
     def weight_bytes(self) -> int:
@@ -95,15 +112,22 @@ class ModelInfo:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelInfo:
-        """Inverse of to_dict; a ValueError means a stale cache entry: re-read the file."""
+        """Inverse of to_dict; a ValueError means a stale cache entry: re-read the file.
+
+        The fit planner's later additions (LATER_FIELDS) may be absent from an
+        older cache: they take their defaults rather than force a re-read,
+        which for a split GGUF would see only its first part.
+        """
         names = [f.name for f in fields(cls)]
-        missing = [n for n in names if n not in d]
+        missing = [n for n in names if n not in d and n not in LATER_FIELDS]
         if missing:
             raise ValueError(f"model info lacks {', '.join(missing)}")
-        values = {n: d[n] for n in names}
+        values = {n: d[n] for n in names if n in d}
         values["path"] = Path(values["path"])
         values["sliding_window_layers"] = list(values["sliding_window_layers"])
-        values["layer_weight_bytes"] = list(values["layer_weight_bytes"])
+        for name in ("layer_weight_bytes", "layer_repack_bytes"):
+            if name in values:
+                values[name] = list(values[name])
         return cls(**values)
 
 
@@ -115,6 +139,31 @@ def read_model_info(path: Path) -> ModelInfo:
     """
     path = Path(path)
     gguf = read_gguf(path, want_tokens=(BOS_KEY, EOS_KEY))
+    return _model_info(gguf)
+
+
+def add_split_part(info: ModelInfo, tensors: list[TensorInfo]) -> None:
+    """Count the tensors of a later part of a split GGUF (part 1 holds all the metadata) into `info`."""
+    for t in tensors:
+        info.parameters += t.n_elements
+        m = _LAYER.match(t.name)
+        if m:
+            i = int(m.group(1))
+            for sizes in (info.layer_weight_bytes, info.layer_repack_bytes):
+                if i >= len(sizes):
+                    sizes.extend([0] * (i + 1 - len(sizes)))
+            info.layer_weight_bytes[i] += t.n_bytes
+            info.layer_repack_bytes[i] += repack_bytes(t)
+        elif t.name == "token_embd.weight":
+            info.token_embd_bytes += t.n_bytes
+        elif t.name == "output.weight":
+            info.output_bytes += t.n_bytes
+        else:
+            info.other_bytes += t.n_bytes
+
+
+def model_info_from_header(gguf: GGUFFile) -> ModelInfo:
+    """A ModelInfo from an already parsed header (e.g. the first bytes of a remote file)."""
     return _model_info(gguf)
 
 
@@ -161,6 +210,7 @@ def _model_info(g: GGUFFile) -> ModelInfo:
 
     tensors = {t.name: t for t in g.tensors}
     layer_bytes = [0] * n_layers
+    layer_repack = [0] * n_layers
     token_embd = tensors.get("token_embd.weight")
     output = tensors.get("output.weight")
     other = 0
@@ -170,7 +220,9 @@ def _model_info(g: GGUFFile) -> ModelInfo:
             i = int(m.group(1))
             if i >= len(layer_bytes):  # e.g. extra prediction layers beyond block_count
                 layer_bytes.extend([0] * (i + 1 - len(layer_bytes)))
+                layer_repack.extend([0] * (i + 1 - len(layer_repack)))
             layer_bytes[i] += t.n_bytes
+            layer_repack[i] += repack_bytes(t)
         elif t is not token_embd and t is not output:
             other += t.n_bytes
 
@@ -208,6 +260,8 @@ def _model_info(g: GGUFFile) -> ModelInfo:
         token_embd_bytes=token_embd.n_bytes if token_embd else 0,
         output_bytes=output.n_bytes if output else 0,
         other_bytes=other,
+        intermediate_size=_int(g, f"{arch}.feed_forward_length", 0),
+        layer_repack_bytes=layer_repack,
     )
 
 

@@ -3,8 +3,9 @@
 `auto` runs GGUF files on llama.cpp and Hugging Face folders on the native
 engine; `--backend native` runs either on the native engine. `--backend remote`
 (or a RemoteModel, from the server's routing file) opens no file at all: the
-model runs on an upstream OpenAI-compatible server. The fit planner joins
-here later, behind the same function.
+model runs on an upstream OpenAI-compatible server. Local backends follow the
+fit planner (localllm/fit/): `auto` becomes the backend it picks, with its GPU
+layers and context; a named backend that cannot fit is refused with its reasons.
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ class LoadOptions:
     n_gpu_layers: int = 0
     verbose: bool = False
     kv_cache_bytes: int | None = None  # native engine: memory for its KV cache (None: its default)
+    speculative: str | None = None  # native engine: off | ngram | draft (None: off; a --draft alone means draft)
+    draft: str | None = None  # the draft model's name or path (speculative "draft")
+    num_speculative_tokens: int | None = None  # guesses per step (None: the engine's default)
+    n_parallel: int | None = None  # llama.cpp: requests decoded together, sharing n_ctx (None: its default)
     remote_url: str | None = None  # remote backend: the upstream's OpenAI base URL, e.g. http://host:8000/v1
     remote_api_key: str | None = None
     remote_timeout_s: float | None = None  # remote backend: longest wait for the upstream (None: its default)
@@ -37,42 +42,57 @@ def open_backend(model: ResolvedModel, options: LoadOptions | None = None) -> Ba
     if options.backend not in BACKENDS:
         raise BadRequest(f"unknown backend '{options.backend}'; choose one of: {', '.join(BACKENDS)}")
     if options.backend == "remote" or isinstance(model, RemoteModel):
+        if _speculative_method(options) != "off":
+            raise BadRequest("speculative decoding runs in the native engine; a remote model is decoded by its upstream")
         return _open_remote(model, options)
     if options.n_threads is not None and options.n_threads < 1:
         raise BadRequest("threads must be >= 1")
     info = model.info()
+    if options.backend != "llamacpp" or info.format == "gguf":
+        from localllm.fit.follow import follow_plan  # backend, GPU layers and context from the fit planner
+
+        options = follow_plan(model.name, info, options)
     if options.backend == "native" or (options.backend == "auto" and info.format != "gguf"):
         return _open_native(model, info, options)
     if info.format != "gguf":
         raise BadRequest(f"model '{model.name}' is {info.format}; only GGUF models run on llama.cpp")
+    if _speculative_method(options) != "off":
+        raise BadRequest("speculative decoding is not supported on the llamacpp backend yet; add --backend native")
     from localllm.backends.llamacpp import LlamaCppBackend, LlamaCppOptions
 
-    return LlamaCppBackend(
-        model.name,
-        info,
-        LlamaCppOptions(
-            n_ctx=options.n_ctx,
-            n_threads=options.n_threads,
-            n_gpu_layers=options.n_gpu_layers,
-            verbose=options.verbose,
-        ),
+    llama_options = LlamaCppOptions(
+        n_ctx=options.n_ctx,
+        n_threads=options.n_threads,
+        n_gpu_layers=options.n_gpu_layers,
+        verbose=options.verbose,
     )
+    if options.n_parallel is not None:
+        llama_options.n_parallel = options.n_parallel
+    return LlamaCppBackend(model.name, info, llama_options)
 
 
 def _open_native(model: ResolvedModel, info, options: LoadOptions) -> Backend:
     """The native PyTorch engine (GGUF files and Hugging Face folders); torch is imported only now."""
     from localllm.backends.native import NativeBackend, NativeOptions
 
-    return NativeBackend(
-        model.name,
-        info,
-        NativeOptions(
-            n_ctx=options.n_ctx,
-            n_threads=options.n_threads,
-            kv_cache_bytes=options.kv_cache_bytes,
-            verbose=options.verbose,
-        ),
+    native_options = NativeOptions(
+        n_ctx=options.n_ctx,
+        n_threads=options.n_threads,
+        kv_cache_bytes=options.kv_cache_bytes,
+        verbose=options.verbose,
+        speculative=_speculative_method(options),
+        num_speculative_tokens=options.num_speculative_tokens,
     )
+    if options.draft:  # a name in the store, or a path
+        from localllm.store.store import ModelStore
+
+        native_options.draft_path = ModelStore().resolve(options.draft).info().path
+    return NativeBackend(model.name, info, native_options)
+
+
+def _speculative_method(options: LoadOptions) -> str:
+    """off, ngram or draft; --draft alone implies draft (the engine checks the combination)."""
+    return options.speculative or ("draft" if options.draft else "off")
 
 
 def _open_remote(model: ResolvedModel, options: LoadOptions) -> Backend:

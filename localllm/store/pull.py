@@ -18,14 +18,15 @@ from __future__ import annotations
 import re
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Callable
 
 from localllm.errors import BadRequest, DownloadFailed, HubUnreachable, ModelNotFound
+from localllm.hardware import Hardware
 from localllm.gguf_reader import read_gguf
-from localllm.modelinfo import ModelInfo, read_model_info
+from localllm.modelinfo import ModelInfo, add_split_part, read_model_info
 from localllm.store.progress import RateMeter
 from localllm.store.refs import ModelRef, is_model_gguf, parse_ref, quant_of, split_part
 from localllm.store.store import STARTER_NAME, Manifest, ModelStore
@@ -77,8 +78,15 @@ def pull(
     store: ModelStore | None = None,
     progress: Callable[[PullProgress], None] | None = None,
     cancel: threading.Event | None = None,
+    hardware: Hardware | None = None,
+    notice: Callable[[str], None] | None = None,
 ) -> Manifest:
-    """Install MODEL (catalog name, hf: reference or `starter`); return its manifest."""
+    """Install MODEL (catalog name, hf: reference or `starter`); return its manifest.
+
+    A catalog name without a quant gets the quant the fit planner picks for
+    `hardware` (default: this machine), or the one already installed under that
+    name; `notice` hears which and why.
+    """
     store = store or ModelStore()
     report = _Reporter(progress)
     report.status("resolving")
@@ -97,6 +105,7 @@ def pull(
     except HubUnreachable as exc:
         installed = ", ".join(m.name for m in store.list()) or "none"
         raise HubUnreachable(f"{exc}; installed models: {installed}") from None
+    model = _pick_quant(ref, model, listing, store, hardware, notice)
     plan = plan_files(model, listing.files, listing.commit)
     report.total = plan.total
 
@@ -110,6 +119,29 @@ def pull(
 
 
 # -- choosing files -----------------------------------------------------------------------
+
+
+def _pick_quant(text: str, model: ModelRef, listing, store: ModelStore, hardware: Hardware | None, notice) -> ModelRef:
+    """The quant for a catalog name that names none: the installed one, else the planner's (localllm/fit/quants.py)."""
+    from localllm.fit.remote import quant_given
+
+    if model.catalog is None or quant_given(text):
+        return model
+    existing = store.get(model.name)
+    if existing is not None:
+        installed = quant_of(Path(existing.file).name)
+        return replace(model, quant=installed) if installed else model
+    from localllm.fit.machine import probe
+    from localllm.fit.quants import quant_sizes
+    from localllm.fit.remote import remote_model
+
+    if len(quant_sizes(listing.files)) < 2:
+        return model  # nothing to choose from
+    chosen = remote_model(text, model, hardware or probe(), listing=listing)
+    if chosen.choice is not None and notice is not None:
+        notice(f"{model.name}: {chosen.choice.reason}")
+    return chosen.ref
+
 
 
 def plan_files(model: ModelRef, files: list, commit: str) -> PullPlan:
@@ -270,9 +302,6 @@ def _manifest(plan: PullPlan, store: ModelStore, folder: Path, digests: list[str
     )
 
 
-_LAYER = re.compile(r"blk\.(\d+)\.")
-
-
 def _split_aware_info(paths: list[Path]) -> ModelInfo:
     """ModelInfo of a GGUF; for a split one, part 1's metadata plus every part's tensors.
 
@@ -282,20 +311,7 @@ def _split_aware_info(paths: list[Path]) -> ModelInfo:
     """
     info = read_model_info(paths[0])
     for path in paths[1:]:
-        for t in read_gguf(path).tensors:
-            info.parameters += t.n_elements
-            m = _LAYER.match(t.name)
-            if m:
-                i = int(m.group(1))
-                if i >= len(info.layer_weight_bytes):
-                    info.layer_weight_bytes.extend([0] * (i + 1 - len(info.layer_weight_bytes)))
-                info.layer_weight_bytes[i] += t.n_bytes
-            elif t.name == "token_embd.weight":
-                info.token_embd_bytes += t.n_bytes
-            elif t.name == "output.weight":
-                info.output_bytes += t.n_bytes
-            else:
-                info.other_bytes += t.n_bytes
+        add_split_part(info, read_gguf(path).tensors)
     info.size_bytes = sum(p.stat().st_size for p in paths)
     return info
 

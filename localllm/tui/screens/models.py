@@ -7,6 +7,7 @@ partial file, so starting it again resumes where it stopped.
 
 from __future__ import annotations
 
+import copy
 import threading
 from dataclasses import dataclass
 
@@ -19,6 +20,7 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Label, ProgressBar, Static
 
 from localllm.errors import LocalLLMError
+from localllm.hardware import Hardware
 from localllm.store.store import ModelStore
 from localllm.units import human_bytes
 
@@ -35,12 +37,41 @@ class ModelRow:
     quant: str
     context: int | None
     description: str = ""
+    info: dict | None = None  # an installed model's cached ModelInfo, for the fit planner
 
 
-def fit_badge(size_bytes: int, ram_available: int) -> str:
-    """A RAM-based verdict until the fit planner exists: weights plus a working margin."""
-    needed = size_bytes * 1.15 + 512 * 1024**2
-    return "CPU" if needed <= ram_available else "too large"
+def fit_badge(row: ModelRow, hw: Hardware) -> str:
+    """The fit planner's verdict: "GPU 8k", "GPU+CPU 20L", "CPU 8k", "too large".
+
+    Installed models get a real plan from their header facts; catalog models,
+    whose headers are not read until `localllm fit` or a pull asks, an
+    estimate from their size, marked with "~".
+    """
+    from localllm.fit import Wishes, plan_fit
+    from localllm.fit.render import badge, size_badge
+    from localllm.fit.settings import FitSettings
+    from localllm.modelinfo import ModelInfo
+
+    if row.info:
+        try:
+            return badge(plan_fit(ModelInfo.from_dict(row.info), hw, Wishes(), FitSettings.from_env()))
+        except (LocalLLMError, KeyError, TypeError, ValueError):
+            pass  # an old or odd cache entry: estimate instead
+    return "~" + size_badge(row.size_bytes, hw)
+
+
+def planning_hardware(facts: Hardware | None, reading) -> Hardware:
+    """The probe's fixed facts with this second's RAM and GPU readings (facts may still be loading)."""
+    from localllm.hardware import LlamaCppSupport
+
+    hw = copy.deepcopy(facts) if facts is not None else Hardware(
+        os="", os_release="", machine="", python="", cpu_model="", physical_cores=1, logical_cores=1,
+        cpu_flags=[], ram_total_bytes=0, ram_available_bytes=0, llama_cpp=LlamaCppSupport(),
+    )
+    hw.ram_total_bytes = reading.ram_total_bytes
+    hw.ram_available_bytes = max(0, reading.ram_total_bytes - reading.ram_used_bytes)
+    hw.gpus = list(reading.gpus)
+    return hw
 
 
 def model_rows(store: ModelStore) -> list[ModelRow]:
@@ -50,7 +81,7 @@ def model_rows(store: ModelStore) -> list[ModelRow]:
     installed = store.list()
     for m in installed:
         info = m.info or {}
-        rows.append(ModelRow(m.name, True, m.size, False, info.get("quantization") or "-", info.get("context_length")))
+        rows.append(ModelRow(m.name, True, m.size, False, info.get("quantization") or "-", info.get("context_length"), info=m.info))
     names = {m.name for m in installed}
     for entry in default_catalog().entries:
         if entry.name in names:
@@ -113,8 +144,9 @@ class ModelsScreen(Screen):
         except (LocalLLMError, OSError, ValueError) as exc:
             self.notify(f"cannot list models: {exc}", severity="error")
             self.rows = []
-        reading = self.app.hardware_probe.live()
-        available = reading.ram_total_bytes - reading.ram_used_bytes
+        probe = self.app.hardware_probe
+        probe.start()
+        hw = planning_hardware(probe.facts, probe.live())
         table = self.query_one(DataTable)
         cursor = table.cursor_row
         table.clear()
@@ -122,7 +154,7 @@ class ModelsScreen(Screen):
             size = ("~" if row.size_is_estimate else "") + human_bytes(row.size_bytes)
             status = "installed" if row.installed else ("downloading" if row.name == self.downloading else "catalog")
             table.add_row(row.name, status, size, row.quant, str(row.context or "-"),
-                          fit_badge(row.size_bytes, available), key=row.name)
+                          fit_badge(row, hw), key=row.name)
         if self.rows:
             table.move_cursor(row=min(cursor, len(self.rows) - 1))
 

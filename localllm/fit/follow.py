@@ -1,0 +1,51 @@
+"""`run`, `chat` and `serve` follow the plan: backend, GPU layers, context (and a CPU KV budget) come from it.
+
+A backend named with --backend is planned for as asked, and refused (with the
+plan's reasons) when it cannot fit; so is `auto` when nothing fits, rather
+than loading into an out-of-memory crash or a swap storm.
+
+llama.cpp's context is what the backend calls n_ctx: the KV cache all its
+slots share (llama.cpp's unified cache), so its memory depends on n_ctx
+alone and one sequence is planned for. The native engine gets the plan's
+context; on the CPU also the plan's KV budget (`parallel` full contexts,
+sliding-window layers holding their windows), on CUDA it sizes its pool from
+the memory left free, like vLLM, so more sequences can share the cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+from localllm.errors import DoesNotFit
+from localllm.fit.machine import probe
+from localllm.fit.planner import Plan, Wishes, plan_fit
+from localllm.fit.settings import FitSettings
+from localllm.hardware import Hardware
+from localllm.modelinfo import ModelInfo
+
+
+def follow_plan(name: str, info: ModelInfo, options: Any, *, hardware: Hardware | None = None, parallel: int = 1) -> Any:
+    """LoadOptions with the planner's choices filled in where the user left them open; raises DoesNotFit."""
+    plan = plan_fit(info, hardware or probe(), Wishes(options.n_ctx, parallel, options.backend), FitSettings.from_env())
+    if not plan.fits:
+        raise DoesNotFit(refusal(name, plan, options.backend))
+    chosen = replace(options, backend=plan.backend, n_ctx=options.n_ctx or plan.context_length * plan.parallel)
+    if plan.backend == "llamacpp":
+        return replace(chosen, n_gpu_layers=plan.n_gpu_layers)
+    if plan.device == "cpu" and options.kv_cache_bytes is None:
+        # On the CPU a block counts once touched, and the engine prefers never-used blocks, so a pool
+        # larger than the plan's would end up in RAM: give it exactly the planned one.
+        chosen = replace(chosen, kv_cache_bytes=plan.kv_bytes)
+    return chosen  # on CUDA the engine sizes its pool from what the device has free
+
+
+def refusal(name: str, plan: Plan, asked: str) -> str:
+    """One line: who cannot run what, the deciding reason, and what would fit."""
+    who = "no backend can" if asked == "auto" else f"--backend {asked} cannot"
+    line = f"{who} run '{name}' here: {plan.reasons[-1]}"
+    if plan.alternatives:
+        line += f"; {'; '.join(plan.alternatives)}"
+    if len(plan.reasons) > 1 and plan.reasons[0] not in line:
+        line += f" ({plan.reasons[0]})"
+    return line + "; `localllm fit` explains"

@@ -1,0 +1,279 @@
+"""What the native engine (native/) takes on its device, part by part.
+
+- Weights at the engine's dtype (float32 on the CPU, bfloat16 on CUDA),
+  whatever the file's quantization; norms stay float32. On the CPU the output
+  projection gets a oneDNN-ordered copy (layers/linear.py): kept beside a
+  tied embedding table, replacing an untied head once it is made.
+- The KV cache: the block pool the planner sizes and hands to the engine
+  (`kv_cache_bytes`). Global layers hold the whole context; sliding-window
+  layers, which keep a pool of their own, hold a decoding window per sequence
+  plus one step's tokens (`sliding_window_blocks`, mirroring
+  native/kv_layout.py). Each pool has one scratch block more.
+- Activations of the largest step (max_num_batched_tokens tokens: 256 on the
+  CPU, 8192 on CUDA): the residual stream, the fused QKV and MLP products,
+  the gathered keys and values of one layer, the attention mask in its three
+  forms (bool, repeated for the grouped heads, additive in the compute
+  dtype), logits for every sampling row (and on CUDA cuBLAS's workspaces).
+- CUDA: captured decode graphs and the CUDA context (which
+  torch.cuda.max_memory_allocated does not count, so `allocated` leaves it
+  out). CPU: torch's own libraries and thread pools, which the process only
+  loads with the engine, and what loading leaves behind.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from localllm.fit.units import MIB
+from localllm.modelinfo import ModelInfo
+
+BLOCK_SIZE = 16
+MAX_NUM_SEQS = 16  # the engine's default batch of sequences (NativeOptions.max_num_seqs)
+CPU_STEP_TOKENS = 256  # max_num_batched_tokens on the CPU ...
+CUDA_STEP_TOKENS = 8192  # ... and on CUDA (native/engine.py)
+TORCH_CPU_RUNTIME_BYTES = 256 * MIB  # torch, MKL and oneDNN, and llama.cpp's tokenizer: measured 247 MiB
+CPU_ALLOCATOR_OVERHEAD = 0.08  # of the float32 weights, kept by the allocator after loading: measured 8.1%
+TORCH_CUDA_CONTEXT_BYTES = 640 * MIB  # the CUDA context with torch's kernels: measured 527 MiB on an H200 before use
+CUDA_GRAPH_BYTES = 64 * MIB  # the private pool of the captured decode graphs
+RUNTIME_WORKSPACE_BYTES = 96 * MIB  # cuBLAS workspaces and allocator rounding: measured 50-90 MiB on an H200
+
+
+@dataclass(frozen=True)
+class NativeShape:
+    """The shape facts the formulas need; from a ModelInfo or a native ModelConfig."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    sliding_window: int | None
+    sliding_layers: tuple[bool, ...]
+    tie_embeddings: bool
+    parameters: int
+
+    @classmethod
+    def from_info(cls, info: ModelInfo) -> NativeShape:
+        sliding = set(info.sliding_window_layers) if info.sliding_window else set()
+        return cls(
+            vocab_size=info.vocab_size,
+            hidden_size=info.hidden_size,
+            intermediate_size=info.intermediate_size or 4 * info.hidden_size,
+            n_layers=info.n_layers,
+            n_heads=info.n_heads,
+            n_kv_heads=info.n_kv_heads,
+            head_dim=info.head_dim,
+            sliding_window=info.sliding_window,
+            sliding_layers=tuple(i in sliding for i in range(info.n_layers)),
+            tie_embeddings=info.output_bytes == 0,
+            parameters=info.parameters,
+        )
+
+    @classmethod
+    def from_config(cls, config: Any) -> NativeShape:
+        """From native.config.ModelConfig (or anything with its attribute names)."""
+        h, q, kv = config.hidden_size, config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
+        per_layer = h * (q + 2 * kv) + q * h + 3 * h * config.intermediate_size + 4 * h + 2 * config.head_dim
+        embeddings = config.vocab_size * h * (1 if config.tie_embeddings else 2)
+        sliding = list(getattr(config, "sliding_layers", []) or [False] * config.n_layers)
+        return cls(
+            vocab_size=config.vocab_size,
+            hidden_size=h,
+            intermediate_size=config.intermediate_size,
+            n_layers=config.n_layers,
+            n_heads=config.n_heads,
+            n_kv_heads=config.n_kv_heads,
+            head_dim=config.head_dim,
+            sliding_window=config.sliding_window if any(sliding) else None,
+            sliding_layers=tuple(bool(s) for s in sliding),
+            tie_embeddings=bool(config.tie_embeddings),
+            parameters=config.n_layers * per_layer + embeddings + h,
+        )
+
+
+@dataclass
+class NativeMemory:
+    device: str
+    dtype_bytes: int
+    context: int
+    parallel: int
+    kv_bytes: int  # the pool budget to hand to the engine (scratch blocks not included)
+    parts: dict[str, int] = field(default_factory=dict)
+    outside_allocator: tuple[str, ...] = ()  # parts torch's allocator does not count
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.parts.values())
+
+    @property
+    def allocated_bytes(self) -> int:
+        """Comparable with torch.cuda.max_memory_allocated (CUDA) after a full-context step."""
+        return sum(v for k, v in self.parts.items() if k not in self.outside_allocator)
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def sliding_window_blocks(window: int, block_size: int, n_tokens: int) -> int:
+    """Most blocks a sliding-window sequence holds while a step runs n_tokens new tokens.
+
+    The queries of a step from position c read c - window + 1 .. c + n - 1, at most
+    window + n - 2 positions past a block boundary: this is native/kv_layout.py's
+    `window_blocks`, kept here so the planner needs no torch and no engine.
+    Change both together.
+    """
+    return cdiv(window + n_tokens - 2, block_size) + 1
+
+
+def kv_pool_blocks(shape: NativeShape, *, context: int, parallel: int, step_tokens: int, block_size: int = BLOCK_SIZE) -> list[tuple[int, int]]:
+    """(layers, blocks) per KV pool for `parallel` sequences of `context` tokens.
+
+    One pool for every layer unless sliding layers can save memory, then a
+    second for them: a decoding window per sequence plus one more block, and
+    the step's tokens once (as native/kv_layout.py's `demand`).
+    """
+    full_blocks = parallel * cdiv(context, block_size)
+    window = shape.sliding_window
+    sliding = [i for i, s in enumerate(shape.sliding_layers) if s]
+    if not sliding or not window or sliding_window_blocks(window, block_size, 1) >= cdiv(context, block_size):
+        return [(shape.n_layers, full_blocks)]
+    windowed = parallel * (sliding_window_blocks(window, block_size, 1) + 1) + cdiv(step_tokens, block_size)
+    pools = [(len(sliding), min(full_blocks, windowed))]
+    if len(sliding) < shape.n_layers:
+        pools.insert(0, (shape.n_layers - len(sliding), full_blocks))
+    return pools
+
+
+def block_bytes(shape: NativeShape, layers: int, dtype_bytes: int, block_size: int = BLOCK_SIZE) -> int:
+    return 2 * layers * block_size * shape.n_kv_heads * shape.head_dim * dtype_bytes
+
+
+def activation_bytes(
+    shape: NativeShape,
+    *,
+    context: int,
+    step_tokens: int,
+    dtype_bytes: int,
+    sampling_rows: int,
+    max_sequences: int = 1,
+    materialized_scores: bool = False,
+) -> int:
+    """The largest step's live tensors (see the module docstring).
+
+    A step of up to `step_tokens` tokens (several sequences' prompt chunks when
+    more than one runs) goes through the projections and the MLP together;
+    attention runs one sequence at a time, a chunk of up to a whole context
+    against every key before it. Calibrated with torch's allocator on an H200
+    (bf16; Llama-3.2-1B, Qwen2.5-7B and Gemma-3-270M shapes, contexts
+    2048-16384), with the cuBLAS workspaces and graph pool beside it: within
+    +0.1% to +4% of the measured peak, never below. On the CPU, attention
+    with a mask also holds the scores and their softmax in float32
+    (materialized_scores); calibrated there with the starter at 2048 and 8192.
+    """
+    d = dtype_bytes
+    step = min(step_tokens, context * max(1, max_sequences))
+    chunk = min(step_tokens, context)
+    h, q, kv = shape.hidden_size, shape.n_heads * shape.head_dim, shape.n_kv_heads * shape.head_dim
+    group = max(1, shape.n_heads // max(1, shape.n_kv_heads))
+    residual = 2 * step * h * d  # the residual stream and its norm
+    attention = (
+        step * (q + 2 * kv) * d  # fused QKV
+        + step * (q + kv) * d  # q and k after norm and rotary
+        + 2 * step * q * d  # attention output and its copy
+        + 2 * context * kv * d  # one sequence's gathered keys and values
+        # its mask: bool, repeated for the grouped query heads, then additive in the compute dtype
+        + chunk * context * (1 + group * (1 + d))
+        + (2 * group * chunk * context * 4 * shape.n_kv_heads if materialized_scores else 0)
+    )
+    mlp = 4 * step * shape.intermediate_size * d  # gate and up, the activation, their product
+    logits = sampling_rows * shape.vocab_size * 4
+    return residual + max(attention, mlp) + logits
+
+
+def native_memory(
+    shape: NativeShape,
+    *,
+    device: str,
+    context: int,
+    parallel: int = 1,
+    dtype_bytes: int | None = None,
+    step_tokens: int | None = None,
+    max_num_seqs: int = MAX_NUM_SEQS,
+    kv_cache_bytes: int | None = None,
+    block_size: int = BLOCK_SIZE,
+    pack_output: bool = True,
+    file_bytes: int = 0,
+) -> NativeMemory:
+    """Memory of the native engine on `device` ("cpu" or "cuda") for `parallel` sequences of `context` tokens.
+
+    file_bytes: the model file's size. On the CPU loading leaves about that
+    much behind (file pages still mapped, freed dequantization buffers the C
+    allocator keeps), beside an allocator overhead on the weights.
+    """
+    cuda = device.startswith("cuda")
+    d = dtype_bytes or (2 if cuda else 4)
+    step = step_tokens or (CUDA_STEP_TOKENS if cuda else CPU_STEP_TOKENS)
+    pools = kv_pool_blocks(shape, context=context, parallel=parallel, step_tokens=step, block_size=block_size)
+    planned_kv = sum(blocks * block_bytes(shape, layers, d, block_size) for layers, blocks in pools)
+    kv = planned_kv if kv_cache_bytes is None else kv_cache_bytes
+    scratch = sum(block_bytes(shape, layers, d, block_size) for layers, _ in pools)
+
+    mem = NativeMemory("cuda" if cuda else "cpu", d, context, parallel, kv)
+    parts = mem.parts
+    parts["weights"] = shape.parameters * d
+    if not cuda and pack_output and d == 4:  # kept beside a tied embedding; beside an untied head while packing
+        parts["packed output copy"] = shape.vocab_size * shape.hidden_size * 4
+    parts["KV cache"] = kv + scratch
+    parts["activations"] = activation_bytes(
+        shape, context=context, step_tokens=step, dtype_bytes=d, sampling_rows=max_num_seqs,
+        max_sequences=max(parallel, max_num_seqs), materialized_scores=not cuda,
+    )
+    if cuda:
+        parts["cuBLAS workspaces"] = RUNTIME_WORKSPACE_BYTES
+        parts["CUDA graphs"] = CUDA_GRAPH_BYTES
+        parts["CUDA context"] = TORCH_CUDA_CONTEXT_BYTES
+        mem.outside_allocator = ("CUDA context",)
+    else:
+        parts["torch runtime"] = TORCH_CPU_RUNTIME_BYTES
+        parts["loading leftovers"] = file_bytes + int(CPU_ALLOCATOR_OVERHEAD * parts["weights"])
+    return mem
+
+
+def predict_native_vram(
+    config: Any,
+    device: str = "cuda",
+    context: int = 4096,
+    *,
+    parallel: int = 1,
+    max_num_seqs: int = MAX_NUM_SEQS,
+    step_tokens: int | None = None,
+    kv_cache_bytes: int | None = None,
+    dtype_bytes: int | None = None,
+) -> NativeMemory:
+    """Predicted memory of the native engine for a native ModelConfig (or NativeShape / ModelInfo).
+
+    For a GPU check: run the engine with kv_cache_bytes=result.kv_bytes (so the
+    pool is what was planned rather than what is free), then compare
+    torch.cuda.max_memory_allocated() with result.allocated_bytes; result.parts
+    says where each byte was expected.
+    """
+    if isinstance(config, NativeShape):
+        shape = config
+    elif isinstance(config, ModelInfo):
+        shape = NativeShape.from_info(config)
+    else:
+        shape = NativeShape.from_config(config)
+    return native_memory(
+        shape,
+        device=device,
+        context=context,
+        parallel=parallel,
+        dtype_bytes=dtype_bytes,
+        step_tokens=step_tokens,
+        max_num_seqs=max_num_seqs,
+        kv_cache_bytes=kv_cache_bytes,
+    )
