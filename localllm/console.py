@@ -57,8 +57,9 @@ def format_stats(event: FinishEvent) -> str:
     u, t = event.usage, event.timings
     rate = t.decode_tokens_per_s(u.completion_tokens)
     cached = f" ({u.cached_prompt_tokens} reused)" if u.cached_prompt_tokens else ""
+    guesses = f", {u.accepted_draft_tokens}/{u.draft_tokens} speculative guesses kept" if u.draft_tokens else ""
     return (
         f"prompt: {u.prompt_tokens} tokens{cached} in {t.prompt_s * 1000:.0f} ms, "
-        f"TTFT {t.ttft_s * 1000:.0f} ms | output: {u.completion_tokens} tokens, {rate:.1f} tok/s | "
+        f"TTFT {t.ttft_s * 1000:.0f} ms | output: {u.completion_tokens} tokens, {rate:.1f} tok/s{guesses} | "
         f"finish: {event.reason}"
     )

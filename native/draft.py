@@ -68,6 +68,8 @@ class DraftModelProposer:
         for i, (seq, k) in enumerate(zip(seqs, ks)):
             mirror = self._sync(seq)
             blocks = self.engine.blocks
+            if mirror is not None:
+                blocks.slide(mirror)  # sliding-window layers give back what their window has left
             if mirror is not None and blocks.can_grow(mirror, mirror.num_tokens + k - 1):
                 blocks.grow(mirror, mirror.num_tokens + k - 1)
                 self._catch_up(mirror)

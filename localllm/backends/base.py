@@ -86,6 +86,8 @@ class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_prompt_tokens: int = 0  # prompt tokens whose KV was reused, not recomputed
+    draft_tokens: int = 0  # speculative decoding: tokens guessed and verified for this request
+    accepted_draft_tokens: int = 0  # of those, the ones the model kept
 
     @property
     def total_tokens(self) -> int:
@@ -147,6 +149,11 @@ class EngineStats:
     slots_total: int = 0
     prefix_cache_hits: int = 0
     prefix_cache_tokens: int = 0
+    # speculative decoding (native): guessed tokens verified and kept since the model loaded,
+    # and the share kept for the last finished request that speculated
+    spec_draft_tokens: int = 0
+    spec_accepted_tokens: int = 0
+    last_spec_acceptance_rate: float = 0.0
 
 
 class Backend(Protocol):

@@ -14,6 +14,10 @@ characters, no partial stop strings), an end-of-generation token ends with
 flushing held-back text, abort and a client that stops listening end with
 "abort". torch is imported on the engine thread only, so the app runs where
 torch is missing until this backend is asked for.
+
+With speculative decoding (native/speculative.py) one step may give a request
+several tokens; each is delivered as its own event, as if decoded one by one,
+and the request's guessed and kept token counts end up in its Usage.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, AsyncIterator
 
 from localllm.backends.base import (
@@ -50,6 +55,9 @@ class NativeOptions:
     device: str | None = None  # None: CUDA when available
     dtype: str | None = None  # None: float32 on CPU, bfloat16 on CUDA
     verbose: bool = False
+    speculative: str = "off"  # off | ngram | draft (native/speculative.py)
+    draft_path: Path | None = None  # the draft model, for "draft"
+    num_speculative_tokens: int | None = None  # guesses per step; None: the engine's default
 
 
 @dataclass
@@ -197,8 +205,12 @@ class NativeBackend:
 
     def _load(self) -> None:
         from native.engine import EngineOptions, LLMEngine
+        from native.speculative import SpeculativeOptions
 
         o = self.options
+        speculative = SpeculativeOptions(o.speculative, draft_model=o.draft_path)
+        if o.num_speculative_tokens is not None:
+            speculative.num_tokens = o.num_speculative_tokens
         self._engine = LLMEngine(
             self.info.path,
             EngineOptions(
@@ -209,6 +221,7 @@ class NativeBackend:
                 kv_cache_bytes=o.kv_cache_bytes,
                 threads=o.n_threads or default_threads(),
                 verbose=o.verbose,
+                speculative=speculative.validate(),
             ),
         )
         self._tokenizer = self._engine.tokenizer
@@ -328,6 +341,9 @@ class NativeBackend:
             if job.started_at:
                 t.queued_s = job.started_at - job.queued_at
         t.total_s = time.perf_counter() - job.queued_at
+        spec = job.seq.spec if job.seq is not None else None
+        if spec is not None and spec.proposed:
+            job.usage.draft_tokens, job.usage.accepted_draft_tokens = spec.proposed, spec.accepted
         with self._lock:  # before the finish event, so the id is free once a client sees it
             self._active.discard(rid)
             self._aborted.discard(rid)
@@ -335,6 +351,8 @@ class NativeBackend:
             if job.usage.completion_tokens:
                 self._stats.last_ttft_s = t.ttft_s
                 self._stats.last_decode_tokens_per_s = t.decode_tokens_per_s(job.usage.completion_tokens)
+            if job.usage.draft_tokens:
+                self._stats.last_spec_acceptance_rate = job.usage.accepted_draft_tokens / job.usage.draft_tokens
         self._publish_stats()  # its blocks are back: stats say so before the client hears it is done
         self._emit(job, FinishEvent(rid, reason, job.usage, t, error))
 
@@ -347,6 +365,8 @@ class NativeBackend:
             self._stats.kv_blocks_total = s["kv_blocks_total"]
             self._stats.kv_used_ratio = s["kv_blocks_used"] / max(s["kv_blocks_total"], 1)
             self._stats.prefix_cache_hit_rate = s["prefix_cache_hit_rate"]
+            self._stats.spec_draft_tokens = s.get("spec_draft_tokens", 0)
+            self._stats.spec_accepted_tokens = s.get("spec_accepted_tokens", 0)
 
     def _emit(self, job: _Job, event: Event) -> bool:
         """Hand an event to the request's loop; False when that loop is gone."""

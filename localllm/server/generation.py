@@ -68,6 +68,8 @@ class Run:
                 if isinstance(event, FinishEvent):
                     self.finish = event
                     self.metrics.prompt_tokens.inc(event.usage.prompt_tokens)
+                    if event.usage.draft_tokens:
+                        self.metrics.speculative_acceptance.observe(event.usage.accepted_draft_tokens / event.usage.draft_tokens)
                 yield event
                 if isinstance(event, FinishEvent):
                     return

@@ -14,6 +14,7 @@ from typing import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client.core import CounterMetricFamily
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from localllm.backends.base import EngineStats
@@ -22,6 +23,7 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 _TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _ITL_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0, 2.5)
+_RATIO_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 # Requests to these paths are counted in localllm_requests_total; scrapes and probes are not.
 _COUNTED_PREFIXES = ("/v1/", "/api/")
@@ -53,12 +55,58 @@ class Metrics:
             "Share of the KV cache in use (the fullest loaded model).",
             registry=r,
         )
+        slots = Gauge("localllm_slots", "Requests the loaded engines can run at once (llama.cpp slots).", registry=r)
         running.set_function(lambda: sum(s.running for s in engine_stats()))
         waiting.set_function(lambda: sum(s.waiting for s in engine_stats()))
         kv.set_function(lambda: max((s.kv_used_ratio for s in engine_stats()), default=0.0))
+        slots.set_function(lambda: sum(s.slots_total for s in engine_stats()))
+        r.register(PrefixCacheCollector(engine_stats))
+        r.register(SpeculationCollector(engine_stats))
+        self.speculative_acceptance = Histogram(
+            "localllm_speculative_acceptance_ratio",
+            "Per request that speculated: the share of its guessed tokens the model kept.",
+            buckets=_RATIO_BUCKETS,
+            registry=r,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class PrefixCacheCollector:
+    """Prompt reuse, read from the loaded engines when scraped (a model that unloads takes its counts along)."""
+
+    def __init__(self, engine_stats: Callable[[], Iterable[EngineStats]]) -> None:
+        self.engine_stats = engine_stats
+
+    def collect(self):
+        stats = list(self.engine_stats())
+        yield CounterMetricFamily(
+            "localllm_prefix_cache_hits", "Requests that started from a cached prompt prefix.",
+            value=sum(s.prefix_cache_hits for s in stats),
+        )
+        yield CounterMetricFamily(
+            "localllm_prefix_cache_tokens", "Prompt tokens reused from the cache instead of computed.",
+            value=sum(s.prefix_cache_tokens for s in stats),
+        )
+
+
+class SpeculationCollector:
+    """Speculative decoding's guessed and kept tokens, read from the loaded engines when scraped."""
+
+    def __init__(self, engine_stats: Callable[[], Iterable[EngineStats]]) -> None:
+        self.engine_stats = engine_stats
+
+    def collect(self):
+        stats = list(self.engine_stats())
+        yield CounterMetricFamily(
+            "localllm_speculative_draft_tokens", "Tokens guessed by speculative decoding and verified by the model.",
+            value=sum(s.spec_draft_tokens for s in stats),
+        )
+        yield CounterMetricFamily(
+            "localllm_speculative_accepted_tokens", "Guessed tokens the model kept.",
+            value=sum(s.spec_accepted_tokens for s in stats),
+        )
 
 
 class RequestCounter:

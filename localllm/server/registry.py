@@ -221,6 +221,10 @@ class ModelRegistry:
             n_threads=s.n_threads,
             verbose=s.verbose,
             kv_cache_bytes=s.kv_cache_bytes,
+            speculative=s.speculative,
+            draft=s.draft,
+            num_speculative_tokens=s.num_speculative_tokens,
+            n_parallel=s.parallel,
             remote_url=s.remote_url,
             remote_api_key=s.remote_api_key,
         )

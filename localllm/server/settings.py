@@ -18,6 +18,7 @@ from localllm.remotes import RemoteRoute
 DEFAULT_PORT = 11435
 DEFAULT_KEEP_ALIVE_S = 300.0
 DEFAULT_MAX_QUEUE = 64
+DEFAULT_PARALLEL = 4  # `serve`: requests a model runs at once (llama.cpp slots sharing one KV cache)
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 
 
@@ -38,6 +39,9 @@ class ServerSettings:
     n_threads: int | None = None
     backend: str = "auto"
     kv_cache_bytes: int | None = None  # native engine only
+    speculative: str | None = None  # native engine: off | ngram | draft (see LoadOptions)
+    draft: str | None = None
+    num_speculative_tokens: int | None = None
     verbose: bool = False
     remote_url: str | None = None  # --backend remote: the upstream every request goes to
     remote_api_key: str | None = None

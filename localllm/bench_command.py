@@ -1,0 +1,146 @@
+"""`localllm bench`: which server to measure, the levels, and the report.
+
+Without --url the command starts our own API in this process (on a free
+loopback port, with the load flags given, one slot per concurrent request of
+the largest level) and measures it through HTTP like any other server. With
+--url it measures that server directly; with --url and --backend remote, ours
+runs in front of it, so the difference is what our hop costs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import time
+
+import httpx
+
+from localllm.bench import BenchConfig, format_table, plot, run_bench, to_json
+from localllm.cli import EXIT_ERROR, EXIT_OK, print_json
+from localllm.errors import BackendError, BadRequest
+
+LOAD_TIMEOUT_S = 600.0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    levels: list[int] = args.concurrency
+    if args.plot:
+        require_matplotlib()  # before minutes of measuring, not after
+    if args.url and args.backend not in ("auto", "remote"):
+        raise BadRequest(f"--url measures that server directly; --backend {args.backend} is for the in-process server")
+    server = None
+    if args.url and args.backend != "remote":
+        url = args.url.rstrip("/")
+        model = args.model or first_model(url, args.api_key)
+        api_key = args.api_key
+    else:
+        server, url, model = start_in_process(args, levels)
+        api_key = None
+    cfg = BenchConfig(
+        url=url,
+        model=model,
+        concurrency=levels,
+        prompt_tokens=args.prompt_tokens,
+        max_tokens=args.max_tokens,
+        requests=args.requests,
+        api_key=api_key,
+    ).validate()
+    try:
+        if not args.json:
+            where = "in-process" if server is not None else url
+            print(f"benchmarking {model} ({where}): levels {','.join(map(str, levels))}, "
+                  f"{cfg.prompt_tokens}-token prompts, {cfg.max_tokens}-token answers", file=sys.stderr)
+        reports = asyncio.run(run_bench(cfg))
+    finally:
+        if server is not None:
+            server.stop()
+    if args.plot:
+        plot(reports, args.plot, f"{model}: {cfg.max_tokens}-token answers")
+    if args.json:
+        print_json({
+            "url": url if server is None else None,
+            "model": model,
+            "in_process": server is not None,
+            "prompt_tokens": cfg.prompt_tokens,
+            "max_tokens": cfg.max_tokens,
+            "levels": to_json(reports),
+        })
+    else:
+        print(format_table(reports))
+    failed_everywhere = all(r.errors == r.requests for r in reports)
+    return EXIT_ERROR if failed_everywhere else EXIT_OK
+
+
+def require_matplotlib() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise BadRequest("--plot needs matplotlib: pip install 'localllm[bench]'") from None
+
+
+def first_model(url: str, api_key: str | None) -> str:
+    """The first model a server lists at /models: what to name when the user named none."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        response = httpx.get(f"{url}/models", headers=headers, timeout=30)
+        response.raise_for_status()
+        data = response.json().get("data") or []
+    except (httpx.HTTPError, ValueError) as exc:
+        raise BadRequest(f"cannot list the models of {url}: {exc}; name one: localllm bench MODEL --url {url}") from None
+    if not data:
+        raise BadRequest(f"{url} lists no models; name one: localllm bench MODEL --url {url}")
+    return str(data[0]["id"])
+
+
+def start_in_process(args: argparse.Namespace, levels: list[int]):
+    """Our API on a free loopback port with the model loaded: (server, OpenAI base URL, model name)."""
+    from localllm.server.run import ServerThread
+    from localllm.server.settings import DEFAULT_MAX_QUEUE, ServerSettings
+
+    ref = args.model or "starter"
+    if args.backend != "remote":
+        from localllm.commands import resolve_or_pull
+
+        resolve_or_pull(ref)  # a catalog name not installed yet is pulled first, as `run` does
+    settings = ServerSettings(
+        host="127.0.0.1",
+        port=0,
+        model=ref,
+        keep_alive_s=None,
+        parallel=args.parallel or max(levels),
+        max_queue=max(DEFAULT_MAX_QUEUE, max(levels)),
+        n_ctx=args.ctx,
+        n_threads=args.threads,
+        backend=args.backend,
+        kv_cache_bytes=args.kv_cache,
+        speculative=args.speculative,
+        draft=args.draft,
+        num_speculative_tokens=args.num_speculative_tokens,
+        verbose=args.verbose,
+        remote_url=args.url,
+        remote_api_key=args.remote_api_key or os.environ.get("LOCALLLM_REMOTE_API_KEY") or None,
+    )
+    server = ServerThread(settings)
+    base = server.start()
+    try:
+        model = wait_until_loaded(base)
+    except BaseException:
+        server.stop()
+        raise
+    return server, f"{base}/v1", model
+
+
+def wait_until_loaded(base: str) -> str:
+    """Poll /health until the start-up model is loaded; its name."""
+    deadline = time.monotonic() + LOAD_TIMEOUT_S
+    while time.monotonic() < deadline:
+        response = httpx.get(f"{base}/health", timeout=30)
+        body = response.json()
+        if response.status_code == 200 and body.get("loaded"):
+            return body["loaded"][0]
+        if body.get("status") == "failed":
+            raise BackendError(f"the model did not load: {body.get('error')}")
+        time.sleep(0.2)
+    raise BackendError(f"the model did not load within {LOAD_TIMEOUT_S:.0f} s")
