@@ -11,6 +11,7 @@ from localllm.backends.base import FinishEvent, GenerationRequest, SamplingParam
 from localllm.backends.llamacpp import LlamaCppBackend, LlamaCppOptions
 from localllm.errors import BadRequest, TemplateError
 from localllm.modelinfo import read_model_info
+from greedy_check import assert_same_or_near_tie, greedy_ids
 
 FRANCE = "The capital of France is"
 FRANCE_IDS = [2, 818, 5279, 529, 7001, 563]
@@ -142,17 +143,18 @@ def test_chat_prompt_uses_gemma_turns_and_one_bos(backend):
 
 
 def test_second_turn_reuses_the_cached_prefix_and_matches_a_cold_run(backend, starter_gguf):
+    """Same greedy tokens as a cold run, up to a near-tie (see tests/greedy_check.py for why not always all)."""
     history = FRANCE + " the capital of the country of France."
     collect(backend, history, greedy(max_tokens=2))
-    warm_text, warm, _ = collect(backend, history + " It is", greedy(max_tokens=10))
+    _, warm, warm_events = collect(backend, history + " It is", greedy(max_tokens=10))
     assert warm.usage.cached_prompt_tokens > 0
     cold_engine = LlamaCppBackend("cold", read_model_info(starter_gguf), LlamaCppOptions(n_ctx=1024, n_threads=2))
     try:
-        cold_text, cold, _ = collect(cold_engine, history + " It is", greedy(max_tokens=10))
+        _, cold, cold_events = collect(cold_engine, history + " It is", greedy(max_tokens=10, logprobs=5))
     finally:
         cold_engine.close()
     assert cold.usage.cached_prompt_tokens == 0
-    assert warm_text == cold_text
+    assert_same_or_near_tie(cold_events, greedy_ids(warm_events), "warm run")
 
 
 def test_logprobs_rank_the_greedy_token_first(backend):

@@ -30,7 +30,8 @@ def server(tmp_path_factory, starter_gguf):
     home = tmp_path_factory.mktemp("security-home")
     make_store(home, {"starter": starter_gguf})
     srv = start_server(
-        home, "--api-key", KEY, "--cors-origin", ORIGIN, "--max-body", "64KiB", "--max-queue", "1", "--ctx", "512", "--threads", "1"
+        home, "--api-key", KEY, "--cors-origin", ORIGIN, "--max-body", "64KiB", "--parallel", "1", "--max-queue", "1", "--ctx", "512",
+        "--threads", "1",
     )
     yield srv
     srv.stop()

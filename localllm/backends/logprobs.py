@@ -11,14 +11,14 @@ from typing import Callable
 import numpy as np
 
 
-def top_logprobs(ctx, n_vocab: int, token: int, n: int, piece: Callable[[int], bytes]) -> dict:
+def top_logprobs(ctx, n_vocab: int, token: int, n: int, piece: Callable[[int], bytes], idx: int = -1) -> dict:
     """{"token": id, "text": str, "logprob": float, "top": [{"token", "text", "logprob"}, ...]}.
 
-    `ctx` is a llama_context pointer whose last decoded position has logits.
+    `ctx` is a llama_context pointer; `idx` the row of the last batch whose logits to use.
     """
     import llama_cpp
 
-    logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, -1), shape=(n_vocab,))
+    logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, idx), shape=(n_vocab,))
     shifted = logits - logits.max()
     logsumexp = np.log(np.exp(shifted).sum())
     logp = shifted - logsumexp

@@ -1,0 +1,115 @@
+"""Slot bookkeeping for the batched llama.cpp engine: which sequence holds which tokens.
+
+llama.cpp keeps one KV cache for the whole context; each *slot* is a sequence
+id in it. A slot remembers the tokens whose keys and values its sequence holds,
+in position order, even after its request has finished: that is the prompt
+cache. A new request takes an idle slot and starts from the longest prefix it
+shares with any slot, busy or idle. The KV cache is unified (one pool of cells
+for all sequences), so copying a prefix to another sequence only tags the same
+cells with a second sequence id: nothing is recomputed and nothing is copied.
+
+Nothing here calls llama.cpp; the engine applies the plans made here.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix, by bisection on slice equality (C speed on long lists)."""
+    low, high = 0, min(len(a), len(b))
+    if a[:high] == b[:high]:
+        return high
+    while low < high:  # invariant: a[:low] == b[:low] and a[:high+1] != b[:high+1]
+        mid = (low + high + 1) // 2
+        if a[:mid] == b[:mid]:
+            low = mid
+        else:
+            high = mid - 1
+    return low
+
+
+@dataclass
+class Slot:
+    seq_id: int
+    cached: list[int] = field(default_factory=list)  # tokens in this sequence's KV, positions 0..n-1
+    todo: list[int] = field(default_factory=list)  # tokens still to run through the model
+    job: Any = None  # the request it serves (the engine's _Job), None when idle
+    admitted_at: float = 0.0
+    last_used: float = field(default_factory=time.monotonic)
+
+    @property
+    def busy(self) -> bool:
+        return self.job is not None
+
+
+@dataclass
+class Admission:
+    """How a request enters a slot: start from `reuse` tokens of `source`'s cache.
+
+    source is None (nothing reused), the slot itself (keep its first `reuse`
+    tokens, drop the rest), or another slot (copy its first `reuse` tokens).
+    """
+
+    slot: Slot
+    source: Slot | None
+    reuse: int
+
+
+class SlotTable:
+    def __init__(self, n_slots: int) -> None:
+        self.slots = [Slot(i) for i in range(n_slots)]
+
+    def busy(self) -> list[Slot]:
+        return [s for s in self.slots if s.busy]
+
+    def idle(self) -> list[Slot]:
+        return [s for s in self.slots if not s.busy]
+
+    def plan(self, tokens: list[int]) -> Admission | None:
+        """Where a request with prompt `tokens` should go; None when every slot is busy.
+
+        The last prompt token always runs (its logits give the first output
+        token), so at most len(tokens) - 1 tokens are reused.
+        """
+        idle = self.idle()
+        if not idle:
+            return None
+        best, best_len = None, 0
+        for slot in self.slots:
+            n = common_prefix(slot.cached, tokens)
+            # prefer an idle match (no copy) over an equally long busy one
+            if n > best_len or (n == best_len and n > 0 and best is not None and best.busy and not slot.busy):
+                best, best_len = slot, n
+        reuse = min(best_len, len(tokens) - 1)
+        empty = [s for s in idle if not s.cached]
+        if best is not None and reuse > 0 and not best.busy:
+            # Continue in place (a chat's next turn) unless that would throw away most
+            # of a longer cache while an empty slot could take a copy instead.
+            if not empty or len(best.cached) - reuse <= reuse:
+                return Admission(best, best, reuse)
+        # an empty idle slot loses nothing; otherwise the least recently used cache goes
+        target = empty[0] if empty else min(idle, key=lambda s: s.last_used)
+        if reuse <= 0:
+            return Admission(target, None, 0)
+        return Admission(target, best, reuse)
+
+    def eviction_order(self) -> list[Slot]:
+        """Idle slots holding a cache, least recently used first: what to drop when the KV cache is full."""
+        return sorted((s for s in self.idle() if s.cached), key=lambda s: s.last_used)
+
+    def cells_in_use(self) -> int:
+        """KV cells the slots' caches occupy, counting a shared prefix once.
+
+        Prefixes copied between sequences share cells, so this is the number
+        of distinct prefixes among all caches (adjacent caches in sorted order
+        share exactly their common prefix).
+        """
+        caches = sorted(s.cached for s in self.slots if s.cached)
+        total = sum(len(c) for c in caches)
+        for prev, cur in zip(caches, caches[1:]):
+            total -= common_prefix(prev, cur)
+        return total
