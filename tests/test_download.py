@@ -366,7 +366,8 @@ def test_kill_9_mid_file_then_pull_again_resumes_at_the_partial_size(hub, tmp_pa
 
 def test_ctrl_c_keeps_the_partial_and_says_how_to_resume(hub, tmp_path):
     home = tmp_path / "home"
-    hub.faults.throttle_bps["tiny-Q4_K_M.gguf"] = 2_000_000
+    # slow enough that the 5.5 MB left after the first 1 MB cannot finish before a loaded machine delivers the signal
+    hub.faults.throttle_bps["tiny-Q4_K_M.gguf"] = 700_000
     ref = "hf:test-org/Tiny-GGUF:Q4_K_M"
     proc = subprocess.Popen(
         [sys.executable, "-m", "localllm", "pull", ref], env=cli_env(home, hub),
