@@ -56,7 +56,7 @@ def _add_load_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--speculative", choices=["off", "ngram", "draft"], default=None,
-        help="native engine: speculative decoding by prompt lookup (ngram) or a --draft model (default: off)",
+        help="speculative decoding by prompt lookup (ngram) or a --draft model (default: off)",
     )
     p.add_argument("--draft", metavar="MODEL", help="the draft model for --speculative draft (must share the model's tokenizer)")
     p.add_argument(

@@ -24,6 +24,7 @@ from typing import AsyncIterator
 from localllm.backends.base import EngineStats, Event, FinishEvent, GenerationRequest
 from localllm.backends.grammar import check_grammar
 from localllm.backends.llamacpp_engine import Control, EngineConfig, Job, LlamaCppEngine
+from localllm.backends.llamacpp_speculative import SpeculationConfig
 from localllm.chat_template import ChatTemplate, resolve_template
 from localllm.errors import BackendError, BadRequest
 from localllm.hardware import default_threads
@@ -45,6 +46,7 @@ class LlamaCppOptions:
     n_parallel: int = DEFAULT_PARALLEL  # requests decoded together
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK
     verbose: bool = False
+    speculation: SpeculationConfig | None = None  # prompt lookup or a draft GGUF (None: off)
 
 
 class LlamaCppBackend:
@@ -71,6 +73,7 @@ class LlamaCppBackend:
                 n_threads=self.options.n_threads or default_threads(),
                 n_gpu_layers=self.options.n_gpu_layers,
                 verbose=self.options.verbose,
+                speculation=self.options.speculation.validate() if self.options.speculation else None,
             ),
             self._control,
         )

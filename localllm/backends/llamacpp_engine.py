@@ -27,6 +27,9 @@ llama-cpp-python's low-level bindings:
   no prefix longer than the window could be reused.
 * Events go out once per step: one wake-up per client event loop, however many
   of its requests got a token.
+* Speculative decoding (llamacpp_speculative.py): a generating sequence may put
+  guessed tokens after its pending one; their rows get logits, the request's
+  sampler checks them in order, and the cells of rejected guesses are removed.
 
 llama.cpp's arithmetic depends slightly on batch shape, so a greedy output
 beside other requests may part from the same request alone at a near-tie
@@ -50,6 +53,7 @@ from typing import Any
 from localllm.backends.base import EngineStats, Event, FinishEvent, GenerationRequest, Timings, TokenEvent, Usage
 from localllm.backends.llamacpp_sampler import build_sampler
 from localllm.backends.llamacpp_slots import Slot, SlotTable
+from localllm.backends.llamacpp_speculative import GuessRequest, SpeculationConfig, SpecRecord, make_guesser
 from localllm.backends.logprobs import top_logprobs
 from localllm.backends.textstream import TextStream
 from localllm.errors import BackendError
@@ -68,6 +72,7 @@ class EngineConfig:
     n_threads: int
     n_gpu_layers: int = 0
     verbose: bool = False
+    speculation: SpeculationConfig | None = None  # None: no guessing
 
 
 @dataclass
@@ -88,6 +93,7 @@ class Job:
     admitted_at: float = 0.0
     first_at: float = 0.0
     last_at: float = 0.0
+    spec: SpecRecord | None = None  # its guessing record, when the engine speculates
 
     @property
     def rid(self) -> str:
@@ -125,6 +131,8 @@ class LlamaCppEngine:
         self.preemptions = 0  # requests sent back to wait because the KV cache was full
         self._held = False  # after a preemption, admit nothing until a running request ends
         self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[Job, Event]]] = {}
+        self.guesser = None  # speculative decoding's source of guesses (None: off)
+        self._skip_guesses = False  # the last step with guesses found the cache full: one step without
 
     # -- loading ------------------------------------------------------------------
     def load(self) -> None:
@@ -156,10 +164,19 @@ class LlamaCppEngine:
         self.n_vocab = self.model.n_vocab()
         self._abort_callback = llama_cpp.ggml_abort_callback(self._should_abort_compute)
         self._no_abort_callback = llama_cpp.ggml_abort_callback(0)  # NULL: no Python call per graph node
+        spec = cfg.speculation
+        if spec is not None:
+            self.guesser = make_guesser(
+                spec, llama_cpp, _internals, target=self.model, n_ctx=cfg.n_ctx, n_parallel=cfg.n_parallel,
+                n_batch=cfg.n_batch, n_threads=cfg.n_threads, n_gpu_layers=cfg.n_gpu_layers, verbose=cfg.verbose,
+            )
         with self.control.lock:
             self.control.stats.slots_total = cfg.n_parallel
 
     def unload(self) -> None:
+        if self.guesser is not None:
+            self.guesser.close()
+            self.guesser = None
         batch = getattr(self, "batch", None)
         if batch is not None:
             self.lc.llama_batch_free(batch)
@@ -246,6 +263,8 @@ class LlamaCppEngine:
                 job.usage.prompt_tokens = len(job.prompt)
                 job.usage.cached_prompt_tokens = reuse
                 job.stream = TextStream(stop=list(job.request.params.stop))
+                spec = self.config.speculation
+                job.spec = SpecRecord(min(spec.start_tokens, spec.num_tokens)) if spec is not None else None
                 self._prompt_tokens_total += len(job.prompt)
                 self._reused_tokens_total += reuse
                 self._reuse_hits += reuse > 0
@@ -260,13 +279,14 @@ class LlamaCppEngine:
             reuse = 0
         if source is slot and reuse > 0 and lc.llama_memory_seq_rm(mem, slot.seq_id, reuse, -1):
             slot.cached = slot.cached[:reuse]
-            return reuse
-        lc.llama_memory_seq_rm(mem, slot.seq_id, -1, -1)
-        slot.cached = []
+            return reuse  # the draft, if any, trims its own copy when it next guesses
+        self._drop_cache(slot)
         if source is None or source is slot or reuse <= 0:
             return 0
         lc.llama_memory_seq_cp(mem, source.seq_id, slot.seq_id, 0, reuse)
         slot.cached = source.cached[:reuse]
+        if self.guesser is not None:
+            self.guesser.copy_prefix(source.seq_id, slot.seq_id, reuse)
         return reuse
 
     def _prefix_intact(self, source: Slot, reuse: int) -> bool:
@@ -287,21 +307,33 @@ class LlamaCppEngine:
         if not work:
             return
         rows = self._fill_batch(work)
-        prompt_rids = frozenset(slot.job.rid for slot, chunk in work if len(chunk) > 1)
+        prompt_rids = frozenset(slot.job.rid for slot, chunk in work if len(chunk) > 1 and not slot.guesses)
         status = self._decode(prompt_rids)
+        guessed = [slot for slot, _ in work if slot.guesses]
+        if status != DECODE_OK:
+            for slot in guessed:  # the guesses go; the next step makes new ones
+                self.lc.llama_memory_seq_rm(self.mem, slot.seq_id, len(slot.cached) + len(slot.todo), -1)
+                slot.guesses = []
         if status == DECODE_NO_KV_SLOT:
-            self._make_room()
+            if guessed:
+                self._skip_guesses = True  # perhaps only the guesses did not fit
+            else:
+                self._make_room()
             return
         if status == DECODE_ABORTED:
             self._resync([slot for slot, _ in work])
             return
         if status != DECODE_OK:
             raise RuntimeError(f"llama_decode returned {status}")
+        self._skip_guesses = False
         for slot, chunk in work:
             slot.cached += chunk
-            slot.todo = slot.todo[len(chunk):]
+            slot.todo = slot.todo[len(chunk):]  # a guessing slot ran all of it
         for slot, row in rows:
-            self._sample(slot, row)
+            if slot.guesses:
+                self._verify(slot, row)
+            else:
+                self._sample(slot, row)
 
     def _schedule(self) -> list[tuple[Slot, list[int]]]:
         """The tokens each slot runs this step: every pending output token, then prompt chunks."""
@@ -310,6 +342,9 @@ class LlamaCppEngine:
         prompts = sorted((s for s in busy if len(s.todo) > 1), key=lambda s: (len(s.todo), s.admitted_at))
         work = [(s, list(s.todo)) for s in single]
         budget = self.config.n_batch - len(work)
+        if self.guesser is not None:
+            budget -= self._add_guesses(single, budget)
+            work = [(s, s.todo + s.guesses) for s in single]
         if any(s.job.generated for s in single):
             budget = min(budget, self.config.prefill_chunk)  # keep the streams flowing
         for slot in prompts:
@@ -320,23 +355,57 @@ class LlamaCppEngine:
             budget -= len(chunk)
         return work
 
+    def _add_guesses(self, single: list[Slot], room: int) -> int:
+        """Give generating slots guesses to check this step (`slot.guesses`); the rows they add.
+
+        Only while few sequences generate: each guess costs a row with logits.
+        A request's guesses never run past its token limit.
+        """
+        spec = self.config.speculation
+        generating = [s for s in single if s.job.generated]
+        if self._skip_guesses or not generating or len(generating) > spec.max_generating:
+            return 0
+        requests, slots = [], []
+        for slot in generating:
+            job = slot.job
+            k = min(job.spec.k, job.limit - job.usage.completion_tokens - 1, room)
+            if k <= 0 or not job.spec.enabled:
+                continue
+            job.spec.asked = k
+            requests.append(GuessRequest(slot.seq_id, job.prompt + job.generated, k))
+            slots.append(slot)
+            room -= k
+        if not requests:
+            return 0
+        added = 0
+        for slot, request, guesses in zip(slots, requests, self.guesser.guess(requests)):
+            slot.guesses = guesses[: request.k]
+            added += len(slot.guesses)
+        return added
+
     def _fill_batch(self, work: list[tuple[Slot, list[int]]]) -> list[tuple[Slot, int]]:
-        """Write the step's tokens into the llama_batch; (slot, row) for each slot that gets logits."""
+        """Write the step's tokens into the llama_batch; (slot, row) for each slot that gets logits.
+
+        A slot gets logits once its input is complete: at its last token, or,
+        with guesses, at its pending token and every guess (the row given is
+        the first of those).
+        """
         batch = self.batch
         rows: list[tuple[Slot, int]] = []
         i = 0
         for slot, chunk in work:
             start = len(slot.cached)
-            last = len(chunk) - 1 if len(chunk) == len(slot.todo) else -1  # logits once its input is complete
+            complete = len(chunk) == len(slot.todo) + len(slot.guesses)
+            first = len(chunk) - 1 - len(slot.guesses) if complete else len(chunk)
             for j, token in enumerate(chunk):
                 batch.token[i] = token
                 batch.pos[i] = start + j
                 batch.n_seq_id[i] = 1
                 batch.seq_id[i][0] = slot.seq_id
-                batch.logits[i] = j == last
+                batch.logits[i] = j >= first
                 i += 1
-            if last >= 0:
-                rows.append((slot, i - 1))
+            if complete:
+                rows.append((slot, i - len(chunk) + first))
         batch.n_tokens = i
         return rows
 
@@ -398,16 +467,64 @@ class LlamaCppEngine:
     def _drop_cache(self, slot: Slot) -> None:
         self.lc.llama_memory_seq_rm(self.mem, slot.seq_id, -1, -1)
         slot.cached = []
+        if self.guesser is not None:
+            self.guesser.forget(slot.seq_id)
 
     # -- tokens out ------------------------------------------------------------------------
     def _sample(self, slot: Slot, row: int) -> None:
+        token = self._draw(slot, row)
+        if token is not None and self._take(slot, token, row):
+            slot.todo = [token]
+
+    def _verify(self, slot: Slot, row: int) -> None:
+        """Check the slot's guesses against its sampler's draws at rows row, row + 1, ...
+
+        Every drawn token is the request's (the sampler sees exactly what plain
+        decoding would); drawing stops at the first token that is not the next
+        guess, after the last guess, or when the request ends. The cells of
+        guesses not kept are removed.
+        """
+        job, guesses = slot.job, slot.guesses
+        slot.guesses = []
+        verified = len(slot.cached) - len(guesses)  # the pending token and what came before
+        kept = checked = 0
+        for i in range(len(guesses) + 1):
+            token = self._draw(slot, row + i)
+            if token is None:
+                break
+            is_guess = i < len(guesses) and token == guesses[i]
+            if i < len(guesses):
+                checked += 1
+                kept += is_guess
+                job.usage.draft_tokens += 1
+                job.usage.accepted_draft_tokens += is_guess
+            if not self._take(slot, token, row + i):
+                break
+            if not is_guess:
+                slot.todo = [token]
+                break
+        verified += kept
+        if verified < len(slot.cached):
+            self.lc.llama_memory_seq_rm(self.mem, slot.seq_id, verified, -1)
+            del slot.cached[verified:]
+        job.spec.record(checked, kept, self.config.speculation)
+        with self.control.lock:
+            self.control.stats.spec_draft_tokens += checked
+            self.control.stats.spec_accepted_tokens += kept
+
+    def _draw(self, slot: Slot, row: int) -> int | None:
+        """The request's next token from the logits at `row`; None if that ended the request."""
         job = slot.job
-        params = job.request.params
         try:
-            token = job.sampler.sample(self.ctx, row)
+            return job.sampler.sample(self.ctx, row)
         except Exception as exc:  # a grammar with no way forward ends this request only
             self._finish(job, "error", slot, error=f"generation failed: {exc}")
-            return
+            return None
+
+    def _take(self, slot: Slot, token: int, row: int) -> bool:
+        """Record and stream a drawn token; False if it ended the request."""
+        job = slot.job
+        params = job.request.params
         now = time.perf_counter()
         if not job.generated:
             job.first_at = now
@@ -418,7 +535,7 @@ class LlamaCppEngine:
         job.usage.completion_tokens += 1
         if self.lc.llama_vocab_is_eog(self.model.vocab, token):
             self._finish(job, "stop", slot)
-            return
+            return False
         logprobs = None
         if params.logprobs is not None:
             logprobs = [top_logprobs(self.ctx.ctx, self.n_vocab, token, params.logprobs, self._piece, row)]
@@ -429,7 +546,8 @@ class LlamaCppEngine:
         elif job.usage.completion_tokens >= job.limit:
             self._finish(job, "length", slot)
         else:
-            slot.todo = [token]
+            return True
+        return False
 
     def _piece(self, token: int) -> bytes:
         """The bytes of one token as text (control tokens such as <eos> give b"")."""
@@ -490,6 +608,8 @@ class LlamaCppEngine:
             if usage.completion_tokens:
                 stats.last_ttft_s = job.timings.ttft_s
                 stats.last_decode_tokens_per_s = job.timings.decode_tokens_per_s(usage.completion_tokens)
+            if usage.draft_tokens:
+                stats.last_spec_acceptance_rate = usage.accepted_draft_tokens / usage.draft_tokens
         self._emit(job, FinishEvent(job.rid, reason, usage, job.timings, error))  # type: ignore[arg-type]
 
     def _fail_all(self, message: str) -> None:
@@ -498,7 +618,9 @@ class LlamaCppEngine:
             self._finish(slot.job, "error", slot, error=message)
         self.lc.llama_memory_clear(self.mem, True)
         for slot in self.slots.slots:
-            slot.cached, slot.todo = [], []
+            slot.cached, slot.todo, slot.guesses = [], [], []
+        if self.guesser is not None:
+            self.guesser.clear()
 
     def _publish_stats(self) -> None:
         cells = self.slots.cells_in_use()

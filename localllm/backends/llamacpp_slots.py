@@ -37,6 +37,7 @@ class Slot:
     seq_id: int
     cached: list[int] = field(default_factory=list)  # tokens in this sequence's KV, positions 0..n-1
     todo: list[int] = field(default_factory=list)  # tokens still to run through the model
+    guesses: list[int] = field(default_factory=list)  # speculative tokens after todo, this step only
     job: Any = None  # the request it serves (the engine's _Job), None when idle
     admitted_at: float = 0.0
     last_used: float = field(default_factory=time.monotonic)

@@ -28,7 +28,7 @@ class LoadOptions:
     n_gpu_layers: int = 0
     verbose: bool = False
     kv_cache_bytes: int | None = None  # native engine: memory for its KV cache (None: its default)
-    speculative: str | None = None  # native engine: off | ngram | draft (None: off; a --draft alone means draft)
+    speculative: str | None = None  # off | ngram | draft (None: off; a --draft alone means draft)
     draft: str | None = None  # the draft model's name or path (speculative "draft")
     num_speculative_tokens: int | None = None  # guesses per step (None: the engine's default)
     n_parallel: int | None = None  # llama.cpp: requests decoded together, sharing n_ctx (None: its default)
@@ -43,7 +43,7 @@ def open_backend(model: ResolvedModel, options: LoadOptions | None = None) -> Ba
         raise BadRequest(f"unknown backend '{options.backend}'; choose one of: {', '.join(BACKENDS)}")
     if options.backend == "remote" or isinstance(model, RemoteModel):
         if _speculative_method(options) != "off":
-            raise BadRequest("speculative decoding runs in the native engine; a remote model is decoded by its upstream")
+            raise BadRequest("speculative decoding runs in a local engine; a remote model is decoded by its upstream")
         return _open_remote(model, options)
     if options.n_threads is not None and options.n_threads < 1:
         raise BadRequest("threads must be >= 1")
@@ -56,8 +56,6 @@ def open_backend(model: ResolvedModel, options: LoadOptions | None = None) -> Ba
         return _open_native(model, info, options)
     if info.format != "gguf":
         raise BadRequest(f"model '{model.name}' is {info.format}; only GGUF models run on llama.cpp")
-    if _speculative_method(options) != "off":
-        raise BadRequest("speculative decoding is not supported on the llamacpp backend yet; add --backend native")
     from localllm.backends.llamacpp import LlamaCppBackend, LlamaCppOptions
 
     llama_options = LlamaCppOptions(
@@ -65,10 +63,36 @@ def open_backend(model: ResolvedModel, options: LoadOptions | None = None) -> Ba
         n_threads=options.n_threads,
         n_gpu_layers=options.n_gpu_layers,
         verbose=options.verbose,
+        speculation=_llamacpp_speculation(options),
     )
     if options.n_parallel is not None:
         llama_options.n_parallel = options.n_parallel
     return LlamaCppBackend(model.name, info, llama_options)
+
+
+def _llamacpp_speculation(options: LoadOptions):
+    """llama.cpp's speculative decoding settings; None when off. The draft must be a GGUF too."""
+    from localllm.backends.llamacpp_speculative import SpeculationConfig
+
+    method = _speculative_method(options)
+    if method == "off":
+        return None
+    config = SpeculationConfig(method)
+    if options.draft:
+        draft = _draft_info(options.draft)
+        if draft.format != "gguf":
+            raise BadRequest(f"the draft model '{options.draft}' is {draft.format}; llama.cpp needs a GGUF draft")
+        config.draft_path = str(draft.path)
+    if options.num_speculative_tokens is not None:
+        config.num_tokens = options.num_speculative_tokens
+    return config.validate()
+
+
+def _draft_info(name: str):
+    """The draft model's file: a name in the store, or a path."""
+    from localllm.store.store import ModelStore
+
+    return ModelStore().resolve(name).info()
 
 
 def _open_native(model: ResolvedModel, info, options: LoadOptions) -> Backend:
@@ -83,10 +107,8 @@ def _open_native(model: ResolvedModel, info, options: LoadOptions) -> Backend:
         speculative=_speculative_method(options),
         num_speculative_tokens=options.num_speculative_tokens,
     )
-    if options.draft:  # a name in the store, or a path
-        from localllm.store.store import ModelStore
-
-        native_options.draft_path = ModelStore().resolve(options.draft).info().path
+    if options.draft:
+        native_options.draft_path = _draft_info(options.draft).path
     return NativeBackend(model.name, info, native_options)
 
 

