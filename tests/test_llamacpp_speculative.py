@@ -223,10 +223,12 @@ def test_speculative_options_are_checked_for_llamacpp(starter_gguf):
             open_backend(starter_gguf, config)
 
 
-def test_speculative_cli_run_on_llamacpp_reports_guesses(starter_gguf):
+@pytest.mark.parametrize("method", ["ngram", "draft"])
+def test_speculative_cli_run_on_llamacpp_reports_guesses(starter_gguf, method):
+    flags = ["--speculative", method] + (["--draft", str(starter_gguf)] if method == "draft" else [])
     done = subprocess.run(
-        [sys.executable, "-m", "localllm", "run", str(starter_gguf), COPY, "--raw", "--backend", "llamacpp",
-         "--speculative", "ngram", "--temperature", "0", "--max-tokens", "40", "--threads", "1", "--stats"],
+        [sys.executable, "-m", "localllm", "run", str(starter_gguf), COPY, "--raw", "--backend", "llamacpp", *flags,
+         "--temperature", "0", "--max-tokens", "40", "--threads", "1", "--stats"],
         capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=180,
     )
     assert done.returncode == 0, done.stderr

@@ -168,7 +168,7 @@ class LlamaCppEngine:
         if spec is not None:
             self.guesser = make_guesser(
                 spec, llama_cpp, _internals, target=self.model, n_ctx=cfg.n_ctx, n_parallel=cfg.n_parallel,
-                n_batch=cfg.n_batch, n_threads=cfg.n_threads, n_gpu_layers=cfg.n_gpu_layers, verbose=cfg.verbose,
+                n_batch=cfg.n_batch, n_threads=cfg.n_threads, verbose=cfg.verbose,
             )
         with self.control.lock:
             self.control.stats.slots_total = cfg.n_parallel

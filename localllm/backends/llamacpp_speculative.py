@@ -55,6 +55,7 @@ class SpeculationConfig:
     num_tokens: int = DEFAULT_GUESSES  # the most guesses per step and sequence
     start_tokens: int = 3  # a request's guesses in its first step (1 + 3 rows: llama.cpp's kernels like pairs)
     draft_path: str | None = None  # method "draft": a GGUF sharing the model's vocabulary
+    draft_n_gpu_layers: int = 0  # the draft's layers on GPUs (its own fit plan)
     ngram_min: int = 4  # prompt lookup matches the last ngram_max .. ngram_min tokens
     ngram_max: int = 6
     max_generating: int = 4  # guess only while at most this many sequences generate
@@ -283,8 +284,8 @@ def _text(lc, vocab, token: int) -> bytes:
 
 
 def make_guesser(config: SpeculationConfig, lc, internals, *, target, n_ctx: int, n_parallel: int,
-                 n_batch: int, n_threads: int, n_gpu_layers: int, verbose: bool):
+                 n_batch: int, n_threads: int, verbose: bool):
     if config.method == "ngram":
         return NgramGuesser(config.ngram_min, config.ngram_max)
     return DraftGuesser(lc, internals, str(config.draft_path), target=target, n_ctx=n_ctx, n_parallel=n_parallel,
-                        n_batch=n_batch, n_threads=n_threads, n_gpu_layers=n_gpu_layers, verbose=verbose)
+                        n_batch=n_batch, n_threads=n_threads, n_gpu_layers=config.draft_n_gpu_layers, verbose=verbose)

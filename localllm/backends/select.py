@@ -30,6 +30,7 @@ class LoadOptions:
     kv_cache_bytes: int | None = None  # native engine: memory for its KV cache (None: its default)
     speculative: str | None = None  # off | ngram | draft (None: off; a --draft alone means draft)
     draft: str | None = None  # the draft model's name or path (speculative "draft")
+    draft_n_gpu_layers: int = 0  # llama.cpp: the draft's layers on GPUs (the fit plan sets it)
     num_speculative_tokens: int | None = None  # guesses per step (None: the engine's default)
     n_parallel: int | None = None  # llama.cpp: requests decoded together, sharing n_ctx (None: its default)
     remote_url: str | None = None  # remote backend: the upstream's OpenAI base URL, e.g. http://host:8000/v1
@@ -48,12 +49,13 @@ def open_backend(model: ResolvedModel, options: LoadOptions | None = None) -> Ba
     if options.n_threads is not None and options.n_threads < 1:
         raise BadRequest("threads must be >= 1")
     info = model.info()
+    draft = _draft_info(options.draft) if options.draft else None
     if options.backend != "llamacpp" or info.format == "gguf":
         from localllm.fit.follow import follow_plan  # backend, GPU layers and context from the fit planner
 
-        options = follow_plan(model.name, info, options)
+        options = follow_plan(model.name, info, options, draft=draft)
     if options.backend == "native" or (options.backend == "auto" and info.format != "gguf"):
-        return _open_native(model, info, options)
+        return _open_native(model, info, options, draft)
     if info.format != "gguf":
         raise BadRequest(f"model '{model.name}' is {info.format}; only GGUF models run on llama.cpp")
     from localllm.backends.llamacpp import LlamaCppBackend, LlamaCppOptions
@@ -63,23 +65,22 @@ def open_backend(model: ResolvedModel, options: LoadOptions | None = None) -> Ba
         n_threads=options.n_threads,
         n_gpu_layers=options.n_gpu_layers,
         verbose=options.verbose,
-        speculation=_llamacpp_speculation(options),
+        speculation=_llamacpp_speculation(options, draft),
     )
     if options.n_parallel is not None:
         llama_options.n_parallel = options.n_parallel
     return LlamaCppBackend(model.name, info, llama_options)
 
 
-def _llamacpp_speculation(options: LoadOptions):
+def _llamacpp_speculation(options: LoadOptions, draft):
     """llama.cpp's speculative decoding settings; None when off. The draft must be a GGUF too."""
     from localllm.backends.llamacpp_speculative import SpeculationConfig
 
     method = _speculative_method(options)
     if method == "off":
         return None
-    config = SpeculationConfig(method)
-    if options.draft:
-        draft = _draft_info(options.draft)
+    config = SpeculationConfig(method, draft_n_gpu_layers=options.draft_n_gpu_layers)
+    if draft is not None:
         if draft.format != "gguf":
             raise BadRequest(f"the draft model '{options.draft}' is {draft.format}; llama.cpp needs a GGUF draft")
         config.draft_path = str(draft.path)
@@ -95,7 +96,7 @@ def _draft_info(name: str):
     return ModelStore().resolve(name).info()
 
 
-def _open_native(model: ResolvedModel, info, options: LoadOptions) -> Backend:
+def _open_native(model: ResolvedModel, info, options: LoadOptions, draft) -> Backend:
     """The native PyTorch engine (GGUF files and Hugging Face folders); torch is imported only now."""
     from localllm.backends.native import NativeBackend, NativeOptions
 
@@ -107,8 +108,8 @@ def _open_native(model: ResolvedModel, info, options: LoadOptions) -> Backend:
         speculative=_speculative_method(options),
         num_speculative_tokens=options.num_speculative_tokens,
     )
-    if options.draft:
-        native_options.draft_path = _draft_info(options.draft).path
+    if draft is not None:
+        native_options.draft_path = draft.path
     return NativeBackend(model.name, info, native_options)
 
 
