@@ -285,4 +285,7 @@ def _make_runner(path: Path | LoadedWeights, o: EngineOptions, device: str, dtyp
         gpu_memory_utilization=o.gpu_memory_utilization,
         pack_output=o.pack_output,
     )
+    if o.speculative is not None and o.speculative.method != "off":  # each sequence checks its guesses too
+        runner_options.max_logit_rows = min(o.max_num_seqs * (1 + o.speculative.num_tokens),
+                                            runner_options.max_num_batched_tokens)
     return ModelRunner(path, runner_options)

@@ -49,6 +49,7 @@ class RunnerOptions:
     gpu_memory_utilization: float = 0.90
     pack_output: bool = True  # CPU: reorder the output projection for oneDNN (faster; a second copy if tied)
     cuda_graphs: bool = True  # CUDA: replay captured graphs for decode steps (needs the decode kernel)
+    max_logit_rows: int = 0  # most rows a step computes logits for (speculation checks k + 1 a sequence); 0: max_num_seqs
 
 
 class ModelRunner:
@@ -184,14 +185,15 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _profile_step(self, n_tokens: int) -> None:
-        """One prompt chunk of `n_tokens` plus logits for a full batch of samplers."""
+        """One prompt chunk of `n_tokens` plus logits for the most rows a step samples from."""
         table = list(range(self.blocks_for_tokens(n_tokens)))
         span = SeqSpan(0, n_tokens, n_tokens, table)
         slots = torch.arange(n_tokens, device=self.device)
         batch = AttentionBatch([span], slots, self.block_size, self.device)
         ids = torch.zeros(n_tokens, dtype=torch.int64, device=self.device)
         hidden = self.model(ids, torch.arange(n_tokens, device=self.device), batch)
-        self.model.compute_logits(hidden[: self.options.max_num_seqs])
+        rows = self.options.max_logit_rows or self.options.max_num_seqs
+        self.model.compute_logits(hidden[:rows] if rows <= n_tokens else hidden.new_zeros(rows, hidden.shape[-1]))
 
     # -- a step ----------------------------------------------------------------------
     @torch.inference_mode()

@@ -139,6 +139,12 @@ def test_speculative_draft_model_greedy_equals_plain_decoding(tiny):
     assert not spec.speculator.proposer.mirrors and draft.blocks.num_free == draft.blocks.num_blocks
 
 
+def test_speculative_memory_profile_counts_the_checked_rows(tiny):
+    """On CUDA the pool is what the largest step leaves: with guesses a step has logits for k + 1 rows a sequence."""
+    assert engine(tiny["llama"]).runner.options.max_logit_rows == 0  # max_num_seqs
+    assert engine(tiny["llama"], ngram(k=4)).runner.options.max_logit_rows == 8 * 5
+
+
 def test_speculative_target_as_its_own_draft_accepts_every_guess(tiny):
     params = SamplingParams(temperature=0, max_tokens=30)
     expected = engine(tiny["llama"]).generate(prompts(), params)
