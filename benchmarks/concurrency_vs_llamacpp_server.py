@@ -40,6 +40,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from localllm.bench import BenchConfig, run_level  # noqa: E402
+from starter import starter_path  # noqa: E402  (benchmarks/ is the script's folder)
 
 MODEL_NAME = "starter"
 LEVELS = (1, 8)
@@ -48,12 +49,6 @@ WORDS = (
     "teacher doctor painter farmer station harbor castle village planet ocean desert valley lantern "
     "coffee bread apple orange silver golden quiet rapid gentle ancient modern famous northern southern"
 ).split()
-
-
-def starter_path() -> Path:
-    from localllm.store.store import ModelStore
-
-    return ModelStore().resolve("starter").path
 
 
 def free_port() -> int:

@@ -34,14 +34,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from starter import starter_path  # noqa: E402  (benchmarks/ is the script's folder)
 
 MIB = 1024 * 1024
-
-
-def starter_path() -> Path:
-    from localllm.store.store import ModelStore
-
-    return ModelStore().resolve("starter").path
 
 
 def status_bytes(key: str) -> int:

@@ -29,6 +29,7 @@ from localllm.backends.base import GenerationRequest, SamplingParams, TokenEvent
 from localllm.backends.llamacpp import LlamaCppBackend, LlamaCppOptions  # noqa: E402
 from localllm.modelinfo import read_model_info  # noqa: E402
 from localllm.server.json_grammar import schema_grammar  # noqa: E402
+from starter import starter_path  # noqa: E402  (benchmarks/ is the script's folder)
 
 PROMPT = "A JSON record for a city, with its name, country, population and a list of landmarks:\n"
 SCHEMA = {
@@ -41,12 +42,6 @@ SCHEMA = {
     },
     "required": ["name", "country", "population", "landmarks"],
 }
-
-
-def starter_path() -> Path:
-    from localllm.store.store import ModelStore
-
-    return ModelStore().resolve("starter").path
 
 
 def bare_run(llm, grammar, prompt: str, n_tokens: int) -> tuple[float, int, str]:

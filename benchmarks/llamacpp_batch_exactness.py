@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from localllm.backends.base import GenerationRequest, SamplingParams, TokenEvent  # noqa: E402
 from localllm.backends.llamacpp import LlamaCppBackend, LlamaCppOptions  # noqa: E402
 from localllm.modelinfo import read_model_info  # noqa: E402
+from starter import starter_path  # noqa: E402  (benchmarks/ is the script's folder)
 
 PROMPTS = [
     "The capital of France is", "Once upon a time", "def fibonacci(n):", "The quick brown fox",
@@ -42,12 +43,6 @@ PROMPTS = [
     "The mitochondria is", "Once there was a king who",
 ]
 SHARED = "Here is a short note about the following subject, written for a school newsletter. Subject: "
-
-
-def starter_path() -> Path:
-    from localllm.store.store import ModelStore
-
-    return ModelStore().resolve("starter").path
 
 
 async def one(backend, rid: str, prompt: str, tokens: int) -> list[tuple[int, dict]]:

