@@ -10,7 +10,8 @@ Sections, each printed as it finishes (a failing section says why and the rest g
 1. device: name, versions, and the measured device-to-device copy bandwidth
    (bytes read + bytes written per second), the roofline's denominator;
 2. kernels: the Triton paged-decode and KV-store kernels against the torch
-   reference on random shapes (GQA 1/4/8, windows, block sizes, ragged lengths);
+   reference on random shapes (GQA 1/4/8, windows, block sizes, ragged lengths),
+   and the fused residual add + RMSNorm (plain and Gemma's) at real hidden sizes;
 3. correctness: tiny random Llama, Mistral, Qwen2, Qwen3 and Gemma 3 in float32
    on the GPU: prompt logits against transformers (relative error), 32 greedy
    tokens equal, and 8 prompts of different lengths giving the same tokens

@@ -14,7 +14,8 @@ Importing this package needs neither torch nor Triton; the functions below
 import them when called.
 
 - `paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, window=, scale=)`
-- `fused_for(x)`: the fused RMSNorm, rotary and gated-activation kernels (fused.py) where they run
+- `fused_for(x)`: the fused RMSNorm, residual add + RMSNorm, rotary and gated-activation kernels
+  (fused.py) where they run
 - `store_kv(k, v, k_cache, v_cache, slots)`
 - `selfcheck(device)`: the kernels against the torch reference on random shapes
 - `time_decode_attention(device)`: kernel vs reference timings at real model shapes

@@ -5,7 +5,8 @@ what tests/test_triton_kernels.py runs under Triton's interpreter on the CPU:
 the same cases, so the interpreter tests and the GPU agree on what "correct"
 means. The reference is `paged_attention` of native/layers/attention.py (its
 per-sequence span path), which the engine's model tests pin against
-transformers.
+transformers. The fused residual add + RMSNorm kernel is checked beside them
+against `RMSNorm.add_and_norm` on its torch path, at hidden sizes of real models.
 """
 
 from __future__ import annotations
@@ -61,6 +62,29 @@ GPU_CASES: tuple[Case, ...] = CASES + (
 )
 
 
+@dataclass(frozen=True)
+class AddNormCase:
+    """One random comparison of fused.add_rms_norm: rows of one hidden size; sandwich = Gemma's normed delta."""
+
+    rows: int
+    dim: int
+    sandwich: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"add+RMSNorm{' of a normed delta' if self.sandwich else ''}, {self.rows} x {self.dim}"
+
+
+# Odd and power-of-two sizes for the interpreter; Llama 1B/8B, Qwen2.5-7B and Gemma 3 1B/4B/27B on the GPU.
+ADD_NORM_CASES: tuple[AddNormCase, ...] = (
+    AddNormCase(1, 64), AddNormCase(3, 1000), AddNormCase(2, 96, sandwich=True), AddNormCase(5, 640, sandwich=True),
+)
+GPU_ADD_NORM_CASES: tuple[AddNormCase, ...] = ADD_NORM_CASES + (
+    AddNormCase(64, 2048), AddNormCase(1, 4096), AddNormCase(33, 3584),
+    AddNormCase(64, 1152, sandwich=True), AddNormCase(7, 2560, sandwich=True), AddNormCase(64, 5376, sandwich=True),
+)
+
+
 @dataclass
 class Result:
     case: Case
@@ -75,13 +99,34 @@ class Result:
 
 
 @dataclass
-class Report:
-    device: str
-    results: list[Result] = field(default_factory=list)
+class AddNormResult:
+    case: AddNormCase
+    dtype: torch.dtype
+    residual_error: float  # max |kernel - layers| over x + delta, relative to its largest value
+    norm_error: float  # the same over the normed output
+    tolerance: float
+    exact_residual: bool  # one rounding of the same float32 sum, as torch's add: must be the same bits
 
     @property
     def ok(self) -> bool:
-        return bool(self.results) and all(r.ok for r in self.results)
+        residual_ok = self.residual_error == 0.0 if self.exact_residual else self.residual_error <= self.tolerance
+        return residual_ok and self.norm_error <= self.tolerance
+
+    def line(self) -> str:
+        residual = f"{self.residual_error:.0e}{' (must be 0)' if self.exact_residual else ''}"
+        return (f"{'ok ' if self.ok else 'BAD'} {str(self.dtype).replace('torch.', ''):8s} "
+                f"norm err {self.norm_error:.2e} (tol {self.tolerance:.0e}), sum err {residual}: {self.case.name}")
+
+
+@dataclass
+class Report:
+    device: str
+    results: list[Result] = field(default_factory=list)
+    add_norm: list[AddNormResult] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.results) and all(r.ok for r in self.results) and all(r.ok for r in self.add_norm)
 
     @property
     def max_errors(self) -> dict[str, float]:
@@ -95,9 +140,10 @@ class Report:
         lines = [f"{'ok ' if r.ok else 'BAD'} {str(r.dtype).replace('torch.', ''):8s} "
                  f"max err {r.attention_error:.2e} (tol {r.tolerance:.0e}), store err {r.store_error:.0e}: {r.case.name}"
                  for r in self.results]
+        lines += [r.line() for r in self.add_norm]
         summary = ", ".join(f"{k} {v:.2e}" for k, v in self.max_errors.items())
-        lines.append(f"{len(self.results)} comparisons on {self.device}, {'all ok' if self.ok else 'FAILURES'}; "
-                     f"max attention errors: {summary}")
+        lines.append(f"{len(self.results) + len(self.add_norm)} comparisons on {self.device}, "
+                     f"{'all ok' if self.ok else 'FAILURES'}; max attention errors: {summary}")
         return lines
 
     def as_dict(self) -> dict:
@@ -109,6 +155,11 @@ class Report:
                 {"case": r.case.name, "dtype": str(r.dtype), "attention_error": r.attention_error,
                  "store_error": r.store_error, "ok": r.ok}
                 for r in self.results
+            ],
+            "add_norm": [
+                {"case": r.case.name, "dtype": str(r.dtype), "residual_error": r.residual_error,
+                 "norm_error": r.norm_error, "ok": r.ok}
+                for r in self.add_norm
             ],
         }
 
@@ -210,17 +261,55 @@ def compare(case: Case, dtype: torch.dtype, device: torch.device | str, seed: in
     return Result(case, dtype, attention, store, TOLERANCE[dtype])
 
 
+def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.float() - want.float()).abs().max() / want.float().abs().max().clamp_min(1e-30))
+
+
+def compare_add_norm(case: AddNormCase, dtype: torch.dtype, device: torch.device | str, seed: int = 0) -> AddNormResult:
+    """fused.add_rms_norm against RMSNorm.add_and_norm on its torch path, with random norm weights."""
+    from ..layers.norm import RMSNorm
+    from .fused import add_rms_norm
+
+    device = torch.device(device)
+    gen = torch.Generator().manual_seed(seed)
+
+    def norm(eps: float) -> RMSNorm:
+        layer = RMSNorm(case.dim, eps)
+        weight = 1 + torch.randn(case.dim, generator=gen) * 0.3
+        layer.weight = torch.nn.Parameter(weight.to(device), requires_grad=False)
+        return layer
+
+    after, before = norm(1e-6), (norm(1e-5) if case.sandwich else None)
+    x = (torch.randn(case.rows, case.dim, generator=gen) * 2).to(dtype=dtype, device=device)
+    delta = torch.randn(case.rows, case.dim, generator=gen).to(dtype=dtype, device=device)
+    with torch_attention():
+        want_residual, want_normed = after.add_and_norm(x, delta, delta_norm=before)
+    if before is None:
+        residual, normed = add_rms_norm(x, delta, after.weight, after.eps)
+    else:
+        residual, normed = add_rms_norm(x, delta, after.weight, after.eps, before.weight, before.eps)
+    # the interpreter truncates to bfloat16 where a GPU rounds to nearest, as torch does
+    exact = not case.sandwich and (device.type == "cuda" or dtype == torch.float32)
+    return AddNormResult(case, dtype, _relative_error(residual, want_residual), _relative_error(normed, want_normed),
+                         TOLERANCE[dtype], exact)
+
+
 def selfcheck(device: torch.device | str = "cuda", *, cases: tuple[Case, ...] | None = None,
-              dtypes: tuple[torch.dtype, ...] | None = None) -> Report:
+              dtypes: tuple[torch.dtype, ...] | None = None,
+              add_norm_cases: tuple[AddNormCase, ...] | None = None) -> Report:
     """Every case in every dtype (float32 and bfloat16 on CUDA, float32 elsewhere): max errors and a verdict."""
     device = torch.device(device)
     on_gpu = device.type == "cuda"
     cases = cases if cases is not None else (GPU_CASES if on_gpu else CASES)
+    if add_norm_cases is None:
+        add_norm_cases = GPU_ADD_NORM_CASES if on_gpu else ADD_NORM_CASES
     dtypes = dtypes if dtypes is not None else ((torch.float32, torch.bfloat16) if on_gpu else (torch.float32,))
     report = Report(torch.cuda.get_device_name(device) if on_gpu else str(device))
     for dtype in dtypes:
         for i, case in enumerate(cases):
             report.results.append(compare(case, dtype, device, seed=i))
+        for i, norm_case in enumerate(add_norm_cases):
+            report.add_norm.append(compare_add_norm(norm_case, dtype, device, seed=i))
     return report
 
 

@@ -1,4 +1,4 @@
-"""Fused elementwise kernels for GPU decoding: RMSNorm, rotary embedding, gated activation.
+"""Fused elementwise kernels for GPU decoding: RMSNorm, residual add + RMSNorm, rotary, gated activation.
 
 Decoding a small batch on a big GPU is bound by the number of kernels, not by
 their work: on an H200 a Llama-3.2-1B decode forward inside a CUDA graph took
@@ -6,7 +6,9 @@ their work: on an H200 a Llama-3.2-1B decode forward inside a CUDA graph took
 about eight kernels and rotary as five per tensor, each costing a few
 microseconds however small. Each function here is one kernel computing the
 same formula as its torch reference in native/layers (in float32, rounded once
-to the output dtype), so results agree to rounding.
+to the output dtype), so results agree to rounding. `add_rms_norm` goes one
+step further and joins a residual add to the norm that reads its result, so
+the residual stream between two norms costs one kernel instead of two to four.
 
 All take tensors whose last dimension is contiguous; rows may be strided.
 """
@@ -49,9 +51,65 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         return out
     _rms_norm_kernel[(n_outer * n_inner,)](
         x, weight, out, sx0, sx1, so0, so1, n_inner, eps,
-        DIM=dim, DIM_PAD=triton.next_power_of_2(dim), num_warps=4 if dim >= 1024 else 1,
+        DIM=dim, DIM_PAD=triton.next_power_of_2(dim), num_warps=_row_warps(dim),
     )
     return out
+
+
+def _row_warps(dim: int) -> int:
+    """Warps for a program that reduces one row of `dim`: one warp for a head, four for a hidden state."""
+    return 4 if dim >= 1024 else 1
+
+
+@triton.jit
+def _add_rms_norm_kernel(X, Delta, W, DeltaW, Residual, Out, stride_x, stride_d, stride_r, stride_o, eps, delta_eps,
+                         NORM_DELTA: tl.constexpr, DIM: tl.constexpr, DIM_PAD: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    d = tl.arange(0, DIM_PAD)
+    ok = d < DIM
+    delta = tl.load(Delta + row * stride_d + d, mask=ok, other=0.0).to(tl.float32)
+    if NORM_DELTA:  # Gemma's norm after a block; rounded to the dtype as that layer's output is
+        delta_scale = 1.0 / tl.sqrt(tl.sum(delta * delta, axis=0) / DIM + delta_eps)
+        dw = tl.load(DeltaW + d, mask=ok, other=0.0).to(tl.float32)
+        delta = ((delta * delta_scale) * dw).to(Residual.dtype.element_ty).to(tl.float32)
+    x = tl.load(X + row * stride_x + d, mask=ok, other=0.0).to(tl.float32)
+    residual = (x + delta).to(Residual.dtype.element_ty)  # what torch's x + delta stores
+    tl.store(Residual + row * stride_r + d, residual, mask=ok)
+    r = residual.to(tl.float32)  # the norm reads the rounded sum, as the layer does
+    scale = 1.0 / tl.sqrt(tl.sum(r * r, axis=0) / DIM + eps)
+    w = tl.load(W + d, mask=ok, other=0.0).to(tl.float32)
+    tl.store(Out + row * stride_o + d, ((r * scale) * w).to(Out.dtype.element_ty), mask=ok)
+
+
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float,
+                 delta_weight: torch.Tensor | None = None, delta_eps: float | None = None,
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(residual, normed) for rows of the residual stream `x` and a block's output `delta`, in one kernel.
+
+    residual = x + delta, in x's dtype; normed = RMSNorm(residual, weight, eps).
+    With `delta_weight`, delta is first normalised itself (Gemma's norm after
+    attention or the MLP): residual = x + RMSNorm(delta, delta_weight, delta_eps
+    (default eps)). x and delta: same shape and dtype, last dimension contiguous.
+    """
+    if x.shape != delta.shape or x.dtype != delta.dtype:
+        raise ValueError(f"x {tuple(x.shape)} {x.dtype} and delta {tuple(delta.shape)} {delta.dtype} must match")
+    dim = x.shape[-1]
+    x2, d2 = x.reshape(-1, dim), delta.reshape(-1, dim)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    if d2.stride(-1) != 1:
+        d2 = d2.contiguous()
+    residual = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    normed = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    rows = x2.shape[0]
+    if rows == 0:
+        return residual, normed
+    _add_rms_norm_kernel[(rows,)](
+        x2, d2, weight, weight if delta_weight is None else delta_weight, residual, normed,
+        x2.stride(0), d2.stride(0), dim, dim, eps, eps if delta_eps is None else delta_eps,
+        NORM_DELTA=delta_weight is not None, DIM=dim, DIM_PAD=triton.next_power_of_2(dim), num_warps=_row_warps(dim),
+    )
+    return residual, normed
 
 
 @triton.jit

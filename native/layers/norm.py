@@ -4,6 +4,10 @@
 it directly; Gemma checkpoints store w and multiply by 1 + w, so the Gemma
 model adds the 1 once at load time instead of at every call (the same float32
 sum transformers computes on the fly, so results are identical).
+
+`add_and_norm` joins a residual add to the norm that reads it: the decoder
+layers pass (residual, normed) pairs along so that each add and its norm run
+as one kernel on the GPU.
 """
 
 from __future__ import annotations
@@ -28,3 +32,21 @@ class RMSNorm(nn.Module):
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return (xf * self.weight).to(x.dtype)
+
+    def add_and_norm(self, x: torch.Tensor, delta: torch.Tensor,
+                     delta_norm: RMSNorm | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + delta, self(x + delta)): a residual add and this norm of its result.
+
+        With `delta_norm` the term added is delta_norm(delta) (Gemma's norms
+        after attention and the MLP). Where the fused kernels run it is one
+        kernel (see native/kernels/fused.py); elsewhere the same torch ops as
+        spelling it out. Unlike forward, it follows `fused_for` on any device,
+        so LOCALLLM_NATIVE_ATTENTION=triton runs it interpreted in CPU tests.
+        """
+        fused = fused_for(x)
+        if fused is not None:
+            if delta_norm is None:
+                return fused.add_rms_norm(x, delta, self.weight, self.eps)
+            return fused.add_rms_norm(x, delta, self.weight, self.eps, delta_norm.weight, delta_norm.eps)
+        x = x + (delta if delta_norm is None else delta_norm(delta))
+        return x, self(x)

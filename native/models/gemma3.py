@@ -35,9 +35,16 @@ class Gemma3DecoderLayer(nn.Module):
         self.pre_feedforward_layernorm = RMSNorm(dim, eps)
         self.post_feedforward_layernorm = RMSNorm(dim, eps)
 
-    def forward(self, x: torch.Tensor, rope: dict, batch: AttentionBatch) -> torch.Tensor:
-        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), rope, batch))
-        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+    def forward(self, x: torch.Tensor, h: torch.Tensor, rope: dict, batch: AttentionBatch,
+                next_norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+        """As LlamaDecoderLayer.forward (h is input_layernorm(x); returns the stream and next_norm of it).
+
+        Gemma normalises each block's output before adding it: that norm runs
+        in the same kernel as the add and the norm after it (`delta_norm`).
+        """
+        attn = self.self_attn(h, rope, batch)
+        x, h = self.pre_feedforward_layernorm.add_and_norm(x, attn, delta_norm=self.post_attention_layernorm)
+        return next_norm.add_and_norm(x, self.mlp(h), delta_norm=self.post_feedforward_layernorm)
 
 
 class Gemma3ForCausalLM(CausalLM):

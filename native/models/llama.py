@@ -63,9 +63,16 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, rope: dict, batch: AttentionBatch) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, batch)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, h: torch.Tensor, rope: dict, batch: AttentionBatch,
+                next_norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the residual stream; h: input_layernorm(x), computed with the add that made x.
+
+        Returns the new stream and next_norm of it (the next layer's input
+        norm, or the model's final one): each residual add is done together
+        with the norm that reads it, one kernel on the GPU (RMSNorm.add_and_norm).
+        """
+        x, h = self.post_attention_layernorm.add_and_norm(x, self.self_attn(h, rope, batch))
+        return next_norm.add_and_norm(x, self.mlp(h))
 
 
 class CausalLM(nn.Module):
@@ -90,9 +97,11 @@ class CausalLM(nn.Module):
         if self.config.embed_scale is not None:
             x = x * torch.tensor(self.config.embed_scale, dtype=x.dtype)
         rope = {key: r.cos_sin(positions, x.dtype) for key, r in self.rotary.items()}
-        for layer in self.layers:
-            x = layer(x, rope, batch)
-        return self.norm(x)
+        h = self.layers[0].input_layernorm(x)
+        for i, layer in enumerate(self.layers):  # (stream, its norm) in, (stream, next norm of it) out
+            next_norm = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.norm
+            x, h = layer(x, h, rope, batch, next_norm)
+        return h
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.packed_output is not None:
