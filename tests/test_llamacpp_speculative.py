@@ -206,10 +206,17 @@ def test_speculative_guess_counts_grow_while_kept_and_shrink_after_rejections():
     record.asked = 5
     record.record(checked=2, kept=2, config=config)  # the guesser had only two: no growth
     assert record.k == 5 and record.enabled
-    for _ in range(6):
+    for _ in range(29):  # 29 of 30 kept so far: 29 rejections take it under half
         record.asked = record.k
         record.record(checked=1, kept=0, config=config)
-    assert record.k == 1 and not record.enabled  # mostly rejected: off for this request
+        assert record.k == 1 and record.enabled == (record.kept >= 0.5 * record.checked)
+    assert not record.enabled  # mostly rejected: off for this request
+    story = SpecRecord(k=3)  # a story that repeats itself now and then: 2 of 6 kept in 4 checks
+    for checked, kept in ((2, 1), (1, 0), (2, 1), (1, 0)):
+        assert story.enabled
+        story.asked = story.k
+        story.record(checked=checked, kept=kept, config=config)
+    assert not story.enabled  # off after its fourth check
 
 
 def test_speculative_options_are_checked_for_llamacpp(starter_gguf):
