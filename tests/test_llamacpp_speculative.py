@@ -241,3 +241,26 @@ def test_speculative_cli_run_on_llamacpp_reports_guesses(starter_gguf, method):
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(PARAGRAPH[:40])
     assert "speculative guesses kept" in done.stderr
+
+
+def test_speculative_serve_on_llamacpp_counts_guesses_in_usage_and_metrics(tmp_path, starter_gguf):
+    """`localllm serve --speculative ngram` on llama.cpp: a completion copies with guesses, /metrics counts them."""
+    import httpx
+
+    from server_harness import make_store, start_server
+
+    make_store(tmp_path, {"starter": starter_gguf})
+    server = start_server(tmp_path, "starter", "--ctx", "1024", "--threads", str(THREADS), "--backend", "llamacpp",
+                          "--speculative", "ngram")
+    try:
+        body = {"model": "starter", "prompt": COPY, "max_tokens": 60, "temperature": 0, "stop": ["\n\n"]}
+        reply = httpx.post(f"{server.v1}/completions", json=body, timeout=120).json()
+        metrics = httpx.get(f"{server.url}/metrics", timeout=30).text
+    finally:
+        server.stop()
+    assert reply["choices"][0]["text"].startswith(PARAGRAPH[:60])
+    drafted = [line for line in metrics.splitlines() if line.startswith("localllm_speculative_draft_tokens_total")]
+    kept = [line for line in metrics.splitlines() if line.startswith("localllm_speculative_accepted_tokens_total")]
+    assert drafted and float(drafted[0].split()[-1]) >= 30
+    assert kept and float(kept[0].split()[-1]) >= 0.9 * float(drafted[0].split()[-1])
+    assert "localllm_speculative_acceptance_ratio_count 1.0" in metrics
