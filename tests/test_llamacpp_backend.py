@@ -81,6 +81,16 @@ def test_same_seed_same_text_at_temperature(backend):
     assert len(others | {first}) > 1, "different seeds should not all give the same text"
 
 
+def test_repeat_last_n_minus_one_penalises_the_whole_context(backend):
+    """-1 means the whole context (llama.cpp's tools, Ollama), not "off"; 0 is off."""
+    def text(last_n: int) -> str:
+        return collect(backend, "The bicycle was", greedy(max_tokens=40, repeat_penalty=1.5, repeat_last_n=last_n))[0]
+
+    whole, off = text(-1), text(0)
+    assert whole == text(1024)  # the context is 1024 tokens
+    assert whole != off
+
+
 def test_abort_mid_generation(backend):
     text, finish, events = collect(backend, FRANCE, greedy(max_tokens=400), stop_after=3)
     assert finish.reason == "abort"

@@ -249,7 +249,7 @@ class LlamaCppEngine:
             first_time = job.sampler is None
             if first_time:
                 try:
-                    job.sampler = build_sampler(self.internals, self.lc, self.model, job.request.params)
+                    job.sampler = build_sampler(self.internals, self.lc, self.model, job.request.params, self.config.n_ctx)
                 except Exception as exc:
                     self._finish(job, "error", error=f"generation failed: {exc}")
                     continue

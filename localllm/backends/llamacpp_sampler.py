@@ -13,22 +13,25 @@ from localllm.backends.grammar import GrammarSampler
 RANDOM_SEED = 0xFFFFFFFF  # llama.cpp's LLAMA_DEFAULT_SEED: pick a random seed
 
 
-def build_sampler(internals, llama_cpp, model, params: SamplingParams):
+def build_sampler(internals, llama_cpp, model, params: SamplingParams, n_ctx: int):
     """The request's sampler: its chain, wrapped with its grammar when it has one.
 
     Both offer `sample(ctx, idx)` (idx: the row of the batch whose logits to use) and `close()`.
+    n_ctx is what repeat_last_n = -1 means: the whole context.
     """
-    chain = build_chain(internals, llama_cpp, model, params)
+    chain = build_chain(internals, llama_cpp, model, params, n_ctx)
     if params.grammar is None:
         return chain
     return GrammarSampler(llama_cpp, chain, model.vocab, model.n_vocab(), params.grammar, params.grammar_triggers)
 
 
-def build_chain(internals, llama_cpp, model, params: SamplingParams):
+def build_chain(internals, llama_cpp, model, params: SamplingParams, n_ctx: int):
     """A llama.cpp sampler chain in llama.cpp's own order: penalties, top-k, top-p, min-p, temperature."""
     sampler = internals.LlamaSampler()
     if params.repeat_penalty != 1.0 or params.presence_penalty or params.frequency_penalty:
-        last_n = params.repeat_last_n if params.repeat_last_n >= 0 else -1
+        # -1 means the whole context (as in llama.cpp's tools and Ollama); the C sampler itself
+        # treats a negative window as 0, which would switch the penalties off
+        last_n = params.repeat_last_n if params.repeat_last_n >= 0 else n_ctx
         sampler.add_penalties(
             model.n_vocab(), last_n, params.repeat_penalty, params.frequency_penalty, params.presence_penalty
         )
