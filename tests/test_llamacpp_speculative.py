@@ -11,6 +11,7 @@ leak into a later request's reused prefix.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import subprocess
 import sys
 
@@ -154,8 +155,29 @@ def test_speculative_starter_as_its_own_draft_keeps_plain_text(starter_gguf, pla
         again = run(draft, "draft-again", OPEN[0], greedy(max_tokens=48))  # prompt reused, the draft catches up
         assert again.finish.usage.cached_prompt_tokens > 0
         assert_same_or_near_tie(reference.events, greedy_ids(again.events), "own draft, second run")
+        # The draft applies the request's penalties too, or it would keep guessing what they forbid (66% kept
+        # on a 1.15 penalty before it did). Texts are not compared here: logprobs show raw logits, so a
+        # near-tie after the penalties cannot be told from a fault.
+        got = run(draft, "draft-penalised", OPEN[0], greedy(max_tokens=48, repeat_penalty=1.15))
+        usage = got.finish.usage
+        assert usage.completion_tokens == 48
+        assert usage.draft_tokens >= 20 and usage.accepted_draft_tokens >= 0.8 * usage.draft_tokens
     finally:
         draft.close()
+
+
+def test_speculative_draft_penalties_follow_llama_cpp():
+    import numpy as np
+
+    from localllm.backends.llamacpp_speculative import penalised
+
+    logits = np.array([2.0, -1.0, 0.5, 3.0, 1.0], dtype=np.float32)
+    params = SamplingParams(repeat_penalty=2.0, frequency_penalty=0.25, presence_penalty=0.5, repeat_last_n=3)
+    out = penalised(logits, [3, 0, 1, 3], params)  # the window is the last 3: 0, 1, 3 (3 once)
+    assert out.tolist() == pytest.approx([2.0 / 2 - 0.25 - 0.5, -1.0 * 2 - 0.25 - 0.5, 0.5, 3.0 / 2 - 0.25 - 0.5, 1.0])
+    assert penalised(logits, [3, 0, 1, 3], dataclasses.replace(params, repeat_last_n=-1))[3] == pytest.approx(
+        3.0 / 2 - 2 * 0.25 - 0.5)  # all four: 3 twice
+    assert logits.tolist() == [2.0, -1.0, 0.5, 3.0, 1.0]  # a copy was changed
 
 
 class _FakeVocabModel:

@@ -372,7 +372,7 @@ class LlamaCppEngine:
             if k <= 0 or not job.spec.enabled:
                 continue
             job.spec.asked = k
-            requests.append(GuessRequest(slot.seq_id, job.prompt + job.generated, k))
+            requests.append(GuessRequest(slot.seq_id, job.prompt + job.generated, k, job.request.params, len(job.generated)))
             slots.append(slot)
             room -= k
         if not requests:

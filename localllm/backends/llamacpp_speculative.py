@@ -21,8 +21,9 @@ Guessers:
 - `NgramGuesser`, prompt lookup: the tokens that followed the latest earlier
   copy of the request's last 4..6 tokens (native/ngram.py, numba);
 - `DraftGuesser`, a small GGUF sharing the model's vocabulary: its own context
-  with one sequence per slot, greedy guesses, k decode steps for all guessing
-  slots together.
+  with one sequence per slot, greedy guesses (with the request's repetition
+  penalties, which the model's sampler applies too), k decode steps for all
+  guessing slots together.
 
 When it pays: on a CPU each extra row costs a share of a step (the output
 layer is computed for every row with logits: on the starter, a step of 6
@@ -43,6 +44,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from localllm.backends.base import SamplingParams
 from localllm.backends.llamacpp_slots import common_prefix
 from localllm.errors import BadRequest
 
@@ -106,6 +108,8 @@ class GuessRequest:
     seq_id: int  # the slot's sequence
     history: list[int]  # every token of the request so far; the last one is not in the model's cache yet
     k: int  # the most guesses wanted
+    params: SamplingParams | None = None  # the request's sampling (a draft applies its penalties)
+    n_generated: int = 0  # how many of history's tokens the model generated (what penalties count)
 
 
 class NgramGuesser:
@@ -185,14 +189,14 @@ class DraftGuesser:
             return guesses
         guessing = [f.index for f in feeds if f.wants_logits]
         for row, i in zip(rows, guessing):
-            guesses[i].append(self._argmax(row))
+            guesses[i].append(self._pick(row, requests[i], guesses[i]))
         while True:  # one more draft step per further guess, every sequence that still wants one
             more = [i for i in guessing if len(guesses[i]) < requests[i].k]
             rows = self._decode([(requests[i].seq_id, [guesses[i][-1]], True) for i in more]) if more else None
             if rows is None:
                 return guesses
             for row, i in zip(rows, more):
-                guesses[i].append(self._argmax(row))
+                guesses[i].append(self._pick(row, requests[i], guesses[i]))
 
     def _catch_up(self, requests: list[GuessRequest]) -> list[_Feed]:
         """Line each sequence up with its history; what each runs in the first draft step."""
@@ -239,10 +243,14 @@ class DraftGuesser:
             self.held[seq_id].extend(tokens)
         return rows
 
-    def _argmax(self, row: int) -> int:
-        """The draft's most likely token after the batch's `row`."""
-        logits = self.lc.llama_get_logits_ith(self.ctx.ctx, row)
-        return int(np.ctypeslib.as_array(logits, shape=(self.n_vocab,)).argmax())
+    def _pick(self, row: int, request: GuessRequest, guesses: list[int]) -> int:
+        """The draft's most likely token after the batch's `row`, after the request's penalties."""
+        logits = np.ctypeslib.as_array(self.lc.llama_get_logits_ith(self.ctx.ctx, row), shape=(self.n_vocab,))
+        params = request.params
+        if params is None or not _penalises(params):
+            return int(logits.argmax())
+        generated = request.history[len(request.history) - request.n_generated:] + guesses
+        return int(penalised(logits, generated, params).argmax())
 
     def forget(self, seq_id: int) -> None:
         self.lc.llama_memory_seq_rm(self.mem, seq_id, -1, -1)
@@ -266,6 +274,30 @@ class DraftGuesser:
             self.batch = None
         self.ctx.close()
         self.model.close()
+
+
+def _penalises(params: SamplingParams) -> bool:
+    return params.repeat_last_n != 0 and (
+        params.repeat_penalty != 1.0 or params.presence_penalty != 0 or params.frequency_penalty != 0
+    )
+
+
+def penalised(logits: np.ndarray, generated: list[int], params: SamplingParams) -> np.ndarray:
+    """Logits after llama.cpp's penalties over the last repeat_last_n generated tokens (-1: all of them).
+
+    Each token seen c times: a positive logit divided by repeat_penalty, a
+    negative one multiplied, then c x frequency_penalty and presence_penalty
+    subtracted.
+    """
+    window = generated if params.repeat_last_n < 0 else generated[len(generated) - params.repeat_last_n:]
+    if not window:
+        return logits
+    ids, counts = np.unique(np.asarray(window, dtype=np.int64), return_counts=True)
+    out = logits.copy()
+    seen = out[ids]
+    seen = np.where(seen > 0, seen / params.repeat_penalty, seen * params.repeat_penalty)
+    out[ids] = seen - counts * params.frequency_penalty - params.presence_penalty
+    return out
 
 
 def check_same_vocabulary(lc, target, draft) -> None:
