@@ -11,13 +11,17 @@ Sections, each printed as it finishes (a failing section says why and the rest g
    (bytes read + bytes written per second), the roofline's denominator;
 2. kernels: the Triton paged-decode and KV-store kernels against the torch
    reference on random shapes (GQA 1/4/8, windows, block sizes, ragged lengths),
-   and the fused residual add + RMSNorm (plain and Gemma's) at real hidden sizes;
+   the fused residual add + RMSNorm (plain and Gemma's) at real hidden sizes, and
+   the decode step's q/k norm + rotary + KV-store kernel at real head shapes;
 3. correctness: tiny random Llama, Mistral, Qwen2, Qwen3 and Gemma 3 in float32
    on the GPU: prompt logits against transformers (relative error), 32 greedy
    tokens equal, and 8 prompts of different lengths giving the same tokens
    alone and batched (CUDA graphs and the decode kernel in the path);
 4. batch-1 decode, Llama-3.2-1B shape in bfloat16: tokens/s against the
-   roofline (weight bytes / copy bandwidth) and transformers `generate`;
+   roofline (weight bytes / copy bandwidth) and transformers `generate`; then
+   a second engine built with LOCALLLM_NATIVE_FUSED=off (the residual add +
+   norm and the q/k norm + rotary + KV-store kernels split into their ops), so
+   the figures show what those fusions buy;
 5. 64 concurrent requests (128-token prompts, 128 new tokens each), 1B and
    Qwen2.5-7B shapes: aggregate tokens/s against transformers `generate`
    running the same 64 as one batch (equal lengths: no padding waste for it);
@@ -30,6 +34,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import statistics
 import sys
 import time
@@ -239,11 +244,38 @@ def batch1(bandwidth_gbps: float) -> None:
             for _ in range(2)
         )
     hf_tps = n_new / hf_t
+    tps, forward_ms, graphs = _batch1_decode(model, config, prompt, n_new, runs=3)
+    print(f"   weights {wbytes / 1e9:.2f} GB; roofline {roofline:.0f} tok/s at {bandwidth_gbps:.0f} GB/s")
+    print(f"   native engine {tps:.0f} tok/s = {tps / roofline:.0%} of roofline (goal >= 60%); "
+          f"graphs {graphs}; model forward alone {forward_ms:.2f} ms/token")
+    print(f"   transformers generate {hf_tps:.0f} tok/s; native / transformers {tps / hf_tps:.1f}x")
+    RESULTS["batch1"] = dict(weights_GB=wbytes / 1e9, roofline_tps=roofline, native_tps=tps, share=tps / roofline,
+                             transformers_tps=hf_tps, forward_ms=forward_ms)
+    before = os.environ.get("LOCALLLM_NATIVE_FUSED")
+    os.environ["LOCALLLM_NATIVE_FUSED"] = "off"  # read while the engine captures its graphs: a second engine
+    try:
+        off_tps, off_ms, _ = _batch1_decode(model, config, prompt, n_new, runs=2)
+    finally:
+        if before is None:
+            del os.environ["LOCALLLM_NATIVE_FUSED"]
+        else:
+            os.environ["LOCALLLM_NATIVE_FUSED"] = before
+    print(f"   fusions off (LOCALLLM_NATIVE_FUSED=off): {off_tps:.0f} tok/s = {off_tps / roofline:.0%} of roofline; "
+          f"model forward alone {off_ms:.2f} ms/token; the fusions save {off_ms - forward_ms:.3f} ms/token "
+          f"({tps / off_tps:.2f}x tok/s)")
+    RESULTS["batch1"].update(unfused_tps=off_tps, unfused_share=off_tps / roofline, unfused_forward_ms=off_ms)
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def _batch1_decode(model, config: dict, prompt: list[int], n_new: int, *, runs: int) -> tuple[float, float, bool]:
+    """A fresh engine's (tokens/s decoding n_new tokens alone, median of `runs`; graph forward ms; graphs used)."""
     engine = engine_from(model, config, dtype="bfloat16", max_model_len=4096, max_num_seqs=64)
     greedy = SamplingParams(temperature=0, max_tokens=n_new)
     engine.generate([prompt], SamplingParams(temperature=0, max_tokens=8))
     rates = []
-    for _ in range(3):
+    for _ in range(runs):
         engine.add_request("b1", prompt, greedy)
         engine.step()  # the prompt and the first token
         torch.cuda.synchronize()
@@ -253,17 +285,11 @@ def batch1(bandwidth_gbps: float) -> None:
             engine.step()
             steps += 1
         rates.append(steps / (time.perf_counter() - t0))
-    tps = statistics.median(rates)
-    forward_ms = _graph_forward_ms(engine)
-    print(f"   weights {wbytes / 1e9:.2f} GB; roofline {roofline:.0f} tok/s at {bandwidth_gbps:.0f} GB/s")
-    print(f"   native engine {tps:.0f} tok/s = {tps / roofline:.0%} of roofline (goal >= 60%); "
-          f"graphs {engine.runner.graphs is not None}; model forward alone {forward_ms:.2f} ms/token")
-    print(f"   transformers generate {hf_tps:.0f} tok/s; native / transformers {tps / hf_tps:.1f}x")
-    RESULTS["batch1"] = dict(weights_GB=wbytes / 1e9, roofline_tps=roofline, native_tps=tps, share=tps / roofline,
-                             transformers_tps=hf_tps, forward_ms=forward_ms)
-    del engine, model
+    result = statistics.median(rates), _graph_forward_ms(engine), engine.runner.graphs is not None
+    del engine  # its KV cache takes most of the GPU: gone before another engine is built
     gc.collect()
     torch.cuda.empty_cache()
+    return result
 
 
 def _graph_forward_ms(engine: LLMEngine) -> float:

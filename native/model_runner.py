@@ -19,6 +19,7 @@ between the pools; each pool has its own scratch block.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,6 +78,8 @@ class ModelRunner:
         if on_cpu and options.pack_output:
             self.model.pack_output_for_cpu(options.max_num_seqs)
         self.decode_kernel = not on_cpu and decode_kernel_available()
+        if self.decode_kernel:
+            self._verify_fusions()
         if not on_cpu:  # measured, so only now
             self.num_blocks = self._plan_blocks()
         self._allocate_cache()
@@ -179,6 +182,14 @@ class ModelRunner:
         gather = 2 * gathered_seqs * o.max_model_len * c.n_kv_heads * c.head_dim * self.dtype_bytes
         scratch = sum(self.group_block_bytes)
         return int(total * o.gpu_memory_utilization - used_elsewhere - peak - gather - scratch)
+
+    def _verify_fusions(self) -> None:
+        """The fused kernels, checked once at this model's shapes; the separate ones if they fail (one line on stderr)."""
+        from .kernels import verify_fusions
+
+        failed = verify_fusions(self.config, self.dtype, self.device)
+        if failed:
+            sys.stderr.write(f"localllm: fused GPU kernels are off ({failed}); the separate kernels run instead\n")
 
     def blocks_for_tokens(self, n_tokens: int) -> int:
         return -(-n_tokens // self.block_size)

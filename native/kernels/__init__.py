@@ -5,6 +5,12 @@ contract (see `DecodeMeta` there): the dispatcher there uses them on CUDA when
 Triton imports, unless LOCALLLM_NATIVE_ATTENTION=reference. Everything else
 (prompt chunks, the CPU) keeps the reference path.
 
+Two of them join several ops into one launch: the residual add with the norm
+that reads it (fused.add_rms_norm), and a decode step's q/k norms, rotary and
+KV store (rope_store.py). LOCALLLM_NATIVE_FUSED=off switches both off (the
+ops then run as separate kernels), so one GPU run can time an engine built
+with them against one built without; the default is on.
+
 Without a GPU they run under Triton's interpreter: set TRITON_INTERPRET=1
 *before* this package's modules are imported (Triton decides at decoration
 time whether a kernel is compiled or interpreted). tests/test_triton_kernels.py
@@ -17,6 +23,9 @@ import them when called.
 - `fused_for(x)`: the fused RMSNorm, residual add + RMSNorm, rotary and gated-activation kernels
   (fused.py) where they run
 - `store_kv(k, v, k_cache, v_cache, slots)`
+- `norm_rope_store(q, k, v, cos, sin, k_cache, v_cache, slots, q_norm=, k_norm=)`: a decode step's
+  queries normed and rotated (returned), keys normed and rotated into the cache with the values
+- `fusions_on()`: False under LOCALLLM_NATIVE_FUSED=off
 - `selfcheck(device)`: the kernels against the torch reference on random shapes
 - `time_decode_attention(device)`: kernel vs reference timings at real model shapes
 """
@@ -62,6 +71,51 @@ def fused_for(x):
     return fused
 
 
+_fusions_failed: str | None = None  # why the start-up check switched the fused kernels off (verify_fusions)
+
+
+def fusions_on() -> bool:
+    """Whether the kernels that join several ops run where they can (LOCALLLM_NATIVE_FUSED, default on).
+
+    Read at every call, like LOCALLLM_NATIVE_ATTENTION; a CUDA graph keeps what
+    was chosen when it was captured, so an A/B comparison builds two engines.
+    Off for the rest of the process once verify_fusions has seen them fail.
+    """
+    if _fusions_failed is not None:
+        return False
+    return os.environ.get("LOCALLLM_NATIVE_FUSED", "on").strip().lower() not in ("off", "0", "false", "no")
+
+
+def verify_fusions(config, dtype, device) -> str | None:
+    """Run the fused kernels once at the model's own shapes and compare them with torch; None if they hold.
+
+    They are tested on CPUs under Triton's interpreter, and a GPU's compiler
+    may see them differently: a kernel that fails to compile, or computes
+    something else, switches the fusions off for this process (the engine
+    then runs the separate kernels) instead of taking the engine down.
+    Returns why they were switched off. The shapes are the model's, so the
+    compiled kernels are the ones its steps use.
+    """
+    global _fusions_failed
+    if not fusions_on():
+        return _fusions_failed
+    from .check import AddNormCase, RopeStoreCase, compare_add_norm, compare_rope_store
+
+    gemma = config.family == "gemma3"  # its blocks' outputs are normed before the add
+    try:
+        results = [
+            compare_add_norm(AddNormCase(2, config.hidden_size, sandwich=gemma), dtype, device),
+            compare_rope_store(RopeStoreCase(2, config.n_heads, config.n_kv_heads, config.head_dim,
+                                             qk_norm=config.qk_norm, padding=1), dtype, device),
+        ]
+        wrong = [r.case.name for r in results if not r.ok]
+        if wrong:
+            _fusions_failed = f"{wrong[0]} gave results that differ from torch's"
+    except Exception as exc:  # a compiler error, an unsupported construct on this GPU
+        _fusions_failed = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+    return _fusions_failed
+
+
 def paged_decode_attention(*args, **kwargs):
     from .decode_attention import paged_decode_attention as kernel
 
@@ -70,6 +124,12 @@ def paged_decode_attention(*args, **kwargs):
 
 def store_kv(*args, **kwargs):
     from .kv_store import store_kv as kernel
+
+    return kernel(*args, **kwargs)
+
+
+def norm_rope_store(*args, **kwargs):
+    from .rope_store import norm_rope_store as kernel
 
     return kernel(*args, **kwargs)
 

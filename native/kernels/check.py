@@ -6,7 +6,9 @@ the same cases, so the interpreter tests and the GPU agree on what "correct"
 means. The reference is `paged_attention` of native/layers/attention.py (its
 per-sequence span path), which the engine's model tests pin against
 transformers. The fused residual add + RMSNorm kernel is checked beside them
-against `RMSNorm.add_and_norm` on its torch path, at hidden sizes of real models.
+against `RMSNorm.add_and_norm` on its torch path, at hidden sizes of real models,
+and the decode step's q/k norm + rotary + KV-store kernel against the layers'
+torch ops it replaces, at head counts and dims of real models.
 """
 
 from __future__ import annotations
@@ -85,6 +87,47 @@ GPU_ADD_NORM_CASES: tuple[AddNormCase, ...] = ADD_NORM_CASES + (
 )
 
 
+@dataclass(frozen=True)
+class RopeStoreCase:
+    """One random comparison of rope_store.norm_rope_store: a decode step's new tokens of one layer.
+
+    `padding` rows follow the real ones, as a captured batch's: all the same
+    token at position 0, stored into the scratch block's first slot.
+    """
+
+    tokens: int
+    n_heads: int
+    n_kv: int
+    head_dim: int
+    qk_norm: bool = False
+    padding: int = 0
+    block_size: int = 16
+
+    @property
+    def name(self) -> str:
+        norm = " qk-norm" if self.qk_norm else ""
+        pad = f" + {self.padding} padding" if self.padding else ""
+        return f"norm+rotary+store {self.n_heads}q/{self.n_kv}kv d{self.head_dim}{norm}, {self.tokens} tokens{pad}"
+
+
+# GQA 1/4/8, head dims 32 to 256 (80: not a power of two), with and without q/k norms, padding rows.
+ROPE_STORE_CASES: tuple[RopeStoreCase, ...] = (
+    RopeStoreCase(3, 4, 4, 32),
+    RopeStoreCase(2, 8, 2, 64, qk_norm=True),
+    RopeStoreCase(2, 8, 1, 128, padding=2),
+    RopeStoreCase(1, 2, 1, 256, qk_norm=True),
+    RopeStoreCase(2, 4, 2, 80, qk_norm=True, padding=1),
+)
+# Llama-3.2-1B, Qwen2.5-7B, Qwen3-8B, Gemma 3 1B/4B/27B at batch 1 and at a padded batch of 64.
+GPU_ROPE_STORE_CASES: tuple[RopeStoreCase, ...] = ROPE_STORE_CASES + (
+    RopeStoreCase(1, 32, 8, 64), RopeStoreCase(61, 32, 8, 64, padding=3),
+    RopeStoreCase(1, 28, 4, 128), RopeStoreCase(33, 28, 4, 128, padding=7),
+    RopeStoreCase(1, 32, 8, 128, qk_norm=True), RopeStoreCase(64, 32, 8, 128, qk_norm=True),
+    RopeStoreCase(1, 4, 1, 256, qk_norm=True), RopeStoreCase(60, 4, 1, 256, qk_norm=True, padding=4),
+    RopeStoreCase(5, 8, 4, 256, qk_norm=True), RopeStoreCase(1, 32, 16, 128, qk_norm=True),
+)
+
+
 @dataclass
 class Result:
     case: Case
@@ -119,14 +162,35 @@ class AddNormResult:
 
 
 @dataclass
+class RopeStoreResult:
+    case: RopeStoreCase
+    dtype: torch.dtype
+    q_error: float  # max |kernel - layers| over the queries, relative to their largest value
+    k_error: float  # the same over the keys in the cache (every slot, written or not)
+    v_error: float  # max |kernel - layers| over the value cache: a copy, so 0
+    tolerance: float
+
+    @property
+    def ok(self) -> bool:
+        return self.q_error <= self.tolerance and self.k_error <= self.tolerance and self.v_error == 0.0
+
+    def line(self) -> str:
+        return (f"{'ok ' if self.ok else 'BAD'} {str(self.dtype).replace('torch.', ''):8s} "
+                f"q err {self.q_error:.2e}, k err {self.k_error:.2e} (tol {self.tolerance:.0e}), "
+                f"v err {self.v_error:.0e} (must be 0): {self.case.name}")
+
+
+@dataclass
 class Report:
     device: str
     results: list[Result] = field(default_factory=list)
     add_norm: list[AddNormResult] = field(default_factory=list)
+    rope_store: list[RopeStoreResult] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return bool(self.results) and all(r.ok for r in self.results) and all(r.ok for r in self.add_norm)
+        return (bool(self.results) and all(r.ok for r in self.results) and all(r.ok for r in self.add_norm)
+                and all(r.ok for r in self.rope_store))
 
     @property
     def max_errors(self) -> dict[str, float]:
@@ -141,8 +205,10 @@ class Report:
                  f"max err {r.attention_error:.2e} (tol {r.tolerance:.0e}), store err {r.store_error:.0e}: {r.case.name}"
                  for r in self.results]
         lines += [r.line() for r in self.add_norm]
+        lines += [r.line() for r in self.rope_store]
         summary = ", ".join(f"{k} {v:.2e}" for k, v in self.max_errors.items())
-        lines.append(f"{len(self.results) + len(self.add_norm)} comparisons on {self.device}, "
+        count = len(self.results) + len(self.add_norm) + len(self.rope_store)
+        lines.append(f"{count} comparisons on {self.device}, "
                      f"{'all ok' if self.ok else 'FAILURES'}; max attention errors: {summary}")
         return lines
 
@@ -160,6 +226,11 @@ class Report:
                 {"case": r.case.name, "dtype": str(r.dtype), "residual_error": r.residual_error,
                  "norm_error": r.norm_error, "ok": r.ok}
                 for r in self.add_norm
+            ],
+            "rope_store": [
+                {"case": r.case.name, "dtype": str(r.dtype), "q_error": r.q_error, "k_error": r.k_error,
+                 "v_error": r.v_error, "ok": r.ok}
+                for r in self.rope_store
             ],
         }
 
@@ -294,15 +365,100 @@ def compare_add_norm(case: AddNormCase, dtype: torch.dtype, device: torch.device
                          TOLERANCE[dtype], exact)
 
 
+@dataclass
+class RopeStoreInputs:
+    q: torch.Tensor  # (T, n_heads, d), k and v (T, n_kv, d): strided views of one QKV output, as in the model
+    k: torch.Tensor
+    v: torch.Tensor
+    cos: torch.Tensor  # (T, d) in the model's dtype
+    sin: torch.Tensor
+    k_cache: torch.Tensor  # (num_blocks + 1, block_size, n_kv, d): the last block is the scratch block
+    v_cache: torch.Tensor
+    slots: torch.Tensor  # (T,) int64: distinct slots, then the scratch block's first slot for padding rows
+    q_norm: object | None  # RMSNorm of the head dim (with its k_norm), or None
+    k_norm: object | None
+
+
+def make_rope_store_inputs(case: RopeStoreCase, dtype: torch.dtype, device: torch.device | str,
+                           seed: int = 0) -> RopeStoreInputs:
+    """Random heads at random positions (rope base 10,000), norm weights around 1, a random cache."""
+    from ..layers.norm import RMSNorm
+
+    gen = torch.Generator().manual_seed(seed)
+    h, kv, dim, bs = case.n_heads, case.n_kv, case.head_dim, case.block_size
+    n = case.tokens + case.padding
+    qkv = torch.randn(n, (h + 2 * kv) * dim, generator=gen) * 2
+    positions = torch.randint(0, 8192, (n,), generator=gen)
+    qkv[case.tokens:], positions[case.tokens:] = qkv[0], 0  # padding rows: one token, position 0
+    num_blocks = -(-case.tokens // bs) + 2
+    slots = torch.randperm(num_blocks * bs, generator=gen)[: case.tokens]
+    slots = torch.cat([slots, torch.full((case.padding,), num_blocks * bs)])
+    inv_freq = 1.0 / 10000.0 ** (torch.arange(0, dim, 2).float() / dim)
+    angles = positions.float().unsqueeze(-1) * inv_freq
+    angles = torch.cat((angles, angles), dim=-1)
+
+    def norm() -> RMSNorm:
+        layer = RMSNorm(dim, 1e-6)
+        layer.weight = torch.nn.Parameter((1 + torch.randn(dim, generator=gen) * 0.3).to(device), requires_grad=False)
+        return layer
+
+    q, k, v = qkv.to(dtype=dtype, device=device).split((h * dim, kv * dim, kv * dim), dim=-1)
+    cache_shape = (num_blocks + 1, bs, kv, dim)
+    return RopeStoreInputs(
+        q=q.view(n, h, dim), k=k.view(n, kv, dim), v=v.view(n, kv, dim),
+        cos=angles.cos().to(dtype=dtype, device=device), sin=angles.sin().to(dtype=dtype, device=device),
+        k_cache=torch.randn(cache_shape, generator=gen).to(dtype=dtype, device=device),
+        v_cache=torch.randn(cache_shape, generator=gen).to(dtype=dtype, device=device),
+        slots=slots.to(device),
+        q_norm=norm() if case.qk_norm else None, k_norm=norm() if case.qk_norm else None,
+    )
+
+
+def reference_rope_store(x: RopeStoreInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The layers' ops the kernel replaces, on their torch path: q/k norms, rotary, store. (q, k_cache, v_cache)."""
+    from ..layers.attention import store_kv
+    from ..layers.rotary import apply_rotary
+
+    q, k = x.q, x.k
+    k_cache, v_cache = x.k_cache.clone(), x.v_cache.clone()
+    with torch_attention():
+        if x.q_norm is not None:
+            q, k = x.q_norm(q), x.k_norm(k)
+        q, k = apply_rotary(q, x.cos, x.sin), apply_rotary(k, x.cos, x.sin)
+        store_kv(k, x.v, k_cache, v_cache, x.slots)
+    return q, k_cache, v_cache
+
+
+def run_rope_store(x: RopeStoreInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from .rope_store import norm_rope_store
+
+    k_cache, v_cache = x.k_cache.clone(), x.v_cache.clone()
+    q = norm_rope_store(x.q, x.k, x.v, x.cos, x.sin, k_cache, v_cache, x.slots, q_norm=x.q_norm, k_norm=x.k_norm)
+    return q, k_cache, v_cache
+
+
+def compare_rope_store(case: RopeStoreCase, dtype: torch.dtype, device: torch.device | str,
+                       seed: int = 0) -> RopeStoreResult:
+    x = make_rope_store_inputs(case, dtype, device, seed)
+    want_q, want_k, want_v = reference_rope_store(x)
+    got_q, got_k, got_v = run_rope_store(x)
+    v_error = float((got_v.float() - want_v.float()).abs().max())
+    return RopeStoreResult(case, dtype, _relative_error(got_q, want_q), _relative_error(got_k, want_k), v_error,
+                           TOLERANCE[dtype])
+
+
 def selfcheck(device: torch.device | str = "cuda", *, cases: tuple[Case, ...] | None = None,
               dtypes: tuple[torch.dtype, ...] | None = None,
-              add_norm_cases: tuple[AddNormCase, ...] | None = None) -> Report:
+              add_norm_cases: tuple[AddNormCase, ...] | None = None,
+              rope_store_cases: tuple[RopeStoreCase, ...] | None = None) -> Report:
     """Every case in every dtype (float32 and bfloat16 on CUDA, float32 elsewhere): max errors and a verdict."""
     device = torch.device(device)
     on_gpu = device.type == "cuda"
     cases = cases if cases is not None else (GPU_CASES if on_gpu else CASES)
     if add_norm_cases is None:
         add_norm_cases = GPU_ADD_NORM_CASES if on_gpu else ADD_NORM_CASES
+    if rope_store_cases is None:
+        rope_store_cases = GPU_ROPE_STORE_CASES if on_gpu else ROPE_STORE_CASES
     dtypes = dtypes if dtypes is not None else ((torch.float32, torch.bfloat16) if on_gpu else (torch.float32,))
     report = Report(torch.cuda.get_device_name(device) if on_gpu else str(device))
     for dtype in dtypes:
@@ -310,6 +466,8 @@ def selfcheck(device: torch.device | str = "cuda", *, cases: tuple[Case, ...] | 
             report.results.append(compare(case, dtype, device, seed=i))
         for i, norm_case in enumerate(add_norm_cases):
             report.add_norm.append(compare_add_norm(norm_case, dtype, device, seed=i))
+        for i, rope_case in enumerate(rope_store_cases):
+            report.rope_store.append(compare_rope_store(rope_case, dtype, device, seed=i))
     return report
 
 

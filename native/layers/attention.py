@@ -21,13 +21,21 @@ gather the blocks the window can reach. Decoding sequences are batched into
 one call per layer, padded to the longest and masked.
 
 A GPU kernel replaces `paged_attention` (and `store_kv`) with the same
-arguments; everything above this file is unchanged. On CUDA, where Triton
-imports, the decode rows of a step run the Triton kernels of native/kernels/
-(steps described by a `DecodeMeta` entirely, the decode rows of mixed steps
-too); prompt chunks and the CPU keep the torch path.
+arguments. On CUDA, where Triton imports, the decode rows of a step run the
+Triton kernels of native/kernels/ (steps described by a `DecodeMeta`
+entirely, the decode rows of mixed steps too); prompt chunks and the CPU
+keep the torch path.
 LOCALLLM_NATIVE_ATTENTION=reference switches the kernels off;
 LOCALLLM_NATIVE_ATTENTION=triton forces them on any device (on a CPU that
 works only under Triton's interpreter, TRITON_INTERPRET=1: for tests).
+
+When the kernels run a `DecodeMeta` step, the layer does not call
+`paged_attention`: one kernel norms (Qwen3, Gemma 3) and rotates q and k
+and stores k and v (kernels.norm_rope_store, picked by
+`fused_decode_kernels`), and `attend_stored` then reads the cache as it is.
+LOCALLLM_NATIVE_FUSED=off turns that off, and the residual add + norm
+kernel with it (see native/kernels/__init__.py): the same ops then run as
+separate kernels (default: on).
 
 Sliding-window layers may keep their own pool (see native/kv_layout.py): then
 each span and decode description carries a second block table, and those
@@ -236,13 +244,9 @@ def paged_attention(
         meta = batch.decode_meta
         if kernels is not None:
             kernels.store_kv(k, v, k_cache, v_cache, slots)
-            out = kernels.paged_decode_attention(
-                q, k_cache, v_cache, meta.tables(window), meta.context_lens, window=window, scale=scale
-            )
-        else:
-            store_kv(k, v, k_cache, v_cache, slots)
-            out = decode_attention(q, k_cache, v_cache, meta, window=window, scale=scale)
-        return out.view(q.shape[0], -1)
+            return attend_stored(q, k_cache, v_cache, batch, window=window, scale=scale)
+        store_kv(k, v, k_cache, v_cache, slots)
+        return decode_attention(q, k_cache, v_cache, meta, window=window, scale=scale).view(q.shape[0], -1)
     (kernels.store_kv if kernels is not None else store_kv)(k, v, k_cache, v_cache, slots)
     n_tokens, n_heads, dim = q.shape
     n_kv = k.shape[1]
@@ -289,6 +293,30 @@ def paged_attention(
         o = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask.repeat(group, 1), scale=scale)
         out[sl] = o.view(n_kv, group, n, dim).permute(2, 0, 1, 3).reshape(n, n_heads, dim)
     return out.view(n_tokens, n_heads * dim)
+
+
+def fused_decode_kernels(q: torch.Tensor, batch: AttentionBatch):
+    """native.kernels when this step's new K and V are stored by the kernel that also norms and rotates them.
+
+    That is a step described by a DecodeMeta whose attention runs the decode
+    kernel (CUDA, or forced), unless LOCALLLM_NATIVE_FUSED=off. Decided from
+    the batch's kind and the environment alone, so a captured step keeps it.
+    """
+    if batch.decode_meta is None:
+        return None
+    kernels = _kernels(q)
+    return kernels if kernels is not None and kernels.fusions_on() else None
+
+
+def attend_stored(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: AttentionBatch, *,
+                  window: int | None, scale: float) -> torch.Tensor:
+    """Attention of a DecodeMeta step whose new K and V are in the cache already: (B, n_heads, d) -> (B, n_heads * d)."""
+    from .. import kernels
+
+    meta = batch.decode_meta
+    out = kernels.paged_decode_attention(q, k_cache, v_cache, meta.tables(window), meta.context_lens,
+                                         window=window, scale=scale)
+    return out.view(q.shape[0], -1)
 
 
 def _kernels(q: torch.Tensor):

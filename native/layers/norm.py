@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..kernels import fused_for
+from ..kernels import fused_for, fusions_on
 from .linear import empty_parameter
 
 
@@ -41,9 +41,10 @@ class RMSNorm(nn.Module):
         after attention and the MLP). Where the fused kernels run it is one
         kernel (see native/kernels/fused.py); elsewhere the same torch ops as
         spelling it out. Unlike forward, it follows `fused_for` on any device,
-        so LOCALLLM_NATIVE_ATTENTION=triton runs it interpreted in CPU tests.
+        so LOCALLLM_NATIVE_ATTENTION=triton runs it interpreted in CPU tests;
+        LOCALLLM_NATIVE_FUSED=off keeps it to the separate ops (for A/B timings).
         """
-        fused = fused_for(x)
+        fused = fused_for(x) if fusions_on() else None
         if fused is not None:
             if delta_norm is None:
                 return fused.add_rms_norm(x, delta, self.weight, self.eps)

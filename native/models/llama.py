@@ -19,7 +19,7 @@ from torch import nn
 from localllm.errors import BadModelFile
 
 from ..config import ModelConfig
-from ..layers.attention import AttentionBatch, paged_attention
+from ..layers.attention import AttentionBatch, attend_stored, fused_decode_kernels, paged_attention
 from ..layers.mlp import GatedMLP
 from ..layers.norm import RMSNorm
 from ..layers.linear import Embedding, Linear, PackedOutput, linear
@@ -42,14 +42,26 @@ class SelfAttention(nn.Module):
         self.v_cache: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, rope: dict, batch: AttentionBatch) -> torch.Tensor:
+        """Normed hidden states (T, hidden) -> attention output (T, hidden).
+
+        On a decode step the GPU kernels run (see layers/attention.py), one
+        kernel readies q and stores k and v, and attention reads the cache;
+        everywhere else the ops run one by one and paged_attention stores and attends.
+        """
         n = x.shape[0]
         q, k, v = self.qkv_proj(x).split((self.q_size, self.kv_size, self.kv_size), dim=-1)
         q = q.view(n, self.n_heads, self.dim)
         k = k.view(n, self.n_kv, self.dim)
         v = v.view(n, self.n_kv, self.dim)
+        cos, sin = rope[self.rope_key]
+        kernels = fused_decode_kernels(q, batch)
+        if kernels is not None:  # a GPU decode step: q/k norms, rotary and the K/V store in one kernel
+            q = kernels.norm_rope_store(q, k, v, cos, sin, self.k_cache, self.v_cache, batch.slots(self.window),
+                                        q_norm=self.q_norm, k_norm=self.k_norm)
+            o = attend_stored(q, self.k_cache, self.v_cache, batch, window=self.window, scale=self.scale)
+            return self.o_proj(o)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = rope[self.rope_key]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         o = paged_attention(q, k, v, self.k_cache, self.v_cache, batch, window=self.window, scale=self.scale)
         return self.o_proj(o)
