@@ -24,6 +24,9 @@ guesses kept.
 With --draft the guesses come from a draft GGUF instead of prompt lookup;
 --draft-self uses the starter as its own draft (a check that the path works
 and keeps nearly every guess, not a speed-up: the draft costs what the model does).
+With --concurrency N, N copies of each request run at once and tok/s is all
+their tokens over the wall time (speculation stays on while at most 4
+generate).
 
 Goals (issue 9): >= 1.5x on the copy-heavy prompt with identical text, and
 >= 0.95x on the open-ended ones.
@@ -36,6 +39,7 @@ import asyncio
 import dataclasses
 import statistics
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -68,8 +72,19 @@ async def _generate(backend: LlamaCppBackend, prompt: str, params: SamplingParam
     raise RuntimeError("no finish event")
 
 
-def run_once(backend: LlamaCppBackend, prompt: str, params: SamplingParams, rid: str) -> Outcome:
-    return asyncio.run(_generate(backend, prompt, params, rid))
+def run_once(backend: LlamaCppBackend, prompt: str, params: SamplingParams, rid: str, concurrency: int = 1) -> Outcome:
+    """One request alone (its decode tokens/s), or `concurrency` copies at once (all their tokens over the wall time)."""
+    if concurrency == 1:
+        return asyncio.run(_generate(backend, prompt, params, rid))
+
+    async def together() -> list[Outcome]:
+        return await asyncio.gather(*(_generate(backend, prompt, params, f"{rid}-{i}") for i in range(concurrency)))
+
+    started = time.perf_counter()
+    outcomes = asyncio.run(together())
+    wall = time.perf_counter() - started
+    total = sum(len(o.tokens) for o in outcomes)
+    return Outcome(outcomes[0].tokens, total / wall, sum(o.checked for o in outcomes), sum(o.kept for o in outcomes))
 
 
 def main() -> int:
@@ -79,6 +94,8 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("-k", type=int, default=DEFAULT_GUESSES, help="guesses per step")
     ap.add_argument("--only", help="run only the prompts whose name contains this")
+    ap.add_argument("--concurrency", type=int, default=1,
+                    help="copies of each request at once; tok/s is then all their tokens over the wall time")
     group = ap.add_mutually_exclusive_group()
     group.add_argument("--draft", type=Path, help="a draft GGUF sharing the starter's vocabulary")
     group.add_argument("--draft-self", action="store_true", help="the starter as its own draft")
@@ -88,11 +105,12 @@ def main() -> int:
     info = read_model_info(path)
     draft = str(path) if args.draft_self else (str(args.draft) if args.draft else None)
     spec_config = SpeculationConfig("draft" if draft else "ngram", num_tokens=args.k, draft_path=draft)
-    backend = LlamaCppBackend("starter", info, LlamaCppOptions(n_threads=args.threads, n_parallel=1, speculation=spec_config))
+    backend = LlamaCppBackend("starter", info, LlamaCppOptions(
+        n_threads=args.threads, n_parallel=max(1, args.concurrency), speculation=spec_config))
     guesser = backend._engine.guesser  # switched off and on between requests, while the engine is idle
     method = f"draft {Path(draft).name}" if draft else "ngram"
     print(f"starter model (Q4_K_M) on llama.cpp, {args.threads} threads, {args.tokens} tokens, {method}, "
-          f"k={args.k}, {args.rounds} rounds")
+          f"k={args.k}, {args.rounds} rounds, {args.concurrency} at once")
     print(f"{'prompt':<15} {'plain tok/s':>11} {'spec tok/s':>11} {'speed-up':>8} {'IQR':^11} {'same text':>9} "
           f"{'kept':>6} {'checked':>8}")
     failed = False
@@ -110,7 +128,7 @@ def main() -> int:
             got: dict[str, Outcome] = {}
             for label in order:
                 backend._engine.guesser = guesser if label == "spec" else None
-                got[label] = run_once(backend, text, params, f"{name}-{r}-{label}")
+                got[label] = run_once(backend, text, params, f"{name}-{r}-{label}", args.concurrency)
                 rates[label].append(got[label].rate)
             same &= got["spec"].tokens == got["plain"].tokens
             checked += got["spec"].checked

@@ -239,6 +239,18 @@ def test_speculative_guess_counts_grow_while_kept_and_shrink_after_rejections():
         story.asked = story.k
         story.record(checked=checked, kept=kept, config=config)
     assert not story.enabled  # off after its fourth check
+    chat = SpecRecord(k=3)  # beside other generating sequences, only near-certain guessing pays
+    assert chat.guesses_beside(3, config)  # it has yet to show what it keeps
+    for _ in range(4):
+        chat.asked = chat.k
+        chat.record(checked=4, kept=3, config=config)  # 75% kept: worth it alone, not in a wide step
+    assert chat.guesses_beside(0, config) and not chat.guesses_beside(1, config)
+    chat.asked = chat.k
+    chat.record(checked=chat.k, kept=chat.k, config=config)
+    for _ in range(6):
+        chat.asked = chat.k
+        chat.record(checked=chat.k, kept=chat.k, config=config)
+    assert chat.kept >= 0.9 * chat.checked and chat.guesses_beside(3, config)
 
 
 def test_speculative_options_are_checked_for_llamacpp(starter_gguf):

@@ -369,7 +369,7 @@ class LlamaCppEngine:
         for slot in generating:
             job = slot.job
             k = min(job.spec.k, job.limit - job.usage.completion_tokens - 1, room)
-            if k <= 0 or not job.spec.enabled:
+            if k <= 0 or not job.spec.guesses_beside(len(generating) - 1, spec):
                 continue
             job.spec.asked = k
             requests.append(GuessRequest(slot.seq_id, job.prompt + job.generated, k, job.request.params, len(job.generated)))
