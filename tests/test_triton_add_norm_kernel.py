@@ -24,6 +24,7 @@ pytest.importorskip("triton", reason="Triton is not installed (it comes with the
 from native.kernels import fused, fused_for  # noqa: E402
 from native.kernels.check import ADD_NORM_CASES, AddNormResult, compare_add_norm, selfcheck  # noqa: E402
 from native.layers.norm import RMSNorm  # noqa: E402
+from tiny_models import tiny_model  # noqa: E402
 
 if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("these tests need Triton's interpreter (TRITON_INTERPRET=1) on a machine without a GPU",
@@ -152,33 +153,13 @@ def test_selfcheck_reports_add_norm_kernel_failures():
 
 # -- the wiring in the models --------------------------------------------------------------
 
-TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.2)
-
-
-def _tiny_model(arch: str):
-    transformers = pytest.importorskip("transformers")
-    if arch == "llama":
-        config = transformers.LlamaConfig(**TINY)
-    else:
-        config = transformers.Gemma3TextConfig(**TINY, head_dim=32, sliding_window=8, query_pre_attn_scalar=24,
-                                               layer_types=["sliding_attention", "full_attention", "sliding_attention"])
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # norm weights start equal: make each distinct, so a swapped one shows
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.add_(torch.randn(param.shape, generator=gen) * 0.3)
-    return model, config
-
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 def test_models_give_the_same_logits_with_the_add_norm_kernel_forced_on_and_off(monkeypatch, arch):
     from native.engine import EngineOptions, LLMEngine
     from native.loader import from_state_dict
 
-    model, config = _tiny_model(arch)
+    model, config = tiny_model(arch)
     weights = from_state_dict(config.to_dict(), dict(model.state_dict()))
     engine = LLMEngine(weights, EngineOptions(device="cpu", load_tokenizer=False, block_size=4, max_num_seqs=1,
                                               threads=1, prefix_caching=False))

@@ -29,6 +29,7 @@ from native.kernels.check import (  # noqa: E402
     run_rope_store, selfcheck,
 )
 from native.layers.attention import AttentionBatch, DecodeMeta, SeqSpan, fused_decode_kernels  # noqa: E402
+from tiny_models import tiny_model  # noqa: E402
 
 if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("these tests need Triton's interpreter (TRITON_INTERPRET=1) on a machine without a GPU",
@@ -145,35 +146,13 @@ def test_fusions_off_keeps_add_and_norm_to_the_separate_ops(monkeypatch):
 
 # -- in the models ------------------------------------------------------------------------------
 
-TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.2)
-
-
-def _tiny_model(arch: str):
-    transformers = pytest.importorskip("transformers")
-    if arch == "llama":
-        config = transformers.LlamaConfig(**TINY)
-    elif arch == "qwen3":
-        config = transformers.Qwen3Config(**TINY, head_dim=32)
-    else:
-        config = transformers.Gemma3TextConfig(**TINY, head_dim=32, sliding_window=8, query_pre_attn_scalar=24,
-                                               layer_types=["sliding_attention", "full_attention", "sliding_attention"])
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # norm weights start equal: make each distinct, so a swapped q/k norm shows
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.add_(torch.randn(param.shape, generator=gen) * 0.3)
-    return model, config
-
 
 def _engine(arch: str, monkeypatch):
     from native.engine import EngineOptions, LLMEngine
     from native.loader import from_state_dict
 
     monkeypatch.setenv("LOCALLLM_NATIVE_ATTENTION", "triton")  # before the engine: its decode steps get a DecodeMeta
-    model, config = _tiny_model(arch)
+    model, config = tiny_model(arch)
     weights = from_state_dict(config.to_dict(), dict(model.state_dict()))
     engine = LLMEngine(weights, EngineOptions(device="cpu", load_tokenizer=False, block_size=4, max_num_seqs=2,
                                               max_num_batched_tokens=16, threads=1, prefix_caching=False))
