@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 import time
 
@@ -96,13 +95,12 @@ def first_model(url: str, api_key: str | None) -> str:
 
 def start_in_process(args: argparse.Namespace, levels: list[int]):
     """Our API on a free loopback port with the model loaded: (server, OpenAI base URL, model name)."""
+    from localllm.commands import engine_flags, resolve_or_pull
     from localllm.server.run import ServerThread
     from localllm.server.settings import DEFAULT_MAX_QUEUE, ServerSettings
 
     ref = args.model or "starter"
     if args.backend != "remote":
-        from localllm.commands import resolve_or_pull
-
         resolve_or_pull(ref)  # a catalog name not installed yet is pulled first, as `run` does
     settings = ServerSettings(
         host="127.0.0.1",
@@ -112,15 +110,8 @@ def start_in_process(args: argparse.Namespace, levels: list[int]):
         parallel=args.parallel or max(levels),
         max_queue=max(DEFAULT_MAX_QUEUE, max(levels)),
         n_ctx=args.ctx,
-        n_threads=args.threads,
         backend=args.backend,
-        kv_cache_bytes=args.kv_cache,
-        speculative=args.speculative,
-        draft=args.draft,
-        num_speculative_tokens=args.num_speculative_tokens,
-        verbose=args.verbose,
-        remote_url=args.url,
-        remote_api_key=args.remote_api_key or os.environ.get("LOCALLLM_REMOTE_API_KEY") or None,
+        **engine_flags(args),
     )
     server = ServerThread(settings)
     base = server.start()

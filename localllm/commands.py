@@ -223,13 +223,17 @@ def open_model(args: argparse.Namespace) -> Backend:
 
 def load_options(args: argparse.Namespace, n_ctx: int | None) -> LoadOptions:
     """How to open a model, from the load flags (and the remote flags, on verbs that have them)."""
-    import os
-
     from localllm.backends.select import LoadOptions
 
-    return LoadOptions(
-        backend=backend_choice(args),
-        n_ctx=n_ctx,
+    return LoadOptions(backend=backend_choice(args), n_ctx=n_ctx, **engine_flags(args))
+
+
+def engine_flags(args: argparse.Namespace) -> dict:
+    """The load and remote flags every model-running verb shares, under the names LoadOptions and
+    ServerSettings both use (the backend and the context are each verb's own)."""
+    import os
+
+    return dict(
         n_threads=args.threads,
         verbose=args.verbose,
         kv_cache_bytes=args.kv_cache,
@@ -384,16 +388,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_queue=DEFAULT_MAX_QUEUE if args.max_queue is None else args.max_queue,
         max_body_bytes=parse_size(args.max_body, "--max-body"),
         n_ctx=args.ctx,
-        n_threads=args.threads,
         backend=backend_choice(args),
-        kv_cache_bytes=args.kv_cache,
-        speculative=args.speculative,
-        draft=args.draft,
-        num_speculative_tokens=args.num_speculative_tokens,
-        verbose=args.verbose,
-        remote_url=args.url,
-        remote_api_key=args.remote_api_key or os.environ.get("LOCALLLM_REMOTE_API_KEY") or None,
         remotes=load_routes(),
+        **engine_flags(args),
     )
     serve(settings)
     return EXIT_OK

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from localllm.backends.base import Backend
 from localllm.errors import BadRequest
+from localllm.modelinfo import ModelInfo
 from localllm.remotes import RemoteModel
 from localllm.store.store import ResolvedModel
 
@@ -72,7 +73,7 @@ def open_backend(model: ResolvedModel, options: LoadOptions | None = None) -> Ba
     return LlamaCppBackend(model.name, info, llama_options)
 
 
-def _llamacpp_speculation(options: LoadOptions, draft):
+def _llamacpp_speculation(options: LoadOptions, draft: ModelInfo | None):
     """llama.cpp's speculative decoding settings; None when off. The draft must be a GGUF too."""
     from localllm.backends.llamacpp_speculative import SpeculationConfig
 
@@ -89,14 +90,14 @@ def _llamacpp_speculation(options: LoadOptions, draft):
     return config.validate()
 
 
-def _draft_info(name: str):
+def _draft_info(name: str) -> ModelInfo:
     """The draft model's file: a name in the store, or a path."""
     from localllm.store.store import ModelStore
 
     return ModelStore().resolve(name).info()
 
 
-def _open_native(model: ResolvedModel, info, options: LoadOptions, draft) -> Backend:
+def _open_native(model: ResolvedModel, info, options: LoadOptions, draft: ModelInfo | None) -> Backend:
     """The native PyTorch engine (GGUF files and Hugging Face folders); torch is imported only now."""
     from localllm.backends.native import NativeBackend, NativeOptions
 
