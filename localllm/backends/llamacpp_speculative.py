@@ -27,7 +27,7 @@ Guessers:
 
 When it pays: on a CPU each extra row costs a share of a step (the output
 layer is computed for every row with logits: on the starter, a step of 6
-rows costs about 3 of one row), so a long run of guesses pays only when most
+rows costs 2.8 of one row, benchmarks/llamacpp_row_cost.py), so a long run of guesses pays only when most
 are kept. Each request therefore sizes its own guesses: it starts with
 `start_tokens`, asks for 2k + 1 after a step that kept all k, and for
 2 x kept + 1 after a rejection (copying grows to `num_tokens` guesses a step;
