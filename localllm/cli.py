@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 
 from localllm import __version__
 from localllm.errors import BadRequest, LocalLLMError
+from localllm.store.store import DEFAULT_CHAT_MODEL
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -129,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_remote_flags(p)
 
     p = sub.add_parser("chat", help="the chat app (a line chat with --plain or when output is not a terminal)")
-    p.add_argument("model", nargs="?", default="starter")
+    p.add_argument("model", nargs="?", default=DEFAULT_CHAT_MODEL, help=f"default: {DEFAULT_CHAT_MODEL}")
     p.add_argument("--system", help="system prompt (line chat)")
     p.add_argument("--plain", action="store_true", help="the line chat instead of the full-screen app")
     _add_sampling_flags(p)

@@ -193,6 +193,11 @@ def cmd_info(args: argparse.Namespace) -> int:
         print("llama.cpp    not installed")
     torch_line = f"{hw.torch_version}, CUDA {'available' if hw.torch_cuda_available else 'not available'}" if hw.torch_version else "not installed"
     print(f"torch        {torch_line}")
+    missing = hardware.native_engine_missing()
+    if missing:
+        print(f"native       not installed (no {', '.join(missing)}); add it with: {hardware.NATIVE_ENGINE_INSTALL}")
+    else:
+        print("native       installed (--backend native)")
     for name, plan in plans.items():
         print(f"fit          {name}: {verdict(plan)}")
     return EXIT_OK

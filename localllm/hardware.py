@@ -215,6 +215,16 @@ def _has_module(name: str) -> bool:
         return False
 
 
+# What the native engine imports (numba only speeds it up); all in the `native` extra.
+NATIVE_ENGINE_MODULES = ("torch", "safetensors", "tokenizers")
+NATIVE_ENGINE_INSTALL = "pip install 'localllm[native]' (in a checkout: make run NATIVE=1)"
+
+
+def native_engine_missing() -> list[str]:
+    """The native engine's modules that are not installed, found without importing them."""
+    return [name for name in NATIVE_ENGINE_MODULES if not _has_module(name)]
+
+
 def _import_torch() -> ModuleType | None:
     """torch, only if installed; importing it costs 1-2 s so callers ask lazily."""
     if not _has_module("torch"):

@@ -13,6 +13,8 @@ Block layouts (ggml's, little-endian; "f16" is an IEEE half):
   Q8_0  32 values: f16 d, 32 x int8 q;                 x = q * d
   Q4_0  32 values: f16 d, 16 bytes of nibbles;         x = (q - 8) * d
   Q5_0  32 values: f16 d, u32 high bits, 16 bytes;     x = (q - 16) * d
+  Q4_1  32 values: f16 d, f16 m, 16 bytes of nibbles;  x = q * d + m
+  Q5_1  32 values: f16 d, f16 m, u32 high bits, 16 bytes; x = q * d + m
   Q4_K  256 values in 8 groups of 32: f16 d, f16 dmin, 12 bytes of packed 6-bit
         group scales and minimums, 128 bytes of nibbles; x = d*sc*q - dmin*m
   Q5_K  as Q4_K plus 32 bytes holding each value's fifth bit
@@ -79,6 +81,20 @@ def dequant_q5_0(blocks: torch.Tensor) -> torch.Tensor:
     return q.float().mul_(d)
 
 
+def dequant_q4_1(blocks: torch.Tensor) -> torch.Tensor:
+    d, m = _f16(blocks, 0), _f16(blocks, 2)
+    q = _nibbles(blocks[:, 4:]).reshape(blocks.shape[0], 32).float()
+    return q.mul_(d).add_(m)
+
+
+def dequant_q5_1(blocks: torch.Tensor) -> torch.Tensor:
+    d, m = _f16(blocks, 0), _f16(blocks, 2)
+    high = _bits(blocks[:, 4:8])  # bit j is the fifth bit of value j
+    low = _nibbles(blocks[:, 8:]).reshape(blocks.shape[0], 32)
+    q = (low | (high << 4)).float()
+    return q.mul_(d).add_(m)
+
+
 def _k_scales(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The 8 six-bit scales and 8 six-bit minimums packed into 12 bytes (Q4_K, Q5_K).
 
@@ -142,6 +158,8 @@ DEQUANTIZERS: dict[str, tuple[int, int, Callable[[torch.Tensor], torch.Tensor]]]
     "Q8_0": (32, 34, dequant_q8_0),
     "Q4_0": (32, 18, dequant_q4_0),
     "Q5_0": (32, 22, dequant_q5_0),
+    "Q4_1": (32, 20, dequant_q4_1),
+    "Q5_1": (32, 24, dequant_q5_1),
     "Q4_K": (QK_K, 144, dequant_q4_k),
     "Q5_K": (QK_K, 176, dequant_q5_k),
     "Q6_K": (QK_K, 210, dequant_q6_k),

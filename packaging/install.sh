@@ -93,13 +93,13 @@ install_app() {
         run "$PYTHON" -m venv "$venv"
     fi
     run "$pip" install --upgrade pip
-    extras="starter"
+    extras="starter,chat"
     case "$accel" in
         cuda)
             # Build llama.cpp for CUDA. The wheel cache would hand back a CPU build, so skip it here.
             run env CMAKE_ARGS="-DGGML_CUDA=on" "$pip" install --no-cache-dir --force-reinstall \
                 "llama-cpp-python==$LLAMA_CPP_VERSION"
-            extras="starter,native"   # the native engine: PyTorch with CUDA
+            extras="starter,chat,native"   # the native engine: PyTorch with CUDA
             ;;
         metal)
             run env CMAKE_ARGS="-DGGML_METAL=on" "$pip" install "llama-cpp-python==$LLAMA_CPP_VERSION"

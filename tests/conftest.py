@@ -14,3 +14,11 @@ def starter_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     target = tmp_path_factory.mktemp("starter") / starter.MODEL_NAME
     return starter.assemble(target)
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The default chat model's GGUF (SmolLM2 135M Instruct Q4_1), read in place from its PyPI package."""
+    from localllm.store.smollm2 import packaged_gguf
+
+    return packaged_gguf()

@@ -13,12 +13,14 @@ from pathlib import Path
 import pytest
 
 from localllm.store.catalog import REQUIRED_FIELDS, default_catalog, parse_catalog
+from localllm.store.store import SMOLLM2_NAME
 
 SOURCE = Path(__file__).resolve().parents[1] / "models" / "catalog.toml"
 # The models the issue names, by their Ollama-style names.
 WANTED = {
     "llama3.2:1b", "llama3.2:3b", "llama3.1:8b", "qwen2.5:0.5b", "qwen2.5:1.5b", "qwen2.5:3b", "qwen2.5:7b",
     "qwen2.5:14b", "qwen2.5-coder:7b", "gemma3:1b", "gemma3:4b", "gemma3:12b", "mistral:7b", "phi4-mini:3.8b",
+    "smollm2:135m",
 }
 
 
@@ -36,7 +38,7 @@ def test_the_catalog_holds_the_curated_chat_models():
     for e in catalog.entries:
         assert e.kv_heads < e.heads and e.heads % e.kv_heads == 0, f"{e.name} is not grouped-query attention"
         assert "gguf" in e.gguf_repo.lower() and e.gguf_repo != e.source_repo
-        assert e.default_quant == "Q4_K_M"
+        assert e.default_quant == ("Q4_1" if e.name == SMOLLM2_NAME else "Q4_K_M")  # smollm2: the packaged file
         assert e.context_length >= 8192 and e.parameter_count > 100_000_000
     assert default_catalog().get("qwen2.5").name == "qwen2.5:7b"  # an alias is a family's default size
 

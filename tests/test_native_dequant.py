@@ -38,12 +38,27 @@ def test_every_tensor_type_of_the_starter_is_bit_identical(starter_gguf):
         assert torch.equal(got, reference(raw, t.type_name, shape)), t.type_name
 
 
+def test_every_tensor_type_of_smollm2_is_bit_identical(smollm2_gguf):
+    """The default chat model is mostly Q4_1 (its embedding table Q8_0, its norms F32)."""
+    g = read_gguf(smollm2_gguf)
+    data = np.memmap(smollm2_gguf, dtype=np.uint8, mode="r")
+    seen = {}
+    for t in g.tensors:
+        seen.setdefault(t.type_name, t)
+    assert set(seen) == {"F32", "Q4_1", "Q8_0"}
+    for t in seen.values():
+        raw = np.array(data[t.offset : t.offset + t.n_bytes])
+        shape = tuple(reversed(t.shape))
+        got = dequantize(torch.from_numpy(raw), t.type_name, shape, name=t.name)
+        assert torch.equal(got, reference(raw, t.type_name, shape)), t.type_name
+
+
 def _random_blocks(type_name: str, n_blocks: int, seed: int = 0) -> np.ndarray:
     """Random block bytes whose half-precision scale fields hold sane values (random bits may be NaN)."""
     rng = np.random.default_rng(seed)
     per_block, block_bytes, _ = DEQUANTIZERS[type_name]
     blocks = rng.integers(0, 256, size=(n_blocks, block_bytes), dtype=np.uint8)
-    halves = {"Q8_0": [0], "Q4_0": [0], "Q5_0": [0], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}
+    halves = {"Q8_0": [0], "Q4_0": [0], "Q5_0": [0], "Q4_1": [0, 2], "Q5_1": [0, 2], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}
     for offset in halves.get(type_name, []):
         scale = rng.uniform(-0.05, 0.05, size=n_blocks).astype(np.float16)
         blocks[:, offset : offset + 2] = scale.view(np.uint8).reshape(n_blocks, 2)

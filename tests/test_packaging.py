@@ -55,7 +55,7 @@ def test_installer_builds_llama_cpp_with_cuda_when_nvidia_smi_sees_a_gpu(tmp_pat
     plan = installer(tmp_path, "--dry-run", path_prefix=gpu)
     assert "for cuda" in plan
     assert "CMAKE_ARGS=-DGGML_CUDA=on" in plan and "--no-cache-dir" in plan
-    assert "starter,native" in plan.replace("\\", ""), plan
+    assert "starter,chat,native" in plan.replace("\\", ""), plan
     assert "ln -sf" in plan
 
 

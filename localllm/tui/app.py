@@ -18,7 +18,7 @@ from textual.screen import Screen
 
 from localllm.backends.base import Backend
 from localllm.config import Paths, home_dir
-from localllm.store.store import ModelStore
+from localllm.store.store import DEFAULT_CHAT_MODEL, ModelStore
 from localllm.errors import BackendError
 from localllm.tui.conversations import ChatSettings, ConversationStore
 from localllm.tui.screens.chat import ChatScreen
@@ -45,7 +45,7 @@ class LocalLLMApp(App):
 
     def __init__(
         self,
-        model: str = "starter",
+        model: str = DEFAULT_CHAT_MODEL,
         *,
         factory: BackendFactory | None = None,
         home: Path | None = None,
