@@ -55,8 +55,10 @@ CASES: tuple[Case, ...] = (
     Case(4, 1, 64, 16, (150, 300), window=100, num_splits=2),
 )
 
-# Real shapes for the GPU: Llama-3.2-1B (32q/8kv, d64), Qwen2.5-7B (28q/4kv, d128), Gemma 3 (d256, window).
+# Real shapes for the GPU: Llama-3.2-1B (32q/8kv, d64), Qwen2.5-7B (28q/4kv, d128), Gemma 3 (d256, window),
+# SmolLM2 135M, the default chat model (9q/3kv: groups of three, d64).
 GPU_CASES: tuple[Case, ...] = CASES + (
+    Case(9, 3, 64, 16, (1, 100, 1000, 2047)),
     Case(32, 8, 64, 16, (1, 100, 1000, 2047, 2048, 3000)),
     Case(28, 4, 128, 16, (1, 513, 2048, 4097)),
     Case(4, 1, 256, 16, (600, 1500, 40), window=512),
