@@ -10,7 +10,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# The full install (make test, make setup); it satisfies make run too.
+# The full install (make test, make setup).
 STAMP := $(VENV)/.installed-stamp
 EXTRAS ?= starter,chat,native,test
 
@@ -18,7 +18,9 @@ comma := ,
 NATIVE ?= $(if $(shell command -v nvidia-smi 2>/dev/null),1,)
 RUN_EXTRAS := starter,chat$(if $(filter 1 yes true,$(NATIVE)),$(comma)native,)
 # One stamp per set of run extras, so `make run NATIVE=1` after a light install adds torch.
+# The full install holds both sets, so it writes both stamps; a light one never writes $(STAMP).
 RUN_STAMP := $(VENV)/.run-stamp-$(subst $(comma),-,$(RUN_EXTRAS))
+RUN_STAMPS_IN_FULL := $(VENV)/.run-stamp-starter-chat $(VENV)/.run-stamp-starter-chat-native
 
 .PHONY: run test setup run-setup clean bench
 
@@ -30,15 +32,12 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install -e ".[$(EXTRAS)]"
-	touch $(STAMP)
+	touch $(STAMP) $(RUN_STAMPS_IN_FULL)
 
-# A full install already holds every run extra.
 $(RUN_STAMP): pyproject.toml Makefile
-	if [ ! $(STAMP) -nt pyproject.toml ] || [ ! $(STAMP) -nt Makefile ]; then \
-	  test -x $(PY) || $(PYTHON) -m venv $(VENV); \
-	  $(PY) -m pip install --upgrade pip; \
-	  $(PY) -m pip install -e ".[$(RUN_EXTRAS)]"; \
-	fi
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -e ".[$(RUN_EXTRAS)]"
 	touch $(RUN_STAMP)
 
 run: $(RUN_STAMP)
