@@ -141,7 +141,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     from localllm.chat_template import template_source
     from localllm.modelinfo import show_dict
 
-    model = ModelStore().resolve(args.model)
+    model = ModelStore().resolve(args.model, allow_paths=True)
     info = model.info()
     facts = show_dict(info, model.name, template_source(info.chat_template, info.architecture))
     if args.json:
@@ -268,11 +268,11 @@ def resolve_or_pull(ref: str) -> ResolvedModel:
     """An installed model; a catalog name or hf: reference not yet installed is pulled first, like `ollama run`."""
     store = ModelStore()
     try:
-        return store.resolve(ref)
+        return store.resolve(ref, allow_paths=True)
     except ModelNotInstalled:
         print(f"{ref} is not installed yet; pulling it first", file=sys.stderr)
         pull_with_progress(ref)
-        return store.resolve(ref)
+        return store.resolve(ref, allow_paths=True)
 
 
 def cmd_run(args: argparse.Namespace) -> int:

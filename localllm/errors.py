@@ -33,6 +33,10 @@ class ModelNotInstalled(ModelNotFound):
     """A catalog name or hf: reference that exists to pull but is not in the store."""
 
 
+class UnsafeStorePath(LocalLLMError):
+    """A file or folder in the store that the store did not make (a symbolic link): refused, never followed."""
+
+
 class DownloadFailed(LocalLLMError):
     """A pull that could not complete; nothing partial is left as installed."""
 
