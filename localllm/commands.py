@@ -231,7 +231,7 @@ def load_options(args: argparse.Namespace, n_ctx: int | None) -> LoadOptions:
 def engine_flags(args: argparse.Namespace) -> dict:
     """The load and remote flags every model-running verb shares, under the names LoadOptions and
     ServerSettings both use (the backend and the context are each verb's own)."""
-    import os
+    from localllm.env_vars import env_secret
 
     return dict(
         n_threads=args.threads,
@@ -241,7 +241,7 @@ def engine_flags(args: argparse.Namespace) -> dict:
         draft=args.draft,
         num_speculative_tokens=args.num_speculative_tokens,
         remote_url=getattr(args, "url", None),
-        remote_api_key=getattr(args, "remote_api_key", None) or os.environ.get("LOCALLLM_REMOTE_API_KEY") or None,
+        remote_api_key=getattr(args, "remote_api_key", None) or env_secret("LOCALLLM_REMOTE_API_KEY"),
     )
 
 

@@ -25,6 +25,10 @@ class TemplateError(LocalLLMError):
     """A chat template that is missing, fails to render or tries to leave the sandbox."""
 
 
+class BadSetting(LocalLLMError):
+    """An environment variable whose value cannot be used; the message names the variable."""
+
+
 class DoesNotFit(LocalLLMError):
     """A model that cannot be loaded within the memory available."""
 

@@ -42,6 +42,7 @@ from typing import Callable
 import httpx2
 
 from localllm.atomic import _fsync_dir, write_json_atomic
+from localllm.env_vars import env_int
 from localllm.errors import ChecksumMismatch, DownloadCancelled, DownloadFailed, NotEnoughDisk, UnsafeStorePath
 from localllm.store.own_files import is_own_file, not_a_link, open_fd, open_file
 from localllm.units import human_bytes
@@ -124,9 +125,9 @@ def boot_id() -> str:
 
 def free_bytes(where: Path) -> int:
     """Free space on the disk holding `where`; `LOCALLLM_DISK_FREE_BYTES` overrides it."""
-    override = os.environ.get(FREE_DISK_ENV)
-    if override:
-        return int(override)
+    override = env_int(FREE_DISK_ENV)
+    if override is not None:
+        return override
     probe = Path(where)
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
