@@ -431,6 +431,22 @@ def test_big_but_sane_templates_still_render() -> None:
     assert model("{{ [1, 2] + [3] }}|{{ 'a' ~ 1 ~ none }}|{{ 'x'.center(5) }}").render([]) == "[1, 2, 3]|a1None|  x  "
 
 
+# Loops (loop.*, else, recursive), macros with caller, filter and set blocks, and the filters and
+# operators the budget wraps: each must render exactly as without the budget.
+JINJA_FEATURES = r"""{% for m in messages %}{{ loop.index }}/{{ loop.length }}{{ '!' if loop.last }}{{ loop.cycle('a','b') }}{% else %}none{% endfor %}
+{% for x in [] %}x{% else %}empty{% endfor %}
+{% set tree = [{'n': 'a', 'c': [{'n': 'b', 'c': []}]}] %}{% for node in tree recursive %}{{ node.n }}({{ loop(node.c) }}){% endfor %}
+{% macro box(t) %}[{{ t }}|{{ caller() }}]{% endmacro %}{% call box('x') %}inner{% endcall %}
+{% filter upper %}shout {{ messages[0].content[:10] }}{% endfilter %}
+{% set b %}{% for m in messages %}{{ m.role ~ ':' ~ m.content[:10] }};{% endfor %}{% endset %}{{ b | length }}{{ b }}
+{{ messages | map(attribute='role') | join(',') }} {{ messages | selectattr('role', 'eq', 'user') | list | length }}
+{{ '%s-%d' | format('a', 3) }} {{ '{}+{}'.format(1, 2) }} {{ (messages | tojson(indent=2))[:20] }} {{ 'abc' | center(9) }}|{{ 'a\nb' | indent(2, true) }}
+{{ range(5) | sum }} {{ [3,1,2] | sort | join }} {{ {'b':1,'a':2} | dictsort }} {{ 'x' * 3 }} {{ 2 ** 8 }} {{ [1] + [2] }} {{ 'a' + 'b' }} {{ 7 % 3 }}
+{% for a, b in [(1, 2), (3, 4)] %}{{ a + b }}{% endfor %} {{ namespace(x=1).x }} {{ 'hello world' | wordwrap(5) }} {{ 'a b' | replace(' ', '_') }}
+{{ messages | batch(2) | list | length }} {{ messages | slice(2) | list | length }} {{ messages | groupby('role') | list | length }} {{ 'AbC' | lower }}
+"""
+
+
 def _reference_render(text: str, chat: list[dict], **variables: object) -> str:
     """The same template through jinja2's plain immutable sandbox, with no budget."""
     from jinja2.ext import loopcontrols
@@ -451,6 +467,7 @@ def _real_templates() -> dict[str, str]:
     from server_harness import TOOL_TEMPLATE
 
     return {
+        "jinja features": JINJA_FEATURES,
         "gemma turns with tools (the server tests')": TOOL_TEMPLATE,
         "chatml": formats.CHATML_CHAT_TEMPLATE,
         "llama 3": formats.LLAMA3_INSTRUCT_CHAT_TEMPLATE,
