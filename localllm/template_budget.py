@@ -49,6 +49,7 @@ MAX_INT_BITS = 100_000
 MAX_WORK = 8 * MAX_CHARS
 LOOP_STEP_COST = 8  # a loop step counts as this many characters of work
 MAX_JSON_INDENT = 32
+MAX_ROUND_DIGITS = 64  # round(5, -10**7) computes 10**(10**7)
 CLOCK_EVERY = 16  # budget checks per reading of the clock
 
 
@@ -360,6 +361,13 @@ def check_method_call(obj: Any, args: tuple, kwargs: dict) -> tuple:
                 break
         budget.spend(size)
         return (items, *args[1:])
+    elif name in ("split", "rsplit", "splitlines"):
+        separator = None if name == "splitlines" else arg(0, "sep")
+        pieces = owner.count(separator) + 1 if isinstance(separator, type(owner)) and separator else n // 2 + 1
+        limit = arg(0 if name == "splitlines" else 1, "maxsplit", -1)
+        if _is_int(limit) and name != "splitlines" and limit >= 0:
+            pieces = min(pieces, int(limit) + 1)
+        budget.spend(pieces, "items")
     elif name == "translate":
         table = arg(0, "table")
         longest = max((_length(v) or 1 for v in table.values()), default=1) if isinstance(table, Mapping) else 1
@@ -480,6 +488,10 @@ def _check_filter(budget: Budget, name: str, value: Any, rest: tuple, kwargs: di
     elif name in ("batch", "slice"):
         count = arg(0, "linecount" if name == "batch" else "slices", 0)
         budget.spend(len(value) + (int(count) if _is_int(count) else 0), "items")
+    elif name == "round":
+        precision = arg(0, "precision", 0)
+        if _is_int(precision) and abs(precision) > MAX_ROUND_DIGITS:
+            budget.fail(f"it rounds to {precision} digits (limit {MAX_ROUND_DIGITS})")
     elif name == "sum":
         start = arg(1, "start", 0)
         if not isinstance(start, (int, float)):

@@ -393,6 +393,8 @@ BOMBS = {
     "summing lists": "{{ ([[1] * 10000] * 10000) | sum(start=[]) }}",
     "sorting millions": "{% set s = 'x' * 4000000 %}{{ s | list | sort | length }}",
     "output over the cap": "{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}",
+    "rounding to a huge precision": "{{ 5 | round(-10000000) }}",
+    "splitting into millions": "{{ ('a ' * 4000000).split() | length }}",
 }
 
 
