@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 
 import httpx
 
+from localllm.env_vars import check_header_value, check_proxy_settings
 from localllm.errors import BadRequest
 
 PROMPT_WORD = " the"  # one token in most vocabularies; the server's usage reports the real count
@@ -132,6 +133,9 @@ async def one_request(client: httpx.AsyncClient, cfg: BenchConfig) -> RequestRes
 
 async def run_level(cfg: BenchConfig, concurrency: int) -> LevelReport:
     total = cfg.requests or max(concurrency, 8)
+    if cfg.api_key:
+        check_header_value(cfg.api_key, "the API key")
+    check_proxy_settings()
     headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     gate = asyncio.Semaphore(concurrency)

@@ -34,9 +34,11 @@ from jinja2.ext import Extension, loopcontrols
 from jinja2.parser import Parser
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from localllm import template_budget
 from localllm.errors import BadRequest, TemplateError
 
 ROLES = ("system", "user", "assistant", "tool")
+_MAX_REASON = 300  # characters of a failure's reason kept in its one-line message
 
 BUILTIN_FAMILIES: dict[str, str] = {
     "gemma": "gemma",
@@ -189,7 +191,9 @@ class ChatTemplate:
             "tools": tools or None,
         }
         try:
-            return _compile(self.text).render(context)
+            template = _compile(self.text)
+            with template_budget.rendering() as budget:
+                return template_budget.collect_output(template.generate(context), budget)
         except Exception as error:  # the template is untrusted: contain everything
             raise _describe(error, self.model_name) from None
 
@@ -247,16 +251,55 @@ def validate_messages(messages: Any) -> None:
 
 
 class _Sandbox(ImmutableSandboxedEnvironment):
-    """The immutable sandbox, but reaching for an unsafe attribute fails at once.
+    """The immutable sandbox, with every step charged to the render's budget.
 
-    jinja2 would hand back an undefined value that prints as "", which hides
-    the attempt; failing makes hostile templates visible to the user.
+    Reaching for an unsafe attribute fails at once: jinja2 would hand back an
+    undefined value that prints as "", which hides the attempt; failing makes
+    hostile templates visible to the user. Calls, lookups, the operators that
+    can build big values, loops and ``~`` (see template_budget's tree
+    rewrite) all check the budget first.
     """
+
+    intercepted_binops = template_budget.INTERCEPTED_BINOPS
+    metered_iter = staticmethod(template_budget.metered_iter)
+    checked_concat = staticmethod(template_budget.checked_concat)
 
     def unsafe_undefined(self, obj: Any, attribute: str) -> NoReturn:
         raise SecurityError(
             f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe"
         )
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        return template_budget.checked_binop(operator, left, right)
+
+    def call(self, context: Any, obj: Any, /, *args: Any, **kwargs: Any) -> Any:
+        template_budget.current().tick()
+        args = template_budget.check_method_call(obj, args, kwargs)
+        return super().call(context, obj, *args, **kwargs)
+
+    def getattr(self, obj: Any, attribute: str) -> Any:
+        template_budget.current().tick()
+        return super().getattr(obj, attribute)
+
+    def getitem(self, obj: Any, argument: Any) -> Any:
+        template_budget.current().tick()
+        return super().getitem(obj, argument)
+
+    def wrap_str_format(self, value: Any) -> Any:
+        """str.format and format_map, refused when their result would be over budget."""
+        formatter = super().wrap_str_format(value)
+        if formatter is None:
+            return None
+        text = value.__self__
+        is_map = value.__name__ == "format_map"
+
+        def checked(*args: Any, **kwargs: Any) -> str:
+            budget = template_budget.current()
+            budget.tick()
+            template_budget.check_brace_format(budget, text, (args, kwargs) if not is_map else args)
+            return formatter(*args, **kwargs)
+
+        return checked
 
 
 class _Generation(Extension):
@@ -271,7 +314,9 @@ class _Generation(Extension):
 
 def _raise_exception(message: Any) -> NoReturn:
     """Templates call this to reject a chat, e.g. roles that do not alternate."""
-    raise TemplateError(str(message))
+    if not isinstance(message, str):
+        template_budget.current().spend(template_budget.text_size(message))
+    raise TemplateError(str(message)[:_MAX_REASON])
 
 
 def _strftime_now(fmt: str) -> str:
@@ -301,8 +346,14 @@ def _make_environment() -> _Sandbox:
         trim_blocks=True,
         lstrip_blocks=True,
         extensions=[loopcontrols, _Generation],
+        finalize=template_budget.checked_output,
     )
     env.filters["tojson"] = _tojson
+    env.filters = {
+        name: template_budget.budgeted_filter(name, f) for name, f in env.filters.items()
+    }
+    env.tests = {name: template_budget.budgeted_test(t) for name, t in env.tests.items()}
+    del env.globals["lipsum"]  # lipsum(n=10**6) writes a million paragraphs; no chat needs it
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
     return env
@@ -313,13 +364,20 @@ _ENV = _make_environment()
 
 @functools.lru_cache(maxsize=32)
 def _compile(text: str) -> Template:
-    """Parse a template once; the same text is rendered for every request."""
-    return _ENV.from_string(text)
+    """Parse a template once; the same text is rendered for every request.
+
+    The parsed tree is rewritten so its loops and ``~`` are metered.
+    """
+    tree = template_budget.MeterLoopsAndConcats().visit(_ENV.parse(text))
+    return _ENV.from_string(tree)
 
 
 def _describe(error: Exception, model_name: str) -> TemplateError:
     """One line that says which model's template failed and why."""
-    if isinstance(error, SecurityError):
+    if isinstance(error, template_budget.OverBudget):
+        what = "is over its budget"
+        why = str(error)
+    elif isinstance(error, SecurityError):
         what = "tried to leave the sandbox"
         why = str(error)
     elif isinstance(error, TemplateSyntaxError):
@@ -331,7 +389,7 @@ def _describe(error: Exception, model_name: str) -> TemplateError:
     else:
         what = "failed"
         why = f"{type(error).__name__}: {error}"
-    why = re.sub(r"\s+", " ", why).strip()
-    if len(why) > 300:
-        why = why[:297] + "..."
+    why = re.sub(r"\s+", " ", why[: _MAX_REASON * 2]).strip()
+    if len(why) > _MAX_REASON:
+        why = why[: _MAX_REASON - 3] + "..."
     return TemplateError(f"chat template of '{model_name}' {what}: {why}")

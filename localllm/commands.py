@@ -141,7 +141,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     from localllm.chat_template import template_source
     from localllm.modelinfo import show_dict
 
-    model = ModelStore().resolve(args.model)
+    model = ModelStore().resolve(args.model, allow_paths=True)
     info = model.info()
     facts = show_dict(info, model.name, template_source(info.chat_template, info.architecture))
     if args.json:
@@ -236,7 +236,7 @@ def load_options(args: argparse.Namespace, n_ctx: int | None) -> LoadOptions:
 def engine_flags(args: argparse.Namespace) -> dict:
     """The load and remote flags every model-running verb shares, under the names LoadOptions and
     ServerSettings both use (the backend and the context are each verb's own)."""
-    import os
+    from localllm.env_vars import env_secret
 
     return dict(
         n_threads=args.threads,
@@ -246,7 +246,7 @@ def engine_flags(args: argparse.Namespace) -> dict:
         draft=args.draft,
         num_speculative_tokens=args.num_speculative_tokens,
         remote_url=getattr(args, "url", None),
-        remote_api_key=getattr(args, "remote_api_key", None) or os.environ.get("LOCALLLM_REMOTE_API_KEY") or None,
+        remote_api_key=getattr(args, "remote_api_key", None) or env_secret("LOCALLLM_REMOTE_API_KEY"),
     )
 
 
@@ -273,11 +273,11 @@ def resolve_or_pull(ref: str) -> ResolvedModel:
     """An installed model; a catalog name or hf: reference not yet installed is pulled first, like `ollama run`."""
     store = ModelStore()
     try:
-        return store.resolve(ref)
+        return store.resolve(ref, allow_paths=True)
     except ModelNotInstalled:
         print(f"{ref} is not installed yet; pulling it first", file=sys.stderr)
         pull_with_progress(ref)
-        return store.resolve(ref)
+        return store.resolve(ref, allow_paths=True)
 
 
 def cmd_run(args: argparse.Namespace) -> int:

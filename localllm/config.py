@@ -6,17 +6,18 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from localllm.env_vars import env_base_folder, env_folder
+
 
 def home_dir() -> Path:
-    explicit = os.environ.get("LOCALLLM_HOME")
-    if explicit:
-        return Path(explicit).expanduser()
-    xdg = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(xdg).expanduser() / "localllm"
+    explicit = env_folder("LOCALLLM_HOME")
+    if explicit is not None:
+        return explicit
+    xdg = env_base_folder("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return xdg / "localllm"
 
 
 @dataclass(frozen=True)

@@ -25,12 +25,20 @@ class TemplateError(LocalLLMError):
     """A chat template that is missing, fails to render or tries to leave the sandbox."""
 
 
+class BadSetting(LocalLLMError):
+    """An environment variable whose value cannot be used; the message names the variable."""
+
+
 class DoesNotFit(LocalLLMError):
     """A model that cannot be loaded within the memory available."""
 
 
 class ModelNotInstalled(ModelNotFound):
     """A catalog name or hf: reference that exists to pull but is not in the store."""
+
+
+class UnsafeStorePath(LocalLLMError):
+    """A file or folder in the store that the store did not make (a symbolic link): refused, never followed."""
 
 
 class DownloadFailed(LocalLLMError):

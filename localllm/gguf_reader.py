@@ -30,6 +30,15 @@ DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 4  # GGML_MAX_DIMS
 SMALL_ARRAY = 64  # arrays up to this length are decoded into Python lists...
 SMALL_NUMERIC_ARRAY = 1024  # ...and numeric ones up to this (per-layer values of deep models)
+# Limits that keep a corrupt or hostile header from driving memory and time. Real files are far
+# inside them: keys are dotted names, ggml caps tensor names at 64 bytes, and ggml's own reader
+# refuses arrays of arrays altogether.
+MAX_KEY_BYTES = 65_535
+MAX_TENSOR_NAME_BYTES = 1024
+MAX_DECODED_STRING = 4 << 20  # longer string values stay undecoded (LongString)
+MAX_ARRAY_DEPTH = 8
+MAX_NESTED_ARRAYS = 100_000  # arrays inside arrays, in the whole header
+SHOWN_NAME_CHARS = 60  # of a key or tensor name quoted in an error message
 
 # GGUF metadata value types.
 UINT8, INT8, UINT16, INT16, UINT32, INT32, FLOAT32, BOOL, STRING, ARRAY, UINT64, INT64, FLOAT64 = range(13)
@@ -93,6 +102,29 @@ class ArrayInfo:
 
     def __len__(self) -> int:
         return self.length
+
+
+@dataclass(frozen=True)
+class LongString:
+    """Stands in for a string value too long to be worth decoding (over MAX_DECODED_STRING bytes)."""
+
+    length: int
+    offset: int  # file offset of its first byte
+
+    def __len__(self) -> int:
+        return self.length
+
+
+def shown(name: str) -> str:
+    """A key or tensor name as quoted in an error message: repr'd, cut to SHOWN_NAME_CHARS."""
+    return repr(name) if len(name) <= SHOWN_NAME_CHARS else clipped(repr(name))
+
+
+def clipped(text: str) -> str:
+    """`text` cut to SHOWN_NAME_CHARS, saying how long it was."""
+    if len(text) <= SHOWN_NAME_CHARS:
+        return text
+    return text[:SHOWN_NAME_CHARS] + f"... ({len(text)} characters)"
 
 
 @dataclass(frozen=True)
@@ -167,6 +199,8 @@ def read_gguf_bytes(data: bytes, file_size: int, name: str, want_tokens: Iterabl
         return gguf
     except struct.error:  # a fixed-size read past the bytes at hand
         raise parser.past_end(f"GGUF header ends early near byte {parser.off} (truncated file?)") from None
+    except _MALFORMED as e:
+        raise parser.malformed(e) from None
 
 
 def read_gguf(path: Path | str, want_tokens: Iterable[int | str] = ()) -> GGUFFile:
@@ -204,6 +238,13 @@ def read_gguf(path: Path | str, want_tokens: Iterable[int | str] = ()) -> GGUFFi
                 raise BadModelFile(
                     f"{path}: GGUF header ends early near byte {parser.off} (truncated file?)"
                 ) from None
+            except _MALFORMED as e:
+                raise parser.malformed(e) from None
+
+
+# What else a header the checks below did not foresee can raise (arithmetic on absurd numbers,
+# a file too big for memory): still one line about the file, never a traceback.
+_MALFORMED = (OverflowError, ValueError, RecursionError, MemoryError, IndexError)
 
 
 class _Parser:
@@ -215,9 +256,13 @@ class _Parser:
         self.size = size  # bytes readable here
         self.file_size = size if file_size is None else file_size  # the whole file's (more when only a head was read)
         self.off = 0
+        self.nested_arrays = 0
 
     def fail(self, why: str) -> BadModelFile:
         return BadModelFile(f"{self.path}: {why}")
+
+    def malformed(self, error: Exception) -> BadModelFile:
+        return self.fail(f"corrupt GGUF header near byte {self.off} ({type(error).__name__})")
 
     def past_end(self, why: str) -> BadModelFile:
         """A read past the bytes at hand: corrupt in a whole file, only unfinished in a file's head."""
@@ -237,8 +282,11 @@ class _Parser:
         self.off += 8
         return v
 
-    def string(self, what: str) -> str:
+    def string(self, what: str, max_bytes: int | None = None) -> str:
+        """A length-prefixed string; a name longer than `max_bytes` is corrupt."""
         n = self.u64()
+        if max_bytes is not None and n > max_bytes:
+            raise self.fail(f"corrupt GGUF header: {what} of {n} bytes at byte {self.off - 8} (at most {max_bytes})")
         if n > self.size - self.off:
             raise self.past_end(
                 f"corrupt or truncated GGUF header: {what} of {n} bytes at byte {self.off - 8}"
@@ -247,6 +295,16 @@ class _Parser:
         raw = self.mm[self.off : self.off + n]
         self.off += n
         return raw.decode("utf-8", errors="replace")
+
+    def string_value(self, what: str) -> str | LongString:
+        """A string value, left undecoded (and uncopied) when it is over MAX_DECODED_STRING bytes."""
+        n = _U64.unpack_from(self.mm, self.off)[0]
+        if n <= MAX_DECODED_STRING:
+            return self.string(what)
+        self.off += 8
+        self.need(n, what)
+        self.off += n
+        return LongString(n, self.off - n)
 
     def need(self, n_bytes: int, what: str) -> None:
         if n_bytes > self.size - self.off:
@@ -279,9 +337,9 @@ class _Parser:
 
         metadata: dict[str, Any] = {}
         for _ in range(n_kv):
-            key = self.string("a metadata key")
+            key = self.string("a metadata key", MAX_KEY_BYTES)
             if key in metadata:
-                raise self.fail(f"corrupt GGUF header: duplicate key {key!r}")
+                raise self.fail(f"corrupt GGUF header: duplicate key {shown(key)}")
             metadata[key] = self.value(self.u32(), key)
 
         alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
@@ -295,18 +353,18 @@ class _Parser:
         seen: set[str] = set()
         for name, shape, gtype, rel in raw_tensors:
             if name in seen:
-                raise self.fail(f"corrupt GGUF header: duplicate tensor {name!r}")
+                raise self.fail(f"corrupt GGUF header: duplicate tensor {shown(name)}")
             seen.add(name)
             if rel % alignment:
-                raise self.fail(f"corrupt GGUF header: tensor {name!r} offset {rel} is not {alignment}-aligned")
+                raise self.fail(f"corrupt GGUF header: tensor {shown(name)} offset {rel} is not {alignment}-aligned")
             try:
                 n_bytes = tensor_nbytes(gtype, shape)
             except ValueError as e:
-                raise self.fail(f"corrupt GGUF header: tensor {name!r}: {e}") from None
+                raise self.fail(f"corrupt GGUF header: tensor {shown(name)}: {e}") from None
             start = data_offset + rel
             if start + n_bytes > self.file_size:
                 raise self.fail(
-                    f"truncated file: tensor {name!r} ends at byte {start + n_bytes}"
+                    f"truncated file: tensor {shown(name)} ends at byte {start + n_bytes}"
                     f" but the file has only {self.file_size} bytes"
                 )
             tensors.append(TensorInfo(name, shape, gtype, start, n_bytes))
@@ -322,44 +380,45 @@ class _Parser:
         )
 
     def tensor_info(self) -> tuple[str, tuple[int, ...], int, int]:
-        name = self.string("a tensor name")
+        name = self.string("a tensor name", MAX_TENSOR_NAME_BYTES)
         n_dims = self.u32()
         if not 1 <= n_dims <= MAX_DIMS:
-            raise self.fail(f"corrupt GGUF header: tensor {name!r} has {n_dims} dimensions")
-        self.need(8 * n_dims + 12, f"tensor {name!r}")
+            raise self.fail(f"corrupt GGUF header: tensor {shown(name)} has {n_dims} dimensions")
+        self.need(8 * n_dims + 12, f"tensor {shown(name)}")
         shape = struct.unpack_from(f"<{n_dims}Q", self.mm, self.off)
         self.off += 8 * n_dims
         gtype = self.u32()
         rel = self.u64()
         if gtype not in GGML_TYPES:
-            raise self.fail(f"unsupported tensor type {gtype} for tensor {name!r}")
+            raise self.fail(f"unsupported tensor type {gtype} for tensor {shown(name)}")
         n = 1
         for d in shape:
             n *= d
         if n >= 1 << 62:
-            raise self.fail(f"corrupt GGUF header: tensor {name!r} has absurd shape {shape}")
+            raise self.fail(f"corrupt GGUF header: tensor {shown(name)} has absurd shape {shape}")
         return name, shape, gtype, rel
 
     def value(self, vtype: int, key: str) -> Any:
         if vtype == STRING:
-            return self.string(f"the value of {key!r}")
+            return self.string_value(f"the value of {shown(key)}")
         if vtype == ARRAY:
             return self.array(key)
         fmt = _FIXED.get(vtype)
         if fmt is None:
-            raise self.fail(f"corrupt GGUF header: unknown value type {vtype} for {key!r}")
+            raise self.fail(f"corrupt GGUF header: unknown value type {vtype} for {shown(key)}")
         (v,) = fmt.unpack_from(self.mm, self.off)
         self.off += fmt.size
         return v
 
-    def array(self, key: str) -> Any:
+    def array(self, key: str, depth: int = 0) -> Any:
+        """An array value: small ones as lists, big ones as ArrayInfo; every count checked against the file first."""
         etype = self.u32()
         n = self.u64()
         start = self.off
         fmt = _FIXED.get(etype)
         keep = n <= (SMALL_NUMERIC_ARRAY if fmt is not None else SMALL_ARRAY)
         if fmt is not None:
-            self.need(n * fmt.size, f"array {key!r} of {n} elements")
+            self.need(n * fmt.size, f"array {shown(key)} of {n} elements")
             if keep:
                 values = list(struct.unpack_from(f"<{n}{_FIXED_FORMAT[etype]}", self.mm, self.off))
                 self.off += n * fmt.size
@@ -367,17 +426,26 @@ class _Parser:
             self.off += n * fmt.size
             return ArrayInfo(etype, n, start)
         if etype == STRING:
-            self.need(n * 8, f"string array {key!r} of {n} elements")
+            self.need(n * 8, f"string array {shown(key)} of {n} elements")
             if keep:
-                return [self.string(f"an element of {key!r}") for _ in range(n)]
+                return [self.string_value(f"an element of {shown(key)}") for _ in range(n)]
             self.skip_strings(n)
             return ArrayInfo(etype, n, start)
         if etype == ARRAY:
-            # Nested arrays are rare; walk them one by one.
-            self.need(n * 12, f"nested array {key!r} of {n} elements")
-            values = [self.array(key) for _ in range(n)]
-            return values if keep else ArrayInfo(etype, n, start)
-        raise self.fail(f"corrupt GGUF header: unknown element type {etype} in array {key!r}")
+            # Nested arrays are rare (ggml's reader refuses them); walk them one by one, within limits.
+            self.need(n * 12, f"nested array {shown(key)} of {n} elements")
+            self.nested_arrays += n
+            if depth + 1 >= MAX_ARRAY_DEPTH or self.nested_arrays > MAX_NESTED_ARRAYS:
+                raise self.fail(
+                    f"corrupt GGUF header: array {shown(key)} nests arrays deeper than {MAX_ARRAY_DEPTH}"
+                    f" or more than {MAX_NESTED_ARRAYS:,} of them"
+                )
+            if keep:
+                return [self.array(key, depth + 1) for _ in range(n)]
+            for _ in range(n):
+                self.array(key, depth + 1)
+            return ArrayInfo(etype, n, start)
+        raise self.fail(f"corrupt GGUF header: unknown element type {etype} in array {shown(key)}")
 
     def token_strings(self, metadata: dict[str, Any], want: Iterable[int | str]) -> dict[int, str]:
         """Decode the wanted vocabulary entries in a second, partial walk.
@@ -400,7 +468,9 @@ class _Parser:
         done = 0
         for i in sorted(i for i in ids if i < tokens.length):
             self.skip_strings(i - done)
-            found[i] = self.string(f"token {i}")
+            token = self.string_value(f"token {i}")
+            if isinstance(token, str):
+                found[i] = token
             done = i + 1
         return found
 
@@ -417,7 +487,7 @@ class _Parser:
         try:
             for _ in repeat(None, count):
                 off += 8 + unpack(mm, off)[0]
-        except struct.error:
+        except (struct.error, OverflowError):  # past the map, or past what an offset can be
             off = self.size + 1
         if off > self.size:
             raise self.past_end("corrupt or truncated GGUF header: a string array runs past the end of the file")

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from localllm.errors import BadModelFile
-from localllm.gguf_reader import GGML_TYPES, ArrayInfo, GGUFFile, TensorInfo, read_gguf
+from localllm.gguf_reader import GGML_TYPES, ArrayInfo, GGUFFile, TensorInfo, clipped, read_gguf, shown
 
 # general.file_type (llama.cpp's llama_ftype) -> the name llama.cpp's quantize uses.
 FILE_TYPES: dict[int, str] = {
@@ -31,6 +31,9 @@ BOS_KEY = "tokenizer.ggml.bos_token_id"
 EOS_KEY = "tokenizer.ggml.eos_token_id"
 
 _LAYER = re.compile(r"blk\.(\d+)\.")
+# Per-layer lists are sized from block_count and tensor names, so both are capped: the deepest
+# published models have a few hundred layers.
+MAX_LAYERS = 4096
 LATER_FIELDS = ("intermediate_size", "layer_repack_bytes")  # cached manifests may predate these
 
 # ggml types whose matrices llama.cpp's CPU backend repacks (x86 AVX2 and ARM both), and the
@@ -148,7 +151,7 @@ def add_split_part(info: ModelInfo, tensors: list[TensorInfo]) -> None:
         info.parameters += t.n_elements
         m = _LAYER.match(t.name)
         if m:
-            i = int(m.group(1))
+            i = _layer_index(info.path, t.name, m)
             for sizes in (info.layer_weight_bytes, info.layer_repack_bytes):
                 if i >= len(sizes):
                     sizes.extend([0] * (i + 1 - len(sizes)))
@@ -201,9 +204,10 @@ def _model_info(g: GGUFFile) -> ModelInfo:
     hidden = _int(g, f"{arch}.embedding_length")
     n_heads = _int(g, f"{arch}.attention.head_count")
     n_kv_heads = _int(g, f"{arch}.attention.head_count_kv", n_heads)
-    if n_layers <= 0 or hidden <= 0 or n_heads <= 0:
+    if not 0 < n_layers <= MAX_LAYERS or hidden <= 0 or n_heads <= 0:
         raise BadModelFile(
-            f"{g.path}: implausible model shape ({n_layers} layers, {n_heads} heads, width {hidden})"
+            f"{g.path}: implausible model shape ({n_layers} layers, {n_heads} heads, width {hidden};"
+            f" at most {MAX_LAYERS} layers)"
         )
     head_dim = _int(g, f"{arch}.attention.key_length", hidden // n_heads)
     window = _int(g, f"{arch}.attention.sliding_window", 0) or None
@@ -217,7 +221,7 @@ def _model_info(g: GGUFFile) -> ModelInfo:
     for t in g.tensors:
         m = _LAYER.match(t.name)
         if m:
-            i = int(m.group(1))
+            i = _layer_index(g.path, t.name, m)
             if i >= len(layer_bytes):  # e.g. extra prediction layers beyond block_count
                 layer_bytes.extend([0] * (i + 1 - len(layer_bytes)))
                 layer_repack.extend([0] * (i + 1 - len(layer_repack)))
@@ -265,14 +269,22 @@ def _model_info(g: GGUFFile) -> ModelInfo:
     )
 
 
+def _layer_index(path: Path, name: str, match: re.Match[str]) -> int:
+    """The layer a "blk.N." tensor belongs to, refusing N past MAX_LAYERS before lists grow to it."""
+    digits = match.group(1)
+    if len(digits) > 6 or int(digits) >= MAX_LAYERS:
+        raise BadModelFile(f"{path}: tensor {shown(name)} is in a layer past {MAX_LAYERS}")
+    return int(digits)
+
+
 def _get(g: GGUFFile, key: str, kind: type, default: Any = _MISSING) -> Any:
     value = g.metadata.get(key, _MISSING)
     if value is _MISSING:
         if default is _MISSING:
-            raise BadModelFile(f"{g.path}: GGUF metadata lacks {key}")
+            raise BadModelFile(f"{g.path}: GGUF metadata lacks {clipped(key)}")
         return default
     if not isinstance(value, kind):
-        raise BadModelFile(f"{g.path}: GGUF metadata {key} is a {type(value).__name__}, not a {kind.__name__}")
+        raise BadModelFile(f"{g.path}: GGUF metadata {clipped(key)} is a {type(value).__name__}, not a {kind.__name__}")
     return value
 
 
@@ -281,12 +293,12 @@ def _int(g: GGUFFile, key: str, default: Any = _MISSING) -> Any:
     value = g.metadata.get(key, _MISSING)
     if value is _MISSING:
         if default is _MISSING:
-            raise BadModelFile(f"{g.path}: GGUF metadata lacks {key}")
+            raise BadModelFile(f"{g.path}: GGUF metadata lacks {clipped(key)}")
         return default
     if isinstance(value, list) and value and all(_is_int(v) for v in value):
         return max(value)
     if not _is_int(value):
-        raise BadModelFile(f"{g.path}: GGUF metadata {key} is not an integer")
+        raise BadModelFile(f"{g.path}: GGUF metadata {clipped(key)} is not an integer")
     return value
 
 

@@ -17,7 +17,6 @@ the remote backend (localllm.backends.remote) does that.
 
 from __future__ import annotations
 
-import os
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from localllm.config import paths
+from localllm.env_vars import env_secret
 from localllm.errors import BadRequest
 from localllm.modelinfo import ModelInfo
 from localllm.store.store import ResolvedModel
@@ -47,7 +47,7 @@ class RemoteRoute:
         """The key from the named environment variable; a route that names an unset one is an error."""
         if self.api_key_env is None:
             return None
-        key = os.environ.get(self.api_key_env)
+        key = env_secret(self.api_key_env)
         if not key:
             raise BadRequest(f"remote model '{self.name}' reads its API key from ${self.api_key_env}, which is not set")
         return key

@@ -7,7 +7,6 @@ was installed (virtual environment, installer, wheel).
 
 from __future__ import annotations
 
-import os
 import platform
 import shutil
 import subprocess
@@ -16,6 +15,7 @@ from pathlib import Path
 from xml.sax.saxutils import escape
 
 from localllm.atomic import write_bytes_atomic
+from localllm.env_vars import env_base_folder, env_folder
 from localllm.errors import LocalLLMError
 
 UNIT_NAME = "localllm.service"
@@ -32,8 +32,8 @@ def serve_command() -> list[str]:
 
 def systemd_unit() -> str:
     command = " ".join(_quote(part) for part in serve_command())
-    home = os.environ.get("LOCALLLM_HOME")
-    env = f"Environment=LOCALLLM_HOME={_quote(home)}\n" if home else ""
+    home = env_folder("LOCALLLM_HOME")  # no control characters: a newline would add unit lines
+    env = f"Environment=LOCALLLM_HOME={_quote(str(home.absolute()))}\n" if home else ""
     return (
         "[Unit]\n"
         "Description=localllm API server (OpenAI- and Ollama-compatible, on 127.0.0.1)\n"
@@ -65,8 +65,8 @@ def launchd_plist() -> str:
 def unit_path() -> Path:
     if platform.system() == "Darwin":
         return Path.home() / "Library" / "LaunchAgents" / f"{AGENT_LABEL}.plist"
-    config = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
-    return Path(config) / "systemd" / "user" / UNIT_NAME
+    config = env_base_folder("XDG_CONFIG_HOME") or Path.home() / ".config"
+    return config / "systemd" / "user" / UNIT_NAME
 
 
 def install() -> str:

@@ -288,9 +288,9 @@ class ModelRunner:
 
 def decode_kernel_available() -> bool:
     """The Triton paged-decode kernel runs here (CUDA and Triton present; not switched off)."""
-    import os
+    from .kernels import attention_choice
 
-    if os.environ.get("LOCALLLM_NATIVE_ATTENTION", "") == "reference":
+    if attention_choice() == "reference":
         return False
     try:
         from .kernels import decode_kernel_supported

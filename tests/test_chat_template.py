@@ -347,3 +347,148 @@ def test_validate_messages_accepts() -> None:
 def test_render_validates_messages() -> None:
     with pytest.raises(BadRequest):
         builtin("chatml").render([{"role": "wizard", "content": "x"}])
+
+
+# --- budgets: time, value sizes, output -------------------------------------------
+
+# Each renders for a long time or builds gigabytes without the budget.
+BOMBS = {
+    "huge power": "{{ (9**20000000) % 10 }}",
+    "huge repeat": "{{ 'x' * 300000000 }}",
+    "huge list repeat": "{{ ([0] * 300000000) | length }}",
+    "huge JSON indent": "{{ messages | tojson(indent=100000000) }}",
+    "huge range": "{{ range(10**9) | list | length }}",
+    "nested loops that print nothing": (
+        "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+    ),
+    "doubling with ~": (
+        "{% set ns = namespace(s='x') %}"
+        "{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s | length }}"
+    ),
+    "doubling with +": (
+        "{% set ns = namespace(s='x') %}"
+        "{% for i in range(40) %}{% set ns.s = ns.s + ns.s %}{% endfor %}{{ ns.s | length }}"
+    ),
+    "join filter of one string many times": "{% set s = 'x' * 1000000 %}{{ ([s] * 1000000) | join }}",
+    "str.join of one string many times": "{% set s = 'x' * 1000000 %}{{ ''.join([s] * 1000000) }}",
+    "printing a list of one string many times": "{% set s = 'x' * 1000000 %}{{ [s] * 1000000 }}",
+    "padding every item": "{{ range(100000) | map('center', 80000) | list | length }}",
+    "a macro buffering nested loops": (
+        "{% macro m() %}{% for i in range(100000) %}{% for j in range(100000) %}x"
+        "{% endfor %}{% endfor %}{% endmacro %}{{ m() }}"
+    ),
+    "a block set buffering big output": (
+        "{% set s = 'x' * 8000000 %}{% set b %}{% for i in range(100000) %}{{ s }}"
+        "{% endfor %}{% endset %}{{ b | length }}"
+    ),
+    "str.format width": "{{ '{:>100000000}'.format(1) }}",
+    "printf width": "{{ '%100000000d' % 1 }}",
+    "format filter width": "{{ '%100000000d' | format(1) }}",
+    "replace": "{% set s = 'x' * 100000 %}{{ s.replace('x', s) }}",
+    "replace filter": "{% set s = 'x' * 100000 %}{{ s | replace('x', s) }}",
+    "ljust": "{{ 'x'.ljust(10**9) }}",
+    "exponential macro recursion": (
+        "{% macro f(n) %}{% if n > 0 %}{{ f(n - 1) }}{{ f(n - 1) }}{% endif %}{% endmacro %}{{ f(60) }}"
+    ),
+    "summing lists": "{{ ([[1] * 10000] * 10000) | sum(start=[]) }}",
+    "sorting millions": "{% set s = 'x' * 4000000 %}{{ s | list | sort | length }}",
+    "output over the cap": "{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}",
+    "rounding to a huge precision": "{{ 5 | round(-10000000) }}",
+    "splitting into millions": "{{ ('a ' * 4000000).split() | length }}",
+}
+
+
+@pytest.mark.parametrize("name", sorted(BOMBS))
+def test_template_bombs_end_with_a_clear_error_in_bounded_time_and_memory(name: str) -> None:
+    import time
+    import tracemalloc
+
+    tracemalloc.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(TemplateError) as info:
+            model(BOMBS[name], "bomb.gguf").render([{"role": "user", "content": "Hi"}])
+        elapsed = time.monotonic() - started
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    message = str(info.value)
+    # jinja's own sandbox already refuses ranges over 100,000 items; everything else is ours
+    why = "failed: OverflowError: Range too big" if name == "huge range" else "is over its budget: "
+    assert message.startswith(f"chat template of 'bomb.gguf' {why}"), message
+    assert "\n" not in message and len(message) < 400
+    assert elapsed < 5, f"{name}: {elapsed:.1f} s"
+    assert peak < 150 * 2**20, f"{name}: {peak / 2**20:.0f} MiB"
+
+
+def test_big_but_sane_templates_still_render() -> None:
+    content = "y" * 1_000_000
+    chat = [{"role": "user", "content": content}] * 3
+    assert len(builtin("chatml").render(chat)) == 3 * (len(content) + len("<|im_start|>user\n<|im_end|>\n")) + len(
+        "<|im_start|>assistant\n"
+    )
+    assert model("{{ 'ab' * 3 }}|{{ 2 ** 10 }}|{{ '%5d' % 7 }}|{{ '{:>4}'.format(1) }}").render([]) == (
+        "ababab|1024|    7|   1"
+    )
+    assert model("{{ [1, 2] + [3] }}|{{ 'a' ~ 1 ~ none }}|{{ 'x'.center(5) }}").render([]) == "[1, 2, 3]|a1None|  x  "
+
+
+# Loops (loop.*, else, recursive), macros with caller, filter and set blocks, and the filters and
+# operators the budget wraps: each must render exactly as without the budget.
+JINJA_FEATURES = r"""{% for m in messages %}{{ loop.index }}/{{ loop.length }}{{ '!' if loop.last }}{{ loop.cycle('a','b') }}{% else %}none{% endfor %}
+{% for x in [] %}x{% else %}empty{% endfor %}
+{% set tree = [{'n': 'a', 'c': [{'n': 'b', 'c': []}]}] %}{% for node in tree recursive %}{{ node.n }}({{ loop(node.c) }}){% endfor %}
+{% macro box(t) %}[{{ t }}|{{ caller() }}]{% endmacro %}{% call box('x') %}inner{% endcall %}
+{% filter upper %}shout {{ messages[0].content[:10] }}{% endfilter %}
+{% set b %}{% for m in messages %}{{ m.role ~ ':' ~ m.content[:10] }};{% endfor %}{% endset %}{{ b | length }}{{ b }}
+{{ messages | map(attribute='role') | join(',') }} {{ messages | selectattr('role', 'eq', 'user') | list | length }}
+{{ '%s-%d' | format('a', 3) }} {{ '{}+{}'.format(1, 2) }} {{ (messages | tojson(indent=2))[:20] }} {{ 'abc' | center(9) }}|{{ 'a\nb' | indent(2, true) }}
+{{ range(5) | sum }} {{ [3,1,2] | sort | join }} {{ {'b':1,'a':2} | dictsort }} {{ 'x' * 3 }} {{ 2 ** 8 }} {{ [1] + [2] }} {{ 'a' + 'b' }} {{ 7 % 3 }}
+{% for a, b in [(1, 2), (3, 4)] %}{{ a + b }}{% endfor %} {{ namespace(x=1).x }} {{ 'hello world' | wordwrap(5) }} {{ 'a b' | replace(' ', '_') }}
+{{ messages | batch(2) | list | length }} {{ messages | slice(2) | list | length }} {{ messages | groupby('role') | list | length }} {{ 'AbC' | lower }}
+"""
+
+
+def _reference_render(text: str, chat: list[dict], **variables: object) -> str:
+    """The same template through jinja2's plain immutable sandbox, with no budget."""
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    from localllm.chat_template import _Generation, _raise_exception, _strftime_now, _tojson
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols, _Generation])
+    env.filters["tojson"] = _tojson
+    env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now)
+    context = {"add_generation_prompt": True, "tools": None, **variables, "messages": chat}
+    return env.from_string(text).render(context)
+
+
+def _real_templates() -> dict[str, str]:
+    from llama_cpp import llama_chat_format as formats
+
+    from server_harness import TOOL_TEMPLATE
+
+    return {
+        "jinja features": JINJA_FEATURES,
+        "gemma turns with tools (the server tests')": TOOL_TEMPLATE,
+        "chatml": formats.CHATML_CHAT_TEMPLATE,
+        "llama 3": formats.LLAMA3_INSTRUCT_CHAT_TEMPLATE,
+        "mistral": formats.MISTRAL_INSTRUCT_CHAT_TEMPLATE,
+        "mixtral": formats.MIXTRAL_INSTRUCT_CHAT_TEMPLATE,
+        **{f"built-in {family}": builtin(family).text for family in sorted(FAMILIES)},
+    }
+
+
+def test_real_templates_render_as_without_the_budget() -> None:
+    """llama-cpp-python's ChatML, Llama 3 and Mistral templates and ours, budgeted and not."""
+    chats = [NO_SYSTEM, NO_SYSTEM[:1], [{"role": "user", "content": "é " * 50_000}]]
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    tokens = {"bos_token": "<s>", "eos_token": "</s>"}
+    for name, text in _real_templates().items():
+        for chat in chats:
+            expected = _reference_render(text, chat, **tokens)
+            got = ChatTemplate("model", text, name, **tokens).render(chat)
+            assert got == expected, name
+        expected = _reference_render(text, NO_SYSTEM, **tokens | {"tools": tools})
+        got = ChatTemplate("model", text, name, **tokens).render(NO_SYSTEM, tools=tools)
+        assert got == expected and (name != "gemma turns with tools (the server tests')" or '"name": "f"' in got)

@@ -245,7 +245,7 @@ def test_the_app_does_not_import_torch_until_the_native_engine_is_used(tiny_fold
     code = (
         "import sys; import localllm.cli, localllm.commands, localllm.backends.select;"
         "from localllm.store.store import ModelStore;"
-        f"info = ModelStore().resolve({str(tiny_folder)!r}).info();"
+        f"info = ModelStore().resolve({str(tiny_folder)!r}, allow_paths=True).info();"
         "assert info.format == 'safetensors';"
         "print('torch' in sys.modules)"
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -46,7 +47,7 @@ def test_slug_is_filesystem_safe():
 def test_add_get_list_remove(store, starter_gguf):
     folder = store.folder_for("mine")
     target = folder / "m.gguf"
-    target.symlink_to(starter_gguf)
+    os.link(starter_gguf, target)  # a hard link: the store refuses symbolic links it did not make
     manifest = store.add("mine", source="test", file=target, sha256="0" * 64)
     assert manifest.info["architecture"] == "gemma3"
     assert store.get("mine") == manifest
@@ -59,7 +60,7 @@ def test_add_get_list_remove(store, starter_gguf):
 
 def test_cached_info_is_used_without_reading_the_file(store, starter_gguf, monkeypatch):
     target = store.folder_for("c") / "c.gguf"
-    target.symlink_to(starter_gguf)
+    os.link(starter_gguf, target)  # a hard link: the store refuses symbolic links it did not make
     store.add("c", source="test", file=target, sha256="0" * 64)
     import localllm.store.store as store_module
 
@@ -79,9 +80,12 @@ def test_resolve_errors(store, tmp_path):
     with pytest.raises(ModelNotFound, match="not found"):
         store.resolve("nothing-here", pull_starter=False)
     with pytest.raises(ModelNotFound, match="does not exist"):
-        store.resolve(str(tmp_path / "x.gguf"))
+        store.resolve(str(tmp_path / "x.gguf"), allow_paths=True)
     with pytest.raises(BadModelFile, match="directory"):
-        store.resolve(str(tmp_path))
+        store.resolve(str(tmp_path), allow_paths=True)
+    # without allow_paths (the server's names) nothing outside the store is looked at
+    with pytest.raises(ModelNotFound, match="not found; `localllm ls`"):
+        store.resolve(str(tmp_path), pull_starter=False)
 
 
 def test_starter_pull_is_atomic_and_verified(store):

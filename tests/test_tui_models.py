@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,7 @@ def home(tmp_path, starter_gguf) -> Path:
     store = ModelStore(Paths(tmp_path))
     for name in ("starter", "second"):
         target = store.folder_for(name) / "model.gguf"
-        target.symlink_to(starter_gguf)
+        os.link(starter_gguf, target)  # a hard link: the store refuses symbolic links it did not make
         store.add(name, source="test", file=target, sha256="0" * 64)
     return tmp_path
 

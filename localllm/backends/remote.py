@@ -55,6 +55,7 @@ from localllm.backends.base import (
     TokenEvent,
     Usage,
 )
+from localllm.env_vars import check_header_value, check_proxy_settings
 from localllm.errors import BackendError, BadRequest, UpstreamRefused, UpstreamUnavailable
 from localllm.remotes import check_url, remote_model_info
 
@@ -103,6 +104,9 @@ class RemoteBackend:
         self._finished = 0
         self._last_ttft_s = 0.0
         self._last_rate = 0.0
+        if options.api_key:
+            check_header_value(options.api_key, "the remote API key (--remote-api-key or LOCALLLM_REMOTE_API_KEY)")
+        check_proxy_settings()
         headers = {"Authorization": f"Bearer {options.api_key}"} if options.api_key else {}
         self._client = httpx.AsyncClient(
             headers=headers,

@@ -94,7 +94,7 @@ def _draft_info(name: str) -> ModelInfo:
     """The draft model's file: a name in the store, or a path."""
     from localllm.store.store import ModelStore
 
-    return ModelStore().resolve(name).info()
+    return ModelStore().resolve(name, allow_paths=True).info()
 
 
 def _open_native(model: ResolvedModel, info, options: LoadOptions, draft: ModelInfo | None) -> Backend:

@@ -39,7 +39,7 @@ def target(ref: str, hw: Hardware, settings: FitSettings) -> tuple[str, ModelInf
     from localllm.store.store import ModelStore
 
     try:
-        model = ModelStore().resolve(ref)
+        model = ModelStore().resolve(ref, allow_paths=True)
         return model.name, model.info(), None, []
     except ModelNotInstalled:
         pass

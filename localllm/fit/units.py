@@ -22,7 +22,10 @@ def parse_size(text: str, what: str) -> int:
     if not match:
         raise BadRequest(f"{what} must be a size such as 12GiB, 7.5GiB or 512MiB, got {text!r}")
     number, unit = float(match.group(1)), (match.group(2) or "g").lower()
-    return int(number * _UNITS[unit[0]])
+    size = number * _UNITS[unit[0]]
+    if size >= 2**63:  # float("9" * 400) is inf: no int
+        raise BadRequest(f"{what} is too large, got {text[:40]!r}")
+    return int(size)
 
 
 def gib(n: int | float) -> str:

@@ -270,7 +270,7 @@ class ModelRegistry:
         Resolved at once, so a wrong name fails before the server binds its port.
         """
         name = canonical_name(ref)
-        self._preloaded = self._remote(name) or self.store.resolve(name)
+        self._preloaded = self._remote(name) or self.store.resolve(name, allow_paths=True)
         self.preload_state = "loading"  # from now on, so /health never says ready before the load
         return self._preloaded
 

@@ -42,7 +42,9 @@ from typing import Callable
 import httpx2
 
 from localllm.atomic import _fsync_dir, write_json_atomic
-from localllm.errors import ChecksumMismatch, DownloadCancelled, DownloadFailed, NotEnoughDisk
+from localllm.env_vars import env_int
+from localllm.errors import ChecksumMismatch, DownloadCancelled, DownloadFailed, NotEnoughDisk, UnsafeStorePath
+from localllm.store.own_files import is_own_file, not_a_link, open_fd, open_file
 from localllm.units import human_bytes
 
 SYNC_EVERY_BYTES = 64 << 20  # fsync and record progress this often
@@ -123,9 +125,9 @@ def boot_id() -> str:
 
 def free_bytes(where: Path) -> int:
     """Free space on the disk holding `where`; `LOCALLLM_DISK_FREE_BYTES` overrides it."""
-    override = os.environ.get(FREE_DISK_ENV)
-    if override:
-        return int(override)
+    override = env_int(FREE_DISK_ENV)
+    if override is not None:
+        return override
     probe = Path(where)
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
@@ -146,7 +148,7 @@ def check_free_space(where: Path, needed: int) -> None:
 
 def bytes_on_disk(job: FileJob) -> int:
     """Bytes of this job already present: the whole file, or a partial that a resume will keep."""
-    if job.dest.is_file() and job.dest.stat().st_size == job.size:
+    if is_own_file(job.dest) and job.dest.stat().st_size == job.size:
         return job.size
     return _trusted_partial(job)[0]
 
@@ -159,7 +161,7 @@ def _trusted_partial(job: FileJob) -> tuple[int, int]:
     """
     state = _read_state(job.dest)
     partial = partial_path(job.dest)
-    if state is None or state.get("identity") != job.identity or not partial.is_file():
+    if state is None or state.get("identity") != job.identity or not is_own_file(partial):
         return 0, 0
     length = partial.stat().st_size
     synced = int(state.get("synced", 0))
@@ -188,6 +190,7 @@ def fetch(
     status("verifying") is said while hashing bytes that did not stream in now.
     """
     job.dest.parent.mkdir(parents=True, exist_ok=True)
+    not_a_link(job.dest.parent, "model folder")
     own_client = client is None
     client = client or httpx2.Client()
     try:
@@ -258,6 +261,7 @@ class _Transfer:
         one replaces it in one rename.
         """
         dest = self.job.dest
+        not_a_link(dest, "model file")
         if not dest.is_file() or dest.stat().st_size != self.job.size:
             return None
         self.status("verifying")
@@ -274,7 +278,7 @@ class _Transfer:
         """Keep the trustworthy prefix of a partial file (cut the rest off) and hash it."""
         length, synced = _trusted_partial(self.job)
         self._write_state(synced)  # recorded before the partial is touched
-        with open(self.partial, "r+b" if self.partial.is_file() else "wb") as f:
+        with open_file(self.partial, "w+b", "partial download") as f:
             f.truncate(length)
         self.offset = length
         if length:
@@ -284,7 +288,7 @@ class _Transfer:
 
     def _hash_file(self, path: Path, length: int) -> None:
         left = length
-        with open(path, "rb") as f:
+        with open_file(path, "rb", "model file") as f:
             while left > 0:
                 if self.cancelled():
                     raise DownloadCancelled("pull cancelled")
@@ -354,7 +358,7 @@ class _Transfer:
         raise ServerRefused(code, r.headers.get("X-Error-Code"), str(r.request.url))
 
     def _receive(self, r: httpx2.Response) -> None:
-        with open(self.partial, "r+b" if self.offset else "wb", buffering=0) as f:
+        with open_file(self.partial, "w+b", "partial download", buffering=0) as f:
             f.seek(self.offset)
             f.truncate(self.offset)
             for piece in r.iter_raw():
@@ -393,7 +397,7 @@ class _Transfer:
                 f"(expected {expected[:16]}…, got sha256 {got[:16]}…); they were discarded and "
                 "nothing was installed"
             )
-        with open(self.partial, "rb") as f:
+        with open_file(self.partial, "rb", "partial download") as f:
             os.fsync(f.fileno())
         os.replace(self.partial, self.job.dest)
         _fsync_dir(self.job.dest.parent)
@@ -416,10 +420,11 @@ class _Transfer:
 
 def _read_state(dest: Path) -> dict | None:
     try:
-        state = json.loads(state_path(dest).read_text())
+        with open_file(state_path(dest), "rb", "download record") as f:
+            state = json.loads(f.read())
         return state if isinstance(state, dict) else None
-    except (OSError, ValueError):
-        return None
+    except (OSError, ValueError, UnsafeStorePath):
+        return None  # no record (a planted link counts as none): the partial is not trusted
 
 
 def _close_when_cancelled(cancel: threading.Event, response: httpx2.Response, finished: threading.Event) -> None:
@@ -467,7 +472,7 @@ class FileLock:
 
     def __enter__(self) -> FileLock:
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = open_fd(self.path, os.O_RDWR | os.O_CREAT, "lock file")
             try:
                 while not _try_lock(fd):
                     if self.cancel is not None and self.cancel.wait(self.poll_s):

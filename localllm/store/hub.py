@@ -16,7 +16,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from localllm.env_vars import check_header_value, check_proxy_settings, env_url
+
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+env_url("HF_ENDPOINT")  # huggingface-hub parses it as it is imported: a bad one is our line, not its traceback
 
 import httpx2  # noqa: E402  (huggingface-hub's HTTP client; imported after the telemetry switch)
 from huggingface_hub import HfApi, constants, hf_hub_url  # noqa: E402
@@ -59,7 +62,7 @@ class RepoListing:
 
 
 def endpoint() -> str:
-    return (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
+    return (env_url("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
 
 
 def repo_page(repo: str) -> str:
@@ -68,6 +71,8 @@ def repo_page(repo: str) -> str:
 
 def list_files(repo: str, revision: str = "main") -> RepoListing:
     """Every file of a repository at a revision, with sizes and hashes."""
+    request_headers()  # a token unfit for a header is one line naming it, before any request
+    check_proxy_settings()
     api = HfApi(endpoint=endpoint(), library_name="localllm", library_version=__version__)
     try:
         info = api.model_info(repo, revision=revision, files_metadata=True, timeout=API_TIMEOUT_S)
@@ -92,12 +97,16 @@ def file_url(repo: str, path: str, commit: str) -> str:
 def request_headers() -> dict[str, str]:
     """Headers for a file request: user agent and the token, no compression (we hash raw bytes)."""
     headers = build_hf_headers(library_name="localllm", library_version=__version__)
+    if "authorization" in {k.lower() for k in headers}:
+        token = next(v for k, v in headers.items() if k.lower() == "authorization")
+        check_header_value(token, "HF_TOKEN (or the saved Hugging Face token)")
     headers["Accept-Encoding"] = "identity"
     return headers
 
 
 def http_client() -> httpx2.Client:
     """huggingface-hub's shared client: its proxy and certificate settings, redirects followed."""
+    check_proxy_settings()
     return get_session()
 
 

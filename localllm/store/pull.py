@@ -27,6 +27,7 @@ from localllm.errors import BadRequest, DownloadFailed, HubUnreachable, ModelNot
 from localllm.hardware import Hardware
 from localllm.gguf_reader import read_gguf
 from localllm.modelinfo import ModelInfo, add_split_part, read_model_info
+from localllm.store.own_files import check_model_name
 from localllm.store.progress import RateMeter
 from localllm.store.refs import ModelRef, is_model_gguf, parse_ref, quant_of, split_part
 from localllm.store.store import SMOLLM2_NAME, STARTER_NAME, Manifest, ModelStore
@@ -91,6 +92,7 @@ def pull(
     name; `notice` hears which and why.
     """
     store = store or ModelStore()
+    check_model_name(ref)
     report = _Reporter(progress)
     report.status("resolving")
     if ref.strip() == STARTER_NAME:

@@ -6,11 +6,14 @@ Layout under LOCALLLM_HOME:
 
 A manifest is written only after its file is complete and verified, and removed
 before its file on `rm`, so a crash never leaves a manifest pointing at half a model.
+The store only touches files it made (own_files): a symbolic link inside it is
+refused, never followed, and a name is checked before it reaches the file system.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -19,8 +22,9 @@ from pathlib import Path
 
 from localllm.atomic import write_json_atomic
 from localllm.config import Paths, paths
-from localllm.errors import BadModelFile, ModelNotFound, ModelNotInstalled
+from localllm.errors import BadModelFile, BadRequest, ModelNotFound, ModelNotInstalled, UnsafeStorePath
 from localllm.modelinfo import ModelInfo, read_model_info
+from localllm.store.own_files import check_model_name, check_path_text, not_a_link, open_file
 
 STARTER_NAME = "starter"  # Gemma 3 270M base: raw completion, tests and benchmarks
 SMOLLM2_NAME = "smollm2:135m"  # SmolLM2 135M Instruct, shipped as a Python package (store/smollm2.py)
@@ -85,17 +89,13 @@ class ModelStore:
 
     # -- reading ---------------------------------------------------------
     def manifest_path(self, name: str) -> Path:
-        return self.paths.manifests / f"{slug(name)}.json"
+        return self.paths.manifests / f"{slug(check_model_name(name))}.json"
 
     def get(self, name: str) -> Manifest | None:
         path = self.manifest_path(name)
-        if not path.is_file():
+        if not path.is_file() and not path.is_symlink():
             return None
-        try:
-            data = json.loads(path.read_text())
-            manifest = Manifest(**data)
-        except (OSError, ValueError, TypeError) as exc:
-            raise BadModelFile(f"manifest {path} is damaged ({exc}); remove it with `localllm rm {name}`") from None
+        manifest = _read_manifest(path, name)
         return manifest if manifest.name == name else None
 
     def list(self) -> list[Manifest]:
@@ -103,17 +103,35 @@ class ModelStore:
         if self.paths.manifests.is_dir():
             for path in sorted(self.paths.manifests.glob("*.json")):
                 try:
-                    found.append(Manifest(**json.loads(path.read_text())))
-                except (OSError, ValueError, TypeError):
+                    found.append(_read_manifest(path, path.stem))
+                except (BadModelFile, UnsafeStorePath):
                     continue  # a damaged manifest is skipped here; `get` reports it by name
         return sorted(found, key=lambda m: m.name)
 
     def model_file(self, manifest: Manifest) -> Path:
-        return self.paths.models / manifest.file
+        return self.paths.models / _relative_inside(manifest.file, manifest.name)
+
+    def model_files(self, manifest: Manifest) -> list[Path]:
+        """Every file of an installed model (all parts of a split GGUF), each checked to lie in the store."""
+        listed = [f.get("path", "") if isinstance(f, dict) else "" for f in manifest.files]
+        return [self.model_file(manifest)] + [
+            self.paths.models / _relative_inside(p, manifest.name) for p in listed if p != manifest.file
+        ]
+
+    def check_own_files(self, manifest: Manifest) -> None:
+        """Refuse an installed model whose folder or files are links the store did not make."""
+        folders = {self.paths.models / slug(manifest.name)}
+        for path in self.model_files(manifest):
+            folders.add(path.parent)
+            not_a_link(path, "model file")
+        for folder in folders:
+            if folder != self.paths.models:
+                not_a_link(folder, "model folder")
 
     # -- writing ---------------------------------------------------------
     def folder_for(self, name: str) -> Path:
-        folder = self.paths.models / slug(name)
+        folder = self.paths.models / slug(check_model_name(name))
+        not_a_link(folder, "model folder")
         folder.mkdir(parents=True, exist_ok=True)
         return folder
 
@@ -138,28 +156,47 @@ class ModelStore:
         return manifest
 
     def remove(self, name: str) -> Manifest:
+        """Uninstall: every check first, then the manifest, then the folder (links inside it are unlinked, never followed)."""
         manifest = self.get(name)
         if manifest is None:
             raise ModelNotFound(f"model '{name}' is not installed")
-        self.manifest_path(name).unlink()
+        manifest_file = self.manifest_path(name)
+        not_a_link(manifest_file, "manifest")
         folder = self.paths.models / slug(name)
+        not_a_link(folder, "model folder")
+        try:
+            self.check_own_files(manifest)
+        except BadModelFile:
+            pass  # it names files outside the store: those are not the store's to delete, and stay untouched
+        for where in (manifest_file.parent, folder):
+            if where.is_dir() and not os.access(where, os.W_OK | os.X_OK):
+                raise UnsafeStorePath(f"cannot remove '{name}': no permission to change {where}")
+        manifest_file.unlink()
         if folder.is_dir():
             shutil.rmtree(folder)
         return manifest
 
     # -- naming ----------------------------------------------------------
-    def resolve(self, ref: str, *, pull_starter: bool = True) -> ResolvedModel:
+    def resolve(self, ref: str, *, pull_starter: bool = True, allow_paths: bool = False) -> ResolvedModel:
         """An installed name, the built-in `starter` or `smollm2:135m` (installed from their
-        packages on first use), a .gguf path, or the path of a Hugging Face model folder
-        (for the native engine).
+        packages on first use), and with `allow_paths` (the command line's choice) a .gguf
+        path or the path of a Hugging Face model folder (for the native engine).
 
         Catalog names and hf: references resolve to their installed files under
         their canonical name (`qwen2.5` -> `qwen2.5:7b`); when not installed they
         raise ModelNotInstalled, which front ends may answer with a pull.
+        Without `allow_paths` nothing outside the store is looked at.
         """
+        try:
+            check_model_name(ref)
+        except BadRequest:
+            if not allow_paths:
+                raise
+            return self._resolve_path(ref)
         manifest = self.get(ref)
         if manifest is not None:
             path = self.model_file(manifest)
+            self.check_own_files(manifest)
             if not path.is_file():
                 raise ModelNotFound(f"model '{ref}' is installed but its file {path} is missing; pull it again")
             return ResolvedModel(ref, path, manifest)
@@ -174,13 +211,22 @@ class ModelStore:
                     from localllm.store.smollm2 import pull_smollm2
 
                     manifest = pull_smollm2(self)
+                    self.check_own_files(manifest)
                     return ResolvedModel(manifest.name, self.model_file(manifest), manifest)
                 raise ModelNotInstalled(f"model '{ref}' is not installed; `localllm pull {ref}` downloads it")
         if ref == STARTER_NAME and pull_starter:
             from localllm.store.starter import pull_starter as do_pull
 
             manifest = do_pull(self)
+            self.check_own_files(manifest)
             return ResolvedModel(ref, self.model_file(manifest), manifest)
+        if not allow_paths:
+            raise ModelNotFound(f"model '{ref}' not found; `localllm ls` lists installed models")
+        return self._resolve_path(ref)
+
+    def _resolve_path(self, ref: str) -> ResolvedModel:
+        """A model file or folder named by a path on the command line."""
+        check_path_text(ref)
         candidate = Path(ref).expanduser()
         if candidate.suffix.lower() == ".gguf" or candidate.exists():
             if candidate.is_dir():
@@ -193,3 +239,21 @@ class ModelStore:
                 raise ModelNotFound(f"model file {candidate} does not exist")
             return ResolvedModel(candidate.name, candidate.resolve())
         raise ModelNotFound(f"model '{ref}' not found; `localllm ls` lists installed models")
+
+
+def _read_manifest(path: Path, name: str) -> Manifest:
+    """A manifest file, read without following a link planted in its place."""
+    try:
+        with open_file(path, "rb", "manifest") as f:
+            data = json.loads(f.read())
+        return Manifest(**data)
+    except (OSError, ValueError, TypeError) as exc:
+        raise BadModelFile(f"manifest {path} is damaged ({exc}); remove it with `localllm rm {name}`") from None
+
+
+def _relative_inside(relative: str, name: str) -> Path:
+    """A manifest's file path, which must stay inside the models folder (no "..", not absolute)."""
+    path = Path(relative)
+    if not relative or path.is_absolute() or ".." in path.parts:
+        raise BadModelFile(f"the manifest of '{name}' names a file outside the store ({relative!r}); remove it")
+    return path

@@ -28,7 +28,7 @@ def store_factory(store: ModelStore) -> BackendFactory:
     def factory(model: str, context: int | None) -> Backend:
         from localllm.backends.select import LoadOptions, open_backend
 
-        return open_backend(store.resolve(model), LoadOptions(n_ctx=context))
+        return open_backend(store.resolve(model, allow_paths=True), LoadOptions(n_ctx=context))
 
     return factory
 

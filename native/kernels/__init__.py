@@ -35,6 +35,15 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 
+from localllm.env_vars import env_choice, env_flag
+
+ATTENTION_CHOICES = ("auto", "triton", "reference")
+
+
+def attention_choice() -> str:
+    """LOCALLLM_NATIVE_ATTENTION: auto (kernels on CUDA), triton (forced) or reference (torch only)."""
+    return env_choice("LOCALLLM_NATIVE_ATTENTION", ATTENTION_CHOICES, "auto")
+
 
 @lru_cache(maxsize=1)
 def triton_importable() -> bool:
@@ -63,7 +72,7 @@ def fused_for(x):
     Same switch as the attention kernels: CUDA with Triton, unless
     LOCALLLM_NATIVE_ATTENTION=reference; =triton forces them (the interpreter, in tests).
     """
-    choice = os.environ.get("LOCALLLM_NATIVE_ATTENTION", "auto")
+    choice = attention_choice()
     if choice == "reference" or (choice != "triton" and not x.is_cuda) or not triton_importable():
         return None
     from . import fused
@@ -83,7 +92,7 @@ def fusions_on() -> bool:
     """
     if _fusions_failed is not None:
         return False
-    return os.environ.get("LOCALLLM_NATIVE_FUSED", "on").strip().lower() not in ("off", "0", "false", "no")
+    return env_flag("LOCALLLM_NATIVE_FUSED", True)
 
 
 def verify_fusions(config, dtype, device) -> str | None:

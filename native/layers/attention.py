@@ -45,7 +45,6 @@ table; nothing here reads a position the window cannot reach.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 import torch
@@ -321,10 +320,11 @@ def attend_stored(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
 
 def _kernels(q: torch.Tensor):
     """native.kernels when the decode rows should run there, else None (see the module docstring)."""
-    choice = os.environ.get("LOCALLLM_NATIVE_ATTENTION", "auto")
+    from .. import kernels
+
+    choice = kernels.attention_choice()
     if choice == "reference" or (choice != "triton" and not q.is_cuda):
         return None
-    from .. import kernels
 
     return kernels if kernels.triton_importable() else None
 
