@@ -1,6 +1,7 @@
 """The FastAPI application: routes, middleware, error handlers and the model registry's lifetime.
 
-Middleware, outermost first: the Host and Origin checks (browser_guard.py),
+Middleware, outermost first: quiet ends for requests cut by a stop
+(stopping.py), the Host and Origin checks (browser_guard.py),
 CORS (only with --cors-origin), the request counter for /metrics, the API key
 check (only with a key), the body size limit. `create_app` builds everything from ServerSettings and starts nothing;
 uvicorn runs the app's lifespan, which preloads the start-up model and runs the
@@ -28,6 +29,7 @@ from localllm.server.metrics import CONTENT_TYPE, Metrics, RequestCounter
 from localllm.server.registry import ModelRegistry
 from localllm.server.settings import ServerSettings, is_loopback
 from localllm.server.state import ServerState
+from localllm.server.stopping import StoppingMiddleware
 
 
 def create_app(settings: ServerSettings, registry: ModelRegistry | None = None) -> FastAPI:
@@ -77,6 +79,7 @@ def create_app(settings: ServerSettings, registry: ModelRegistry | None = None) 
         allowed_hosts=[*settings.allowed_hosts, settings.host],
         cors_origins=settings.cors_origins,
     )
+    app.add_middleware(StoppingMiddleware, stopping=lambda: registry.stopping)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 

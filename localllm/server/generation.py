@@ -89,6 +89,7 @@ class Run:
                 await asyncio.wait({self._first})  # the generator must be idle before it is closed
             await self._agen.aclose()  # the backend aborts a request whose stream is closed early
         finally:
+            self.lease.registry.generation_ended(self.request.request_id)
             self.lease.release()
 
 
@@ -125,6 +126,9 @@ async def start_run(lease: Lease, request: GenerationRequest, metrics: Metrics) 
         error = first.exception()
         await agen.aclose()
         raise error  # type: ignore[misc]
+    lease.registry.generation_started(request.request_id, lease.backend)
+    if lease.registry.stopping:
+        lease.backend.abort(request.request_id)  # the server is stopping: this reply ends at once
     return Run(lease, request, metrics, agen, first)
 
 

@@ -23,6 +23,19 @@ T = TypeVar("T")
 
 MAX_WORKERS = 8
 _slots = threading.BoundedSemaphore(MAX_WORKERS)
+_count_lock = threading.Lock()
+_preparing = 0  # off_loop jobs running or waiting for a worker, in this process
+
+
+def preparing() -> int:
+    """Jobs of off_loop not yet done (for the localllm_requests_preparing gauge)."""
+    return _preparing
+
+
+def _count(delta: int) -> None:
+    global _preparing
+    with _count_lock:
+        _preparing += delta
 
 
 async def off_loop(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -60,10 +73,13 @@ async def _on_thread(slots: threading.BoundedSemaphore | None, fn: Callable[...,
         finally:
             if slots is not None:
                 slots.release()
+                _count(-1)
         try:
             loop.call_soon_threadsafe(settle, result, error)
         except RuntimeError:
             pass  # the loop has closed: the server stopped meanwhile
 
+    if slots is not None:
+        _count(1)
     threading.Thread(target=work, name="localllm-prepare", daemon=True).start()
     return await future

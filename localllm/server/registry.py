@@ -119,6 +119,8 @@ class ModelRegistry:
         self._models: dict[str, LoadedModel] = {}
         self._loading: dict[str, asyncio.Task] = {}
         self._pending = 0  # admitted requests not yet released
+        self._generating: dict[str, Backend] = {}  # request id -> its backend, while it generates
+        self.stopping = False  # the server is shutting down: generations are aborted, no new ones start
         self._changed = asyncio.Event()
         self._preloaded: ResolvedModel | None = None
         self.preload_state = "none"  # none | loading | ready | failed
@@ -270,6 +272,19 @@ class ModelRegistry:
                 options, backend="remote", remote_url=route.url, remote_api_key=route.api_key(), remote_timeout_s=route.timeout_s
             )
         return open_backend(resolved, options)
+
+    # -- generations ----------------------------------------------------------
+    def generation_started(self, request_id: str, backend: Backend) -> None:
+        self._generating[request_id] = backend
+
+    def generation_ended(self, request_id: str) -> None:
+        self._generating.pop(request_id, None)
+
+    def stop_generating(self) -> None:
+        """On shutdown: abort every generation, so each reply ends now, complete, instead of being cut."""
+        self.stopping = True
+        for request_id, backend in list(self._generating.items()):
+            backend.abort(request_id)
 
     # -- unloading ------------------------------------------------------------
     async def unload(self, name: str) -> None:

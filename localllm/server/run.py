@@ -48,6 +48,11 @@ def bind(settings: ServerSettings) -> Listening:
 def _uvicorn_server(settings: ServerSettings, app):
     import uvicorn
 
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None) -> None:
+            app.state.localllm.registry.stop_generating()  # replies end now, complete, not cut at the grace's end
+            await super().shutdown(sockets)
+
     config = uvicorn.Config(
         app,
         log_level="info" if settings.verbose else "warning",
@@ -55,7 +60,7 @@ def _uvicorn_server(settings: ServerSettings, app):
         server_header=False,
         timeout_graceful_shutdown=GRACE_S,
     )
-    return uvicorn.Server(config)
+    return Server(config)
 
 
 def _exit_by_deadline(server, finished: threading.Event) -> None:
