@@ -340,3 +340,52 @@ def test_sigterm_ends_the_server_within_5_s_under_load(tmp_path, starter_gguf, s
     assert took < 5.0, f"SIGTERM took {took:.1f} s"
     assert "still stopping" not in srv.log_text(), srv.log_text()  # a clean stop, not the backstop
     assert "Traceback" not in srv.log_text(), srv.log_text()
+
+
+# -- keys off the command line ---------------------------------------------------------------------------
+
+
+def serve_cli(home: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    full_env = {k: v for k, v in os.environ.items() if k != "LOCALLLM_API_KEY"} | {"LOCALLLM_HOME": str(home)} | (env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "localllm", "serve", "--port", "0", *args], cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=60
+    )
+
+
+def test_the_key_comes_from_a_file_or_the_environment_and_on_the_command_line_it_warns(tmp_path):
+    key_file = tmp_path / "key"
+    key_file.write_text("  from-a-file \nsecond line ignored\n")
+    for args, env, key in (
+        (("--api-key-file", str(key_file)), None, "from-a-file"),
+        ((), {"LOCALLLM_API_KEY": "from-the-env"}, "from-the-env"),
+        (("--api-key", "on-the-line"), None, "on-the-line"),
+    ):
+        srv = start_server(tmp_path, *args, env=env)
+        try:
+            assert httpx.get(f"{srv.v1}/models").status_code == 401
+            assert httpx.get(f"{srv.v1}/models", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+            warned = [line for line in srv.log_text().splitlines() if "process list" in line]
+        finally:
+            srv.stop()
+        if args[:1] == ("--api-key",):
+            assert warned == [
+                "warning: --api-key is visible to other users of this machine in the process list; "
+                "use --api-key-file PATH or LOCALLLM_API_KEY instead"
+            ]
+        else:
+            assert warned == []
+
+
+def test_an_unusable_key_file_is_one_line(tmp_path):
+    empty = tmp_path / "empty"
+    empty.write_text("\n\n")
+    cases = {
+        str(tmp_path / "missing"): f"error: cannot read --api-key-file {tmp_path / 'missing'}: No such file or directory",
+        str(empty): f"error: --api-key-file {empty} is empty: put the key on its first line",
+        str(tmp_path): f"error: cannot read --api-key-file {tmp_path}: Is a directory",
+    }
+    for path, line in cases.items():
+        result = serve_cli(tmp_path, "--api-key-file", path)
+        assert result.returncode == 1 and result.stderr.strip().splitlines() == [line], result.stderr
+    result = serve_cli(tmp_path, "--api-key-file", str(empty), "--api-key", "k")
+    assert result.returncode == 1 and "not both" in result.stderr
