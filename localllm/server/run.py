@@ -140,8 +140,9 @@ class ServerThread:
         return self.url
 
     def stop(self) -> None:
+        """Return once the server has stopped: its port closed, its requests ended, its models unloaded."""
         if self._server is not None:
             self._server.should_exit = True
         if self._thread is not None:
-            self._thread.join(timeout=30)
+            self._thread.join()
         self._server = self._thread = None
