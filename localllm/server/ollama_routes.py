@@ -130,8 +130,8 @@ async def show(body: OllamaModelRequest, request: Request) -> dict[str, Any]:
     name = body.model_name()
     if not name:
         raise APIError(400, "'model' is required", param="model")
-    resolved = state.registry.resolve(name)
-    info = resolved.info()
+    resolved = await state.registry.find(name)
+    info = await off_loop(resolved.info)  # a model without cached facts: its GGUF header is read
     template = info.chat_template
     arch = info.architecture
     model_info = {
@@ -369,7 +369,7 @@ def _ns(seconds: float) -> int:
 async def _load_or_unload(state: ServerState, model: str, keep_alive: Any, n_ctx: int | None, kind: str) -> Response:
     """An empty prompt loads a model (or, with keep_alive 0, unloads it), as in Ollama."""
     if keep_alive == 0:
-        resolved = state.registry.resolve(model)  # 404 for unknown names, as for any request
+        resolved = await state.registry.find(model)  # 404 for unknown names, as for any request
         await state.registry.unload(resolved.name)
         reason = "unload"
     else:

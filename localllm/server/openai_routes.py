@@ -49,7 +49,7 @@ async def list_models(request: Request) -> dict[str, Any]:
 @router.get("/v1/models/{model_id:path}")
 async def get_model(model_id: str, request: Request) -> dict[str, Any]:
     state = _state(request)
-    state.registry.resolve(model_id)  # ModelNotFound -> 404
+    await state.registry.find(model_id)  # ModelNotFound -> 404
     return _model_object(state, model_id)
 
 
@@ -307,7 +307,7 @@ async def _completion_stream(run: Run, meta: "_Meta", include_usage: bool) -> As
 async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
     """No backend computes embeddings yet: after the usual checks (404 for an unknown model), a 400 that says so."""
     state = _state(request)
-    resolved = state.registry.resolve(body.model)
+    resolved = await state.registry.find(body.model)
     raise APIError(
         400,
         f"model '{resolved.name}' cannot produce embeddings: no localllm backend computes them yet",

@@ -159,6 +159,10 @@ class ModelRegistry:
                 return False
             raise
 
+    async def find(self, name: str) -> ResolvedModel:
+        """`resolve` on a worker thread: the store reads manifests, and `starter` installs itself on first use."""
+        return await in_thread(self.resolve, name)
+
     def _remote(self, name: str) -> RemoteModel | None:
         """A routed name, or any name when the server fronts one upstream (--backend remote)."""
         route = self.settings.remotes.get(name)
@@ -177,7 +181,7 @@ class ModelRegistry:
     # -- leases ---------------------------------------------------------------
     async def acquire(self, name: str, *, n_ctx: int | None = None) -> Lease:
         """Lease model `name`, loading it if needed. Raises ModelNotFound, QueueFull, load errors."""
-        resolved = self.resolve(name)
+        resolved = await self.find(name)
         limit = self.settings.parallel + self.settings.max_queue
         if self._pending >= limit:
             raise QueueFull(
