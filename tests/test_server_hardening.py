@@ -29,9 +29,10 @@ from server_harness import ROOT, copy_with_string_key, make_store, start_server
 APP = "http://app.example"
 EVIL = "http://evil.example"
 PROXY = "llm.proxy.example"
-# About two million loop steps per render: seconds of pure template work.
+# 800,000 loop steps that read the loop's state: about 1.5 s of pure template work (on a quiet 2-core machine).
 SLOW_TEMPLATE = (
-    "{% for i in range(1500) %}{% for j in range(1500) %}{% endfor %}{% endfor %}"
+    "{% for i in range(800) %}{% for j in range(1000) %}{% if loop.index is divisibleby 7 %}{% set x = j %}{% endif %}"
+    "{% endfor %}{% endfor %}"
     "{% for m in messages %}<start_of_turn>{{ m.role }}\n{{ m.content }}<end_of_turn>\n{% endfor %}<start_of_turn>model\n"
 )
 BIG_BODY = "24MiB"
@@ -115,14 +116,14 @@ def test_a_foreign_host_is_403_in_each_shape_and_pulls_nothing(server, hub_probe
 
 def test_refused_pull_never_reaches_the_hub(server, hub_probe):
     before = hub_probe.connections
-    for headers in ({"Host": "evil.example"}, {"Host": "127.0.0.1.nip.example"}, {"Origin": EVIL}):
+    for headers in ({"Host": "evil.example"}, {"Host": "127.0.0.1.nip.example"}, {"Host": "localhost.evil.example:80"}, {"Origin": EVIL}):
         r = httpx.post(f"{server.url}/api/pull", headers=headers, json={"model": "hf:evil/Model-GGUF:Q4_K_M"})
         assert r.status_code == 403, headers
     assert hub_probe.connections == before
 
 
 def test_loopback_names_and_allowed_hosts_are_served(server):
-    for host in ("localhost", f"localhost:{port(server)}", f"127.0.0.1:{port(server)}", f"[::1]:{port(server)}", "LOCALHOST.", PROXY):
+    for host in ("localhost", f"localhost:{port(server)}", f"127.0.0.1:{port(server)}", f"[::1]:{port(server)}", "LOCALHOST.", PROXY, "127.0.0.2"):
         assert httpx.get(f"{server.url}/api/version", headers={"Host": host}).status_code == 200, host
 
 
@@ -307,29 +308,37 @@ def test_health_and_metrics_answer_within_a_second_while_requests_are_prepared(s
 
 
 def test_sigterm_ends_the_server_within_5_s_under_load(tmp_path, starter_gguf, slow_gguf):
+    """Two streams generating, the slow template being rendered, a huge body arriving: SIGTERM, gone in 5 s."""
     make_store(tmp_path, {"starter": starter_gguf, "slow": slow_gguf})
-    srv = start_server(tmp_path, "starter", "--ctx", "2048", "--threads", "1", "--parallel", "2", "--max-loaded", "2", "--max-body", BIG_BODY)
-    streams: list = []
+    srv = start_server(tmp_path, "slow", "--ctx", "2048", "--threads", "1", "--parallel", "2", "--max-loaded", "2", "--max-body", BIG_BODY)
+    streams: list = []  # every line of both streams
+    finals: list = []  # the last line of each
 
     def stream() -> None:  # a long generation, read as it comes
         body = {"model": "starter", "prompt": "Once upon a time", "options": {"num_predict": 1500}}
+        line = ""
         try:
             with httpx.stream("POST", f"{srv.url}/api/generate", json=body, timeout=120) as r:
                 for line in r.iter_lines():
                     streams.append(line)
-        except httpx.HTTPError:
-            pass
+        except httpx.HTTPError as exc:
+            line = type(exc).__name__
+        finals.append(line)
 
     try:
-        for _ in range(2):
-            threading.Thread(target=stream, daemon=True).start()
-        results: list = []
-        for url, body in huge_requests(srv):
-            send_in_background(url, body, results)
+        readers = [threading.Thread(target=stream, daemon=True) for _ in range(2)]
+        for reader in readers:
+            reader.start()
+        slow_url, slow_body = huge_requests(srv)[0]
+        huge_url, huge_body = huge_requests(srv)[1]
+        slow_result: list = []
+        send_in_background(slow_url, slow_body, slow_result)
         deadline = time.monotonic() + 60
         while not (len(streams) >= 4 and metric(srv, "localllm_requests_preparing") >= 1):
-            assert time.monotonic() < deadline, (len(streams), results)
+            assert time.monotonic() < deadline, (len(streams), slow_result)
             time.sleep(0.05)
+        send_in_background(huge_url, huge_body, [])
+        assert not slow_result, "the slow template finished before the test could stop the server"
         started = time.monotonic()
         srv.process.send_signal(signal.SIGTERM)
         srv.process.wait(timeout=30)
@@ -338,6 +347,9 @@ def test_sigterm_ends_the_server_within_5_s_under_load(tmp_path, starter_gguf, s
         if srv.process.poll() is None:
             srv.process.kill()
     assert took < 5.0, f"SIGTERM took {took:.1f} s"
+    for reader in readers:
+        reader.join(timeout=30)
+    assert len(finals) == 2 and all(json.loads(line)["done"] is True for line in finals), finals  # ended, not cut
     assert "still stopping" not in srv.log_text(), srv.log_text()  # a clean stop, not the backstop
     assert "Traceback" not in srv.log_text(), srv.log_text()
 

@@ -6,8 +6,8 @@ reads the answers. Two checks stop both, before any route runs or any body is
 read:
 
 * **Host.** A server bound to loopback answers only requests addressed to
-  `localhost`, `127.0.0.1`, `[::1]` (any port), its own bind address, or a
-  name given with `--allowed-host`. A rebound page's requests carry the page's
+  `localhost`, `127.0.0.1`, `[::1]` (any port; any loopback address written
+  out), its own bind address, or a name given with `--allowed-host`. A rebound page's requests carry the page's
   own name. A server bound elsewhere (which needs a key) checks only when
   `--allowed-host` names what it may be called.
 * **Origin.** Browsers send `Origin` on every cross-site POST and on CORS
@@ -20,6 +20,8 @@ Refusals are 403 in the route's own error shape.
 """
 
 from __future__ import annotations
+
+import ipaddress
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -38,6 +40,13 @@ def host_name(host_header: str) -> str:
     if name and port.isdigit():
         host = name
     return host.rstrip(".")
+
+
+def is_loopback_address(name: str) -> bool:
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 
 class BrowserGuardMiddleware:
@@ -68,8 +77,12 @@ class BrowserGuardMiddleware:
         await send({"type": "http.response.start", "status": 403, "headers": [(b"content-type", b"application/json")]})
         await send({"type": "http.response.body", "body": error_bytes(scope["path"], error)})
 
+    def _host_allowed(self, name: str) -> bool:
+        # A loopback address written out (127.0.0.2, [0:0::1]) cannot be rebound: only names can.
+        return name in self.allowed_hosts or is_loopback_address(name)
+
     def _refusal(self, host: str, headers: dict[bytes, bytes]) -> str | None:
-        if self.check_host and host and host_name(host) not in self.allowed_hosts:
+        if self.check_host and host and not self._host_allowed(host_name(host)):
             shown = host_name(host)[:100]
             return (
                 f"requests addressed to '{shown}' are refused (a web page may have rebound that name to this "
