@@ -11,8 +11,8 @@ Before validation, two refusals that need only the parsed JSON:
   fail later, in a tokenizer or a reply, as a 500;
 * more messages than prompt_limits.MAX_MESSAGES cannot fit any context.
 
-A body that fails validation is handed back as plain JSON, so FastAPI words
-the error as usual.
+A body that fails validation is refused here too, worded as FastAPI's
+errors are (errors.validation_message).
 """
 
 from __future__ import annotations
@@ -21,12 +21,14 @@ import json
 import re
 from typing import Any, Callable, Coroutine
 
+from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
+from localllm.server.errors import validation_message
 from localllm.server.offloop import off_loop
 from localllm.server.prompt_limits import MAX_MESSAGES
 
@@ -37,12 +39,13 @@ _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 class BodyRefused(HTTPException):
     """A 400 raised while reading the body (FastAPI passes HTTPExceptions through to the handlers)."""
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, param: str | None = None) -> None:
         super().__init__(400, message)
+        self.param = param
 
 
 def parse_body(raw: bytes, model: type[BaseModel] | None) -> Any:
-    """The body as `model` if it validates, else as plain JSON; BodyRefused for bad text or too many messages."""
+    """The body as `model`; BodyRefused for bad text, too many messages or a body `model` refuses."""
     data = json.loads(raw)
     if _SURROGATE_ESCAPE.search(raw):
         where = _lone_surrogate(data, "")
@@ -54,8 +57,10 @@ def parse_body(raw: bytes, model: type[BaseModel] | None) -> Any:
         return data
     try:
         return model.model_validate(data)
-    except ValidationError:
-        return data  # FastAPI validates again and words the error
+    except ValidationError as exc:  # worded here, as FastAPI would, so it is not validated again on the loop
+        errors = [{**error, "loc": ("body", *error["loc"])} for error in exc.errors(include_url=False)]
+        message, param = validation_message(RequestValidationError(errors))
+        raise BodyRefused(message, param) from None
 
 
 def _lone_surrogate(value: Any, path: str) -> str | None:
