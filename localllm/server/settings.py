@@ -64,14 +64,14 @@ class ServerSettings:
         if self.backend == "remote" and not self.remote_url:
             raise BadRequest("--backend remote needs --url, the upstream's OpenAI base URL (e.g. http://host:8000/v1)")
         if self.api_key is not None and not self.api_key.strip():
-            raise BadRequest("--api-key must not be empty")
+            raise BadRequest("the API key must not be empty")
         for name in self.allowed_hosts:
             if not _HOST_NAME.fullmatch(name):
                 raise BadRequest(f"--allowed-host takes a host name without a port or scheme, such as llm.example.com; got {name!r}")
         if not is_loopback(self.host) and self.api_key is None and not self.insecure_no_auth:
             raise BadRequest(
                 f"refusing to serve {self.host} without an API key: anyone who can reach it could use it; "
-                "pass --api-key KEY (or set LOCALLLM_API_KEY), or --insecure-no-auth if you really mean it"
+                "pass --api-key-file PATH (or set LOCALLLM_API_KEY), or --insecure-no-auth if you really mean it"
             )
         return self
 
