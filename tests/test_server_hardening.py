@@ -127,6 +127,25 @@ def test_loopback_names_and_allowed_hosts_are_served(server):
         assert httpx.get(f"{server.url}/api/version", headers={"Host": host}).status_code == 200, host
 
 
+def test_a_server_bound_elsewhere_checks_host_only_when_told(tmp_path):
+    key = {"Authorization": "Bearer k"}
+    for extra, evil_status in (((), 200), (("--allowed-host", PROXY), 403)):
+        srv = start_server(tmp_path, "--host", "0.0.0.0", "--api-key-file", str(write_key(tmp_path)), *extra)
+        try:
+            url = f"http://127.0.0.1:{port(srv)}/api/version"
+            assert httpx.get(url, headers={**key, "Host": "evil.example"}).status_code == evil_status
+            assert httpx.get(url, headers={**key, "Host": PROXY}).status_code == 200
+            assert httpx.get(url, headers={"Host": PROXY}).status_code == 401  # the key is still needed
+        finally:
+            srv.stop()
+
+
+def write_key(folder: Path) -> Path:
+    path = folder / "key"
+    path.write_text("k\n")
+    return path
+
+
 def test_allowed_host_must_be_a_host_name(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "localllm", "serve", "--port", "0", "--allowed-host", "http://x.example:80/"],
