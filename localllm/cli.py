@@ -141,9 +141,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", help="load this model at start-up (others load when a request names them)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=_number(int, "--port", 0, 65535), default=None, help="port (default: 11435; 0 picks a free one)")
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $LOCALLLM_API_KEY)")
+    p.add_argument(
+        "--api-key-file", metavar="PATH", default=None,
+        help="require 'Authorization: Bearer KEY', the key being this file's first line (or set $LOCALLLM_API_KEY)",
+    )
+    p.add_argument("--api-key", default=None, help="the key itself (other local users can read it in the process list: prefer --api-key-file)")
     p.add_argument("--insecure-no-auth", action="store_true", help="serve a non-loopback --host without an API key")
     p.add_argument("--cors-origin", action="append", default=[], help="allow browser pages from this origin (repeatable)")
+    p.add_argument(
+        "--allowed-host", action="append", default=[], metavar="NAME",
+        help="also answer requests addressed to this host name, e.g. a reverse proxy's (repeatable; always: localhost, 127.0.0.1, [::1])",
+    )
     p.add_argument("--keep-alive", default="5m", help="unload a model after this long unused (5m, 1h, 0, -1 for never)")
     p.add_argument("--max-loaded", type=_number(int, "--max-loaded", 1), default=1, help="models in memory at once (default 1)")
     p.add_argument("--parallel", type=_number(int, "--parallel", 1), default=None, help="requests a model runs at once, sharing its context (default 4)")

@@ -373,6 +373,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 # -- the API server ----------------------------------------------------------------
+def _serve_api_key(args: argparse.Namespace, environ) -> str | None:
+    """The key from --api-key-file, $LOCALLLM_API_KEY or (with a warning) --api-key."""
+    from localllm.server.auth import read_key_file
+
+    if args.api_key is not None and args.api_key_file is not None:
+        raise BadRequest("give the key once: --api-key-file or --api-key, not both")
+    if args.api_key_file is not None:
+        return read_key_file(args.api_key_file)
+    if args.api_key is not None:
+        print("warning: --api-key is visible to other users of this machine in the process list; "
+              "use --api-key-file PATH or LOCALLLM_API_KEY instead", file=sys.stderr)
+        return args.api_key
+    return environ.get("LOCALLLM_API_KEY") or None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import os
 
@@ -384,9 +399,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         host=args.host,
         port=DEFAULT_PORT if args.port is None else args.port,
         model=args.model,
-        api_key=args.api_key if args.api_key is not None else os.environ.get("LOCALLLM_API_KEY") or None,
+        api_key=_serve_api_key(args, os.environ),
         insecure_no_auth=args.insecure_no_auth,
         cors_origins=list(args.cors_origin),
+        allowed_hosts=list(args.allowed_host),
         keep_alive_s=parse_duration(args.keep_alive, "--keep-alive"),
         max_loaded=args.max_loaded,
         parallel=DEFAULT_PARALLEL if args.parallel is None else args.parallel,

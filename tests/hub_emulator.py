@@ -345,7 +345,7 @@ class _Handler(BaseHTTPRequestHandler):
         stall = stalls.pop(0) if stalls else None
         rate = faults.throttle_bps.get(name)
         flip_at = entry.size // 2 if name in faults.corrupt else -1
-        sent, pos, began = 0, start, time.monotonic()
+        sent, pos, next_at = 0, start, time.monotonic()
         try:
             while pos < stop:
                 n = min(CHUNK, stop - pos)
@@ -369,9 +369,10 @@ class _Handler(BaseHTTPRequestHandler):
                 sent += n
                 pos += n
                 if rate:
-                    ahead = sent / rate - (time.monotonic() - began)
-                    if ahead > 0:
-                        time.sleep(ahead)
+                    # Paced chunk by chunk: after a stall (a reader starved of CPU, a blocked write) the
+                    # rest never arrives in one burst to catch up with the average rate.
+                    next_at = max(next_at, time.monotonic()) + n / rate
+                    time.sleep(max(0.0, next_at - time.monotonic()))
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
 

@@ -64,11 +64,14 @@ class Server:
         return self.log.read_text(errors="replace")
 
 
-def start_server(home: Path, *args: str, wait_healthy: bool = True, timeout_s: float = 90.0) -> Server:
-    """`localllm serve ARGS --port 0` with LOCALLLM_HOME=home; returns once /health answers 200."""
+def start_server(
+    home: Path, *args: str, wait_healthy: bool = True, timeout_s: float = 90.0, env: dict[str, str] | None = None
+) -> Server:
+    """`localllm serve ARGS --port 0` with LOCALLLM_HOME=home (and `env` on top); returns once /health answers 200."""
     log = home / f"serve-{time.monotonic_ns()}.log"
-    env = {**os.environ, "LOCALLLM_HOME": str(home)}
-    env.pop("LOCALLLM_API_KEY", None)
+    base = {**os.environ, "LOCALLLM_HOME": str(home)}
+    base.pop("LOCALLLM_API_KEY", None)
+    env = {**base, **(env or {})}
     with open(log, "wb") as sink:
         process = subprocess.Popen(
             [sys.executable, "-m", "localllm", "serve", *args, "--port", "0"],

@@ -12,6 +12,7 @@ from localllm.backends.llamacpp import LlamaCppBackend, LlamaCppOptions
 from localllm.errors import BadRequest, TemplateError
 from localllm.modelinfo import read_model_info
 from greedy_check import assert_same_or_near_tie, greedy_ids
+from waiting import until
 
 FRANCE = "The capital of France is"
 FRANCE_IDS = [2, 818, 5279, 529, 7001, 563]
@@ -222,7 +223,7 @@ def test_abort_during_a_long_prompt_lands_quickly(starter_gguf):
     async def go():
         agen = engine.generate(GenerationRequest("long", long_prompt, greedy(max_tokens=4)))
         task = asyncio.ensure_future(agen.__anext__())
-        await asyncio.sleep(0.3)  # the engine is inside the prompt now
+        await until(lambda: engine.stats().running == 1, what="the long prompt being admitted")  # its prompt runs now
         asked = time.perf_counter()
         engine.abort("long")
         event = await task

@@ -18,6 +18,7 @@ from greedy_check import assert_same_or_near_tie, greedy_ids
 from localllm.backends.base import FinishEvent, GenerationRequest, SamplingParams, TokenEvent
 from localllm.backends.llamacpp import LlamaCppBackend, LlamaCppOptions
 from localllm.modelinfo import read_model_info
+from waiting import until
 
 FRANCE = "The capital of France is"
 THREADS = 1  # the CPU is shared with other test processes; two spinning threads suffer most
@@ -48,12 +49,16 @@ class Outcome:
         return "".join(e.text for e in self.events)
 
 
-async def stream(backend, rid: str, prompt, params: SamplingParams, *, templated: bool = False) -> Outcome:
+async def stream(
+    backend, rid: str, prompt, params: SamplingParams, *, templated: bool = False, started: asyncio.Event | None = None
+) -> Outcome:
     out = Outcome()
     async for event in backend.generate(GenerationRequest(rid, prompt, params, templated=templated)):
         if isinstance(event, TokenEvent):
             if event.token_ids and not out.first_at:
                 out.first_at = time.perf_counter()
+                if started is not None:
+                    started.set()  # the prompt is in the cache now
             out.events.append(event)
         else:
             out.finish = event
@@ -178,11 +183,8 @@ def test_a_cancelled_request_frees_its_slot_at_once(starter_gguf):
         first = await holder.__anext__()  # it is generating
         assert isinstance(first, TokenEvent)
         waiter = asyncio.ensure_future(stream(engine, "waiter", "Once upon a time", greedy(max_tokens=4)))
-        for _ in range(100):
-            if engine.stats().waiting == 1:
-                break
-            await asyncio.sleep(0.01)
-        assert engine.stats().waiting == 1 and engine.stats().running == 1
+        await until(lambda: engine.stats().waiting == 1, what="the second request waiting")
+        assert engine.stats().running == 1
         cancelled_at = time.perf_counter()
         await holder.aclose()  # the client went away: the request is aborted
         out = await waiter
@@ -207,9 +209,7 @@ def test_a_request_arriving_during_a_long_prompt_streams_before_that_prompt_fini
 
     async def scenario():
         big = asyncio.ensure_future(stream(engine, "big", long_prompt, greedy(max_tokens=2)))
-        while engine.stats().running == 0:
-            await asyncio.sleep(0.01)
-        await asyncio.sleep(0.2)  # the long prompt is being processed now
+        await until(lambda: engine.stats().running == 1, what="the long prompt being admitted")  # it is processed from now on
         small = await stream(engine, "small", "Once upon a time", greedy(max_tokens=8))
         return await big, small
 
@@ -228,10 +228,9 @@ def test_a_prefix_reuse_hit_shows_in_stats_and_gives_the_cold_greedy_output(engi
     before = engine.stats()
 
     async def scenario():
-        first = asyncio.ensure_future(stream(engine, "first", first_prompt, greedy(max_tokens=40)))
-        while not engine.stats().running:
-            await asyncio.sleep(0.01)
-        await asyncio.sleep(0.3)
+        started = asyncio.Event()
+        first = asyncio.ensure_future(stream(engine, "first", first_prompt, greedy(max_tokens=40), started=started))
+        await asyncio.wait_for(started.wait(), 120)  # its prompt is cached and it is still generating
         second = await stream(engine, "second", second_prompt, greedy(max_tokens=16))
         return await first, second
 

@@ -24,6 +24,7 @@ from localllm.backends.llamacpp_speculative import SpeculationConfig, SpecRecord
 from localllm.errors import BadRequest
 from localllm.modelinfo import read_model_info
 from test_llamacpp_batching import THREADS, greedy, run, stream
+from waiting import until
 
 PARAGRAPH = (
     "The lighthouse at the end of the harbour was built in 1871 from granite quarried on the island. "
@@ -129,11 +130,8 @@ def test_speculative_cancel_while_guessing_frees_the_slot(ngram):
             tokens += len(getattr(event, "token_ids", []))
             if tokens >= 10:
                 break  # leaving the stream aborts the request
-        for _ in range(200):
-            if ngram.stats().running == 0:
-                return True
-            await asyncio.sleep(0.01)
-        return False
+        await until(lambda: ngram.stats().running == 0, what="the cancelled request leaving its slot")
+        return True
 
     assert asyncio.run(scenario())
     after = run(ngram, "after-cancel", COPY, greedy(max_tokens=20))

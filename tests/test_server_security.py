@@ -150,7 +150,7 @@ def test_cors_only_for_the_named_origin(server):
     r = httpx.options(f"{server.url}/v1/chat/completions", headers=preflight)
     assert r.status_code == 200 and r.headers["access-control-allow-origin"] == ORIGIN
     r = httpx.options(f"{server.url}/v1/chat/completions", headers={**preflight, "Origin": "http://evil.example"})
-    assert r.status_code == 400 and "access-control-allow-origin" not in r.headers
+    assert r.status_code == 403 and "access-control-allow-origin" not in r.headers  # refused before CORS
     r = httpx.get(f"{server.url}/v1/models", headers={**AUTH, "Origin": ORIGIN})
     assert r.headers["access-control-allow-origin"] == ORIGIN
 

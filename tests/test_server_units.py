@@ -17,6 +17,7 @@ from localllm.server.settings import ServerSettings, is_loopback, parse_duration
 from localllm.server.tools import HERMES, LLAMA3, MISTRAL, plan_tools, template_tool_format
 
 from server_harness import make_store
+from waiting import until
 
 TOOL = {
     "type": "function",
@@ -179,8 +180,8 @@ def test_registry_waits_for_a_busy_model_before_evicting_it(tmp_path, starter_gg
     async def scenario():
         first = await registry.acquire("starter")
         waiting = asyncio.ensure_future(registry.acquire("other"))
-        await asyncio.sleep(0.3)
-        assert not waiting.done()  # starter is busy, so it cannot be evicted yet
+        await until(lambda: registry._pending == 2, what="the second request being admitted")
+        assert not waiting.done()  # admitted, but starter is busy, so it cannot be evicted yet
         with pytest.raises(QueueFull):
             await registry.acquire("starter")  # one running + one queued is the limit
         first.release()

@@ -57,7 +57,7 @@ def test_escape_stops_a_reply_and_keeps_the_partial_text(tmp_path):
             await wait_until(pilot, lambda: app.session.current is not None)
             await send(pilot, "go")
             await wait_until(pilot, lambda: len(views(app)) == 2 and views(app)[1].message.content == "" and app.screen.request_id)
-            await pilot.pause(0.35)
+            await wait_until(pilot, lambda: factory.opened[0].tokens_sent > 0)  # the reply is streaming
             await pilot.press("escape")
             await wait_until(pilot, lambda: app.screen.request_id is None)
             reply = views(app)[1]
@@ -76,7 +76,7 @@ def test_typing_works_while_a_reply_streams(tmp_path):
         async with app.run_test(size=SIZE) as pilot:
             await wait_until(pilot, lambda: app.session.current is not None)
             await send(pilot, "first")
-            await pilot.pause(0.1)
+            await wait_until(pilot, lambda: app.screen.request_id is not None)
             for ch in "next":
                 await pilot.press(ch)
             assert app.screen.request_id is not None, "still streaming"
@@ -161,8 +161,7 @@ def test_search_rename_and_delete_conversations(tmp_path):
             assert app.conversations.get(app.screen.conversation.id).title == "yellow"
             await pilot.press("f8")
             await pilot.press("y")
-            await pilot.pause(0.1)
-            assert [c.title for c in app.conversations.list()] == ["apples"]
+            await wait_until(pilot, lambda: [c.title for c in app.conversations.list()] == ["apples"])
 
     asyncio.run(run())
 
@@ -187,7 +186,7 @@ def test_ctrl_q_quits_quickly_mid_reply(tmp_path):
         async with app.run_test(size=SIZE) as pilot:
             await wait_until(pilot, lambda: app.session.current is not None)
             await send(pilot, "long")
-            await pilot.pause(0.3)
+            await wait_until(pilot, lambda: factory.opened[0].tokens_sent > 0)  # mid reply
             loop = asyncio.get_running_loop()
             started = loop.time()
             await pilot.press("ctrl+q")

@@ -32,8 +32,9 @@ async def select_row(pilot, name: str) -> None:
     screen = pilot.app.screen
     assert isinstance(screen, ModelsScreen)
     index = [r.name for r in screen.rows].index(name)
-    screen.query_one("DataTable").move_cursor(row=index)
-    await pilot.pause(0.05)
+    table = screen.query_one("DataTable")
+    table.move_cursor(row=index)
+    await wait_until(pilot, lambda: table.cursor_row == index)
 
 
 def test_enter_on_an_installed_model_switches_the_chat(home):
@@ -73,7 +74,8 @@ def test_delete_asks_first_then_removes_the_model(home):
 def test_models_screen_snapshot(snap_compare, home):
     async def models(pilot):
         await pilot.press("f3")
-        await pilot.pause(0.2)
+        await wait_until(pilot, lambda: isinstance(pilot.app.screen, ModelsScreen) and pilot.app.screen.rows)
+        await pilot.pause()
 
     app = LocalLLMApp("starter", factory=FakeFactory(), home=home, hardware_probe=FixedHardwareProbe())
     assert snap_compare(app, terminal_size=SIZE, run_before=models)

@@ -32,13 +32,14 @@ def test_start_and_stop_the_api_server_from_the_app(tmp_path, monkeypatch):
                 allowed = await client.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {key}"})
                 assert allowed.status_code == 200
             await pilot.click("#toggle")
-            await pilot.pause(1.0)
+            status = panel.query_one("#server-status")
+            await wait_until(pilot, lambda: str(status.render()) == "stopped", timeout=30.0)
             async with httpx.AsyncClient() as client:
                 try:
                     await client.get(f"{url}/health", timeout=2)
-                    stopped = False
-                except httpx.HTTPError:
-                    stopped = True
-            assert stopped, "the server still answers after Stop"
+                    refused = False
+                except httpx.ConnectError:
+                    refused = True
+            assert refused, "the port still accepts connections once the panel says stopped"
 
     asyncio.run(run())

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from localllm.tui.app import LocalLLMApp
-from tui_fakes import FakeFactory, FixedHardwareProbe
+from tui_fakes import FakeFactory, FixedHardwareProbe, wait_until
 
 SIZE = (100, 30)
 
@@ -26,7 +26,8 @@ async def _loaded(pilot) -> None:
 async def _steady(pilot) -> None:
     """No focus, so no blinking cursor: otherwise every picture is a coin toss."""
     pilot.app.screen.set_focus(None)
-    await pilot.pause(0.1)
+    await wait_until(pilot, lambda: pilot.app.screen.focused is None)
+    await pilot.pause()  # the messages the change queued are handled
 
 
 def test_chat_screen_with_a_reply(snap_compare, tmp_path):
@@ -46,7 +47,8 @@ def test_hardware_screen(snap_compare, tmp_path):
     async def hardware(pilot):
         await _loaded(pilot)
         await pilot.press("f4")
-        await pilot.pause(0.2)
+        await wait_until(pilot, lambda: "Example CPU" in str(pilot.app.screen.query_one("#cpu-facts").render()))
+        await pilot.pause()
 
     assert snap_compare(make_app(tmp_path), terminal_size=SIZE, run_before=hardware)
 

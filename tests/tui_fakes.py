@@ -23,6 +23,7 @@ class FakeBackend:
     name: str = "fake"
     info: object = None
     prompts: list[str] = field(default_factory=list)
+    tokens_sent: int = 0  # across all requests: lets a test wait until a reply is streaming
     _aborted: set[str] = field(default_factory=set)
     closed: bool = False
 
@@ -49,6 +50,7 @@ class FakeBackend:
                 break
             await asyncio.sleep(self.delay_s)
             sent += 1
+            self.tokens_sent += 1
             yield TokenEvent(req.request_id, piece, [sent])
         timings = Timings(ttft_s=0.125, decode_s=max(sent - 1, 0) / 50, total_s=0.2)
         yield FinishEvent(req.request_id, reason, Usage(len(self.tokenize(req.prompt)), sent), timings)

@@ -79,6 +79,9 @@ class GenerationRequest:
     # The chat the prompt was rendered from. Local engines run the prompt; the remote backend
     # sends these messages instead, so the upstream applies its own chat template.
     messages: list[dict] | None = None
+    # True once a backend's `prepare` checked it and made `prompt` token ids (on a worker thread,
+    # off the server's event loop): `generate` then skips that work.
+    prepared: bool = False
 
 
 @dataclass

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import AsyncIterator
 
 from localllm.backends.base import EngineStats, Event, FinishEvent, GenerationRequest
@@ -63,6 +63,8 @@ class LlamaCppBackend:
         self._ready = threading.Event()
         self._load_error: BaseException | None = None
         self._closed = False
+        self._preparing = threading.Condition()
+        self._prepares = 0  # prepare calls running on other threads
         self._engine = LlamaCppEngine(
             EngineConfig(
                 model_path=str(info.path),
@@ -118,11 +120,27 @@ class LlamaCppBackend:
             tokens.insert(0, bos)  # the template did not write the BOS the model expects
         return tokens
 
-    async def generate(self, req: GenerationRequest) -> AsyncIterator[Event]:
-        if self._closed:
-            raise BackendError(f"model '{self.model_name}' is closed")
+    def prepare(self, req: GenerationRequest) -> GenerationRequest:
+        """Check `req` and tokenize it, on any thread (the server calls this off its event loop).
+
+        The vocabulary is read-only; `close` waits for running prepares before
+        the engine frees the model.
+        """
+        with self._preparing:
+            if self._closed:
+                raise BackendError(f"model '{self.model_name}' is closed")
+            self._prepares += 1
+        try:
+            tokens = self._checked_tokens(req)
+        finally:
+            with self._preparing:
+                self._prepares -= 1
+                self._preparing.notify_all()
+        return replace(req, prompt=tokens, prepared=True)
+
+    def _checked_tokens(self, req: GenerationRequest) -> list[int]:
         params = req.params.validate()
-        if params.grammar is not None:
+        if params.grammar is not None and not req.prepared:
             check_grammar(self._engine.lc, self._model.vocab, params.grammar, params.grammar_triggers)
         tokens = self.prompt_tokens(req)
         if not tokens:
@@ -132,6 +150,13 @@ class LlamaCppBackend:
                 f"the prompt has {len(tokens)} tokens but the context holds {self.n_ctx}; "
                 f"shorten it or raise the context size (--ctx)"
             )
+        return tokens
+
+    async def generate(self, req: GenerationRequest) -> AsyncIterator[Event]:
+        if self._closed:
+            raise BackendError(f"model '{self.model_name}' is closed")
+        params = req.params
+        tokens = self._checked_tokens(req)
         limit = self.n_ctx - len(tokens)
         if params.max_tokens is not None:
             limit = min(limit, params.max_tokens)
@@ -166,6 +191,8 @@ class LlamaCppBackend:
         if self._closed:
             return
         self._closed = True
+        with self._preparing:  # a prepare still reading the vocabulary finishes first
+            self._preparing.wait_for(lambda: self._prepares == 0)
         control = self._control
         with control.lock:  # stop what is running rather than wait for it
             control.aborted |= control.active

@@ -26,7 +26,7 @@ import asyncio
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, AsyncIterator
 
@@ -130,9 +130,13 @@ class NativeBackend:
             tokens.insert(0, bos)  # the template did not write the BOS the model expects
         return tokens
 
-    async def generate(self, req: GenerationRequest) -> AsyncIterator[Event]:
+    def prepare(self, req: GenerationRequest) -> GenerationRequest:
+        """Check `req` and tokenize it, on any thread (the server calls this off its event loop)."""
         if self._closed:
             raise BackendError(f"model '{self.model_name}' is closed")
+        return replace(req, prompt=self._checked_tokens(req), prepared=True)
+
+    def _checked_tokens(self, req: GenerationRequest) -> list[int]:
         req.params.validate()
         if req.params.grammar is not None:
             raise BadRequest("grammars are not supported by the native backend yet; use --backend llamacpp")
@@ -144,6 +148,12 @@ class NativeBackend:
                 f"the prompt has {len(tokens)} tokens but the context holds {self.n_ctx}; "
                 f"shorten it or raise the context size (--ctx)"
             )
+        return tokens
+
+    async def generate(self, req: GenerationRequest) -> AsyncIterator[Event]:
+        if self._closed:
+            raise BackendError(f"model '{self.model_name}' is closed")
+        tokens = self._checked_tokens(req)
         loop = asyncio.get_running_loop()
         job = _Job(req, tokens, loop, asyncio.Queue())
         with self._lock:

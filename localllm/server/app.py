@@ -1,8 +1,9 @@
 """The FastAPI application: routes, middleware, error handlers and the model registry's lifetime.
 
-Middleware, outermost first: CORS (only with --cors-origin), the request
-counter for /metrics, the API key check (only with --api-key), the body size
-limit. `create_app` builds everything from ServerSettings and starts nothing;
+Middleware, outermost first: quiet ends for requests cut by a stop
+(stopping.py), the Host and Origin checks (browser_guard.py),
+CORS (only with --cors-origin), the request counter for /metrics, the API key
+check (only with a key), the body size limit. `create_app` builds everything from ServerSettings and starts nothing;
 uvicorn runs the app's lifespan, which preloads the start-up model and runs the
 keep-alive reaper, and unloads every model on shutdown.
 """
@@ -21,12 +22,14 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from localllm import __version__
 from localllm.server import ollama_routes, openai_routes
 from localllm.server.auth import APIKeyMiddleware
+from localllm.server.browser_guard import BrowserGuardMiddleware
 from localllm.server.errors import install_error_handlers
 from localllm.server.limits import BodyLimitMiddleware
 from localllm.server.metrics import CONTENT_TYPE, Metrics, RequestCounter
 from localllm.server.registry import ModelRegistry
-from localllm.server.settings import ServerSettings
+from localllm.server.settings import ServerSettings, is_loopback
 from localllm.server.state import ServerState
+from localllm.server.stopping import StoppingMiddleware
 
 
 def create_app(settings: ServerSettings, registry: ModelRegistry | None = None) -> FastAPI:
@@ -70,6 +73,13 @@ def create_app(settings: ServerSettings, registry: ModelRegistry | None = None) 
             allow_methods=["GET", "POST", "HEAD", "OPTIONS"],
             allow_headers=["*"],  # SDKs add their own headers (x-stainless-*, ...)
         )
+    app.add_middleware(  # outermost: a refused page costs no work at all
+        BrowserGuardMiddleware,
+        check_host=is_loopback(settings.host) or bool(settings.allowed_hosts),
+        allowed_hosts=[*settings.allowed_hosts, settings.host],
+        cors_origins=settings.cors_origins,
+    )
+    app.add_middleware(StoppingMiddleware, stopping=lambda: registry.stopping)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 

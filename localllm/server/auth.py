@@ -12,9 +12,28 @@ import hmac
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from localllm.errors import BadRequest
 from localllm.server.errors import APIError, error_bytes
 
 OPEN_PATHS = frozenset({"/health", "/"})
+
+
+MAX_KEY_FILE_LINE = 4096
+
+
+def read_key_file(path: str) -> str:
+    """The key on a file's first line (stripped): a key kept off the command line, where
+    every local user could read it in the process list."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            key = f.readline(MAX_KEY_FILE_LINE).strip()
+    except OSError as exc:
+        raise BadRequest(f"cannot read --api-key-file {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise BadRequest(f"--api-key-file {path} is not UTF-8 text") from None
+    if not key:
+        raise BadRequest(f"--api-key-file {path} is empty: put the key on its first line")
+    return key
 
 
 def _digest(key: str | bytes) -> bytes:

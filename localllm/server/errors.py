@@ -114,7 +114,7 @@ def from_localllm_error(exc: LocalLLMError) -> APIError:
     return APIError(500, message)  # BackendError and anything new: the server's side failed
 
 
-def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     """One line for the first problem pydantic found, and the parameter it concerns."""
     errors = exc.errors()
     if not errors:
@@ -147,7 +147,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        message, param = _validation_message(exc)
+        message, param = validation_message(exc)
         return error_response(request.url.path, APIError(400, message, param=param))
 
     @app.exception_handler(StarletteHTTPException)
@@ -157,7 +157,8 @@ def install_error_handlers(app: FastAPI) -> None:
             detail = f"no route {request.method} {request.url.path}"
         elif exc.status_code == 405:
             detail = f"method {request.method} is not allowed on {request.url.path}"
-        return error_response(request.url.path, APIError(exc.status_code, detail, headers=dict(exc.headers or {})))
+        param = getattr(exc, "param", None)  # json_bodies.BodyRefused names the field
+        return error_response(request.url.path, APIError(exc.status_code, detail, param=param, headers=dict(exc.headers or {})))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -1,6 +1,7 @@
 """One generation in flight, shared by the OpenAI and Ollama routes.
 
-`start_run` hands the request to the model's backend and returns a Run whose
+`prepared` has the backend check and tokenize a request (the routes run it
+off the event loop, see offloop.py); `start_run` hands the request to the model's backend and returns a Run whose
 `events()` the route turns into its own response shape. Three promises:
 
 * Errors the backend finds before it queues the request (invalid values, a
@@ -21,7 +22,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Awaitable, Callable, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
@@ -88,7 +89,18 @@ class Run:
                 await asyncio.wait({self._first})  # the generator must be idle before it is closed
             await self._agen.aclose()  # the backend aborts a request whose stream is closed early
         finally:
+            self.lease.registry.generation_ended(self.request.request_id)
             self.lease.release()
+
+
+def prepared(backend: Any, request: GenerationRequest) -> GenerationRequest:
+    """`request` checked and tokenized by its backend, for backends that can (call it off the loop).
+
+    Backends without `prepare` (the remote one: its upstream tokenizes) check
+    the request in `generate`, as before.
+    """
+    prepare = getattr(backend, "prepare", None)
+    return prepare(request) if prepare is not None else request
 
 
 async def start_run(lease: Lease, request: GenerationRequest, metrics: Metrics) -> Run:
@@ -114,6 +126,9 @@ async def start_run(lease: Lease, request: GenerationRequest, metrics: Metrics) 
         error = first.exception()
         await agen.aclose()
         raise error  # type: ignore[misc]
+    lease.registry.generation_started(request.request_id, lease.backend)
+    if lease.registry.stopping:
+        lease.backend.abort(request.request_id)  # the server is stopping: this reply ends at once
     return Run(lease, request, metrics, agen, first)
 
 

@@ -18,6 +18,7 @@ from prometheus_client.core import CounterMetricFamily
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from localllm.backends.base import EngineStats
+from localllm.server import offloop
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -55,6 +56,12 @@ class Metrics:
             "Share of the KV cache in use (the fullest loaded model).",
             registry=r,
         )
+        preparing = Gauge(
+            "localllm_requests_preparing",
+            "Requests being parsed, templated or tokenized on worker threads (this process).",
+            registry=r,
+        )
+        preparing.set_function(lambda: offloop.preparing())
         slots = Gauge("localllm_slots", "Requests the loaded engines can run at once (llama.cpp slots).", registry=r)
         running.set_function(lambda: sum(s.running for s in engine_stats()))
         waiting.set_function(lambda: sum(s.waiting for s in engine_stats()))

@@ -30,11 +30,15 @@ from localllm.server.generation import (
     collect,
     guarded,
     new_id,
+    prepared,
     start_run,
     until_disconnected,
 )
+from localllm.server.json_bodies import OffLoopBodyRoute
 from localllm.server.json_grammar import json_object_grammar, schema_grammar
-from localllm.server.registry import _KEEP, Lease, LoadedModel
+from localllm.server.offloop import in_thread, off_loop
+from localllm.server.prompt_limits import check_message_count, check_prompt_chars, text_chars
+from localllm.server.registry import _KEEP, Lease, LoadedModel, check_model_name
 from localllm.server.schemas import (
     JsonFormat,
     OllamaChatRequest,
@@ -47,7 +51,7 @@ from localllm.server.state import ServerState
 from localllm.server.tools import ToolPlan, plan_tools
 from localllm.units import human_count
 
-router = APIRouter()
+router = APIRouter(route_class=OffLoopBodyRoute)
 
 NDJSON = "application/x-ndjson"
 # Options that change nothing at these values; any other value, or any other option, is refused.
@@ -126,8 +130,8 @@ async def show(body: OllamaModelRequest, request: Request) -> dict[str, Any]:
     name = body.model_name()
     if not name:
         raise APIError(400, "'model' is required", param="model")
-    resolved = state.registry.resolve(name)
-    info = resolved.info()
+    resolved = await state.registry.find(name)
+    info = await off_loop(resolved.info)  # a model without cached facts: its GGUF header is read
     template = info.chat_template
     arch = info.architecture
     model_info = {
@@ -210,24 +214,29 @@ async def generate(body: OllamaGenerateRequest, request: Request) -> Response:
     try:
         if keep_alive is not _KEEP:
             lease.keep_alive_s = keep_alive
-        backend = lease.backend
-        messages = None
-        if body.raw:
-            prompt, templated = body.prompt, False
-        else:
-            messages = ([{"role": "system", "content": body.system}] if body.system else []) + [
-                {"role": "user", "content": body.prompt}
-            ]
-            prompt, templated = backend.render_chat(messages), True
-        _format(params, body.format, None)
+        check_prompt_chars(text_chars([body.prompt, body.system]), lease.model.n_ctx, "prompt")
         _logprobs(params, body.logprobs, body.top_logprobs)
-        generation = GenerationRequest(new_id(), prompt, params, templated=templated, messages=messages)
+        generation = await off_loop(_prepare_generate, body, params, lease.backend)
         run = await start_run(lease, generation, state.metrics)
     except BaseException:
         lease.release()
         raise
     reply = _Reply(lease, run, None, started, body.model, bool(body.logprobs))
     return await _respond(reply, request, body.stream is not False, "response")
+
+
+def _prepare_generate(body: OllamaGenerateRequest, params: SamplingParams, backend: Any) -> GenerationRequest:
+    """Template, grammar and tokens for /api/generate: model work, run off the event loop."""
+    messages = None
+    if body.raw:
+        prompt, templated = body.prompt, False
+    else:
+        messages = ([{"role": "system", "content": body.system}] if body.system else []) + [
+            {"role": "user", "content": body.prompt}
+        ]
+        prompt, templated = backend.render_chat(messages), True
+    _format(params, body.format, None)
+    return prepared(backend, GenerationRequest(new_id(), prompt, params, templated=templated, messages=messages))
 
 
 @router.post("/api/chat")
@@ -247,26 +256,33 @@ async def chat(body: OllamaChatRequest, request: Request) -> Response:
     try:
         if keep_alive is not _KEEP:
             lease.keep_alive_s = keep_alive
-        backend = lease.backend
-        tools = plan_tools(
-            [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None,
-            "auto",
-            parallel=True,
-            template=backend.info.chat_template,
-        )
-        messages = [_chat_message(m) for m in body.messages]
-        if tools is not None:
-            messages = tools.prepare_messages(messages)
-        prompt = backend.render_chat(messages, tools=tools.template_tools() if tools else None)
-        _format(params, body.format, tools)
+        check_message_count(len(body.messages), lease.model.n_ctx)
+        check_prompt_chars(text_chars(m.content for m in body.messages), lease.model.n_ctx, "messages")
         _logprobs(params, body.logprobs, body.top_logprobs)
-        generation = GenerationRequest(new_id(), prompt, params, templated=True, messages=messages)
+        generation, tools = await off_loop(_prepare_chat, body, params, lease.backend)
         run = await start_run(lease, generation, state.metrics)
     except BaseException:
         lease.release()
         raise
     reply = _Reply(lease, run, tools, started, body.model, bool(body.logprobs))
     return await _respond(reply, request, body.stream is not False, "message")
+
+
+def _prepare_chat(body: OllamaChatRequest, params: SamplingParams, backend: Any) -> tuple[GenerationRequest, ToolPlan | None]:
+    """Tools, template, grammar and tokens for /api/chat: model work, run off the event loop."""
+    tools = plan_tools(
+        [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None,
+        "auto",
+        parallel=True,
+        template=backend.info.chat_template,
+    )
+    messages = [_chat_message(m) for m in body.messages]
+    if tools is not None:
+        messages = tools.prepare_messages(messages)
+    prompt = backend.render_chat(messages, tools=tools.template_tools() if tools else None)
+    _format(params, body.format, tools)
+    generation = GenerationRequest(new_id(), prompt, params, templated=True, messages=messages)
+    return prepared(backend, generation), tools
 
 
 def _chat_message(message: Any) -> dict[str, Any]:
@@ -353,7 +369,7 @@ def _ns(seconds: float) -> int:
 async def _load_or_unload(state: ServerState, model: str, keep_alive: Any, n_ctx: int | None, kind: str) -> Response:
     """An empty prompt loads a model (or, with keep_alive 0, unloads it), as in Ollama."""
     if keep_alive == 0:
-        resolved = state.registry.resolve(model)  # 404 for unknown names, as for any request
+        resolved = await state.registry.find(model)  # 404 for unknown names, as for any request
         await state.registry.unload(resolved.name)
         reason = "unload"
     else:
@@ -451,6 +467,7 @@ async def pull(body: OllamaModelRequest, request: Request) -> Response:
     ref = body.model_name()
     if not ref:
         raise APIError(400, "'model' is required", param="model")
+    check_model_name(ref)
     from localllm.store.pull import PullProgress, pull as do_pull
 
     loop = asyncio.get_running_loop()
@@ -461,7 +478,7 @@ async def pull(body: OllamaModelRequest, request: Request) -> Response:
         loop.call_soon_threadsafe(updates.put_nowait, update)
 
     job = asyncio.ensure_future(
-        asyncio.to_thread(do_pull, ref.strip(), store=state.registry.store, progress=progress, cancel=cancel)
+        in_thread(do_pull, ref.strip(), store=state.registry.store, progress=progress, cancel=cancel)
     )
     job.add_done_callback(lambda done: done.cancelled() or done.exception())  # never "unretrieved"
     if body.stream is False:

@@ -19,13 +19,16 @@ from starlette.responses import JSONResponse, Response
 from localllm.backends.base import FinishEvent, GenerationRequest, SamplingParams, TokenEvent
 from localllm.errors import BadRequest
 from localllm.server.errors import APIError
-from localllm.server.generation import ClientGone, EventStreamResponse, Run, collect, guarded, new_id, start_run
+from localllm.server.generation import ClientGone, EventStreamResponse, Run, collect, guarded, new_id, prepared, start_run
+from localllm.server.json_bodies import OffLoopBodyRoute
 from localllm.server.json_grammar import json_object_grammar, schema_grammar
+from localllm.server.offloop import off_loop
+from localllm.server.prompt_limits import check_message_count, check_prompt_chars, text_chars
 from localllm.server.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, EmbeddingRequest
 from localllm.server.state import ServerState
 from localllm.server.tools import ToolPlan, plan_tools
 
-router = APIRouter()
+router = APIRouter(route_class=OffLoopBodyRoute)
 
 _REFUSED_CHAT_FIELDS = ("audio", "prediction", "reasoning_effort", "verbosity", "web_search_options", "functions", "function_call")
 
@@ -46,7 +49,7 @@ async def list_models(request: Request) -> dict[str, Any]:
 @router.get("/v1/models/{model_id:path}")
 async def get_model(model_id: str, request: Request) -> dict[str, Any]:
     state = _state(request)
-    state.registry.resolve(model_id)  # ModelNotFound -> 404
+    await state.registry.find(model_id)  # ModelNotFound -> 404
     return _model_object(state, model_id)
 
 
@@ -78,23 +81,11 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
 
     lease = await state.registry.acquire(body.model)
     try:
-        backend = lease.backend
-        plan = plan_tools(
-            [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None,
-            body.tool_choice.model_dump() if hasattr(body.tool_choice, "model_dump") else body.tool_choice,
-            parallel=body.parallel_tool_calls is not False,
-            template=backend.info.chat_template,
-        )
-        messages = [_message_dict(i, m) for i, m in enumerate(body.messages)]
-        if plan is not None:
-            messages = plan.prepare_messages(messages)
-        prompt = backend.render_chat(messages, tools=plan.template_tools() if plan else None)
-        params = _sampling(body, body.max_completion_tokens or body.max_tokens)
-        if body.logprobs:
-            params.logprobs = body.top_logprobs or 0
-        _constrain(params, body, plan)
-        rid = new_id()
-        generation = GenerationRequest(rid, prompt, params, templated=True, messages=messages)
+        n_ctx = lease.model.n_ctx
+        check_message_count(len(body.messages), n_ctx)
+        check_prompt_chars(text_chars(m.content for m in body.messages), n_ctx, "messages")
+        generation, plan = await off_loop(_prepare_chat, body, lease.backend)
+        rid = generation.request_id
         run = await start_run(lease, generation, state.metrics)
     except BaseException:
         lease.release()
@@ -105,6 +96,26 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         body_lines = guarded(_chat_stream(run, meta, plan, include_usage), _sse_error)
         return EventStreamResponse(body_lines, "text/event-stream", run.close)
     return await _chat_reply(run, request, meta, plan, bool(body.logprobs))
+
+
+def _prepare_chat(body: ChatCompletionRequest, backend: Any) -> tuple[GenerationRequest, ToolPlan | None]:
+    """Tools, template, grammar and tokens for a chat request: model work, run off the event loop."""
+    plan = plan_tools(
+        [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None,
+        body.tool_choice.model_dump() if hasattr(body.tool_choice, "model_dump") else body.tool_choice,
+        parallel=body.parallel_tool_calls is not False,
+        template=backend.info.chat_template,
+    )
+    messages = [_message_dict(i, m) for i, m in enumerate(body.messages)]
+    if plan is not None:
+        messages = plan.prepare_messages(messages)
+    prompt = backend.render_chat(messages, tools=plan.template_tools() if plan else None)
+    params = _sampling(body, body.max_completion_tokens or body.max_tokens)
+    if body.logprobs:
+        params.logprobs = body.top_logprobs or 0
+    _constrain(params, body, plan)
+    generation = GenerationRequest(new_id(), prompt, params, templated=True, messages=messages)
+    return prepared(backend, generation), plan
 
 
 def _message_dict(index: int, message: ChatMessage) -> dict[str, Any]:
@@ -226,10 +237,13 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
             bad = next((t for t in prompt if not 0 <= t < vocab), None) if vocab else None
             if bad is not None:
                 raise APIError(400, f"prompt token {bad} is outside the vocabulary (0 to {vocab - 1})", param="prompt")
+        else:
+            check_prompt_chars(len(prompt), lease.model.n_ctx, "prompt")
         params = _sampling(body, 16 if body.max_tokens is None else body.max_tokens)  # null: OpenAI's default
         params.logprobs = body.logprobs
         rid = new_id()
-        run = await start_run(lease, GenerationRequest(rid, prompt, params), state.metrics)
+        generation = await off_loop(prepared, lease.backend, GenerationRequest(rid, prompt, params))
+        run = await start_run(lease, generation, state.metrics)
     except BaseException:
         lease.release()
         raise
@@ -293,7 +307,7 @@ async def _completion_stream(run: Run, meta: "_Meta", include_usage: bool) -> As
 async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
     """No backend computes embeddings yet: after the usual checks (404 for an unknown model), a 400 that says so."""
     state = _state(request)
-    resolved = state.registry.resolve(body.model)
+    resolved = await state.registry.find(body.model)
     raise APIError(
         400,
         f"model '{resolved.name}' cannot produce embeddings: no localllm backend computes them yet",

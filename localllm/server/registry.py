@@ -21,15 +21,19 @@ open the remote backend instead: those models live on the upstream.
 from __future__ import annotations
 
 import asyncio
+import errno
 import time
+import unicodedata
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from typing import Callable
 
 from localllm.backends.base import Backend, EngineStats
-from localllm.errors import ModelNotFound, QueueFull
+from localllm.errors import BadRequest, ModelNotFound, QueueFull
 from localllm.remotes import RemoteModel
+from localllm.server.offloop import in_thread
 from localllm.server.settings import ServerSettings
+from localllm.store.refs import parse_ref
 from localllm.store.store import STARTER_NAME, ModelStore, ResolvedModel
 
 Opener = Callable[[ResolvedModel, "int | None"], Backend]
@@ -40,6 +44,21 @@ def _looks_like_path(name: str) -> bool:
     if name.startswith("hf:"):
         return False
     return name.startswith((".", "~")) or "/" in name or "\\" in name or name.lower().endswith(".gguf")
+
+
+MAX_MODEL_NAME_BYTES = 255
+
+
+def check_model_name(name: str) -> None:
+    """BadRequest (HTTP 400) for names no model can have: too long, control characters, invalid Unicode."""
+    try:
+        size = len(name.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise BadRequest("'model' must be valid Unicode text") from None
+    if size > MAX_MODEL_NAME_BYTES:
+        raise BadRequest(f"'model' is {size} bytes long; model names are at most {MAX_MODEL_NAME_BYTES}")
+    if any(unicodedata.category(c) == "Cc" for c in name):
+        raise BadRequest("'model' must not contain control characters")
 
 
 def canonical_name(name: str) -> str:
@@ -100,6 +119,8 @@ class ModelRegistry:
         self._models: dict[str, LoadedModel] = {}
         self._loading: dict[str, asyncio.Task] = {}
         self._pending = 0  # admitted requests not yet released
+        self._generating: dict[str, Backend] = {}  # request id -> its backend, while it generates
+        self.stopping = False  # the server is shutting down: generations are aborted, no new ones start
         self._changed = asyncio.Event()
         self._preloaded: ResolvedModel | None = None
         self.preload_state = "none"  # none | loading | ready | failed
@@ -107,19 +128,40 @@ class ModelRegistry:
 
     # -- names ----------------------------------------------------------------
     def resolve(self, name: str) -> ResolvedModel:
-        """The model a request names (installed, catalog alias, `starter`), or ModelNotFound."""
+        """The model a request names (installed, catalog alias, `starter`), or ModelNotFound.
+
+        A request's name is a store name, never a path: it is checked as text
+        first (BadRequest), and a name the store does not hold is the same 404
+        whatever files happen to exist where the server runs.
+        """
         name = canonical_name(name)
+        check_model_name(name)
         if self._preloaded is not None and name == self._preloaded.name:
             return self._preloaded
         remote = self._remote(name)
         if remote is not None:
             return remote
+        not_found = ModelNotFound(f"model '{name}' not found: requests name installed models (`localllm ls`), not files")
         if not name or _looks_like_path(name):
-            raise ModelNotFound(f"model '{name}' not found: requests name installed models, not files")
+            raise not_found
+        if name != STARTER_NAME and not self._installed(name) and parse_ref(name) is None:
+            raise not_found  # not installed, and no catalog or hf: name: the store must not look further
         resolved = self.store.resolve(name)
         if resolved.manifest is None and name != STARTER_NAME:
-            raise ModelNotFound(f"model '{name}' not found: requests name installed models, not files")
+            raise not_found
         return resolved
+
+    def _installed(self, name: str) -> bool:
+        try:
+            return self.store.get(name) is not None
+        except OSError as exc:  # a name too long for a file name, ...: not a name the store holds
+            if exc.errno in (errno.ENAMETOOLONG, errno.EINVAL):
+                return False
+            raise
+
+    async def find(self, name: str) -> ResolvedModel:
+        """`resolve` on a worker thread: the store reads manifests, and `starter` installs itself on first use."""
+        return await in_thread(self.resolve, name)
 
     def _remote(self, name: str) -> RemoteModel | None:
         """A routed name, or any name when the server fronts one upstream (--backend remote)."""
@@ -139,7 +181,7 @@ class ModelRegistry:
     # -- leases ---------------------------------------------------------------
     async def acquire(self, name: str, *, n_ctx: int | None = None) -> Lease:
         """Lease model `name`, loading it if needed. Raises ModelNotFound, QueueFull, load errors."""
-        resolved = self.resolve(name)
+        resolved = await self.find(name)
         limit = self.settings.parallel + self.settings.max_queue
         if self._pending >= limit:
             raise QueueFull(
@@ -196,7 +238,7 @@ class ModelRegistry:
     async def _load(self, resolved: ResolvedModel, n_ctx: int | None) -> LoadedModel:
         started = time.monotonic()
         try:
-            backend = await asyncio.to_thread(self._opener, resolved, n_ctx)
+            backend = await in_thread(self._opener, resolved, n_ctx)
             model = LoadedModel(
                 name=resolved.name,
                 resolved=resolved,
@@ -235,6 +277,19 @@ class ModelRegistry:
             )
         return open_backend(resolved, options)
 
+    # -- generations ----------------------------------------------------------
+    def generation_started(self, request_id: str, backend: Backend) -> None:
+        self._generating[request_id] = backend
+
+    def generation_ended(self, request_id: str) -> None:
+        self._generating.pop(request_id, None)
+
+    def stop_generating(self) -> None:
+        """On shutdown: abort every generation, so each reply ends now, complete, instead of being cut."""
+        self.stopping = True
+        for request_id, backend in list(self._generating.items()):
+            backend.abort(request_id)
+
     # -- unloading ------------------------------------------------------------
     async def unload(self, name: str) -> None:
         """Unload `name` now if it is idle, else as soon as its requests end."""
@@ -249,7 +304,7 @@ class ModelRegistry:
     async def _unload(self, model: LoadedModel) -> None:
         if self._models.get(model.name) is model:
             del self._models[model.name]
-            await asyncio.to_thread(model.backend.close)
+            await in_thread(model.backend.close)
             self._notify()
 
     async def reap_idle(self) -> None:

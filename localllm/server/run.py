@@ -6,6 +6,7 @@ is known (port 0 picks a free one) and a busy port is one clear error line.
 
 from __future__ import annotations
 
+import os
 import socket
 import sys
 import threading
@@ -13,6 +14,9 @@ from dataclasses import dataclass
 
 from localllm.errors import BadRequest
 from localllm.server.settings import ServerSettings
+
+GRACE_S = 2  # on stop, requests still running get this long before they are cancelled
+STOP_DEADLINE_S = 4.5  # `serve` is gone this long after SIGTERM or Ctrl+C, whatever was running
 
 
 @dataclass
@@ -44,14 +48,38 @@ def bind(settings: ServerSettings) -> Listening:
 def _uvicorn_server(settings: ServerSettings, app):
     import uvicorn
 
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None) -> None:
+            app.state.localllm.registry.stop_generating()  # replies end now, complete, not cut at the grace's end
+            await super().shutdown(sockets)
+
     config = uvicorn.Config(
         app,
         log_level="info" if settings.verbose else "warning",
         access_log=settings.verbose,
         server_header=False,
-        timeout_graceful_shutdown=5,
+        timeout_graceful_shutdown=GRACE_S,
     )
-    return uvicorn.Server(config)
+    return Server(config)
+
+
+def _exit_by_deadline(server, finished: threading.Event) -> None:
+    """Once a stop is asked for, make sure the process is gone STOP_DEADLINE_S later.
+
+    The event loop is free to act on the signal at once (model work runs on
+    other threads), requests get GRACE_S to finish and models unload; this is
+    the backstop for whatever still holds the process (a model half loaded).
+    """
+
+    def watch() -> None:
+        while not server.should_exit:
+            if finished.wait(0.1):
+                return
+        if not finished.wait(STOP_DEADLINE_S):
+            print(f"localllm: still stopping after {STOP_DEADLINE_S:g} s; exiting now", file=sys.stderr, flush=True)
+            os._exit(1)
+
+    threading.Thread(target=watch, name="stop-deadline", daemon=True).start()
 
 
 def prepare(settings: ServerSettings):
@@ -75,7 +103,13 @@ def serve(settings: ServerSettings) -> None:
               "this address can use it", file=sys.stderr)
     print(f"localllm API on {listening.url}  (OpenAI: {listening.url}/v1  Ollama: {listening.url}/api)",
           file=sys.stderr, flush=True)
-    _uvicorn_server(settings, app).run(sockets=[listening.socket])
+    server = _uvicorn_server(settings, app)
+    finished = threading.Event()
+    _exit_by_deadline(server, finished)
+    try:
+        server.run(sockets=[listening.socket])
+    finally:
+        finished.set()
 
 
 class ServerThread:
@@ -106,8 +140,9 @@ class ServerThread:
         return self.url
 
     def stop(self) -> None:
+        """Return once the server has stopped: its port closed, its requests ended, its models unloaded."""
         if self._server is not None:
             self._server.should_exit = True
         if self._thread is not None:
-            self._thread.join(timeout=30)
+            self._thread.join()
         self._server = self._thread = None

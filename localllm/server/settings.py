@@ -30,6 +30,9 @@ class ServerSettings:
     api_key: str | None = None
     insecure_no_auth: bool = False  # serve a non-loopback address without a key, on purpose
     cors_origins: list[str] = field(default_factory=list)
+    # Host names a request may address besides localhost, 127.0.0.1 and [::1] (a reverse proxy's
+    # name). On loopback every other Host is refused (DNS rebinding); elsewhere only when given.
+    allowed_hosts: list[str] = field(default_factory=list)
     keep_alive_s: float | None = DEFAULT_KEEP_ALIVE_S  # idle time before unloading; None: never
     max_loaded: int = 1  # models in memory at once; the least recently used goes first
     parallel: int = 1  # requests an engine runs at once
@@ -61,13 +64,19 @@ class ServerSettings:
         if self.backend == "remote" and not self.remote_url:
             raise BadRequest("--backend remote needs --url, the upstream's OpenAI base URL (e.g. http://host:8000/v1)")
         if self.api_key is not None and not self.api_key.strip():
-            raise BadRequest("--api-key must not be empty")
+            raise BadRequest("the API key must not be empty")
+        for name in self.allowed_hosts:
+            if not _HOST_NAME.fullmatch(name):
+                raise BadRequest(f"--allowed-host takes a host name without a port or scheme, such as llm.example.com; got {name!r}")
         if not is_loopback(self.host) and self.api_key is None and not self.insecure_no_auth:
             raise BadRequest(
                 f"refusing to serve {self.host} without an API key: anyone who can reach it could use it; "
-                "pass --api-key KEY (or set LOCALLLM_API_KEY), or --insecure-no-auth if you really mean it"
+                "pass --api-key-file PATH (or set LOCALLLM_API_KEY), or --insecure-no-auth if you really mean it"
             )
         return self
+
+
+_HOST_NAME = re.compile(r"[A-Za-z0-9_.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\]")
 
 
 def is_loopback(host: str) -> bool:

@@ -1,7 +1,9 @@
 """The server panel: start and stop the local OpenAI- and Ollama-compatible API from the app.
 
 Starting binds the port and waits for uvicorn on a thread of its own, then
-reports back with `post_message`, so the UI stays responsive.
+reports back with `post_message`, so the UI stays responsive. Stopping does
+the same: "stopped" is shown once uvicorn's thread has ended, that is once its
+port is closed and no request is running.
 """
 
 from __future__ import annotations
@@ -32,6 +34,10 @@ class ServerFailed(Message):
         self.reason = reason
 
 
+class ServerStopped(Message):
+    """The server's thread has ended: its port is closed and no request runs any more."""
+
+
 class ServerScreen(Screen):
     BINDINGS = [Binding("ctrl+o", "toggle_server", "Start/stop server")]
 
@@ -40,6 +46,7 @@ class ServerScreen(Screen):
         self.server = None  # a localllm.server.run.ServerThread while running
         self.api_key: str | None = None
         self.starting = False
+        self.stopping = False
 
     def compose(self) -> ComposeResult:
         from localllm.server.settings import DEFAULT_PORT
@@ -60,7 +67,7 @@ class ServerScreen(Screen):
 
     @on(Button.Pressed, "#toggle")
     def action_toggle_server(self) -> None:
-        if self.starting:
+        if self.starting or self.stopping:
             return
         if self.server is not None:
             self.stop()
@@ -120,12 +127,27 @@ class ServerScreen(Screen):
         self.notify(f"the server did not start: {message.reason}", severity="error", timeout=10)
 
     def stop(self) -> None:
+        """Stop on a thread; the panel says "stopped" only once the port is closed and no request runs."""
         server, self.server = self.server, None
-        if server is not None:
-            threading.Thread(target=server.stop, name="stop-api", daemon=True).start()
+        if server is None:
+            return
+        self.stopping = True
+        self.query_one("#server-status", Static).update("stopping …")
+        self.query_one("#server-usage", Static).update("")
+
+        def run() -> None:
+            try:
+                server.stop()
+            finally:
+                self.post_message(ServerStopped())
+
+        threading.Thread(target=run, name="stop-api", daemon=True).start()
+
+    @on(ServerStopped)
+    def _stopped(self, message: ServerStopped) -> None:
+        self.stopping = False
         self.query_one("#toggle", Button).label = "Start server"
         self.query_one("#server-status", Static).update("stopped")
-        self.query_one("#server-usage", Static).update("")
 
     def shutdown(self) -> None:
         """On quit: stop without waiting long."""
