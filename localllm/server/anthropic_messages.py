@@ -19,6 +19,8 @@ from localllm.server.anthropic_schemas import AnthropicMessage, AnthropicTool, A
 from localllm.server.errors import APIError
 from localllm.server.tools import ToolCall, ToolPlan, plan_tools
 
+MAX_STOP_SEQUENCES = 16  # the engines' limit (SamplingParams.validate)
+
 # Reasoning a client sends back from an earlier reply: not rendered (no template here takes it).
 _REPLAYED_REASONING = ("thinking", "redacted_thinking")
 
@@ -145,6 +147,9 @@ def tool_plan(tools: list[AnthropicTool] | None, choice: AnthropicToolChoice | N
 
 
 def sampling(body: MessagesRequest) -> SamplingParams:
+    stops = body.stop_sequences or []
+    if not all(stops) or len(stops) > MAX_STOP_SEQUENCES:
+        raise APIError(400, f"'stop_sequences' takes at most {MAX_STOP_SEQUENCES} strings, none of them empty", param="stop_sequences")
     params = SamplingParams(max_tokens=body.max_tokens, stop=list(body.stop_sequences or []))
     if body.temperature is not None:
         params.temperature = body.temperature
