@@ -182,12 +182,14 @@ def test_count_tokens_matches_the_prompt_a_message_runs(client):
 # -- errors -----------------------------------------------------------------------------------
 
 
-def test_a_wrong_key_is_an_authentication_error(server):
+def test_keys_as_x_api_key_or_bearer_and_a_wrong_key_is_an_authentication_error(server):
     wrong = anthropic.Anthropic(base_url=server.url, api_key="wrong", max_retries=0)
     with pytest.raises(anthropic.AuthenticationError) as err:
         wrong.messages.create(model=MODEL, max_tokens=4, messages=QUESTION)
     assert err.value.status_code == 401
     assert err.value.body == {"type": "error", "error": {"type": "authentication_error", "message": "invalid API key"}}
+    bearer = anthropic.Anthropic(base_url=server.url, auth_token=KEY, max_retries=0)  # Authorization: Bearer
+    assert bearer.messages.count_tokens(model=MODEL, messages=QUESTION).input_tokens > 0
     r = httpx.post(f"{server.url}/v1/messages/count_tokens", json={"model": MODEL, "messages": QUESTION})
     assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error" and "x-api-key" in r.json()["error"]["message"]
 

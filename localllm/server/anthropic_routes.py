@@ -112,8 +112,8 @@ def _templated(body: CountTokensRequest, backend: Any, n_ctx: int | None) -> tup
 
 
 def _prepare(body: MessagesRequest, backend: Any, n_ctx: int | None) -> tuple[GenerationRequest, ToolPlan | None]:
+    params = shapes.sampling(body)  # cheap refusals before templating
     prompt, messages, plan = _templated(body, backend, n_ctx)
-    params = shapes.sampling(body)
     output_format = body.output_config.format if body.output_config else None
     if plan is not None and plan.choice != "none":
         if output_format is not None:
