@@ -60,9 +60,9 @@ def test_greedy_raw_completion_matches_reference(backend):
 
 
 def test_stop_string_ends_generation_and_never_leaks(backend):
-    text, finish, events = collect(backend, FRANCE, greedy(max_tokens=40, stop=["France"]))
+    text, finish, events = collect(backend, FRANCE, greedy(max_tokens=40, stop=["never", "France"]))
     assert text == " the capital of the country of "
-    assert finish.reason == "stop"
+    assert finish.reason == "stop" and finish.stop_sequence == "France"
     assert all("Fr" not in e.text for e in events)
 
 

@@ -85,8 +85,8 @@ def test_greedy_completion_streams_text_and_ends_with_usage_and_timings(backend)
 
 
 def test_stop_string_ends_generation_and_never_leaks(backend):
-    text, finish, _ = collect(backend, FRANCE, greedy(max_tokens=40, stop=["France."]))
-    assert finish.reason == "stop"
+    text, finish, _ = collect(backend, FRANCE, greedy(max_tokens=40, stop=["never", "France."]))
+    assert finish.reason == "stop" and finish.stop_sequence == "France."
     assert text == " the capital of the country of "
     assert backend.stats().kv_blocks_used == 0
 

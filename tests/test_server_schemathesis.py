@@ -17,7 +17,15 @@ from schemathesis import GenerationMode
 from server_harness import make_store, start_server
 
 MAX_EXAMPLES = 10
-GENERATION_PATHS = {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/api/chat", "/api/generate"}
+GENERATION_PATHS = {
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/v1/messages",
+    "/v1/messages/count_tokens",
+    "/api/chat",
+    "/api/generate",
+}
 SMALL = 4
 
 

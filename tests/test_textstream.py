@@ -51,3 +51,12 @@ def test_nothing_after_stop():
     assert stream.feed(b"axb").text == "a"
     assert stream.feed(b"more").text == ""
     assert stream.flush() == ""
+
+
+def test_the_stop_string_that_ended_the_text_is_named():
+    stream = TextStream(stop=["zz", "STOP", "ST"])
+    assert feed_all(stream, [b"one S", b"TOP two"]) == ("one ", True)
+    assert stream.matched == "STOP"  # both begin at the same place: the first listed that matches there
+    unfinished = TextStream(stop=["END"])
+    assert feed_all(unfinished, [b"no E", b"nd"]) == ("no End", False)
+    assert unfinished.matched is None

@@ -129,6 +129,7 @@ class FinishEvent:
     usage: Usage
     timings: Timings
     error: str | None = None  # a one-line message when reason == "error"
+    stop_sequence: str | None = None  # the stop string that ended the text, when one did (local engines)
 
 
 Event = Union[TokenEvent, FinishEvent]

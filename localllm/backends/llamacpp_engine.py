@@ -610,7 +610,8 @@ class LlamaCppEngine:
                 stats.last_decode_tokens_per_s = job.timings.decode_tokens_per_s(usage.completion_tokens)
             if usage.draft_tokens:
                 stats.last_spec_acceptance_rate = usage.accepted_draft_tokens / usage.draft_tokens
-        self._emit(job, FinishEvent(job.rid, reason, usage, job.timings, error))  # type: ignore[arg-type]
+        matched = job.stream.matched if job.stream is not None else None
+        self._emit(job, FinishEvent(job.rid, reason, usage, job.timings, error, matched))  # type: ignore[arg-type]
 
     def _fail_all(self, message: str) -> None:
         """After an unexpected failure: end every running request with an error and start from a clean cache."""

@@ -364,7 +364,8 @@ class NativeBackend:
             if job.usage.draft_tokens:
                 self._stats.last_spec_acceptance_rate = job.usage.accepted_draft_tokens / job.usage.draft_tokens
         self._publish_stats()  # its blocks are back: stats say so before the client hears it is done
-        self._emit(job, FinishEvent(rid, reason, job.usage, t, error))
+        matched = job.stream.matched if job.stream is not None else None
+        self._emit(job, FinishEvent(rid, reason, job.usage, t, error, matched))
 
     def _publish_stats(self) -> None:
         s = self._engine.stats()

@@ -28,6 +28,7 @@ class TextStream:
     )
     _pending: str = ""  # decoded text held back because it may begin a stop string
     _stopped: bool = False
+    matched: str | None = None  # the stop string that ended the text, once one has
 
     def feed(self, piece: bytes) -> StopScan:
         """Add one token's bytes; return the text that is now safe to show."""
@@ -48,6 +49,7 @@ class TextStream:
         cut = _first_stop(text, self.stop)
         if cut is not None:
             self._stopped = True
+            self.matched = next(s for s in self.stop if text.find(s) == cut)
             self._pending = ""
             return StopScan(text[:cut], True)
         keep = 0 if final else _longest_stop_prefix_suffix(text, self.stop)

@@ -1,7 +1,8 @@
 """API keys: every route but the health check asks for `Authorization: Bearer KEY`.
 
 The OpenAI SDK sends its `api_key` that way; Ollama clients take the same header
-through their `headers=` argument; `X-API-Key: KEY` is accepted too. Keys are
+through their `headers=` argument; `X-API-Key: KEY` (the Anthropic SDK's way)
+is accepted too. Keys are
 compared in constant time (over their SHA-256, so not even the length leaks).
 """
 
@@ -74,7 +75,7 @@ class APIKeyMiddleware:
         if key_matches(presented, self._expected):
             await self.app(scope, receive, send)
             return
-        message = "missing API key: send 'Authorization: Bearer KEY'" if presented is None else "invalid API key"
+        message = "missing API key: send 'Authorization: Bearer KEY' or 'x-api-key: KEY'" if presented is None else "invalid API key"
         error = APIError(401, message, code="invalid_api_key")
         await send(
             {

@@ -1,8 +1,10 @@
 """Every failure as an HTTP error in the caller's own dialect.
 
 OpenAI clients expect `{"error": {"message", "type", "param", "code"}}`;
-Ollama clients expect `{"error": "..."}`. Which one a request gets follows
-from its path: `/api/...` is Ollama's, everything else OpenAI's. Errors are
+Ollama clients expect `{"error": "..."}`; Anthropic clients expect
+`{"type": "error", "error": {"type", "message"}}`. Which one a request gets
+follows from its path: `/api/...` is Ollama's, `/v1/messages...` Anthropic's,
+everything else OpenAI's. Errors are
 values (localllm.errors) until they reach this module; no response ever
 carries a stack trace, and the server log keeps the one of an unexpected error.
 """
@@ -49,6 +51,19 @@ _OPENAI_TYPES = {
     507: "server_error",
 }
 
+# Anthropic's `type` for each status we send.
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+    529: "overloaded_error",
+}
+
 
 @dataclass
 class APIError(Exception):
@@ -68,9 +83,15 @@ def is_ollama_path(path: str) -> bool:
     return path == "/api" or path.startswith("/api/")
 
 
+def is_anthropic_path(path: str) -> bool:
+    return path == "/v1/messages" or path.startswith("/v1/messages/")
+
+
 def error_body(path: str, error: APIError) -> dict[str, Any]:
     if is_ollama_path(path):
         return {"error": error.message}
+    if is_anthropic_path(path):
+        return {"type": "error", "error": {"type": anthropic_error_type(error.status), "message": error.message}}
     return {
         "error": {
             "message": error.message,
@@ -79,6 +100,10 @@ def error_body(path: str, error: APIError) -> dict[str, Any]:
             "code": error.code,
         }
     }
+
+
+def anthropic_error_type(status: int) -> str:
+    return _ANTHROPIC_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
 
 
 def error_response(path: str, error: APIError) -> JSONResponse:
