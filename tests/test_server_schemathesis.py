@@ -17,7 +17,8 @@ from schemathesis import GenerationMode
 from server_harness import make_store, start_server
 
 MAX_EXAMPLES = 10
-GENERATION_PATHS = {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/api/chat", "/api/generate"}
+GENERATION_PATHS = {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/api/chat", "/api/generate", "/api/embed", "/api/embeddings"}
+EMBEDDING_PATHS = {"/v1/embeddings", "/api/embed", "/api/embeddings"}  # nothing generated: no token limit to add
 SMALL = 4
 
 
@@ -42,6 +43,10 @@ def cheap(path: str, body):
         value = body.get(key)
         if isinstance(value, int) and not isinstance(value, bool) and value > SMALL:
             body[key] = SMALL
+    if path in EMBEDDING_PATHS:
+        if isinstance(body.get("options"), dict):
+            body["options"].pop("num_ctx", None)
+        return body
     if path.startswith("/v1/") and body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
         body["max_tokens"] = SMALL  # absent or null: no limit but the context
     if path.startswith("/api/"):
