@@ -117,7 +117,7 @@ class Embedder:
             try:
                 self._open()
             except Exception as exc:
-                self._fail_all(f"could not make an embedding context: {exc}")
+                self.fail_all(f"could not make an embedding context: {exc}")
                 return
         work = self._pick(budget)
         try:
@@ -172,7 +172,7 @@ class Embedder:
             if self.mem:
                 lc.llama_memory_clear(self.mem, True)
 
-    def _fail_all(self, message: str) -> None:
+    def fail_all(self, message: str) -> None:
         for job in self.jobs:
             _settle(job, error=BackendError(message))
         self.jobs = []

@@ -212,7 +212,10 @@ class LlamaCppEngine:
                 except Exception as exc:  # a failed step must not take the engine down
                     self._fail_all(f"generation failed: {exc}")
                 if self.embedder.pending:
-                    self._embed_step()
+                    try:
+                        self._embed_step()
+                    except Exception as exc:  # nor a failed embedding
+                        self.embedder.fail_all(f"embedding failed: {exc}")
                 self._deliver()
                 self._publish_stats()
         finally:
