@@ -25,7 +25,8 @@ FILE_TYPES: dict[int, str] = {
     27: "IQ3_M", 28: "IQ2_S", 29: "IQ2_M", 30: "IQ4_XS", 31: "IQ1_M", 32: "BF16",
     36: "TQ1_0", 37: "TQ2_0", 38: "MXFP4_MOE",
 }
-FILE_TYPE_GUESSED = 1024  # flag llama.cpp ors in when the type was inferred
+FILE_TYPE_GUESSED = 1024
+EMBEDDING_POOLING_TYPES = (1, 2, 3)  # mean, CLS, last token (4, rank, is a reranker's)  # flag llama.cpp ors in when the type was inferred
 
 BOS_KEY = "tokenizer.ggml.bos_token_id"
 EOS_KEY = "tokenizer.ggml.eos_token_id"
@@ -34,7 +35,7 @@ _LAYER = re.compile(r"blk\.(\d+)\.")
 # Per-layer lists are sized from block_count and tensor names, so both are capped: the deepest
 # published models have a few hundred layers.
 MAX_LAYERS = 4096
-LATER_FIELDS = ("intermediate_size", "layer_repack_bytes")  # cached manifests may predate these
+LATER_FIELDS = ("intermediate_size", "layer_repack_bytes", "pooling_type")  # cached manifests may predate these
 
 # ggml types whose matrices llama.cpp's CPU backend repacks (x86 AVX2 and ARM both), and the
 # row multiple it needs; the copy lives in a CPU_REPACK buffer beside the mapped file.
@@ -84,6 +85,14 @@ class ModelInfo:
     # Bytes per layer of the matrices llama.cpp's CPU backend copies into an interleaved
     # layout at load (Q4_0, Q4_K, IQ4_NL): RAM they take twice while the layer runs on the CPU.
     layer_repack_bytes: list[int] = field(default_factory=list)
+    # `{arch}.pooling_type` (llama.cpp's enum: 1 mean, 2 CLS, 3 last, 4 rank); set by embedding
+    # models, absent (None) or 0 for chat models
+    pooling_type: int | None = None
+
+    @property
+    def is_embedding_model(self) -> bool:
+        """A model made to embed (it pools its states into one vector), not to generate text."""
+        return self.pooling_type in EMBEDDING_POOLING_TYPES
 
     @property
     def weight_bytes(self) -> int:
@@ -266,6 +275,7 @@ def _model_info(g: GGUFFile) -> ModelInfo:
         other_bytes=other,
         intermediate_size=_int(g, f"{arch}.feed_forward_length", 0),
         layer_repack_bytes=layer_repack,
+        pooling_type=_int(g, f"{arch}.pooling_type", None),
     )
 
 

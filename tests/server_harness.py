@@ -109,7 +109,7 @@ def start_server(
 
 # -- GGUF copies -----------------------------------------------------------------------
 
-GGUF_STRING = 8
+GGUF_UINT32, GGUF_STRING = 4, 8
 
 
 def _gguf_string(text: str) -> bytes:
@@ -118,7 +118,17 @@ def _gguf_string(text: str) -> bytes:
 
 
 def copy_with_string_key(source: Path, target: Path, key: str, value: str) -> Path:
-    """A copy of a GGUF file with one more string key/value (e.g. tokenizer.chat_template).
+    """A copy of a GGUF file with one more string key/value (e.g. tokenizer.chat_template)."""
+    return copy_with_key(source, target, key, struct.pack("<I", GGUF_STRING) + _gguf_string(value))
+
+
+def copy_with_uint32_key(source: Path, target: Path, key: str, value: int) -> Path:
+    """A copy of a GGUF file with one more uint32 key/value (e.g. an architecture's pooling_type)."""
+    return copy_with_key(source, target, key, struct.pack("<II", GGUF_UINT32, value))
+
+
+def copy_with_key(source: Path, target: Path, key: str, typed_value: bytes) -> Path:
+    """A copy of a GGUF file with one more key; `typed_value` is the GGUF type code and the value's bytes.
 
     Key/values come right before the tensor table; the new pair is appended to
     them and the data section is re-aligned, which leaves every tensor offset
@@ -148,8 +158,7 @@ def copy_with_string_key(source: Path, target: Path, key: str, value: str) -> Pa
             + struct.pack("<Q", n_kv + 1)
             + header[24:kv_end]
             + _gguf_string(key)
-            + struct.pack("<I", GGUF_STRING)
-            + _gguf_string(value)
+            + typed_value
             + table
         )
         pad = -len(new_header) % gguf.alignment

@@ -22,6 +22,8 @@ WANTED = {
     "qwen2.5:14b", "qwen2.5-coder:7b", "gemma3:1b", "gemma3:4b", "gemma3:12b", "mistral:7b", "phi4-mini:3.8b",
     "smollm2:135m",
 }
+# Embedding models by Ollama's names (pull names as written, then the aliases).
+WANTED_EMBEDDING = {"nomic-embed-text", "all-minilm", "bge-m3", "qwen3-embedding:0.6b"}
 
 
 def test_every_entry_has_every_field():
@@ -36,11 +38,24 @@ def test_the_catalog_holds_the_curated_chat_models():
     catalog = default_catalog()
     assert WANTED <= {e.name for e in catalog.entries}
     for e in catalog.entries:
+        if e.is_embedding:
+            continue
         assert e.kv_heads < e.heads and e.heads % e.kv_heads == 0, f"{e.name} is not grouped-query attention"
         assert "gguf" in e.gguf_repo.lower() and e.gguf_repo != e.source_repo
         assert e.default_quant == ("Q4_1" if e.name == SMOLLM2_NAME else "Q4_K_M")  # smollm2: the packaged file
         assert e.context_length >= 8192 and e.parameter_count > 100_000_000
     assert default_catalog().get("qwen2.5").name == "qwen2.5:7b"  # an alias is a family's default size
+
+
+def test_the_catalog_holds_embedding_models_by_ollama_names():
+    catalog = default_catalog()
+    for name in WANTED_EMBEDDING:
+        entry = catalog.get(name)
+        assert entry is not None and entry.is_embedding, name
+        assert "gguf" in entry.gguf_repo.lower() and entry.gguf_repo != entry.source_repo
+        assert entry.context_length >= 512 and entry.heads % entry.kv_heads == 0
+    assert catalog.get("nomic-embed-text").name == "nomic-embed-text:v1.5"
+    assert not catalog.get("qwen2.5:7b").is_embedding
 
 
 def test_the_packaged_catalog_is_the_source_file():
@@ -58,6 +73,7 @@ def test_the_packaged_catalog_is_the_source_file():
         (lambda e: e.update(parameters="seven"), "is not like 7.61B"),
         (lambda e: e.update(name="Bad Name"), "not a valid model name"),
         (lambda e: e.update(extra=1), "unknown field"),
+        (lambda e: e.update(kind="reranker"), "kind must be one of"),
     ],
 )
 def test_broken_entries_are_named(change, message):

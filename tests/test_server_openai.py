@@ -352,14 +352,6 @@ def test_engine_failure_is_a_500_with_a_message_and_the_server_keeps_serving(cli
     assert chat(client, "Still there?", max_tokens=3).usage.completion_tokens == 3
 
 
-def test_embeddings_say_the_model_cannot_embed(client):
-    with pytest.raises(openai.BadRequestError, match="cannot produce embeddings") as err:
-        client.embeddings.create(model="starter", input="hello")
-    assert err.value.body["param"] == "model"
-    with pytest.raises(openai.NotFoundError):
-        client.embeddings.create(model="ghost", input="hello")
-
-
 def test_no_cors_headers_without_cors_origin(server):
     r = httpx.get(f"{server.v1}/models", headers={"Origin": "http://evil.example"})
     assert "access-control-allow-origin" not in r.headers

@@ -25,7 +25,10 @@ GENERATION_PATHS = {
     "/v1/messages/count_tokens",
     "/api/chat",
     "/api/generate",
+    "/api/embed",
+    "/api/embeddings",
 }
+EMBEDDING_PATHS = {"/v1/embeddings", "/api/embed", "/api/embeddings"}  # nothing generated: no token limit to add
 SMALL = 4
 
 
@@ -50,6 +53,10 @@ def cheap(path: str, body):
         value = body.get(key)
         if isinstance(value, int) and not isinstance(value, bool) and value > SMALL:
             body[key] = SMALL
+    if path in EMBEDDING_PATHS:
+        if isinstance(body.get("options"), dict):
+            body["options"].pop("num_ctx", None)
+        return body
     if path.startswith("/v1/") and body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
         body["max_tokens"] = SMALL  # absent or null: no limit but the context
     if path.startswith("/api/"):

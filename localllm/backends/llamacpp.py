@@ -23,6 +23,7 @@ from typing import AsyncIterator
 
 from localllm.backends.base import EngineStats, Event, FinishEvent, GenerationRequest
 from localllm.backends.grammar import check_grammar
+from localllm.backends.llamacpp_embedder import EmbedJob, embed_context_size
 from localllm.backends.llamacpp_engine import Control, EngineConfig, Job, LlamaCppEngine
 from localllm.backends.llamacpp_speculative import SpeculationConfig
 from localllm.chat_template import ChatTemplate, resolve_template
@@ -76,6 +77,7 @@ class LlamaCppBackend:
                 n_gpu_layers=self.options.n_gpu_layers,
                 verbose=self.options.verbose,
                 speculation=self.options.speculation.validate() if self.options.speculation else None,
+                pooling_type=info.pooling_type,
             ),
             self._control,
         )
@@ -98,6 +100,7 @@ class LlamaCppBackend:
         return self._model.detokenize(tokens).decode("utf-8", errors="replace")
 
     def render_chat(self, messages: list[dict], tools: list[dict] | None = None) -> str:
+        self._refuse_embedding_model()
         if self._template is None:
             self._template = resolve_template(
                 self.info.chat_template,
@@ -138,7 +141,15 @@ class LlamaCppBackend:
                 self._preparing.notify_all()
         return replace(req, prompt=tokens, prepared=True)
 
+    def _refuse_embedding_model(self) -> None:
+        if self.info.is_embedding_model:
+            raise BadRequest(
+                f"model '{self.model_name}' is an embedding model: it cannot chat or complete text; "
+                f"ask /v1/embeddings or /api/embed"
+            )
+
     def _checked_tokens(self, req: GenerationRequest) -> list[int]:
+        self._refuse_embedding_model()
         params = req.params.validate()
         if params.grammar is not None and not req.prepared:
             check_grammar(self._engine.lc, self._model.vocab, params.grammar, params.grammar_triggers)
@@ -179,6 +190,63 @@ class LlamaCppBackend:
         finally:
             if not finished:
                 self.abort(req.request_id)
+
+    # -- embeddings -----------------------------------------------------------
+    @property
+    def embed_context(self) -> int:
+        """The most tokens one embedding input may have."""
+        return embed_context_size(self.n_ctx)
+
+    def prepare_embedding(self, inputs: list[str] | list[list[int]], *, truncate: bool = False) -> list[list[int]]:
+        """Each input as checked token ids, on any thread (the server calls this off its event loop).
+
+        Text gets the model's special tokens (BOS; CLS and SEP for BERT). An
+        input longer than `embed_context` is cut to it with `truncate`, else refused.
+        """
+        with self._preparing:
+            if self._closed:
+                raise BackendError(f"model '{self.model_name}' is closed")
+            self._prepares += 1
+        try:
+            return [self._embedding_tokens(i, item, truncate) for i, item in enumerate(inputs)]
+        finally:
+            with self._preparing:
+                self._prepares -= 1
+                self._preparing.notify_all()
+
+    def _embedding_tokens(self, index: int, item: str | list[int], truncate: bool) -> list[int]:
+        if isinstance(item, str):
+            tokens = self._model.tokenize(item.encode("utf-8"), True, False)
+        else:
+            tokens = list(item)
+            n_vocab = self._engine.n_vocab
+            bad = next((t for t in tokens if not isinstance(t, int) or not 0 <= t < n_vocab), None)
+            if bad is not None:
+                raise BadRequest(f"input[{index}] has token id {bad}, outside the model's vocabulary of {n_vocab}")
+        if not tokens:
+            raise BadRequest(f"input[{index}] is empty")
+        limit = self.embed_context
+        if len(tokens) > limit:
+            if not truncate:
+                raise BadRequest(
+                    f"input[{index}] has {len(tokens)} tokens but this model embeds at most {limit} tokens per input; "
+                    f"shorten it"
+                )
+            tokens = tokens[:limit]
+        return tokens
+
+    async def embed(self, inputs: list[str] | list[list[int]]) -> list[list[float]]:
+        """Unit-length pooled vectors, computed on the engine thread together with other requests' inputs."""
+        if self._closed:
+            raise BackendError(f"model '{self.model_name}' is closed")
+        if not inputs:
+            return []
+        if any(isinstance(item, str) for item in inputs):
+            inputs = self.prepare_embedding(inputs)
+        loop = asyncio.get_running_loop()
+        job = EmbedJob([list(t) for t in inputs], loop, loop.create_future())
+        self._control.inbox.put(job)
+        return await job.future
 
     def abort(self, request_id: str) -> None:
         self._control.abort(request_id)

@@ -30,6 +30,9 @@ llama-cpp-python's low-level bindings:
 * Speculative decoding (llamacpp_speculative.py): a generating sequence may put
   guessed tokens after its pending one; their rows get logits, the request's
   sampler checks them in order, and the cells of rejected guesses are removed.
+* Embeddings (llamacpp_embedder.py) run in a second context on the same
+  weights, one decode of many inputs between chat steps; while anyone
+  generates, a decode takes about a prefill chunk's worth of tokens.
 
 llama.cpp's arithmetic depends slightly on batch shape, so a greedy output
 beside other requests may part from the same request alone at a near-tie
@@ -51,6 +54,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from localllm.backends.base import EngineStats, Event, FinishEvent, GenerationRequest, Timings, TokenEvent, Usage
+from localllm.backends.llamacpp_embedder import Embedder, EmbedJob
 from localllm.backends.llamacpp_sampler import build_sampler
 from localllm.backends.llamacpp_slots import Slot, SlotTable
 from localllm.backends.llamacpp_speculative import GuessRequest, SpeculationConfig, SpecRecord, make_guesser
@@ -73,6 +77,7 @@ class EngineConfig:
     n_gpu_layers: int = 0
     verbose: bool = False
     speculation: SpeculationConfig | None = None  # None: no guessing
+    pooling_type: int | None = None  # the GGUF's own (embedding models); None: mean pooling
 
 
 @dataclass
@@ -104,7 +109,7 @@ class Control:
     """What the front end and the engine thread share; everything behind one lock."""
 
     def __init__(self) -> None:
-        self.inbox: queue.Queue[Job | str | None] = queue.Queue()
+        self.inbox: queue.Queue[Job | EmbedJob | str | None] = queue.Queue()
         self.lock = threading.Lock()
         self.active: set[str] = set()  # request ids queued or running
         self.aborted: set[str] = set()  # the subset of active asked to stop
@@ -133,6 +138,7 @@ class LlamaCppEngine:
         self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[Job, Event]]] = {}
         self.guesser = None  # speculative decoding's source of guesses (None: off)
         self._skip_guesses = False  # the last step with guesses found the cache full: one step without
+        self.embedder: Embedder | None = None
 
     # -- loading ------------------------------------------------------------------
     def load(self) -> None:
@@ -170,10 +176,17 @@ class LlamaCppEngine:
                 spec, llama_cpp, _internals, target=self.model, n_ctx=cfg.n_ctx, n_parallel=cfg.n_parallel,
                 n_batch=cfg.n_batch, n_threads=cfg.n_threads, verbose=cfg.verbose,
             )
+        self.embedder = Embedder(
+            llama_cpp, _internals, self.model, n_ctx=cfg.n_ctx, n_threads=cfg.n_threads,
+            pooling=cfg.pooling_type, verbose=cfg.verbose,
+        )
         with self.control.lock:
             self.control.stats.slots_total = cfg.n_parallel
 
     def unload(self) -> None:
+        if self.embedder is not None:
+            self.embedder.close()
+            self.embedder = None
         if self.guesser is not None:
             self.guesser.close()
             self.guesser = None
@@ -190,7 +203,7 @@ class LlamaCppEngine:
     def run(self) -> None:
         """Step until the inbox says stop; then end every request still here with 'abort'."""
         try:
-            while self._take_inbox(block=not (self.waiting or self.slots.busy())):
+            while self._take_inbox(block=not (self.waiting or self.slots.busy() or self.embedder.pending)):
                 try:
                     self._reap_aborted()
                     self._admit()
@@ -198,6 +211,11 @@ class LlamaCppEngine:
                         self._step()
                 except Exception as exc:  # a failed step must not take the engine down
                     self._fail_all(f"generation failed: {exc}")
+                if self.embedder.pending:
+                    try:
+                        self._embed_step()
+                    except Exception as exc:  # nor a failed embedding
+                        self.embedder.fail_all(f"embedding failed: {exc}")
                 self._deliver()
                 self._publish_stats()
         finally:
@@ -206,6 +224,7 @@ class LlamaCppEngine:
             while self.waiting:
                 self._finish(self.waiting.popleft(), "abort")
             self._deliver()
+            self.embedder.close()
 
     def _take_inbox(self, *, block: bool) -> bool:
         """Move new jobs to the waiting queue; False once asked to stop."""
@@ -219,6 +238,8 @@ class LlamaCppEngine:
                 return False
             if isinstance(message, Job):
                 self.waiting.append(message)
+            elif isinstance(message, EmbedJob):
+                self.embedder.add(message)
             try:
                 message = inbox.get_nowait()
             except queue.Empty:
@@ -235,6 +256,11 @@ class LlamaCppEngine:
         for slot in self.slots.busy():
             if slot.job.rid in aborted:
                 self._finish(slot.job, "abort", slot)
+
+    def _embed_step(self) -> None:
+        """One decode of embedding inputs; a short one while streams are generating."""
+        generating = any(s.job.generated for s in self.slots.busy())
+        self.embedder.step(self.config.prefill_chunk if generating else self.embedder.n_ctx)
 
     # -- admission --------------------------------------------------------------------
     def _admit(self) -> None:

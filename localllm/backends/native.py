@@ -174,6 +174,9 @@ class NativeBackend:
             if not finished:
                 self.abort(req.request_id)
 
+    async def embed(self, inputs: list[str] | list[list[int]]) -> list[list[float]]:
+        raise BadRequest("the native backend cannot compute embeddings; serve this model with --backend llamacpp")
+
     def abort(self, request_id: str) -> None:
         with self._lock:
             if request_id not in self._active:

@@ -188,6 +188,9 @@ class RemoteBackend:
             self._running.pop(req.request_id, None)
             future.cancel()  # a consumer that stops early closes the upstream request
 
+    async def embed(self, inputs: list[str] | list[list[int]]) -> list[list[float]]:
+        raise BadRequest("the remote backend cannot compute embeddings; ask the upstream server directly")
+
     def abort(self, request_id: str) -> None:
         future = self._running.get(request_id)
         if future is not None:

@@ -160,7 +160,7 @@ async def show(body: OllamaModelRequest, request: Request) -> dict[str, Any]:
         "template": template or "",
         "details": _details(info.to_dict(), info.format),
         "model_info": model_info,
-        "capabilities": ["completion", "tools"],
+        "capabilities": ["embedding"] if info.is_embedding_model else ["completion", "tools"],
         "modified_at": resolved.manifest.added if resolved.manifest else _now(),
     }
 

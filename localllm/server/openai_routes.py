@@ -1,4 +1,4 @@
-"""OpenAI's API: /v1/models, /v1/chat/completions, /v1/completions, /v1/embeddings.
+"""OpenAI's API: /v1/models, /v1/chat/completions, /v1/completions (embeddings: embedding_routes.py).
 
 Shapes follow OpenAI's field for field, so the official SDK (and anything
 built on it) works unchanged. Options we cannot honour are a 400 that names
@@ -24,7 +24,7 @@ from localllm.server.json_bodies import OffLoopBodyRoute
 from localllm.server.json_grammar import json_object_grammar, schema_grammar
 from localllm.server.offloop import off_loop
 from localllm.server.prompt_limits import check_message_count, check_prompt_chars, text_chars
-from localllm.server.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, EmbeddingRequest
+from localllm.server.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest
 from localllm.server.state import ServerState
 from localllm.server.tools import ToolPlan, plan_tools
 
@@ -298,22 +298,6 @@ async def _completion_stream(run: Run, meta: "_Meta", include_usage: bool) -> As
         if include_usage:
             yield _sse({**head, "choices": [], "usage": _usage(event)})
     yield b"data: [DONE]\n\n"
-
-
-# -- embeddings --------------------------------------------------------------------------
-
-
-@router.post("/v1/embeddings")
-async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
-    """No backend computes embeddings yet: after the usual checks (404 for an unknown model), a 400 that says so."""
-    state = _state(request)
-    resolved = await state.registry.find(body.model)
-    raise APIError(
-        400,
-        f"model '{resolved.name}' cannot produce embeddings: no localllm backend computes them yet",
-        param="model",
-        code="embeddings_unsupported",
-    )
 
 
 # -- shared ----------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ REQUIRED_FIELDS: dict[str, type] = {
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*(:[a-z0-9][a-z0-9._-]*)?$")
 _REPO = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 _PARAMS = re.compile(r"^(\d+(?:\.\d+)?)([MB])$")
+KINDS = ("chat", "embedding")  # what a model is for: generating text, or embedding it
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,11 @@ class CatalogEntry:
     heads: int
     kv_heads: int
     aliases: tuple[str, ...] = ()
+    kind: str = "chat"
+
+    @property
+    def is_embedding(self) -> bool:
+        return self.kind == "embedding"
 
     @property
     def parameter_count(self) -> int:
@@ -112,7 +118,10 @@ def parse_catalog(text: str) -> Catalog:
         aliases = raw.get("aliases", [])
         if not isinstance(aliases, list) or not all(isinstance(a, str) and a for a in aliases):
             raise ValueError(f"catalog: {label}: aliases must be a list of names")
-        unknown = set(raw) - set(REQUIRED_FIELDS) - {"aliases"}
+        kind = raw.get("kind", "chat")
+        if kind not in KINDS:
+            raise ValueError(f"catalog: {label}: kind must be one of {', '.join(KINDS)}")
+        unknown = set(raw) - set(REQUIRED_FIELDS) - {"aliases", "kind"}
         if unknown:
             raise ValueError(f"catalog: {label}: unknown field(s) {', '.join(sorted(unknown))}")
         for name in (raw["name"], *aliases):
@@ -123,7 +132,7 @@ def parse_catalog(text: str) -> Catalog:
                 raise ValueError(f"catalog: {label}: {key} '{raw[key]}' is not ORG/REPO")
         if not _PARAMS.match(raw["parameters"]):
             raise ValueError(f"catalog: {label}: parameters '{raw['parameters']}' is not like 7.61B or 494M")
-        entries.append(CatalogEntry(**{k: raw[k] for k in REQUIRED_FIELDS}, aliases=tuple(aliases)))
+        entries.append(CatalogEntry(**{k: raw[k] for k in REQUIRED_FIELDS}, aliases=tuple(aliases), kind=kind))
     if not entries:
         raise ValueError("catalog: no [[model]] entries")
     return Catalog(entries)
