@@ -312,13 +312,7 @@ def _chat_app(args: argparse.Namespace, params: SamplingParams) -> int:
         options = load_options(args, context)
         return open_backend(model_for(options, model, ModelStore().resolve), options)
 
-    defaults = ChatSettings(
-        system=args.system or "",
-        temperature=params.temperature,
-        top_p=params.top_p,
-        max_tokens=params.max_tokens or ChatSettings.max_tokens,
-        context=args.ctx,
-    )
+    defaults = ChatSettings.from_sampling(params, system=args.system or "", context=args.ctx)
     LocalLLMApp(args.model, factory=factory, defaults=defaults).run()
     return EXIT_OK
 

@@ -23,6 +23,7 @@ class FakeBackend:
     name: str = "fake"
     info: object = None
     prompts: list[str] = field(default_factory=list)
+    requests: list[GenerationRequest] = field(default_factory=list)
     _aborted: set[str] = field(default_factory=set)
     closed: bool = False
 
@@ -37,6 +38,7 @@ class FakeBackend:
 
     async def generate(self, req: GenerationRequest):
         self.prompts.append(req.prompt)
+        self.requests.append(req)
         pieces = [self.reply[i : i + 4] for i in range(0, len(self.reply), 4)]
         limit = req.params.max_tokens or len(pieces)
         sent, reason = 0, "stop"
