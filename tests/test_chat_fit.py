@@ -19,7 +19,7 @@ SYSTEM = {"role": "system", "content": "You are Quill, a gardener's notebook."}
 
 @pytest.fixture(scope="module")
 def backend(starter_gguf):
-    opened = RecordingLlamaCpp("starter", read_model_info(starter_gguf), LlamaCppOptions(n_ctx=CTX, n_threads=2))
+    opened = RecordingLlamaCpp("starter", read_model_info(starter_gguf), LlamaCppOptions(n_ctx=CTX, n_threads=1))
     yield opened
     opened.close()
 

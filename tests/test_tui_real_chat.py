@@ -42,7 +42,7 @@ class StarterFactory:
         self.path, self.n_ctx, self.opened = path, n_ctx, []
 
     def __call__(self, model: str, context: int | None) -> RecordingLlamaCpp:
-        backend = RecordingLlamaCpp(model, read_model_info(self.path), LlamaCppOptions(n_ctx=context or self.n_ctx, n_threads=2))
+        backend = RecordingLlamaCpp(model, read_model_info(self.path), LlamaCppOptions(n_ctx=context or self.n_ctx, n_threads=1))
         self.opened.append(backend)
         return backend
 

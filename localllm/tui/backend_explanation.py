@@ -1,8 +1,9 @@
 """Which engine runs the loaded model, and why, in the fit planner's own words.
 
 The loaded backend followed a plan (localllm/fit/follow.py); the hardware
-screen shows that plan, re-made for the model's backend and context on the
-app's hardware facts, so the words match `localllm fit` (GPU layers included).
+screen shows that plan, re-made for the model's context on the app's hardware
+facts (for the backend the user named, if it is not the one `auto` picks), so
+the words match `localllm fit`, GPU layers included.
 """
 
 from __future__ import annotations
@@ -19,17 +20,21 @@ def explain_backend(model: str, backend: Backend, hardware: Hardware | None) -> 
         upstream = getattr(getattr(backend, "options", None), "url", None) or "an upstream server"
         return f"Backend: remote for {model} — decoded by {upstream}, an OpenAI-compatible server"
     info = getattr(backend, "info", None)
-    if hardware is None or not isinstance(info, ModelInfo):
+    if not isinstance(info, ModelInfo):
+        return f"Backend: {name} for {model}"
+    if hardware is None:
         return f"Backend: {name} for {model} (reading the hardware …)"
     from localllm.fit.planner import Wishes, plan_fit
     from localllm.fit.render import verdict
     from localllm.fit.settings import FitSettings
 
     context = getattr(backend, "n_ctx", None)
-    wishes = Wishes(context=context if isinstance(context, int) else None,
-                    backend=name if name in ("llamacpp", "native") else "auto")
+    context = context if isinstance(context, int) else None
+    settings = FitSettings.from_env()
     try:
-        plan = plan_fit(info, hardware, wishes, FitSettings.from_env())
+        plan = plan_fit(info, hardware, Wishes(context=context), settings)  # what `auto` picks, with its reasons
+        if plan.backend != name:  # the user named another backend: its own plan
+            plan = plan_fit(info, hardware, Wishes(context=context, backend=name), settings)
     except LocalLLMError as exc:
         return f"Backend: {name} for {model} (no plan: {exc})"
     why = "\n".join(f"  · {reason}" for reason in plan.reasons[:2])
