@@ -321,10 +321,11 @@ class ChatScreen(Screen):
         """`context 1,234 / 4,096`: what the chat and the reply so far take of the model's context."""
         meter = self.query_one("#context-meter", Static)
         if prompt_tokens is None:
-            meter.update(f"context {context:,}" if context else "")
-            return
-        used = prompt_tokens + generated
-        meter.update(f"context {used:,} / {context:,}" if context else f"{used:,} tokens")
+            text = f"context {context:,}" if context else ""
+        else:
+            used = prompt_tokens + generated
+            text = f"context {used:,} / {context:,}" if context else f"{used:,} tokens"
+        meter.update(text, layout=False)  # a fixed width: no layout pass for each frame of a reply
 
     def action_stop(self) -> None:
         if self.request_id and self.app.session.backend:

@@ -48,11 +48,11 @@ class ReplyPainter:
         while True:
             await self._arrived.wait()
             self._arrived.clear()
+            if self.on_frame is not None:
+                self.on_frame()  # before the append, so both changes share one layout pass
             if self._pending:
                 text, self._pending = "".join(self._pending), []
                 await self.body.append(text)
-            if self.on_frame is not None:
-                self.on_frame()
             self.frames += 1
             if self._closing and not self._pending:
                 return
