@@ -199,11 +199,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_command_line(argv: Sequence[str]) -> argparse.Namespace:
+    """Options before, between or after the positionals, as Ollama and llama.cpp users type them.
+
+    argparse alone stops taking positionals once an option has been seen inside a
+    verb (`run MODEL --temperature 0 "prompt"` would fail), and its intermixed mode
+    refuses subcommands; so the top level reads its own options up to the verb, and
+    the verb's parser reads the rest intermixed. `--debug` is accepted anywhere
+    before `--`; after `--` everything is a positional (a prompt that starts with `-`).
+    """
+    parser = build_parser()
+    argv = list(argv)
+    end = argv.index("--") if "--" in argv else len(argv)
+    debug = "--debug" in argv[:end]
+    argv = [a for a in argv[:end] if a != "--debug"] + argv[end:]
+    verbs = _verb_parsers(parser)
+    at = next((i for i, a in enumerate(argv) if not a.startswith("-") or a == "--"), len(argv))
+    if at == len(argv) or argv[at] not in verbs:
+        args = parser.parse_args(argv)  # help, version, no verb, or an unknown verb: argparse words it
+    else:
+        args = parser.parse_args(argv[:at])
+        args = verbs[argv[at]].parse_intermixed_args(argv[at + 1 :], namespace=args)
+        args.command = argv[at]
+    args.debug = debug
+    return args
+
+
+def _verb_parsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     try:
-        args = build_parser().parse_args(argv)
+        args = parse_command_line(argv)
         if args.command is None:
             build_parser().print_help(sys.stderr)
             return EXIT_USAGE

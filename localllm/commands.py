@@ -14,6 +14,7 @@ from localllm.units import human_bytes, human_count
 
 if TYPE_CHECKING:
     from localllm.backends.select import LoadOptions
+    from localllm.tui.conversations import ChatSettings
 
 
 # -- store verbs -----------------------------------------------------------------
@@ -311,21 +312,20 @@ def _chat_app(args: argparse.Namespace, params: SamplingParams) -> int:
     """The full-screen chat; the command's flags become the first chat's settings."""
     from localllm.backends.select import open_backend
     from localllm.tui.app import LocalLLMApp
-    from localllm.tui.conversations import ChatSettings
 
     def factory(model: str, context: int | None) -> Backend:
         options = load_options(args, context)
         return open_backend(model_for(options, model, ModelStore().resolve), options)
 
-    defaults = ChatSettings(
-        system=args.system or "",
-        temperature=params.temperature,
-        top_p=params.top_p,
-        max_tokens=params.max_tokens or ChatSettings.max_tokens,
-        context=args.ctx,
-    )
-    LocalLLMApp(args.model, factory=factory, defaults=defaults).run()
+    LocalLLMApp(args.model, factory=factory, defaults=chat_defaults(args, params)).run()
     return EXIT_OK
+
+
+def chat_defaults(args: argparse.Namespace, params: SamplingParams) -> ChatSettings:
+    """The first chat's settings: every sampling flag, the system prompt and the context."""
+    from localllm.tui.conversations import ChatSettings
+
+    return ChatSettings.from_sampling(params, system=args.system or "", context=args.ctx)
 
 
 def _read_prompt(given: str | None) -> str | None:

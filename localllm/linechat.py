@@ -3,7 +3,8 @@
 Like Ollama's REPL: `>>> ` prompts, `\"\"\"` opens and closes a multi-line message,
 slash commands for the rest. Ctrl+C stops a reply (the partial reply is kept);
 Ctrl+D or /bye leaves. Earlier turns stay in the KV cache, so each new turn
-only processes what is new.
+only processes what is new. When the chat outgrows the context, the oldest
+turns are left out (chat_fit.py) and a line says so.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import sys
 
 from localllm.backends.base import Backend, GenerationRequest, SamplingParams
+from localllm.chat_fit import ChatTooLong, fit_chat
 from localllm.console import format_stats, stdout_writer, stream_to
 
 HELP = """commands:
@@ -39,6 +41,7 @@ def line_chat(
     print(f"chatting with {getattr(backend, 'model_name', 'the model')}; /help for commands, /bye to leave", file=sys.stderr)
     messages: list[dict] = []
     transcript = ""  # the raw mode's running text
+    shown_drop = 0  # messages the last drop notice named, so each new drop is said once
     while True:
         line = _read_message()
         if line is None:
@@ -53,11 +56,11 @@ def line_chat(
             print(HELP, file=sys.stderr)
             continue
         if command == "/clear":
-            messages, transcript = [], ""
+            messages, transcript, shown_drop = [], "", 0
             print("conversation cleared", file=sys.stderr)
             continue
         if command == "/system":
-            system, messages = rest.strip() or None, []
+            system, messages, shown_drop = rest.strip() or None, [], 0
             print("system prompt set; conversation cleared", file=sys.stderr)
             continue
         if command == "/stats":
@@ -72,8 +75,17 @@ def line_chat(
             prompt, templated = transcript, False
         else:
             messages.append({"role": "user", "content": line})
-            chat = ([{"role": "system", "content": system}] if system else []) + messages
-            prompt, templated = backend.render_chat(chat), True
+            try:
+                fitted = fit_chat(backend, ([{"role": "system", "content": system}] if system else []) + messages,
+                                  max_tokens=params.max_tokens)
+            except ChatTooLong as exc:
+                messages.pop()
+                print(f"error: {exc}", file=sys.stderr)
+                continue
+            if fitted.notice and fitted.dropped_messages != shown_drop:
+                shown_drop = fitted.dropped_messages
+                print(f"({fitted.notice})", file=sys.stderr)
+            chat, prompt, templated = fitted.messages, fitted.prompt, True
         reply: list[str] = []
 
         def write(text: str) -> None:

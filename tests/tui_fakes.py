@@ -24,6 +24,7 @@ class FakeBackend:
     info: object = None
     prompts: list[str] = field(default_factory=list)
     tokens_sent: int = 0  # across all requests: lets a test wait until a reply is streaming
+    requests: list[GenerationRequest] = field(default_factory=list)
     _aborted: set[str] = field(default_factory=set)
     closed: bool = False
 
@@ -38,6 +39,7 @@ class FakeBackend:
 
     async def generate(self, req: GenerationRequest):
         self.prompts.append(req.prompt)
+        self.requests.append(req)
         pieces = [self.reply[i : i + 4] for i in range(0, len(self.reply), 4)]
         limit = req.params.max_tokens or len(pieces)
         sent, reason = 0, "stop"

@@ -113,13 +113,9 @@ class LocalLLMApp(App):
         current = self.session.current
         if current is None:
             return "Backend: none loaded yet"
-        name = current.backend.name
-        why = {
-            "llamacpp": "GGUF models run on llama.cpp, on the CPU here",
-            "native": "the native PyTorch engine",
-            "remote": "a remote OpenAI-compatible server",
-        }.get(name, name)
-        return f"Backend: {name} for {current.name} — {why}"
+        from localllm.tui.backend_explanation import explain_backend
+
+        return explain_backend(current.name, current.backend, self.hardware_probe.facts)
 
     # -- actions ---------------------------------------------------------------------
     def action_help(self) -> None:

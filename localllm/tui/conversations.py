@@ -13,6 +13,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from localllm.backends.base import SamplingParams
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS conversations (
     id INTEGER PRIMARY KEY,
@@ -36,11 +38,17 @@ CREATE INDEX IF NOT EXISTS messages_by_conversation ON messages(conversation_id,
 
 @dataclass
 class ChatSettings:
-    """Per-chat settings; None means the backend's default."""
+    """Per-chat settings: the sampling flags of `localllm chat` and the context; None means the default
+    (no seed: a random one; no max tokens: until the context ends; no context: the model's default)."""
 
     system: str = ""
-    temperature: float = 0.8
-    top_p: float = 0.95
+    temperature: float = SamplingParams.temperature
+    top_p: float = SamplingParams.top_p
+    top_k: int = SamplingParams.top_k
+    min_p: float = SamplingParams.min_p
+    repeat_penalty: float = SamplingParams.repeat_penalty
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
     max_tokens: int | None = 512
     context: int | None = None
 
@@ -48,6 +56,21 @@ class ChatSettings:
     def from_json(cls, text: str) -> ChatSettings:
         known = {k: v for k, v in json.loads(text or "{}").items() if k in cls.__dataclass_fields__}
         return cls(**known)
+
+    @classmethod
+    def from_sampling(cls, params: SamplingParams, *, system: str = "", context: int | None = None) -> ChatSettings:
+        """The settings a chat starts with, from the command's sampling flags."""
+        return cls(
+            system=system, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
+            min_p=params.min_p, repeat_penalty=params.repeat_penalty, seed=params.seed, stop=list(params.stop),
+            max_tokens=params.max_tokens or cls.max_tokens, context=context,
+        )
+
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(
+            temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
+            repeat_penalty=self.repeat_penalty, seed=self.seed, stop=list(self.stop), max_tokens=self.max_tokens,
+        )
 
 
 @dataclass

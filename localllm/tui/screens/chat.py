@@ -16,13 +16,15 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import Screen
-from textual.widgets import Footer, Header, Input, Label, ListItem, ListView, Markdown, Static
+from textual.widgets import Footer, Header, Input, Label, ListItem, ListView, Static
 
-from localllm.backends.base import FinishEvent, GenerationRequest, SamplingParams, TokenEvent
+from localllm.backends.base import FinishEvent, GenerationRequest, TokenEvent
+from localllm.chat_fit import ChatTooLong, FittedChat, fit_chat
 from localllm.errors import LocalLLMError
 from localllm.tui.conversations import ChatSettings, Conversation, Message, title_from
 from localllm.tui.widgets.message_view import MessageView
 from localllm.tui.widgets.prompt_input import PromptInput
+from localllm.tui.widgets.reply_painter import ReplyPainter
 
 
 WELCOME = (
@@ -57,6 +59,7 @@ class ChatScreen(Screen):
         self.conversation: Conversation | None = None
         self.draft_settings = ChatSettings()
         self.request_id: str | None = None
+        self.shown_drop = 0  # messages the last drop notice named, so each new drop is said once
         self.sidebar_chosen = False  # once the user shows or hides the list, the width no longer decides
 
     # -- layout ----------------------------------------------------------------
@@ -67,7 +70,9 @@ class ChatScreen(Screen):
                 yield Input(placeholder="search chats", id="search")
                 yield ListView(id="conversations")
             with Vertical(id="main"):
-                yield Static("", id="model-status")
+                with Horizontal(id="status-row"):
+                    yield Static("", id="model-status")
+                    yield Static("", id="context-meter")
                 yield VerticalScroll(id="messages")
                 yield PromptInput(id="prompt")
         yield Footer()
@@ -117,6 +122,8 @@ class ChatScreen(Screen):
         self.conversation = self.app.conversations.get(conversation_id) if conversation_id else None
         messages = self.query_one("#messages", VerticalScroll)
         messages.remove_children()
+        self.shown_drop = 0
+        self.show_meter(None, None)
         if self.conversation:
             messages.mount_all(MessageView(m) for m in self.app.conversations.messages(self.conversation.id))
             messages.scroll_end(animate=False)
@@ -242,30 +249,37 @@ class ChatScreen(Screen):
     async def stream_reply(self, view: MessageView, request_id: str) -> None:
         assert self.conversation is not None
         conversation, text, stats, stopped, quitting = self.conversation, "", None, False, False
+        painter: ReplyPainter | None = None
+        discarded = False  # no reply at all: its view goes
         try:
             backend = await self.app.wait_for_model(conversation.model, conversation.settings.context)
             history = self.app.conversations.messages(conversation.id)
-            chat = [{"role": "system", "content": conversation.settings.system}] if conversation.settings.system else []
-            chat += [{"role": m.role, "content": m.content} for m in history]
-            prompt = backend.render_chat(chat)
             s = conversation.settings
-            params = SamplingParams(temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens)
-            stream = Markdown.get_stream(view.body)
+            chat = [{"role": "system", "content": s.system}] if s.system else []
+            chat += [{"role": m.role, "content": m.content} for m in history]
+            fitted = await asyncio.to_thread(fit_chat, backend, chat, max_tokens=s.max_tokens)
+            self.say_what_was_dropped(fitted, view)
+            generated = 0
+            self.show_meter(fitted.prompt_tokens, fitted.context)
+            painter = ReplyPainter(view.body, lambda: self.show_meter(fitted.prompt_tokens, fitted.context, generated))
             started = time.perf_counter()
-            try:
-                request = GenerationRequest(request_id, prompt, params, templated=True, messages=chat)
-                async for event in backend.generate(request):
-                    if isinstance(event, TokenEvent):
-                        text += event.text
-                        await stream.write(event.text)
-                    elif isinstance(event, FinishEvent):
-                        stopped = event.reason == "abort"
-                        stats = _stats(event, started)
-                        if event.reason == "error":
-                            self.notify(event.error or "generation failed", severity="error", timeout=8)
-            finally:
-                await stream.stop()
+            request = GenerationRequest(request_id, fitted.prompt, s.sampling(), templated=True, messages=fitted.messages)
+            async for event in backend.generate(request):
+                if isinstance(event, TokenEvent):
+                    text += event.text
+                    generated += len(event.token_ids)
+                    painter.add(event.text)
+                elif isinstance(event, FinishEvent):
+                    stopped = event.reason == "abort"
+                    stats = _stats(event, started)
+                    generated = event.usage.completion_tokens
+                    if event.reason == "error":
+                        self.notify(event.error or "generation failed", severity="error", timeout=8)
+            await painter.close()
             await view.body.update(text)  # one clean render of the whole reply once it is complete
+        except ChatTooLong as exc:
+            stopped = discarded = True
+            self.give_back_last_message(view, str(exc))
         except LocalLLMError as exc:
             self.notify(str(exc), severity="error", timeout=8)
             stopped = True
@@ -274,12 +288,44 @@ class ChatScreen(Screen):
             raise
         finally:
             self.request_id = None
+            if painter is not None:
+                painter.cancel()  # done already, unless the reply failed or the app is quitting
             view.message.content, view.message.stats, view.message.stopped = text, stats, stopped
             if text or stats:
                 self.app.conversations.add_message(conversation.id, view.message)
-            if not quitting:
+            if discarded:
+                view.remove()
+            elif not quitting:
                 view.show_stats(stats, stopped)
                 self.refresh_conversations()
+
+    def say_what_was_dropped(self, fitted: FittedChat, reply: MessageView) -> None:
+        """A line in the conversation when more earlier turns no longer fit than last time."""
+        if fitted.notice and fitted.dropped_messages != self.shown_drop:
+            self.shown_drop = fitted.dropped_messages
+            self.query_one("#messages", VerticalScroll).mount(Static(fitted.notice, classes="notice", markup=False), before=reply)
+
+    def give_back_last_message(self, reply: MessageView, error: str) -> None:
+        """A message larger than the context: say so, and put it back in the box to shorten (nothing is lost)."""
+        assert self.conversation is not None
+        self.notify(error, severity="error", timeout=10)
+        views = list(self.query(MessageView))
+        users = [v for v in views if v.message.role == "user"]
+        if users and users[-1].message.id is not None:
+            self.app.conversations.delete_messages_from(self.conversation.id, users[-1].message.id)
+            self.query_one(PromptInput).text = users[-1].message.content
+            users[-1].remove()
+        self.query_one("#messages", VerticalScroll).mount(Static(f"error: {error}", classes="notice error", markup=False), before=reply)
+
+    def show_meter(self, prompt_tokens: int | None, context: int | None, generated: int = 0) -> None:
+        """`context 1,234 / 4,096`: what the chat and the reply so far take of the model's context."""
+        meter = self.query_one("#context-meter", Static)
+        if prompt_tokens is None:
+            text = f"context {context:,}" if context else ""
+        else:
+            used = prompt_tokens + generated
+            text = f"context {used:,} / {context:,}" if context else f"{used:,} tokens"
+        meter.update(text, layout=False)  # a fixed width: no layout pass for each frame of a reply
 
     def action_stop(self) -> None:
         if self.request_id and self.app.session.backend:

@@ -1,15 +1,54 @@
-"""Per-chat settings: system prompt, temperature, top-p, max tokens, context."""
+"""Per-chat settings: the system prompt, every sampling flag of `localllm chat`, max tokens and the context."""
 
 from __future__ import annotations
 
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Grid, Horizontal, Vertical
+from textual.containers import Grid, Horizontal, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, TextArea
 
 from localllm.tui.conversations import ChatSettings
+
+ESCAPES = {"n": "\n", "t": "\t", ",": ",", "\\": "\\"}
+
+
+def format_stops(stops: list[str]) -> str:
+    """Stop strings as one line: comma-separated, with \\n, \\t, \\, and \\\\ for what a line cannot show."""
+    def escape(text: str) -> str:
+        return text.replace("\\", "\\\\").replace(",", "\\,").replace("\n", "\\n").replace("\t", "\\t")
+
+    return ",".join(escape(s) for s in stops)
+
+
+def parse_stops(text: str) -> list[str]:
+    """The inverse of format_stops; empty pieces are ignored (a stop string is never empty)."""
+    stops, current, chars = [], "", iter(text)
+    for ch in chars:
+        if ch == "\\":
+            following = next(chars, "\\")
+            current += ESCAPES.get(following, "\\" + following)
+        elif ch == ",":
+            stops.append(current)
+            current = ""
+        else:
+            current += ch
+    stops.append(current)
+    return [s for s in stops if s]
+
+
+# (field, label, kind, low, high, optional placeholder); None placeholder: a value is required
+NUMBERS = [
+    ("temperature", "Temperature", float, 0.0, 5.0, None),
+    ("top_p", "Top-p", float, 0.01, 1.0, None),
+    ("top_k", "Top-k", int, 0, 1_000_000, None),
+    ("min_p", "Min-p", float, 0.0, 1.0, None),
+    ("repeat_penalty", "Repeat penalty", float, 0.01, 10.0, None),
+    ("seed", "Seed", int, 0, 2**32 - 1, "random"),
+    ("max_tokens", "Max tokens", int, 1, 1_000_000, "no limit"),
+    ("context", "Context", int, 256, 1_048_576, "model default"),
+]
 
 
 class SettingsScreen(ModalScreen[ChatSettings | None]):
@@ -21,21 +60,19 @@ class SettingsScreen(ModalScreen[ChatSettings | None]):
 
     def compose(self) -> ComposeResult:
         s = self.settings
-        with Vertical(classes="dialog settings"):
+        with VerticalScroll(classes="dialog settings"):
             yield Label("Chat settings  (Ctrl+S save · Esc cancel)")
             yield Label("System prompt")
             yield TextArea(s.system, id="system")
             with Grid(id="numbers"):
-                yield Label("Temperature")
-                yield Input(str(s.temperature), id="temperature", type="number")
-                yield Label("Top-p")
-                yield Input(str(s.top_p), id="top_p", type="number")
-                yield Label("Max tokens")
-                yield Input("" if s.max_tokens is None else str(s.max_tokens), id="max_tokens", type="integer",
-                            placeholder="no limit")
-                yield Label("Context")
-                yield Input("" if s.context is None else str(s.context), id="context", type="integer",
-                            placeholder="model default")
+                for field, label, kind, _, _, placeholder in NUMBERS:
+                    value = getattr(s, field)
+                    yield Label(label)
+                    yield Input("" if value is None else str(value), id=field,
+                                type="integer" if kind is int else "number", placeholder=placeholder or "")
+            with Horizontal(id="stop-row"):
+                yield Label("Stop strings")
+                yield Input(format_stops(s.stop), id="stop", placeholder="none (comma-separated; \\n is a new line)")
             yield Label("", id="problem")
             with Horizontal(classes="buttons"):
                 yield Button("Save", variant="primary", id="save")
@@ -55,22 +92,20 @@ class SettingsScreen(ModalScreen[ChatSettings | None]):
         self.dismiss(settings)
 
     def _read(self) -> ChatSettings:
-        def number(field: str, kind, low, high, optional=False):
+        values = {}
+        for field, label, kind, low, high, placeholder in NUMBERS:
             text = self.query_one(f"#{field}", Input).value.strip()
-            if optional and not text:
-                return None
+            if placeholder is not None and not text:
+                values[field] = None
+                continue
             try:
                 value = kind(text)
             except ValueError:
-                raise ValueError(f"{field.replace('_', ' ')}: not a number") from None
+                raise ValueError(f"{label}: not a{'n integer' if kind is int else ' number'}") from None
             if not low <= value <= high:
-                raise ValueError(f"{field.replace('_', ' ')} must be between {low} and {high}")
-            return value
-
-        return ChatSettings(
-            system=self.query_one("#system", TextArea).text,
-            temperature=number("temperature", float, 0.0, 5.0),
-            top_p=number("top_p", float, 0.01, 1.0),
-            max_tokens=number("max_tokens", int, 1, 1_000_000, optional=True),
-            context=number("context", int, 256, 1_048_576, optional=True),
-        )
+                raise ValueError(f"{label} must be between {low} and {high}")
+            values[field] = value
+        stop = parse_stops(self.query_one("#stop", Input).value)
+        if len(stop) > 16:
+            raise ValueError("at most 16 stop strings")
+        return ChatSettings(system=self.query_one("#system", TextArea).text, stop=stop, **values)
