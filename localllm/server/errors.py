@@ -120,7 +120,7 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     errors = exc.errors()
     if not errors:
         return "invalid request", None
-    first = errors[0]
+    first = _most_specific(errors)
     loc = list(first.get("loc", ()))
     if loc[:1] == ["body"]:
         loc = loc[1:]
@@ -144,6 +144,19 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 # How pydantic tags the member of a union it tried: `str`, `list[...]`, `literal['a','b']`,
 # `function-after[...]`, or a model's class name. They are not part of the client's field path.
 _UNION_TAG = re.compile(r"^(?:[a-z][a-z0-9_-]*\[.*\]|str|int|float|bool|none|dict|list|[A-Z][A-Za-z0-9]*)$", re.DOTALL)
+
+
+def _most_specific(errors: list[Any]) -> Any:
+    """Of the errors pydantic reports for the first bad field, the deepest one.
+
+    A union field (`tool_choice`) gets one error per member it tried; the one
+    that went deepest (`tool_choice.function` is required) says most.
+    """
+    first = errors[0]
+    loc = list(first.get("loc", ()))
+    cut = next((i for i, part in enumerate(loc) if i and isinstance(part, str) and _UNION_TAG.match(part)), len(loc))
+    same_field = [e for e in errors if list(e.get("loc", ()))[:cut] == loc[:cut]]
+    return max(same_field, key=lambda e: len(e.get("loc", ())))
 
 
 def param_name(loc: list[Any]) -> str | None:

@@ -25,6 +25,7 @@ grammar, like `format` values the converter does not know.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 from urllib.parse import unquote
 
@@ -135,7 +136,8 @@ class _Expander:
                     return CLOSED
                 out[key] = parts
             elif key == "pattern" and isinstance(value, str):
-                out[key] = contains_pattern(value)
+                limit = node.get("maxLength")
+                out[key] = contains_pattern(value, limit if isinstance(limit, int) and not isinstance(limit, bool) else None)
             else:
                 out[key] = value
         if only_empty:
@@ -191,16 +193,21 @@ def _merge_single_all_of(schema: dict[str, Any]) -> dict[str, Any]:
 # -- patterns -------------------------------------------------------------------------
 
 
-# Any run of characters a JSON string holds unescaped (`.` would allow a bare `"`, ending the string).
-_ANY_TEXT = '[^"\\\\\\x00-\\x1F]*'
+# Characters a JSON string holds unescaped (`.` would allow a bare `"`, ending the string).
+_TEXT_CHAR = '[^"\\\\\\x00-\\x1F]'
+# Text allowed around an unanchored pattern when the schema sets no maxLength: bounded, because a
+# small model will otherwise fill an unbounded "anything" with repetition and never reach the pattern.
+PATTERN_PADDING = 64
 
 
-def contains_pattern(pattern: str) -> str:
+def contains_pattern(pattern: str, max_length: int | None = None) -> str:
     """`pattern` as the converter needs it (`^...$`), keeping JSON Schema's meaning.
 
     An unanchored alternative may match anywhere, so it gets "any text" on its
     open side(s), alternative by alternative: `[0-9]{3}` becomes
-    `^<any>([0-9]{3})<any>$`.
+    `^<any>([0-9]{3})<any>$`. The text around it is bounded: together with
+    what the pattern matches it stays within `max_length` (when the pattern's
+    own length is bounded), or PATTERN_PADDING characters a side.
     """
     pattern = _spell_out_classes(pattern)
     alternatives = _top_level_alternatives(pattern)
@@ -213,9 +220,27 @@ def contains_pattern(pattern: str) -> str:
         ends = _ends_with_anchor(core)
         if ends:
             core = core[:-1]
+        room = PATTERN_PADDING if max_length is None else max(0, max_length - _longest_match(core))
+        before = 0 if starts else (room if ends else room // 2)
+        after = 0 if ends else room - before
         group = f"({core})" if core else ""
-        anchored.append(("" if starts else _ANY_TEXT) + group + ("" if ends else _ANY_TEXT))
+        anchored.append(_padding(before, starts) + group + _padding(after, ends))
     return "^" + ("(" + "|".join(anchored) + ")" if len(anchored) > 1 else anchored[0]) + "$"
+
+
+def _padding(limit: int, anchored: bool) -> str:
+    if anchored or limit == 0:
+        return ""
+    return f"{_TEXT_CHAR}{{0,{limit}}}"
+
+
+def _longest_match(core: str) -> int:
+    """The longest string `core` matches, so the text around it keeps within maxLength (0 if unbounded or unknown)."""
+    try:
+        low, high = re._parser.parse(core).getwidth()  # type: ignore[attr-defined]
+    except Exception:
+        return 0
+    return high if high < 1 << 16 else low
 
 
 _CLASSES = {"d": "0-9", "w": "A-Za-z0-9_", "s": " \\t\\n\\r"}

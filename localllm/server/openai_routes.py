@@ -93,7 +93,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         if getattr(body, name) is not None:
             raise APIError(400, f"'{name}' is not supported by this server", param=name)
     if body.modalities not in (None, ["text"]):
-        raise APIError(400, "only the 'text' modality is supported", param="modalities")
+        raise APIError(400, "'modalities': only [\"text\"] is supported by this server", param="modalities")
     if body.verbosity not in (None, "medium"):
         raise APIError(400, "'verbosity' other than 'medium' is not supported by this server", param="verbosity")
     if body.top_logprobs is not None and not body.logprobs:
