@@ -345,3 +345,49 @@ def test_null_body_says_what_is_wrong(server):
 def test_completion_accepts_an_empty_prompt(client):
     r = client.completions.create(model="starter", prompt="", max_tokens=3, temperature=0)
     assert r.choices[0].finish_reason in ("stop", "length") and r.usage.prompt_tokens >= 1
+
+
+# -- the schema preparation on its own -------------------------------------------------------------------
+
+
+def test_patterns_mean_contains_unless_anchored():
+    from localllm.server.json_schema_prep import contains_pattern
+
+    for pattern, inside, outside in (
+        (r"[A-Z]{3}-\d{2}", "ref ABC-12 ok", "abc-12"),
+        (r"^\d{3}$", "123", "1234"),
+        ("cat|dog", "a dog!", "bird"),
+        ("^a|b$", "ab", "ba"),
+        (r"end$", "the end", "end."),
+    ):
+        anchored = contains_pattern(pattern)
+        assert anchored.startswith("^") and anchored.endswith("$") and contains_pattern(anchored) == anchored
+        assert re.fullmatch(anchored, inside) and not re.fullmatch(anchored, outside), (pattern, anchored)
+    assert contains_pattern(r"^\d{3}$") == "^[0-9]{3}$"  # the converter has no \d
+    within = contains_pattern("[A-Z]{3}", max_length=10)
+    assert re.fullmatch(within, "xxxABCxxxx") and not re.fullmatch(within, "xxxxABCxxxx")  # 11 characters
+
+
+def test_references_are_expanded_and_recursion_is_closed():
+    from localllm.errors import BadRequest
+    from localllm.server.json_schema_prep import prepare_schema
+
+    tree = prepare_schema(Tree.model_json_schema(), "format")
+    assert "$ref" not in json.dumps(tree) and "$defs" not in json.dumps(tree)
+    levels, node = 0, tree
+    while "properties" in node:
+        levels, node = levels + 1, node["properties"]["children"]
+        node = node.get("items", {})
+    assert levels == MAX_REF_DEPTH  # Pydantic makes the root a $ref to Tree too: every level is an expansion
+    optional = {"$defs": {"N": {"type": "object", "properties": {"next": {"anyOf": [{"$ref": "#/$defs/N"}, {"type": "null"}]}}}}, "$ref": "#/$defs/N"}
+    assert "$ref" not in json.dumps(prepare_schema(optional, "format"))
+    endless = {"type": "object", "properties": {"me": {"$ref": "#"}}, "required": ["me"]}
+    for schema, needle in (
+        (endless, "cannot end"),
+        ({"$ref": "https://example.com/s.json"}, "not a local reference"),
+        ({"type": "object", "properties": {"a": {"$ref": "#/$defs/Nope"}}}, "points at nothing"),
+        ({"type": "object", "if": {}}, "'if'"),
+        ({"type": "array", "items": {"type": "string"}, "uniqueItems": True}, "'uniqueItems'"),
+    ):
+        with pytest.raises(BadRequest, match=needle):
+            prepare_schema(schema, "format")

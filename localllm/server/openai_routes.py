@@ -40,9 +40,9 @@ from localllm.server.json_bodies import OffLoopBodyRoute
 from localllm.server.json_grammar import json_object_grammar, schema_grammar
 from localllm.server.offloop import off_loop
 from localllm.server.prompt_limits import check_message_count, check_prompt_chars, text_chars
+from localllm.server.registry import Lease
 from localllm.server.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, EmbeddingRequest
 from localllm.server.state import ServerState
-from localllm.server.registry import Lease
 from localllm.server.tools import ToolCall, ToolPlan, plan_tools
 
 router = APIRouter(route_class=OffLoopBodyRoute)
