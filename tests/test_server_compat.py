@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 
 import httpx
 import ollama
@@ -260,6 +261,35 @@ def test_n_choices_side_by_side(client):
     with pytest.raises(openai.BadRequestError) as err:
         client.completions.create(model="starter", prompt="x", max_tokens=2, n=9)
     assert err.value.body["param"] == "n"
+
+
+def running(server) -> float:
+    match = re.search(r"^localllm_requests_running (\S+)$", httpx.get(f"{server.url}/metrics").text, flags=re.MULTILINE)
+    return float(match.group(1))
+
+
+def test_n_choices_run_side_by_side_and_a_disconnect_stops_them_all(server):
+    story = {"type": "object", "properties": {"story": {"type": "string", "minLength": 1000}}, "required": ["story"]}
+    body = {
+        "model": "starter",
+        "messages": [{"role": "user", "content": "Tell a long story."}],
+        "max_tokens": 900,
+        "n": 3,
+        "stream": True,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "story", "schema": story}},  # no early end
+    }
+    with httpx.stream("POST", f"{server.v1}/chat/completions", json=body, timeout=60) as r:
+        indices = set()
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                indices |= {c["index"] for c in json.loads(line[6:])["choices"] if c["delta"].get("content")}
+            if indices == {0, 1, 2}:
+                break
+        assert running(server) == 3  # all three in the engine at once
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and running(server) > 0:
+        time.sleep(0.05)
+    assert running(server) == 0
 
 
 # -- a tool call cut by max_tokens ----------------------------------------------------------------------
