@@ -263,8 +263,8 @@ def test_n_choices_side_by_side(client):
     assert err.value.body["param"] == "n"
 
 
-def running(server) -> float:
-    match = re.search(r"^localllm_requests_running (\S+)$", httpx.get(f"{server.url}/metrics").text, flags=re.MULTILINE)
+def metric(server, name: str) -> float:
+    match = re.search(rf"^{name} (\S+)$", httpx.get(f"{server.url}/metrics").text, flags=re.MULTILINE)
     return float(match.group(1))
 
 
@@ -278,18 +278,24 @@ def test_n_choices_run_side_by_side_and_a_disconnect_stops_them_all(server):
         "stream": True,
         "response_format": {"type": "json_schema", "json_schema": {"name": "story", "schema": story}},  # no early end
     }
+    chunks = {0: 0, 1: 0, 2: 0}
     with httpx.stream("POST", f"{server.v1}/chat/completions", json=body, timeout=60) as r:
-        indices = set()
+        assert r.status_code == 200, r.read()
         for line in r.iter_lines():
-            if line.startswith("data: {"):
-                indices |= {c["index"] for c in json.loads(line[6:])["choices"] if c["delta"].get("content")}
-            if indices == {0, 1, 2}:
-                break
-        assert running(server) == 3  # all three in the engine at once
+            if not line.startswith("data: {"):
+                continue
+            data = json.loads(line[6:])
+            assert "error" not in data and not any(c["finish_reason"] for c in data["choices"]), data
+            for c in data["choices"]:
+                chunks[c["index"]] += bool(c["delta"].get("content"))
+            if min(chunks.values()) >= 3:
+                break  # each choice is under way while none has ended: they run side by side
+        generated = metric(server, "localllm_generated_tokens_total")
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and running(server) > 0:
+    while time.monotonic() < deadline and metric(server, "localllm_requests_running") > 0:
         time.sleep(0.05)
-    assert running(server) == 0
+    assert metric(server, "localllm_requests_running") == 0
+    assert metric(server, "localllm_generated_tokens_total") - generated < 100  # the disconnect aborted all three
 
 
 # -- a tool call cut by max_tokens ----------------------------------------------------------------------
