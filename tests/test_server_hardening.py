@@ -267,7 +267,7 @@ def test_message_and_prompt_limits_are_400s_that_name_them(server):
     assert r.status_code == 400 and "at most 16384" in r.json()["error"]
     wizard = [{"role": "user", "content": "x"}] * 10_000 + [{"role": "wizard", "content": "x"}]  # a big body, validated off the loop
     r = httpx.post(f"{server.v1}/chat/completions", json={"model": "starter", "messages": wizard})
-    assert r.status_code == 400 and r.json()["error"]["param"] == "messages.10000.role"
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages[10000].role"
     long = "word " * 4000  # 20,000 characters: more than 512 tokens x 32
     r = httpx.post(f"{server.v1}/completions", json={"model": "starter", "prompt": long})
     assert r.status_code == 400 and r.json()["error"]["code"] == "prompt_too_long" and "16384" in r.json()["error"]["message"]

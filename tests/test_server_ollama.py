@@ -185,8 +185,8 @@ def test_errors_are_ollama_shaped(client, server):
     with pytest.raises(ollama.ResponseError) as err:
         client.chat(model="ghost", messages=[{"role": "user", "content": "x"}])
     assert err.value.status_code == 404
-    with pytest.raises(ollama.ResponseError, match="mirostat"):
-        client.generate(model="starter", prompt="x", options={"mirostat": 2})
+    with pytest.raises(ollama.ResponseError, match="temperature"):
+        client.generate(model="starter", prompt="x", options={"temperature": -1})
     with pytest.raises(ollama.ResponseError, match="num_predict"):
         client.generate(model="starter", prompt="x", options={"num_predict": 0})
     with pytest.raises(ollama.ResponseError, match="images"):

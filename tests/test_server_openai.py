@@ -297,7 +297,7 @@ def test_unknown_model_is_a_404_in_openai_shape(server):
     [
         (b'{"model": "starter", "messages": [', "not valid JSON"),
         (b'{"model": "starter"}', "'messages' is required"),
-        (b'{"model": "starter", "messages": [{"role": "wizard", "content": "x"}]}', "messages.0.role"),
+        (b'{"model": "starter", "messages": [{"role": "wizard", "content": "x"}]}', "messages[0].role"),
         (b'{"model": "starter", "messages": [{"role": "user", "content": "x"}], "temperature": "hot"}', "temperature"),
         (b'{"model": "starter", "messages": [{"role": "user", "content": "x"}], "bogus": 1}', "unrecognized request argument 'bogus'"),
         (b"[1, 2]", "JSON object"),
@@ -313,7 +313,7 @@ def test_invalid_bodies_are_400_not_422(server, body, needle):
 @pytest.mark.parametrize(
     "extra, param",
     [
-        ({"n": 2}, "n"),
+        ({"n": 9}, "n"),
         ({"logit_bias": {"50256": -100}}, "logit_bias"),
         ({"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
         ({"stream_options": {"include_usage": True}}, "stream_options"),

@@ -12,6 +12,7 @@ carries a stack trace, and the server log keeps the one of an unexpected error.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -144,13 +145,17 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     errors = exc.errors()
     if not errors:
         return "invalid request", None
-    first = errors[0]
-    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    first = _most_specific(errors)
+    loc = list(first.get("loc", ()))
+    if loc[:1] == ["body"]:
+        loc = loc[1:]
     kind = first.get("type", "")
     if kind == "json_invalid":
         detail = (first.get("ctx") or {}).get("error", "")
         return f"the request body is not valid JSON{': ' + detail if detail else ''}", None
-    param = ".".join(loc) or None
+    param = param_name(loc)
+    if kind == "missing" and param is None:
+        return "the request body must be a JSON object", None
     if kind == "missing":
         return f"'{param}' is required", param
     if kind == "extra_forbidden":
@@ -159,6 +164,37 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
         return "the request body must be a JSON object", None
     msg = str(first.get("msg", "is invalid"))
     return f"'{param}': {msg[0].lower() + msg[1:] if msg else 'is invalid'}", param
+
+
+# How pydantic tags the member of a union it tried: `str`, `list[...]`, `literal['a','b']`,
+# `function-after[...]`, or a model's class name. They are not part of the client's field path.
+_UNION_TAG = re.compile(r"^(?:[a-z][a-z0-9_-]*\[.*\]|str|int|float|bool|none|dict|list|[A-Z][A-Za-z0-9]*)$", re.DOTALL)
+
+
+def _most_specific(errors: list[Any]) -> Any:
+    """Of the errors pydantic reports for the first bad field, the deepest one.
+
+    A union field (`tool_choice`) gets one error per member it tried; the one
+    that went deepest (`tool_choice.function` is required) says most.
+    """
+    first = errors[0]
+    loc = list(first.get("loc", ()))
+    cut = next((i for i, part in enumerate(loc) if i and isinstance(part, str) and _UNION_TAG.match(part)), len(loc))
+    same_field = [e for e in errors if list(e.get("loc", ()))[:cut] == loc[:cut]]
+    return max(same_field, key=lambda e: len(e.get("loc", ())))
+
+
+def param_name(loc: list[Any]) -> str | None:
+    """A field path the way the client wrote it: `messages[0].content`, never `messages.0.content.str`."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif isinstance(part, str) and _UNION_TAG.match(part) and out:
+            continue
+        else:
+            out += f".{part}" if out else str(part)
+    return out or None
 
 
 def install_error_handlers(app: FastAPI) -> None:

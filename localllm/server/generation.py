@@ -2,7 +2,9 @@
 
 `prepared` has the backend check and tokenize a request (the routes run it
 off the event loop, see offloop.py); `start_run` hands the request to the model's backend and returns a Run whose
-`events()` the route turns into its own response shape. Three promises:
+`events()` the route turns into its own response shape. Several runs of one
+request (OpenAI's `n` choices) go side by side through `collect_all` and
+`merged_events`, so the engine batches them. Three promises:
 
 * Errors the backend finds before it queues the request (invalid values, a
   prompt longer than the context) surface from `start_run`, so the route can
@@ -134,8 +136,13 @@ async def start_run(lease: Lease, request: GenerationRequest, metrics: Metrics) 
 
 async def collect(run: Run, request: Request) -> tuple[list[TokenEvent], FinishEvent]:
     """All of a run's events for a non-streaming reply; a client that disconnects aborts it."""
+    return (await collect_all([run], request))[0]
 
-    async def gather() -> tuple[list[TokenEvent], FinishEvent]:
+
+async def collect_all(runs: list[Run], request: Request) -> list[tuple[list[TokenEvent], FinishEvent]]:
+    """`collect` for runs generated side by side (`n` choices); a disconnect aborts them all."""
+
+    async def gather(run: Run) -> tuple[list[TokenEvent], FinishEvent]:
         tokens: list[TokenEvent] = []
         async for event in run.events():
             if isinstance(event, TokenEvent):
@@ -144,10 +151,57 @@ async def collect(run: Run, request: Request) -> tuple[list[TokenEvent], FinishE
                 return tokens, event
         raise RuntimeError("the engine ended a request without a finish event")
 
+    tasks = [asyncio.ensure_future(gather(run)) for run in runs]
     try:
-        return await until_disconnected(request, gather())
+        return await until_disconnected(request, asyncio.gather(*tasks))
     finally:
+        for task in tasks:  # one failed or the client left: the others stop before their runs close
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await close_all(runs)
+
+
+async def close_all(runs: list[Run]) -> None:
+    for run in runs:
         await run.close()
+
+
+_DONE = object()
+
+
+async def merged_events(runs: list[Run]) -> AsyncIterator[tuple[int, Event]]:
+    """(choice index, event) from runs generated side by side, as each event arrives.
+
+    Each run ends with its FinishEvent; whatever ends the iteration stops
+    every run still going (close this generator with `contextlib.aclosing`).
+    """
+    queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+
+    async def pump(index: int, run: Run) -> None:
+        try:
+            async for event in run.events():
+                queue.put_nowait((index, event))
+        except Exception as exc:  # raised to the reader, in order
+            queue.put_nowait((index, exc))
+        finally:
+            queue.put_nowait((index, _DONE))
+
+    pumps = [asyncio.ensure_future(pump(i, run)) for i, run in enumerate(runs)]
+    try:
+        running = len(runs)
+        while running:
+            index, item = await queue.get()
+            if item is _DONE:
+                running -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in pumps:
+            task.cancel()
+        await asyncio.gather(*pumps, return_exceptions=True)
+        await close_all(runs)
 
 
 class ClientGone(Exception):

@@ -3,6 +3,8 @@
 The conversion itself is llama-cpp-python's `json_schema_to_gbnf` (pure Python;
 nothing here touches an engine). What this module adds:
 
+* self-contained schemas: `$ref`s expanded and patterns anchored
+  (json_schema_prep), so references still resolve once a schema is nested;
 * limits, because a schema comes from a client: its size, nesting, and the
   repetition counts (`maxItems`, `{n}` in patterns) that the converter expands
   into grammar text, so `{"minItems": 10**9}` is a 400, not an exhausted server;
@@ -21,6 +23,7 @@ import re
 from typing import Any
 
 from localllm.errors import BadRequest
+from localllm.server.json_schema_prep import prepare_schema
 
 MAX_SCHEMA_CHARS = 64 * 1024
 MAX_DEPTH = 32
@@ -31,18 +34,27 @@ _BRACES = re.compile(r"\{\s*(\d+)\s*(?:,\s*(\d*)\s*)?\}")
 ANY_OBJECT: dict[str, Any] = {"type": "object"}
 
 
-def schema_grammar(schema: Any, field: str) -> str:
-    """A grammar whose `root` accepts exactly the JSON that `schema` describes."""
+def checked_schema(schema: Any, field: str) -> dict[str, Any]:
+    """`schema` within the limits, self-contained and with anchored patterns (json_schema_prep)."""
     if not isinstance(schema, dict):
         raise BadRequest(f"{field} must be a JSON Schema object")
-    text = json.dumps(schema)
-    if len(text) > MAX_SCHEMA_CHARS:
+    if len(json.dumps(schema)) > MAX_SCHEMA_CHARS:
         raise BadRequest(f"{field} is larger than {MAX_SCHEMA_CHARS} characters")
     _check_limits(schema, field, 0)
+    return prepare_schema(schema, field)
+
+
+def schema_grammar(schema: Any, field: str) -> str:
+    """A grammar whose `root` accepts exactly the JSON that `schema` describes."""
+    return prepared_schema_grammar(checked_schema(schema, field), field)
+
+
+def prepared_schema_grammar(schema: dict[str, Any], field: str) -> str:
+    """The grammar of a schema `checked_schema` returned (or one built from such schemas)."""
     from llama_cpp.llama_grammar import json_schema_to_gbnf
 
     try:
-        grammar = json_schema_to_gbnf(text)
+        grammar = json_schema_to_gbnf(json.dumps(schema))
     except RecursionError:
         raise BadRequest(f"{field} is nested too deeply") from None
     except Exception as exc:  # the converter asserts and raises on what it does not support

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -48,15 +49,37 @@ from localllm.server.schemas import (
 )
 from localllm.server.settings import parse_duration
 from localllm.server.state import ServerState
-from localllm.server.tools import ToolPlan, plan_tools
+from localllm.server.tools import ToolCall, ToolPlan, plan_tools
 from localllm.units import human_count
 
 router = APIRouter(route_class=OffLoopBodyRoute)
+log = logging.getLogger("localllm.server")
 
 NDJSON = "application/x-ndjson"
-# Options that change nothing at these values; any other value, or any other option, is refused.
-_NEUTRAL_OPTIONS: dict[str, Any] = {"mirostat": 0, "tfs_z": 1.0, "typical_p": 1.0}
-_SUPPORTED_OPTIONS = sorted(OllamaOptions.model_fields)
+# Ollama's documented options that this server does not apply per request: loading and
+# hardware settings are the server's (--threads, --ctx; one engine serves every request),
+# and llama.cpp samplers we do not offer. They are accepted, as Ollama accepts them, and
+# the server log says once per request which were ignored. The values listed change nothing.
+OPTIONS_IGNORED: dict[str, Any] = {
+    "num_keep": None,
+    "typical_p": 1.0,
+    "tfs_z": 1.0,
+    "penalize_newline": None,
+    "mirostat": 0,
+    "mirostat_tau": None,
+    "mirostat_eta": None,
+    "numa": None,
+    "num_batch": None,
+    "num_gpu": None,
+    "main_gpu": None,
+    "low_vram": None,
+    "f16_kv": None,
+    "logits_all": None,
+    "vocab_only": None,
+    "use_mmap": None,
+    "use_mlock": None,
+    "num_thread": None,
+}
 _NEVER = "2318-08-30T00:00:00Z"  # Ollama's "expires_at" for a model that never unloads (year 2318)
 
 
@@ -205,7 +228,7 @@ async def generate(body: OllamaGenerateRequest, request: Request) -> Response:
         raise APIError(400, "'context' is not supported by this server; send the conversation to /api/chat")
     _refuse_thinking(body.model, body.think)
     keep_alive = _keep_alive(body.keep_alive)
-    params, n_ctx = _options(body.options)
+    params, n_ctx = _options(body.options, body.model)
     started = time.perf_counter()
     if not body.prompt:
         return await _load_or_unload(state, body.model, keep_alive, n_ctx, "response")
@@ -244,7 +267,7 @@ async def chat(body: OllamaChatRequest, request: Request) -> Response:
     state = _state(request)
     _refuse_thinking(body.model, body.think)
     keep_alive = _keep_alive(body.keep_alive)
-    params, n_ctx = _options(body.options)
+    params, n_ctx = _options(body.options, body.model)
     started = time.perf_counter()
     if not body.messages:
         return await _load_or_unload(state, body.model, keep_alive, n_ctx, "message")
@@ -304,8 +327,8 @@ async def _respond(reply: _Reply, request: Request, stream: bool, kind: str) -> 
     if finish.reason == "error":
         raise APIError(500, finish.error or "the engine failed")
     text = "".join(t.text for t in tokens)
-    content, calls = reply.tools.parse(text) if reply.tools else (text, [])
-    body = _head(reply.model, kind, content or "", calls)
+    content, calls = reply.tools.parse(text, cut=finish.reason == "length") if reply.tools else (text, [])
+    body = _head(reply.model, kind, content or "", _whole(calls))
     body.update(_final_stats(reply, finish))
     if reply.logprobs:
         body["logprobs"] = _ollama_logprobs(tokens)
@@ -327,12 +350,18 @@ async def _stream(reply: _Reply, kind: str) -> AsyncIterator[bytes]:
             yield _ndjson({"error": event.error or "the engine failed"})
             return
         if tool_stream:
-            rest, calls = tool_stream.finish()
+            rest, calls = tool_stream.finish(cut=event.reason == "length")
+            calls = _whole(calls)
             if rest or calls:
                 yield _ndjson(_head(reply.model, kind, rest, calls, done=False))
         final = _head(reply.model, kind, "", [])
         final.update(_final_stats(reply, event))
         yield _ndjson(final)
+
+
+def _whole(calls: list[ToolCall]) -> list[ToolCall]:
+    """The calls Ollama can report: its arguments are objects, so a call cut by num_predict is left out."""
+    return [c for c in calls if c.complete]
 
 
 def _head(model: str, kind: str, text: str, calls: list, *, done: bool = True) -> dict[str, Any]:
@@ -397,15 +426,12 @@ def _keep_alive(value: Any) -> Any:
         raise APIError(400, str(exc)) from None
 
 
-def _options(options: OllamaOptions | None) -> tuple[SamplingParams, int | None]:
+def _options(options: OllamaOptions | None, model: str) -> tuple[SamplingParams, int | None]:
     """Ollama's options as sampling parameters, plus the context size asked for."""
     params = SamplingParams()
     if options is None:
         return params, None
-    for key, value in (options.model_extra or {}).items():
-        if key in _NEUTRAL_OPTIONS and value == _NEUTRAL_OPTIONS[key]:
-            continue
-        raise APIError(400, f"option '{key}' is not supported; supported options: {', '.join(_SUPPORTED_OPTIONS)}")
+    _log_ignored_options(options, model)
     for name in ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "repeat_last_n", "presence_penalty", "frequency_penalty"):
         value = getattr(options, name)
         if value is not None:
@@ -427,6 +453,24 @@ def _options(options: OllamaOptions | None) -> tuple[SamplingParams, int | None]
     except BadRequest as exc:
         raise APIError(400, str(exc)) from None
     return params, options.num_ctx
+
+
+def _log_ignored_options(options: OllamaOptions, model: str) -> None:
+    """One server-log line naming the options this request set that nothing here applies."""
+    ignored = [
+        f"{key}={value}"
+        for key, neutral in OPTIONS_IGNORED.items()
+        if (value := getattr(options, key)) is not None and value != neutral
+    ]
+    unknown = sorted(options.model_extra or {})
+    if not ignored and not unknown:
+        return
+    parts = []
+    if ignored:
+        parts.append(f"{', '.join(ignored)} (the server's own settings and samplers apply)")
+    if unknown:
+        parts.append(f"unknown {', '.join(unknown)}")
+    log.warning("request for '%s': options ignored: %s", model, "; ".join(parts)[:500])
 
 
 def _format(params: SamplingParams, fmt: JsonFormat, tools: ToolPlan | None) -> None:

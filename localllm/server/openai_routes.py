@@ -3,34 +3,52 @@
 Shapes follow OpenAI's field for field, so the official SDK (and anything
 built on it) works unchanged. Options we cannot honour are a 400 that names
 them; options that do not change an answer (user, metadata, store, ...) are
-accepted.
+accepted (the policy is in schemas.py). `n` choices are `n` engine requests
+submitted together, so a batching engine decodes them side by side.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
+from contextlib import aclosing
+from dataclasses import replace
 from datetime import datetime
 from typing import Any, AsyncIterator
 
 from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
+from localllm import __version__
 from localllm.backends.base import FinishEvent, GenerationRequest, SamplingParams, TokenEvent
 from localllm.errors import BadRequest
 from localllm.server.errors import APIError
-from localllm.server.generation import ClientGone, EventStreamResponse, Run, collect, guarded, new_id, prepared, start_run
+from localllm.server.generation import (
+    ClientGone,
+    EventStreamResponse,
+    Run,
+    close_all,
+    collect_all,
+    guarded,
+    merged_events,
+    new_id,
+    prepared,
+    start_run,
+)
 from localllm.server.json_bodies import OffLoopBodyRoute
 from localllm.server.json_grammar import json_object_grammar, schema_grammar
 from localllm.server.offloop import off_loop
 from localllm.server.prompt_limits import check_message_count, check_prompt_chars, text_chars
+from localllm.server.registry import Lease
 from localllm.server.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest
 from localllm.server.state import ServerState
-from localllm.server.tools import ToolPlan, plan_tools
+from localllm.server.tools import ToolCall, ToolPlan, plan_tools
 
 router = APIRouter(route_class=OffLoopBodyRoute)
 
-_REFUSED_CHAT_FIELDS = ("audio", "prediction", "reasoning_effort", "verbosity", "web_search_options", "functions", "function_call")
+# known to OpenAI and changing the answer in ways we cannot honour (see schemas.py for the policy)
+_REFUSED_CHAT_FIELDS = ("audio", "web_search_options", "functions", "function_call", "moderation")
 
 
 def _state(request: Request) -> ServerState:
@@ -75,27 +93,56 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         if getattr(body, name) is not None:
             raise APIError(400, f"'{name}' is not supported by this server", param=name)
     if body.modalities not in (None, ["text"]):
-        raise APIError(400, "only the 'text' modality is supported", param="modalities")
+        raise APIError(400, "'modalities': only [\"text\"] is supported by this server", param="modalities")
+    if body.verbosity not in (None, "medium"):
+        raise APIError(400, "'verbosity' other than 'medium' is not supported by this server", param="verbosity")
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
 
-    lease = await state.registry.acquire(body.model)
+    leases = await _acquire(state, body.model, body.n or 1)
+    runs: list[Run] = []
     try:
-        n_ctx = lease.model.n_ctx
+        n_ctx = leases[0].model.n_ctx
         check_message_count(len(body.messages), n_ctx)
         check_prompt_chars(text_chars(m.content for m in body.messages), n_ctx, "messages")
-        generation, plan = await off_loop(_prepare_chat, body, lease.backend)
-        rid = generation.request_id
-        run = await start_run(lease, generation, state.metrics)
+        generation, plan = await off_loop(_prepare_chat, body, leases[0].backend)
+        for lease, choice in zip(leases, _choices(generation, len(leases))):
+            runs.append(await start_run(lease, choice, state.metrics))
     except BaseException:
-        lease.release()
+        await close_all(runs)
+        for lease in leases:
+            lease.release()
         raise
-    meta = _Meta(f"chatcmpl-{rid}", body.model, int(time.time()))
+    meta = _Meta(f"chatcmpl-{generation.request_id}", body.model, int(time.time()), _fingerprint(leases[0]))
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        body_lines = guarded(_chat_stream(run, meta, plan, include_usage), _sse_error)
-        return EventStreamResponse(body_lines, "text/event-stream", run.close)
-    return await _chat_reply(run, request, meta, plan, bool(body.logprobs))
+        body_lines = guarded(_chat_stream(runs, meta, plan, include_usage), _sse_error)
+        return EventStreamResponse(body_lines, "text/event-stream", lambda: close_all(runs))
+    return await _chat_reply(runs, request, meta, plan, bool(body.logprobs))
+
+
+async def _acquire(state: ServerState, model: str, n: int) -> list[Lease]:
+    """One lease per choice: each is a request to the engine, counted as such by admission control."""
+    leases: list[Lease] = []
+    try:
+        for _ in range(n):
+            leases.append(await state.registry.acquire(model))
+    except BaseException:
+        for lease in leases:
+            lease.release()
+        raise
+    return leases
+
+
+def _choices(generation: GenerationRequest, n: int) -> list[GenerationRequest]:
+    """`n` copies of a prepared request, each its own engine request; a seed gives each its own seed."""
+    copies = [generation]
+    for i in range(1, n):
+        params = generation.params
+        if params.seed is not None:
+            params = replace(params, seed=(params.seed + i) % 2**32)
+        copies.append(replace(generation, request_id=new_id(), params=params))
+    return copies
 
 
 def _prepare_chat(body: ChatCompletionRequest, backend: Any) -> tuple[GenerationRequest, ToolPlan | None]:
@@ -159,59 +206,74 @@ def _constrain(params: SamplingParams, body: ChatCompletionRequest, plan: ToolPl
     params.grammar = schema_grammar(fmt.json_schema.schema_, "response_format.json_schema.schema")
 
 
-async def _chat_reply(run: Run, request: Request, meta: "_Meta", plan: ToolPlan | None, logprobs: bool) -> Response:
+async def _chat_reply(runs: list[Run], request: Request, meta: "_Meta", plan: ToolPlan | None, logprobs: bool) -> Response:
     try:
-        tokens, finish = await collect(run, request)
+        results = await collect_all(runs, request)
     except ClientGone:
         return Response(status_code=499)  # nobody is listening; the request was aborted
-    _raise_on_engine_error(finish)
-    text = "".join(t.text for t in tokens)
-    content, calls = plan.parse(text) if plan else (text, [])
-    message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None, "annotations": []}
-    reason = _finish_reason(finish)
-    if calls:
-        message["tool_calls"] = [c.openai() for c in calls]
-        reason = "tool_calls"
-    choice = {
-        "index": 0,
-        "message": message,
-        "logprobs": {"content": _chat_logprobs(tokens), "refusal": None} if logprobs else None,
-        "finish_reason": reason,
-    }
-    return JSONResponse({**meta.head("chat.completion"), "choices": [choice], "usage": _usage(finish)})
+    choices = []
+    for index, (tokens, finish) in enumerate(results):
+        _raise_on_engine_error(finish)
+        text = "".join(t.text for t in tokens)
+        content, calls = plan.parse(text, cut=finish.reason == "length") if plan else (text, [])
+        message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None, "annotations": []}
+        reason = _finish_reason(finish)
+        if calls:
+            message["tool_calls"] = [c.openai() for c in calls]
+            reason = _tool_finish_reason(calls)
+        choices.append(
+            {
+                "index": index,
+                "message": message,
+                "logprobs": {"content": _chat_logprobs(tokens), "refusal": None} if logprobs else None,
+                "finish_reason": reason,
+            }
+        )
+    usage = _usage([finish for _, finish in results])
+    return JSONResponse({**meta.head("chat.completion"), "choices": choices, "usage": usage})
 
 
-async def _chat_stream(run: Run, meta: "_Meta", plan: ToolPlan | None, include_usage: bool) -> AsyncIterator[bytes]:
+def _tool_finish_reason(calls: list[ToolCall]) -> str:
+    """`tool_calls`, or `length` when max_tokens cut a call (reported with its arguments so far)."""
+    return "tool_calls" if all(c.complete for c in calls) else "length"
+
+
+async def _chat_stream(runs: list[Run], meta: "_Meta", plan: ToolPlan | None, include_usage: bool) -> AsyncIterator[bytes]:
     head = meta.head("chat.completion.chunk")
     extra = {"usage": None} if include_usage else {}
 
-    def chunk(delta: dict[str, Any], finish_reason: str | None = None, logprobs: Any = None) -> bytes:
-        choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+    def chunk(index: int, delta: dict[str, Any], finish_reason: str | None = None, logprobs: Any = None) -> bytes:
+        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
         return _sse({**head, "choices": [choice], **extra})
 
-    tool_stream = plan.stream() if plan else None
-    yield chunk({"role": "assistant", "content": "", "refusal": None})
-    async for event in run.events():
-        if isinstance(event, TokenEvent):
-            text = tool_stream.feed(event.text) if tool_stream else event.text
-            lp = {"content": _chat_logprobs([event]), "refusal": None} if event.logprobs else None
-            if text or lp:
-                yield chunk({"content": text}, logprobs=lp)
-            continue
-        if event.reason == "error":
-            yield _sse({"error": _stream_error(event)})
-            return
-        reason = _finish_reason(event)
-        if tool_stream:
-            rest, calls = tool_stream.finish()
-            if rest:
-                yield chunk({"content": rest})
-            if calls:
-                yield chunk({"tool_calls": [c.openai(index=i) for i, c in enumerate(calls)]})
-                reason = "tool_calls"
-        yield chunk({}, finish_reason=reason)
-        if include_usage:
-            yield _sse({**head, "choices": [], "usage": _usage(event)})
+    tool_streams = [plan.stream() if plan else None for _ in runs]
+    finishes: list[FinishEvent] = []
+    for index in range(len(runs)):
+        yield chunk(index, {"role": "assistant", "content": "", "refusal": None})
+    async with aclosing(merged_events(runs)) as events:
+        async for index, event in events:
+            tool_stream = tool_streams[index]
+            if isinstance(event, TokenEvent):
+                text = tool_stream.feed(event.text) if tool_stream else event.text
+                lp = {"content": _chat_logprobs([event]), "refusal": None} if event.logprobs else None
+                if text or lp:
+                    yield chunk(index, {"content": text}, logprobs=lp)
+                continue
+            if event.reason == "error":
+                yield _sse({"error": _stream_error(event)})
+                return
+            reason = _finish_reason(event)
+            if tool_stream:
+                rest, calls = tool_stream.finish(cut=event.reason == "length")
+                if rest:
+                    yield chunk(index, {"content": rest})
+                if calls:
+                    yield chunk(index, {"tool_calls": [c.openai(index=i) for i, c in enumerate(calls)]})
+                    reason = _tool_finish_reason(calls)
+            yield chunk(index, {}, finish_reason=reason)
+            finishes.append(event)
+    if include_usage:
+        yield _sse({**head, "choices": [], "usage": _usage(finishes)})
     yield b"data: [DONE]\n\n"
 
 
@@ -226,51 +288,58 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
         raise APIError(400, "'echo' is not supported by this server", param="echo")
     if body.suffix:
         raise APIError(400, "'suffix' is not supported by this server", param="suffix")
-    if body.best_of not in (None, 1):
-        raise APIError(400, "'best_of' above 1 is not supported by this server", param="best_of")
+    if body.best_of not in (None, 1, body.n):
+        raise APIError(400, "'best_of' above 'n' is not supported by this server", param="best_of")
     prompt = _single_prompt(body.prompt)
 
-    lease = await state.registry.acquire(body.model)
+    leases = await _acquire(state, body.model, body.n or 1)
+    runs: list[Run] = []
     try:
+        backend = leases[0].backend
         if isinstance(prompt, list):
-            vocab = lease.backend.info.vocab_size  # 0: unknown (a remote model): the upstream checks
+            vocab = backend.info.vocab_size  # 0: unknown (a remote model): the upstream checks
             bad = next((t for t in prompt if not 0 <= t < vocab), None) if vocab else None
             if bad is not None:
                 raise APIError(400, f"prompt token {bad} is outside the vocabulary (0 to {vocab - 1})", param="prompt")
         else:
-            check_prompt_chars(len(prompt), lease.model.n_ctx, "prompt")
+            check_prompt_chars(len(prompt), leases[0].model.n_ctx, "prompt")
         params = _sampling(body, 16 if body.max_tokens is None else body.max_tokens)  # null: OpenAI's default
         params.logprobs = body.logprobs
-        rid = new_id()
-        generation = await off_loop(prepared, lease.backend, GenerationRequest(rid, prompt, params))
-        run = await start_run(lease, generation, state.metrics)
+        generation = await off_loop(prepared, backend, GenerationRequest(new_id(), prompt, params))
+        for lease, choice in zip(leases, _choices(generation, len(leases))):
+            runs.append(await start_run(lease, choice, state.metrics))
     except BaseException:
-        lease.release()
+        await close_all(runs)
+        for lease in leases:
+            lease.release()
         raise
-    meta = _Meta(f"cmpl-{rid}", body.model, int(time.time()))
+    meta = _Meta(f"cmpl-{generation.request_id}", body.model, int(time.time()), _fingerprint(leases[0]))
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        body_lines = guarded(_completion_stream(run, meta, include_usage), _sse_error)
-        return EventStreamResponse(body_lines, "text/event-stream", run.close)
+        body_lines = guarded(_completion_stream(runs, meta, include_usage), _sse_error)
+        return EventStreamResponse(body_lines, "text/event-stream", lambda: close_all(runs))
     try:
-        tokens, finish = await collect(run, request)
+        results = await collect_all(runs, request)
     except ClientGone:
         return Response(status_code=499)
-    _raise_on_engine_error(finish)
-    choice = {
-        "index": 0,
-        "text": "".join(t.text for t in tokens),
-        "logprobs": _completion_logprobs(tokens) if body.logprobs is not None else None,
-        "finish_reason": _finish_reason(finish),
-    }
-    return JSONResponse({**meta.head("text_completion"), "choices": [choice], "usage": _usage(finish)})
+    choices = []
+    for index, (tokens, finish) in enumerate(results):
+        _raise_on_engine_error(finish)
+        choices.append(
+            {
+                "index": index,
+                "text": "".join(t.text for t in tokens),
+                "logprobs": _completion_logprobs(tokens) if body.logprobs is not None else None,
+                "finish_reason": _finish_reason(finish),
+            }
+        )
+    usage = _usage([finish for _, finish in results])
+    return JSONResponse({**meta.head("text_completion"), "choices": choices, "usage": usage})
 
 
 def _single_prompt(prompt: Any) -> str | list[int]:
     if isinstance(prompt, str):
-        if not prompt:
-            raise APIError(400, "'prompt' must not be empty", param="prompt")
-        return prompt
+        return prompt  # "" is a prompt too: the model starts from its BOS token
     if not prompt:
         raise APIError(400, "'prompt' must not be empty", param="prompt")
     if all(isinstance(t, int) for t in prompt):
@@ -280,23 +349,26 @@ def _single_prompt(prompt: Any) -> str | list[int]:
     raise APIError(400, "one prompt per request: a list of several prompts is not supported", param="prompt")
 
 
-async def _completion_stream(run: Run, meta: "_Meta", include_usage: bool) -> AsyncIterator[bytes]:
+async def _completion_stream(runs: list[Run], meta: "_Meta", include_usage: bool) -> AsyncIterator[bytes]:
     head = meta.head("text_completion")
     extra = {"usage": None} if include_usage else {}
-    async for event in run.events():
-        if isinstance(event, TokenEvent):
-            if event.text or event.logprobs:
-                lp = _completion_logprobs([event]) if event.logprobs else None
-                choice = {"index": 0, "text": event.text, "logprobs": lp, "finish_reason": None}
-                yield _sse({**head, "choices": [choice], **extra})
-            continue
-        if event.reason == "error":
-            yield _sse({"error": _stream_error(event)})
-            return
-        choice = {"index": 0, "text": "", "logprobs": None, "finish_reason": _finish_reason(event)}
-        yield _sse({**head, "choices": [choice], **extra})
-        if include_usage:
-            yield _sse({**head, "choices": [], "usage": _usage(event)})
+    finishes: list[FinishEvent] = []
+    async with aclosing(merged_events(runs)) as events:
+        async for index, event in events:
+            if isinstance(event, TokenEvent):
+                if event.text or event.logprobs:
+                    lp = _completion_logprobs([event]) if event.logprobs else None
+                    choice = {"index": index, "text": event.text, "logprobs": lp, "finish_reason": None}
+                    yield _sse({**head, "choices": [choice], **extra})
+                continue
+            if event.reason == "error":
+                yield _sse({"error": _stream_error(event)})
+                return
+            choice = {"index": index, "text": "", "logprobs": None, "finish_reason": _finish_reason(event)}
+            yield _sse({**head, "choices": [choice], **extra})
+            finishes.append(event)
+    if include_usage:
+        yield _sse({**head, "choices": [], "usage": _usage(finishes)})
     yield b"data: [DONE]\n\n"
 
 
@@ -304,16 +376,23 @@ async def _completion_stream(run: Run, meta: "_Meta", include_usage: bool) -> As
 
 
 class _Meta:
-    def __init__(self, rid: str, model: str, created: int) -> None:
-        self.rid, self.model, self.created = rid, model, created
+    def __init__(self, rid: str, model: str, created: int, fingerprint: str) -> None:
+        self.rid, self.model, self.created, self.fingerprint = rid, model, created, fingerprint
 
     def head(self, kind: str) -> dict[str, Any]:
-        return {"id": self.rid, "object": kind, "created": self.created, "model": self.model, "system_fingerprint": None}
+        return {"id": self.rid, "object": kind, "created": self.created, "model": self.model, "system_fingerprint": self.fingerprint}
+
+
+def _fingerprint(lease: Lease) -> str:
+    """Stable for one model file, engine and context size on one build, as OpenAI's is per backend configuration."""
+    backend = lease.backend
+    manifest = lease.model.resolved.manifest
+    model = manifest.sha256 if manifest is not None and manifest.sha256 else str(getattr(backend.info, "path", lease.model.name))
+    facts = f"{__version__}|{backend.name}|{model}|{lease.model.n_ctx}"
+    return "fp_" + hashlib.sha256(facts.encode()).hexdigest()[:10]
 
 
 def _refuse_common(body: Any) -> None:
-    if body.n not in (None, 1):
-        raise APIError(400, "'n' above 1 is not supported by this server: ask once per completion", param="n")
     if body.logit_bias:
         raise APIError(400, "'logit_bias' is not supported by this server", param="logit_bias")
     if body.stream_options is not None and not body.stream:
@@ -356,13 +435,15 @@ def _stream_error(finish: FinishEvent) -> dict[str, Any]:
     return {"message": finish.error or "the engine failed", "type": "server_error", "param": None, "code": "engine_error"}
 
 
-def _usage(finish: FinishEvent) -> dict[str, Any]:
-    u = finish.usage
+def _usage(finishes: list[FinishEvent]) -> dict[str, Any]:
+    """Usage of all choices: the prompt counted once (as OpenAI does), the completions summed."""
+    first = finishes[0].usage
+    completion = sum(f.usage.completion_tokens for f in finishes)
     return {
-        "prompt_tokens": u.prompt_tokens,
-        "completion_tokens": u.completion_tokens,
-        "total_tokens": u.total_tokens,
-        "prompt_tokens_details": {"cached_tokens": u.cached_prompt_tokens},
+        "prompt_tokens": first.prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": first.prompt_tokens + completion,
+        "prompt_tokens_details": {"cached_tokens": first.cached_prompt_tokens},
     }
 
 

@@ -1,10 +1,23 @@
 """Request bodies of both API families, as pydantic models (they also make /openapi.json).
 
-OpenAI requests forbid unknown fields, as OpenAI does ("unrecognized request
-argument"), and list the known fields we cannot honour as `Any`, so a route
-can answer 400 naming the option instead of silently ignoring it. Ollama's
-server ignores unknown fields (Go's JSON decoding), so Ollama requests do too;
-the known ones we cannot honour are still refused by name.
+Which fields a request may carry, the policy:
+
+* A field the API knows and we honour is applied (sampling, tools, formats,
+  `n` up to MAX_CHOICES, `stream_options`, `parallel_tool_calls`).
+* A field the API knows that cannot change the answer is accepted and
+  ignored: bookkeeping (`user`, `metadata`, `store`, `safety_identifier`),
+  caching and scheduling hints (`prompt_cache_key`, `prompt_cache_retention`,
+  `prompt_cache_options`, `service_tier`), `prediction` (it only saves time),
+  `modalities: ["text"]`, and `reasoning_effort`, which our models (none
+  reasons on request) have nothing to apply to.
+* A field the API knows that would change the answer and that we cannot
+  honour is a 400 naming it (`audio`, `web_search_options`, `functions`,
+  `moderation`, a non-empty `logit_bias`, ...). The same field at the value
+  that changes nothing (`verbosity: "medium"`, `modalities: ["text"]`) passes.
+* OpenAI requests refuse names the API does not have, as OpenAI does
+  ("unrecognized request argument"), so a typo is not silently dropped.
+  Ollama's server ignores unknown fields (Go's JSON decoding) and so do we;
+  Ollama's documented options are accepted (see ollama_routes.OPTIONS_IGNORED).
 
 Responses are built as plain dicts in the routes, to match each API's shape
 field for field.
@@ -16,6 +29,7 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
+MAX_CHOICES = 8  # `n`: choices generated side by side for one request
 # -- shared -------------------------------------------------------------------------
 
 
@@ -104,7 +118,7 @@ class _OpenAISampling(BaseModel):
     seed: int | None = None
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
-    n: int | None = Field(default=None, ge=1, le=128)
+    n: int | None = Field(default=None, ge=1, le=MAX_CHOICES)
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     # llama.cpp's extensions, as its own server accepts them
@@ -145,15 +159,18 @@ class ChatCompletionRequest(_OpenAISampling):
     service_tier: str | None = None
     safety_identifier: str | None = None
     prompt_cache_key: str | None = None
+    prompt_cache_retention: str | None = None
+    prompt_cache_options: dict[str, Any] | None = None
+    prediction: dict[str, Any] | None = None
+    reasoning_effort: str | None = None
     modalities: list[str] | None = None  # only ["text"]
+    verbosity: str | None = None  # only "medium", the default
     # known to OpenAI, refused by name when set
     audio: Any = None
-    prediction: Any = None
-    reasoning_effort: Any = None
-    verbosity: Any = None
     web_search_options: Any = None
     functions: Any = None
     function_call: Any = None
+    moderation: Any = None
 
 
 class CompletionRequest(_OpenAISampling):
@@ -182,7 +199,7 @@ class EmbeddingRequest(BaseModel):
 
 
 class OllamaOptions(BaseModel):
-    # Unknown options are checked by name in the route (so the message can list the supported ones).
+    # Unknown options are ignored with a log line, as Ollama does.
     model_config = ConfigDict(extra="allow")
     temperature: float | None = Field(default=None, ge=0)
     top_p: float | None = Field(default=None, ge=0, le=1)
@@ -196,6 +213,25 @@ class OllamaOptions(BaseModel):
     repeat_last_n: int | None = Field(default=None, ge=-1)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    # documented by Ollama; accepted, and ignored where they cannot apply (ollama_routes.OPTIONS_IGNORED)
+    num_keep: int | None = None
+    typical_p: float | None = None
+    tfs_z: float | None = None
+    penalize_newline: bool | None = None
+    mirostat: int | None = None
+    mirostat_tau: float | None = None
+    mirostat_eta: float | None = None
+    numa: bool | None = None
+    num_batch: int | None = None
+    num_gpu: int | None = None
+    main_gpu: int | None = None
+    low_vram: bool | None = None
+    f16_kv: bool | None = None
+    logits_all: bool | None = None
+    vocab_only: bool | None = None
+    use_mmap: bool | None = None
+    use_mlock: bool | None = None
+    num_thread: int | None = None
 
 
 class OllamaToolCallFunction(BaseModel):

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from localllm.errors import BadRequest
-from localllm.server.json_grammar import ANY_OBJECT, literal, rename_root, schema_grammar
+from localllm.server.json_grammar import checked_schema, literal, prepared_schema_grammar, rename_root
 
 
 @dataclass(frozen=True)
@@ -60,12 +60,20 @@ class ToolCall:
     name: str
     arguments: dict[str, Any]
     id: str = field(default_factory=lambda: "call_" + secrets.token_hex(12))
+    # A call cut by max_tokens: its arguments as far as the model wrote them (OpenAI reports
+    # such a call with a `length` finish; Ollama's arguments must be an object, so it gets none).
+    partial_arguments: str | None = None
+
+    @property
+    def complete(self) -> bool:
+        return self.partial_arguments is None
 
     def openai(self, index: int | None = None) -> dict[str, Any]:
+        arguments = json.dumps(self.arguments, ensure_ascii=False) if self.complete else self.partial_arguments
         call: dict[str, Any] = {
             "id": self.id,
             "type": "function",
-            "function": {"name": self.name, "arguments": json.dumps(self.arguments, ensure_ascii=False)},
+            "function": {"name": self.name, "arguments": arguments},
         }
         if index is not None:
             call = {"index": index, **call}
@@ -85,6 +93,8 @@ class ToolPlan:
     parallel: bool
     format: ToolFormat
     native: bool
+    # each function's parameters made self-contained (json_schema_prep), for the call grammar
+    argument_schemas: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def names(self) -> set[str]:
@@ -157,7 +167,7 @@ class ToolPlan:
             functions = [f for f in functions if f["name"] == self.forced_name]
         schemas = [self._call_schema(f) for f in functions]
         call_schema = schemas[0] if len(schemas) == 1 else {"anyOf": schemas}
-        body = rename_root(schema_grammar(call_schema, "tools"), "tool-call-json")
+        body = rename_root(prepared_schema_grammar(call_schema, "tools"), "tool-call-json")
         fmt = self.format
         if fmt is MISTRAL:
             call = f'{literal(fmt.start)} "[" tool-call-json ("," " "? tool-call-json)* "]"'
@@ -175,7 +185,7 @@ class ToolPlan:
         return f"{root}\n{body}", triggers
 
     def _call_schema(self, function: dict[str, Any]) -> dict[str, Any]:
-        params = function.get("parameters") or ANY_OBJECT
+        params = self.argument_schemas.get(function["name"]) or {"type": "object"}
         return {
             "type": "object",
             "properties": {"name": {"const": function["name"]}, self.format.args_key: params},
@@ -184,11 +194,15 @@ class ToolPlan:
         }
 
     # -- reading calls back ----------------------------------------------------------
-    def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
-        """(content, calls) from a finished answer; text that is not a valid call stays content."""
+    def parse(self, text: str, *, cut: bool = False) -> tuple[str | None, list[ToolCall]]:
+        """(content, calls) from a finished answer; text that is not a valid call stays content.
+
+        `cut`: max_tokens ended the answer, so a call still open is reported
+        as far as it got instead of being left as markup in the content.
+        """
         if not self.parses_calls:
             return text, []
-        content, calls = _parse_calls(text, self.names)
+        content, calls = _parse_calls(text, self.names, cut)
         return (content if content and content.strip() else None), calls
 
     def stream(self) -> "ToolCallStream":
@@ -232,15 +246,15 @@ class ToolCallStream:
         self._held = self._held[len(self._held) - keep :]
         return out
 
-    def finish(self) -> tuple[str, list[ToolCall]]:
-        """At the end: (remaining content, calls)."""
+    def finish(self, *, cut: bool = False) -> tuple[str, list[ToolCall]]:
+        """At the end: (remaining content, calls); `cut` as in ToolPlan.parse."""
         rest = self._held + (self._captured or "")
         self._held, self._captured = "", None
         if not rest:
             return "", []
         if self._plain:
             return rest, []
-        content, calls = _parse_calls(rest, self.plan.names)
+        content, calls = _parse_calls(rest, self.plan.names, cut)
         return content, calls
 
 
@@ -253,35 +267,86 @@ def _partial_suffix(text: str, marker: str) -> int:
 
 
 _HERMES_BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
+_NAME = re.compile(r'"name"\s*:\s*"((?:[^"\\]|\\.)*)"')
+_ARGUMENTS = re.compile(r'"(?:arguments|parameters)"\s*:\s*')
 
 
-def _parse_calls(text: str, names: set[str]) -> tuple[str, list[ToolCall]]:
-    """Calls in any of the three formats; everything else is returned as content."""
+def _parse_calls(text: str, names: set[str], cut: bool = False) -> tuple[str, list[ToolCall]]:
+    """Calls in any of the three formats; everything else is returned as content.
+
+    A call still open at the end of a `cut` answer becomes a partial call
+    (or nothing, if not even its name was written), never content.
+    """
+    if cut:
+        text = _without_partial_marker(_without_partial_marker(text, HERMES.start), MISTRAL.start)
     if "<tool_call>" in text:
         calls: list[ToolCall] = []
         kept: list[str] = []
         last = 0
         for m in _HERMES_BLOCK.finditer(text):
-            found = _calls_from_json(m.group(1), names)
+            body = m.group(1)
+            open_ended = not m.group(0).endswith(HERMES.end)
+            if open_ended:  # the answer ended inside the call, perhaps inside its closing tag
+                body = _without_partial_marker(body, HERMES.end).rstrip()
+            found = _calls_from_json(body, names)
+            if found is None and cut and open_ended:
+                found = _cut_calls(body, names)
             if found is None:
                 continue
             kept.append(text[last : m.start()])
             calls.extend(found)
             last = m.end()
-        if calls:
+        if calls or last:
             kept.append(text[last:])
             return "".join(kept).strip(), calls
     stripped = text.strip()
-    for prefix in ("[TOOL_CALLS]", "<|python_tag|>"):
-        if stripped.startswith(prefix):
-            found = _calls_from_json(stripped[len(prefix) :], names)
-            if found:
-                return "", found
-    if stripped[:1] in ("{", "["):
-        found = _calls_from_json(stripped, names)
-        if found:
+    for prefix in ("[TOOL_CALLS]", "<|python_tag|>", ""):
+        if prefix and not stripped.startswith(prefix):
+            continue
+        rest = stripped[len(prefix) :]
+        if not prefix and rest[:1] not in ("{", "["):
+            break
+        found = _calls_from_json(rest, names)
+        if found is None and cut:
+            found = _cut_calls(rest, names) if (prefix or _NAME.search(rest)) else None
+        if found is not None:
             return "", found
+        if prefix:
+            break
     return text, []
+
+
+def _without_partial_marker(text: str, marker: str) -> str:
+    """`text` less an end that begins `marker` (an answer cut inside `</tool_call>`)."""
+    keep = _partial_suffix(text, marker)
+    return text[: len(text) - keep] if keep else text
+
+
+def _cut_calls(text: str, names: set[str]) -> list[ToolCall]:
+    """The calls in `text`, which max_tokens cut: whole ones, then the last one as far as it got."""
+    decoder = json.JSONDecoder()
+    text = text.strip()
+    pos = 1 if text.startswith("[") else 0
+    calls: list[ToolCall] = []
+    while True:
+        while pos < len(text) and text[pos] in " \t\r\n,":
+            pos += 1
+        if pos >= len(text) or text[pos] == "]":
+            return calls
+        try:
+            item, pos = decoder.raw_decode(text, pos)
+        except ValueError:
+            fragment = text[pos:]
+            name = _NAME.search(fragment)
+            if name is not None and name.group(1) in names:
+                args = _ARGUMENTS.search(fragment, name.end()) or _ARGUMENTS.search(fragment)
+                partial = fragment[args.end() :].rstrip() if args else ""
+                calls.append(ToolCall(name.group(1), {}, partial_arguments=partial))
+            return calls
+        found = _calls_from_json(json.dumps(item), names)
+        if found is None:
+            return calls
+        calls.extend(found)
 
 
 def _calls_from_json(text: str, names: set[str]) -> list[ToolCall] | None:
@@ -343,6 +408,7 @@ def plan_tools(
             raise BadRequest("tool_choice needs tools")
         return None
     functions = []
+    argument_schemas: dict[str, dict[str, Any]] = {}
     for i, tool in enumerate(tools):
         if not isinstance(tool, dict) or tool.get("type", "function") != "function":
             raise BadRequest(f"tools[{i}]: only tools of type 'function' are supported")
@@ -359,12 +425,13 @@ def plan_tools(
             entry["description"] = str(function["description"])
         entry["parameters"] = params or {"type": "object", "properties": {}}
         functions.append(entry)
+        argument_schemas[entry["name"]] = checked_schema(entry["parameters"], f"tools[{i}].function.parameters")
     names = [f["name"] for f in functions]
     if len(set(names)) != len(names):
         raise BadRequest("tools: function names must be unique")
     choice, forced_name = _choice(tool_choice, set(names))
     fmt, native = template_tool_format(template)
-    plan = ToolPlan(functions, choice, forced_name, parallel, fmt, native)
+    plan = ToolPlan(functions, choice, forced_name, parallel, fmt, native, argument_schemas)
     plan.grammar()  # schemas that cannot become grammars are a 400 now, not a failure later
     return plan
 
