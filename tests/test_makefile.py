@@ -21,6 +21,12 @@ LIGHT_WITH_NATIVE = 'pip install -e ".[starter,chat,native]"'
 pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
 
 
+def make_free_environment() -> dict[str, str]:
+    """This environment without what an outer `make` (e.g. `make test`) passes down to sub-makes:
+    with MAKELEVEL set, `make -n` adds "Entering/Leaving directory" lines."""
+    return {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS", "MAKEOVERRIDES")}
+
+
 def plan(venv: Path, target: str, *, gpu: bool = False, extra: tuple[str, ...] = (), tmp: Path) -> str:
     """The commands `make TARGET` would run, on a machine with or without nvidia-smi."""
     bin_dir = tmp / "bin"
@@ -32,7 +38,7 @@ def plan(venv: Path, target: str, *, gpu: bool = False, extra: tuple[str, ...] =
     elif smi.exists():
         smi.unlink()
     # PATH without any real nvidia-smi: the fake one's folder, then the system's basic folders.
-    env = {**os.environ, "PATH": f"{bin_dir}:/usr/bin:/bin"}
+    env = {**make_free_environment(), "PATH": f"{bin_dir}:/usr/bin:/bin"}
     env.pop("NATIVE", None)
     done = subprocess.run(["make", "-n", target, f"VENV={venv}", *extra], cwd=ROOT, env=env,
                           capture_output=True, text=True, check=True)

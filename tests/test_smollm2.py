@@ -22,6 +22,7 @@ from localllm.errors import DownloadFailed
 from localllm.modelinfo import read_model_info
 from localllm.store.store import DEFAULT_CHAT_MODEL, STARTER_NAME, ModelStore
 from server_harness import ROOT
+from test_makefile import make_free_environment
 
 QUESTION = "Hi! What is the capital of France?"
 DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
@@ -38,7 +39,8 @@ def test_the_default_chat_model_is_smollm2_everywhere():
     assert DEFAULT_CHAT_MODEL == "smollm2:135m" != STARTER_NAME
     assert build_parser().parse_args(["chat"]).model == DEFAULT_CHAT_MODEL
     assert inspect.signature(LocalLLMApp).parameters["model"].default == DEFAULT_CHAT_MODEL
-    plan = subprocess.run(["make", "-n", "run"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    plan = subprocess.run(["make", "-n", "run"], cwd=ROOT, env=make_free_environment(), capture_output=True, text=True,
+                          check=True).stdout
     assert plan.strip().splitlines()[-1].endswith("localllm chat")  # no model named: the CLI's default
 
 

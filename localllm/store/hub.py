@@ -98,8 +98,9 @@ def request_headers() -> dict[str, str]:
     """Headers for a file request: user agent and the token, no compression (we hash raw bytes)."""
     headers = build_hf_headers(library_name="localllm", library_version=__version__)
     if "authorization" in {k.lower() for k in headers}:
-        token = next(v for k, v in headers.items() if k.lower() == "authorization")
-        check_header_value(token, "HF_TOKEN (or the saved Hugging Face token)")
+        value = next(v for k, v in headers.items() if k.lower() == "authorization")
+        scheme, _, token = value.partition(" ")
+        check_header_value(token if scheme.lower() == "bearer" else value, "HF_TOKEN (or the saved Hugging Face token)")
     headers["Accept-Encoding"] = "identity"
     return headers
 
