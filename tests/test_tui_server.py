@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 
 import httpx
 
@@ -33,7 +34,11 @@ def test_start_and_stop_the_api_server_from_the_app(tmp_path, monkeypatch):
                 assert allowed.status_code == 200
             await pilot.click("#toggle")
             status = panel.query_one("#server-status")
-            await wait_until(pilot, lambda: str(status.render()) == "stopped", timeout=30.0)
+            try:
+                await wait_until(pilot, lambda: str(status.render()) == "stopped", timeout=30.0)
+            except AssertionError:
+                faulthandler.dump_traceback(all_threads=True)  # where the stop is stuck, for whoever reads the log
+                raise AssertionError(f"the panel still says {str(status.render())!r} 30 s after Stop") from None
             async with httpx.AsyncClient() as client:
                 try:
                     await client.get(f"{url}/health", timeout=2)

@@ -144,5 +144,8 @@ class ServerThread:
         if self._server is not None:
             self._server.should_exit = True
         if self._thread is not None:
+            self._thread.join(timeout=STOP_DEADLINE_S)
+            if self._thread.is_alive() and self._server is not None:
+                self._server.force_exit = True  # uvicorn stops waiting for connections and tasks
             self._thread.join()
         self._server = self._thread = None
