@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import asyncio
-import faulthandler
+import sys
+import threading
+import traceback
 
 import httpx
 
 from localllm.tui.app import LocalLLMApp
 from tui_fakes import FakeFactory, FixedHardwareProbe, wait_until
+
+
+def thread_stacks() -> str:
+    """Where every thread is, for a stop that hangs."""
+    names = {thread.ident: thread.name for thread in threading.enumerate()}
+    return "\n".join(
+        f"--- {names.get(ident, ident)}\n" + "".join(traceback.format_stack(frame)[-8:])
+        for ident, frame in sys._current_frames().items()
+    )
 
 
 def test_start_and_stop_the_api_server_from_the_app(tmp_path, monkeypatch):
@@ -37,8 +48,9 @@ def test_start_and_stop_the_api_server_from_the_app(tmp_path, monkeypatch):
             try:
                 await wait_until(pilot, lambda: str(status.render()) == "stopped", timeout=30.0)
             except AssertionError:
-                faulthandler.dump_traceback(all_threads=True)  # where the stop is stuck, for whoever reads the log
-                raise AssertionError(f"the panel still says {str(status.render())!r} 30 s after Stop") from None
+                raise AssertionError(
+                    f"the panel still says {str(status.render())!r} 30 s after Stop; threads:\n{thread_stacks()}"
+                ) from None
             async with httpx.AsyncClient() as client:
                 try:
                     await client.get(f"{url}/health", timeout=2)
