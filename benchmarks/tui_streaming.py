@@ -12,7 +12,7 @@ over the time after the first), so a UI that steals the engine's CPU shows up
 as a lower app figure.
 
 `--threads 1,2` adds variants of both with `--threads K`; without it each
-uses its own default (the app leaves a core to the UI on small machines).
+uses its own default (llama.cpp's threads: one per physical core, in both).
 
     python benchmarks/tui_streaming.py [--model starter] [--tokens 512] [--rounds 5] [--threads 1,2]
 
