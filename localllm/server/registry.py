@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import time
-import unicodedata
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from typing import Callable
@@ -33,6 +32,7 @@ from localllm.errors import BadRequest, ModelNotFound, QueueFull
 from localllm.remotes import RemoteModel
 from localllm.server.offloop import in_thread
 from localllm.server.settings import ServerSettings
+from localllm.store.own_files import check_model_name as check_store_name
 from localllm.store.refs import parse_ref
 from localllm.store.store import STARTER_NAME, ModelStore, ResolvedModel
 
@@ -46,19 +46,15 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "~")) or "/" in name or "\\" in name or name.lower().endswith(".gguf")
 
 
-MAX_MODEL_NAME_BYTES = 255
-
-
 def check_model_name(name: str) -> None:
-    """BadRequest (HTTP 400) for names no model can have: too long, control characters, invalid Unicode."""
+    """The store's name check (length, control characters, valid Unicode), worded for a
+    request's `model` field: BadRequest, an HTTP 400. An empty name is left to the 404."""
+    if not name:
+        return
     try:
-        size = len(name.encode("utf-8"))
-    except UnicodeEncodeError:
-        raise BadRequest("'model' must be valid Unicode text") from None
-    if size > MAX_MODEL_NAME_BYTES:
-        raise BadRequest(f"'model' is {size} bytes long; model names are at most {MAX_MODEL_NAME_BYTES}")
-    if any(unicodedata.category(c) == "Cc" for c in name):
-        raise BadRequest("'model' must not contain control characters")
+        check_store_name(name)
+    except BadRequest as exc:
+        raise BadRequest(f"'model': {exc}") from None
 
 
 def canonical_name(name: str) -> str:

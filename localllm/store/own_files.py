@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import unicodedata
 from pathlib import Path
 from typing import BinaryIO
 
@@ -79,7 +80,7 @@ def check_model_name(name: object) -> str:
         raise BadRequest("a model name must be valid text (it holds a lone surrogate)") from None
     if size > MAX_NAME_BYTES:
         raise BadRequest(f"a model name is at most {MAX_NAME_BYTES} bytes (this one has {size})")
-    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+    if any(unicodedata.category(c) == "Cc" for c in name):  # C0, DEL and C1 controls
         raise BadRequest("a model name must not hold control characters")
     return name
 
