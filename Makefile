@@ -44,6 +44,7 @@ run: $(RUN_STAMP)
 	$(VENV)/bin/localllm chat
 
 test: $(STAMP)
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 
 bench: $(STAMP)

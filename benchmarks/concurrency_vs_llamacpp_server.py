@@ -1,7 +1,7 @@
 """Concurrent requests: our `localllm serve` against llama-cpp-python's own server, side by side.
 
 Both servers run at once as separate processes on the same model file, with
-the same context size and threads; the load (localllm/bench.py: streamed
+the same context size and threads; the load (localllm/cli/bench.py: streamed
 /v1/completions, a 128-token prompt, 64-token answers at temperature 0.8)
 alternates between them, round after round, so machine noise hits both
 alike; medians are reported. llama-cpp-python's server gets
@@ -39,7 +39,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from localllm.bench import BenchConfig, run_level  # noqa: E402
+from localllm.cli.bench import BenchConfig, run_level  # noqa: E402
 from starter import starter_path  # noqa: E402  (benchmarks/ is the script's folder)
 
 MODEL_NAME = "starter"

@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from localllm.backends.llamacpp import LlamaCppBackend, LlamaCppOptions  # noqa: E402
-from localllm.modelinfo import read_model_info  # noqa: E402
+from localllm.core.modelinfo import read_model_info  # noqa: E402
 
 SUBJECTS = ["The cat", "A storm", "My neighbour", "The committee", "An old train", "The river", "Our team", "A small bird"]
 VERBS = ["crossed the valley", "waited until dawn", "changed its plans", "sang quietly", "lost the map", "won the vote", "moved north", "fell asleep"]

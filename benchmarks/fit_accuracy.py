@@ -54,7 +54,7 @@ def measure(model: Path, backend: str, context: int, fill: str, threads: int) ->
 
     import llama_cpp  # noqa: F401  (loaded by every run's hardware probe: part of the baseline)
 
-    from localllm.backends.base import GenerationRequest, SamplingParams
+    from localllm.core.requests import GenerationRequest, SamplingParams
     from localllm.backends.select import LoadOptions, open_backend
     from localllm.store.store import ResolvedModel
 
@@ -95,7 +95,7 @@ def measure(model: Path, backend: str, context: int, fill: str, threads: int) ->
 def predict(model: Path, backend: str, context: int) -> dict:
     from localllm.fit import HardwareWishes, Wishes, hypothetical, plan_fit
     from localllm.fit.machine import probe
-    from localllm.modelinfo import read_model_info
+    from localllm.core.modelinfo import read_model_info
 
     hw = hypothetical(probe(), HardwareWishes(vram=0))  # this CPU, no GPU
     plan = plan_fit(read_model_info(model), hw, Wishes(context=context, backend=backend))

@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from localllm.backends.base import SamplingParams  # noqa: E402
+from localllm.core.requests import SamplingParams  # noqa: E402
 from native.engine import EngineOptions, LLMEngine  # noqa: E402
 from native.loader import from_state_dict  # noqa: E402
 
@@ -161,7 +161,7 @@ def device_facts() -> None:
 # -- 2 --------------------------------------------------------------------------------------
 @section("2. kernels against the torch reference")
 def kernels() -> None:
-    from native import kernels as k
+    from native import kernel_check as k
 
     report = k.selfcheck(DEVICE)
     for line in report.lines():

@@ -26,9 +26,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from localllm.backends.base import GenerationRequest, SamplingParams, TokenEvent  # noqa: E402
+from localllm.core.requests import GenerationRequest, SamplingParams, TokenEvent  # noqa: E402
 from localllm.backends.llamacpp import LlamaCppBackend, LlamaCppOptions  # noqa: E402
-from localllm.modelinfo import read_model_info  # noqa: E402
+from localllm.core.modelinfo import read_model_info  # noqa: E402
 from starter import starter_path  # noqa: E402  (benchmarks/ is the script's folder)
 
 PROMPT = "The history of the city of Paris begins"

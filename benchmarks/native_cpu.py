@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from localllm.backends.base import SamplingParams
+from localllm.core.requests import SamplingParams
 from native.engine import EngineOptions, LLMEngine
 
 TEXT = (

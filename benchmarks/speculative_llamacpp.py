@@ -46,10 +46,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from speculative_prompts import CASES  # noqa: E402
 from starter import starter_path  # noqa: E402
 
-from localllm.backends.base import FinishEvent, GenerationRequest, SamplingParams, TokenEvent  # noqa: E402
+from localllm.core.requests import FinishEvent, GenerationRequest, SamplingParams, TokenEvent  # noqa: E402
 from localllm.backends.llamacpp import LlamaCppBackend, LlamaCppOptions  # noqa: E402
 from localllm.backends.llamacpp_speculative import DEFAULT_GUESSES, SpeculationConfig  # noqa: E402
-from localllm.modelinfo import read_model_info  # noqa: E402
+from localllm.core.modelinfo import read_model_info  # noqa: E402
 
 
 @dataclasses.dataclass

@@ -9,7 +9,7 @@ The starter is a base model, so the prompts are plain text:
 
 from __future__ import annotations
 
-from localllm.backends.base import SamplingParams
+from localllm.core.requests import SamplingParams
 
 PARAGRAPH = (
     "The lighthouse at the end of the harbour was built in 1871 from granite quarried on the island. "

@@ -18,7 +18,7 @@ from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from llama_cpp import llama_chat_format as formats
 
-from localllm.chat_template import ChatTemplate, _Generation, _raise_exception, _strftime_now, _tojson, builtin_template
+from localllm.core.chat_template import ChatTemplate, _Generation, _raise_exception, _strftime_now, _tojson, builtin_template
 
 
 def plain_environment() -> ImmutableSandboxedEnvironment:

@@ -2,6 +2,6 @@
 
 import sys
 
-from localllm.cli import main
+from localllm.cli.parser import main
 
 sys.exit(main())

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from localllm.errors import BadRequest
+from localllm.core.errors import BadRequest
 
 from .scheduler import Scheduled
 from .sequence import Sequence

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from localllm.backends.base import SamplingParams
-from localllm.errors import BadRequest
+from localllm.core.requests import SamplingParams
+from localllm.core.errors import BadRequest
 
 from .block_manager import BlockManager
 from .loader import LoadedWeights

@@ -28,7 +28,7 @@ from typing import Callable
 
 import torch
 
-from localllm.errors import BadModelFile
+from localllm.core.errors import BadModelFile
 
 QK_K = 256
 

@@ -31,9 +31,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from localllm.errors import DoesNotFit
+from localllm.core.errors import DoesNotFit
 
-from .config import ModelConfig
+from localllm.core.model_config import ModelConfig
 
 
 @dataclass

@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from localllm.errors import BadModelFile, ModelNotFound
+from localllm.core.errors import BadModelFile, ModelNotFound
 
-from .config import ModelConfig, from_gguf, from_hf, read_hf_config, safetensors_files
+from localllm.core.model_config import ModelConfig, from_gguf, from_hf, read_hf_config, safetensors_files
 from .gguf_dequant import dequantize
 
 
@@ -135,7 +135,7 @@ def load_gguf(path: Path) -> LoadedWeights:
 
 
 def _gguf_config(path: Path):
-    from localllm.gguf_reader import read_gguf
+    from localllm.core.gguf_reader import read_gguf
 
     gguf = read_gguf(path)
     infos = {t.name: t for t in gguf.tensors}

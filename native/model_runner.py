@@ -25,9 +25,9 @@ from pathlib import Path
 
 import torch
 
-from localllm.errors import BadRequest
+from localllm.core.errors import BadRequest
 
-from .config import ModelConfig
+from localllm.core.model_config import ModelConfig
 from .kv_layout import KVGroup, demand_bytes, group_block_bytes, kv_groups, split_budget
 from .layers.attention import AttentionBatch, DecodeMeta, SeqSpan, Workspace
 from .loader import LoadedWeights, load_config, load_weights
@@ -185,7 +185,7 @@ class ModelRunner:
 
     def _verify_fusions(self) -> None:
         """The fused kernels, checked once at this model's shapes; the separate ones if they fail (one line on stderr)."""
-        from .kernels import verify_fusions
+        from .kernel_check import verify_fusions
 
         failed = verify_fusions(self.config, self.dtype, self.device)
         if failed:

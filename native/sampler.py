@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from localllm.backends.base import SamplingParams
+from localllm.core.requests import SamplingParams
 
 from .sequence import Sequence
 

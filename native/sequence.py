@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 from enum import Enum
 
-from localllm.backends.base import SamplingParams
+from localllm.core.requests import SamplingParams
 
 _arrivals = itertools.count()
 

@@ -52,10 +52,10 @@ from typing import Protocol
 
 import torch
 
-from localllm.backends.base import SamplingParams
-from localllm.errors import BadRequest
+from localllm.core.requests import SamplingParams
+from localllm.core.errors import BadRequest
 
-from .ngram import lookup
+from localllm.engine_kit.ngram import lookup
 from .sampler import (
     Sampler,
     TokenLogprobs,

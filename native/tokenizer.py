@@ -15,7 +15,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Protocol
 
-from localllm.errors import BadModelFile
+from localllm.core.errors import BadModelFile
+from localllm.core.hf_info import read_tokenizer_config
+from localllm.engine_kit.llama_glue import route_llama_logs, token_piece
 
 
 class Tokenizer(Protocol):
@@ -45,9 +47,7 @@ class GGUFTokenizer:
         import llama_cpp
         from llama_cpp import _internals
 
-        from localllm.backends.llamacpp import _route_llama_logs
-
-        _route_llama_logs(llama_cpp, verbose)
+        route_llama_logs(llama_cpp, verbose)
         llama_cpp.llama_backend_init()
         params = llama_cpp.llama_model_default_params()
         params.vocab_only = True
@@ -71,15 +71,7 @@ class GGUFTokenizer:
         return b"".join(self.piece(i) for i in ids).decode("utf-8", errors="replace")
 
     def _piece(self, token: int) -> bytes:
-        import ctypes
-
-        size = 64
-        while True:
-            buf = ctypes.create_string_buffer(size)
-            n = self._llama_cpp.llama_token_to_piece(self._model.vocab, token, buf, size, 0, False)
-            if n >= 0:
-                return buf.raw[:n]
-            size = -n
+        return token_piece(self._llama_cpp, self._model.vocab, token)
 
     def close(self) -> None:
         self._model.close()
@@ -139,25 +131,6 @@ class HFTokenizer:
 
     def close(self) -> None:
         pass
-
-
-def read_tokenizer_config(folder: Path) -> dict:
-    """tokenizer_config.json with its special tokens reduced to strings, plus a chat_template.jinja if present."""
-    settings: dict = {}
-    file = folder / "tokenizer_config.json"
-    if file.is_file():
-        try:
-            settings = json.loads(file.read_text())
-        except (OSError, ValueError) as exc:
-            raise BadModelFile(f"{file} is not valid JSON ({exc})") from None
-    for key in ("bos_token", "eos_token"):
-        value = settings.get(key)
-        if isinstance(value, dict):
-            settings[key] = value.get("content")
-    template = folder / "chat_template.jinja"
-    if not isinstance(settings.get("chat_template"), str) and template.is_file():
-        settings["chat_template"] = template.read_text()
-    return settings
 
 
 def _token_id(tok, text: str | None) -> int | None:

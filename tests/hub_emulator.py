@@ -37,7 +37,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from localllm.gguf_reader import read_gguf
+from localllm.core.gguf_reader import read_gguf
 
 CHUNK = 256 * 1024
 

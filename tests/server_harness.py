@@ -19,9 +19,9 @@ from pathlib import Path
 
 import httpx
 
-from localllm.gguf_reader import read_gguf
+from localllm.core.gguf_reader import read_gguf
 from localllm.store.store import ModelStore
-from localllm.config import Paths
+from localllm.core.config import Paths
 
 ROOT = Path(__file__).resolve().parent.parent
 STARTER_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from localllm.backends.base import FinishEvent, Timings, Usage
+from localllm.core.requests import FinishEvent, Timings, Usage
 from localllm.server import anthropic_messages as shapes
 from localllm.server.anthropic_schemas import MessagesRequest
 from localllm.server.errors import APIError

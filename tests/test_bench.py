@@ -12,7 +12,7 @@ from server_harness import ROOT, make_store, start_server
 
 def bench(home, *args: str, python_prelude: str = "") -> subprocess.CompletedProcess:
     env = {**os.environ, "LOCALLLM_HOME": str(home)}
-    code = f"{python_prelude}import sys; from localllm.cli import main; sys.exit(main(sys.argv[1:]))"
+    code = f"{python_prelude}import sys; from localllm.cli.parser import main; sys.exit(main(sys.argv[1:]))"
     return subprocess.run(
         [sys.executable, "-c", code, "bench", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
     )

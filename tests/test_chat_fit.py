@@ -7,11 +7,11 @@ import re
 
 import pytest
 
-from localllm.backends.base import SamplingParams
+from localllm.core.requests import SamplingParams
 from localllm.backends.llamacpp import LlamaCppBackend, LlamaCppOptions
-from localllm.chat_fit import ChatTooLong, FittedChat, count_prompt_tokens, fit_chat, reply_reserve
-from localllm.linechat import line_chat
-from localllm.modelinfo import read_model_info
+from localllm.backends.chat_fit import ChatTooLong, FittedChat, count_prompt_tokens, fit_chat, reply_reserve
+from localllm.cli.linechat import line_chat
+from localllm.core.modelinfo import read_model_info
 from test_tui_real_chat import CTX, NOTE, NOTICE, RecordingLlamaCpp
 
 SYSTEM = {"role": "system", "content": "You are Quill, a gardener's notebook."}

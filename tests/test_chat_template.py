@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from localllm.chat_template import (
+from localllm.core.chat_template import (
     BUILTIN_FAMILIES,
     ChatTemplate,
     _compile,
@@ -17,7 +17,7 @@ from localllm.chat_template import (
     template_source,
     validate_messages,
 )
-from localllm.errors import BadRequest, TemplateError
+from localllm.core.errors import BadRequest, TemplateError
 
 CHAT = [
     {"role": "system", "content": "S"},
@@ -454,7 +454,7 @@ def _reference_render(text: str, chat: list[dict], **variables: object) -> str:
     from jinja2.ext import loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    from localllm.chat_template import _Generation, _raise_exception, _strftime_now, _tojson
+    from localllm.core.chat_template import _Generation, _raise_exception, _strftime_now, _tojson
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols, _Generation])
     env.filters["tojson"] = _tojson

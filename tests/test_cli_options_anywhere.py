@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from localllm.cli import build_parser, parse_command_line
+from localllm.cli.parser import build_parser, parse_command_line
 from test_cli import home, localllm, one_line_error  # noqa: F401  (the module's pulled-starter fixture)
 
 # verb -> (positionals, option groups); each group is one option with its values

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from localllm.config import Paths
-from localllm.errors import (
+from localllm.core.config import Paths
+from localllm.core.errors import (
     AccessDenied,
     ChecksumMismatch,
     DownloadCancelled,
@@ -32,7 +32,8 @@ from localllm.errors import (
 )
 from localllm.store import download
 from localllm.store.progress import ProgressBar
-from localllm.store.pull import PullProgress, pull
+from localllm.store.progress import PullProgress
+from localllm.store.pull import pull
 from localllm.store.store import ModelStore
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -175,7 +176,7 @@ def test_run_pulls_a_split_gguf_first_and_llama_cpp_loads_its_parts(hub, tmp_pat
     manifest = ModelStore(Paths(home)).get("hf:test-org/Split-GGUF:Q4_K_M")
     assert [Path(f["path"]).name for f in manifest.files] == [f"starter-Q4_K_M-0000{n}-of-00003.gguf" for n in (1, 2, 3)]
     assert Path(manifest.file).name.endswith("-00001-of-00003.gguf")  # llama.cpp opens part 1, finds the rest
-    from localllm.modelinfo import read_model_info
+    from localllm.core.modelinfo import read_model_info
 
     whole = read_model_info(starter_gguf)
     assert manifest.info["parameters"] == whole.parameters  # counted over every part

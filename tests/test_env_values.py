@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from localllm.errors import BadSetting
+from localllm.core.errors import BadSetting
 
 sys.path.insert(0, str(Path(__file__).parent))
 from hub_emulator import HubEmulator, header_only_gguf  # noqa: E402
@@ -101,7 +101,8 @@ def test_native_engine_switches(monkeypatch):
 
 
 def test_relative_xdg_folders_are_ignored_as_the_spec_says(monkeypatch, tmp_path):
-    from localllm import config, service
+    from localllm.core import config
+    from localllm.cli import service
 
     monkeypatch.delenv("LOCALLLM_HOME", raising=False)
     monkeypatch.setenv("XDG_DATA_HOME", "relative/data")
@@ -113,7 +114,7 @@ def test_relative_xdg_folders_are_ignored_as_the_spec_says(monkeypatch, tmp_path
 
 
 def test_service_unit_cannot_be_given_extra_lines(monkeypatch, tmp_path):
-    from localllm import service
+    from localllm.cli import service
 
     monkeypatch.setenv("LOCALLLM_HOME", f"{tmp_path}\nExecStartPre=/bin/false")
     with pytest.raises(BadSetting, match="LOCALLLM_HOME must be a folder path without control characters"):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from localllm.errors import BadRequest
+from localllm.core.errors import BadRequest
 from localllm.fit import HardwareWishes, JSON_KEYS, Wishes, hypothetical, plan_fit, predict_native_vram
 from localllm.fit.llamacpp_memory import (
     CELL_BYTES,
@@ -26,8 +26,8 @@ from localllm.fit.machine import RECENT_COMPUTE_CAPABILITY
 from localllm.fit.native_memory import NativeShape, kv_pool_blocks, native_memory, sliding_window_blocks
 from localllm.fit.settings import FitSettings
 from localllm.fit.units import GIB, MIB, parse_size
-from localllm.hardware import GPU, Hardware, LlamaCppSupport
-from localllm.modelinfo import ModelInfo
+from localllm.core.hardware import GPU, Hardware, LlamaCppSupport
+from localllm.core.modelinfo import ModelInfo
 
 VOCAB = 128_256
 
@@ -277,7 +277,7 @@ def test_native_windows_agree_with_the_engine():
 
 
 def test_native_vram_for_an_8b_config_hand_computed():
-    from native.config import ModelConfig, RopeSpec
+    from localllm.core.model_config import ModelConfig, RopeSpec
 
     config = ModelConfig(
         architecture="llama", family="llama", vocab_size=VOCAB, hidden_size=4096, intermediate_size=14336,
@@ -361,7 +361,7 @@ def test_a_manifest_cached_before_the_planners_fields_still_loads():
 
 def test_open_backend_options_come_from_the_plan():
     from localllm.backends.select import LoadOptions
-    from localllm.errors import DoesNotFit
+    from localllm.core.errors import DoesNotFit
     from localllm.fit.follow import follow_plan
 
     gpu = follow_plan("eight", EIGHT_B, LoadOptions(), hardware=machine(vram_gib=12))
@@ -378,7 +378,7 @@ def test_open_backend_options_come_from_the_plan():
 
 def test_a_draft_model_is_planned_in_what_the_model_leaves():
     from localllm.backends.select import LoadOptions
-    from localllm.errors import DoesNotFit
+    from localllm.core.errors import DoesNotFit
     from localllm.fit.follow import follow_plan
 
     one_b = model(16, 2048, 32, 8, 64, 8192, layer_mib=40, embd_mib=200, output_mib=0, parameters=1_240_000_000)
@@ -398,8 +398,8 @@ def test_a_draft_model_is_planned_in_what_the_model_leaves():
 
 
 def test_a_header_read_from_the_first_bytes_matches_the_file_and_says_when_it_needs_more(starter_gguf):
-    from localllm.errors import BadModelFile
-    from localllm.gguf_reader import HeaderIncomplete, read_gguf, read_gguf_bytes
+    from localllm.core.errors import BadModelFile
+    from localllm.core.gguf_reader import HeaderIncomplete, read_gguf, read_gguf_bytes
 
     size = starter_gguf.stat().st_size
     head = starter_gguf.read_bytes()[: 8 << 20]

@@ -16,13 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from localllm.config import Paths
-from localllm.errors import DoesNotFit
+from localllm.core.config import Paths
+from localllm.core.errors import DoesNotFit
 from localllm.fit import HardwareWishes, hypothetical, plan_fit
 from localllm.fit.machine import probe
 from localllm.fit.remote import remote_model
 from localllm.fit.units import GIB, MIB
-from localllm.modelinfo import read_model_info
+from localllm.core.modelinfo import read_model_info
 from localllm.store import remote_info
 from localllm.store.pull import pull
 from localllm.store.refs import parse_ref
@@ -235,7 +235,7 @@ def test_a_split_gguf_on_the_hub_counts_every_parts_tensors(hub, starter_gguf):
 
 
 def test_a_safetensors_snapshot_is_planned_from_its_config_and_headers(hub):
-    from native.hf_info import read_hf_model_info
+    from localllm.core.hf_info import read_hf_model_info
 
     remote = remote_model("hf:test-org/Tiny-Llama", parse_ref("hf:test-org/Tiny-Llama"), cpu_machine(8 * GIB)).info
     local = read_hf_model_info(Path(hub.repos["test-org/Tiny-Llama"].files["config.json"].source).parent)

@@ -20,9 +20,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from localllm.errors import BadModelFile
-from localllm.gguf_reader import read_gguf
-from localllm.modelinfo import read_model_info
+from localllm.core.errors import BadModelFile
+from localllm.core.gguf_reader import read_gguf
+from localllm.core.modelinfo import read_model_info
 
 SHOW_SECONDS = 2.0
 SHOW_RSS_BYTES = 200 * 2**20

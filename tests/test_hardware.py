@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from localllm import hardware
-from localllm.hardware import GPU, MIB, Hardware, detect, parse_nvidia_smi
+from localllm.core import hardware
+from localllm.core.hardware import GPU, MIB, Hardware, detect, parse_nvidia_smi
 
 GIB = 1024 * MIB
 

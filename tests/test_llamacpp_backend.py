@@ -7,10 +7,10 @@ import dataclasses
 
 import pytest
 
-from localllm.backends.base import FinishEvent, GenerationRequest, SamplingParams, TokenEvent
+from localllm.core.requests import FinishEvent, GenerationRequest, SamplingParams, TokenEvent
 from localllm.backends.llamacpp import LlamaCppBackend, LlamaCppOptions
-from localllm.errors import BadRequest, TemplateError
-from localllm.modelinfo import read_model_info
+from localllm.core.errors import BadRequest, TemplateError
+from localllm.core.modelinfo import read_model_info
 from greedy_check import assert_same_or_near_tie, greedy_ids
 from waiting import until
 

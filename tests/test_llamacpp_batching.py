@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 import pytest
 
 from greedy_check import assert_same_or_near_tie, greedy_ids
-from localllm.backends.base import FinishEvent, GenerationRequest, SamplingParams, TokenEvent
+from localllm.core.requests import FinishEvent, GenerationRequest, SamplingParams, TokenEvent
 from localllm.backends.llamacpp import LlamaCppBackend, LlamaCppOptions
-from localllm.modelinfo import read_model_info
+from localllm.core.modelinfo import read_model_info
 from waiting import until
 
 FRANCE = "The capital of France is"

@@ -18,11 +18,11 @@ import sys
 import pytest
 
 from greedy_check import assert_same_or_near_tie, greedy_ids
-from localllm.backends.base import GenerationRequest, SamplingParams
+from localllm.core.requests import GenerationRequest, SamplingParams
 from localllm.backends.llamacpp import LlamaCppBackend, LlamaCppOptions
 from localllm.backends.llamacpp_speculative import SpeculationConfig, SpecRecord, check_same_vocabulary
-from localllm.errors import BadRequest
-from localllm.modelinfo import read_model_info
+from localllm.core.errors import BadRequest
+from localllm.core.modelinfo import read_model_info
 from test_llamacpp_batching import THREADS, greedy, run, stream
 from waiting import until
 

@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from localllm.errors import BadModelFile, ModelNotFound
-from localllm.gguf_reader import ArrayInfo, read_gguf, tensor_nbytes
-from localllm.modelinfo import ModelInfo, read_model_info, show_dict
+from localllm.core.errors import BadModelFile, ModelNotFound
+from localllm.core.gguf_reader import ArrayInfo, read_gguf, tensor_nbytes
+from localllm.core.modelinfo import ModelInfo, read_model_info, show_dict
 
 STARTER_SIZE = 253_113_024
 STARTER_DATA_OFFSET = 6_525_120

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from localllm.backends.base import GenerationRequest, SamplingParams, TokenEvent
+from localllm.core.requests import GenerationRequest, SamplingParams, TokenEvent
 from localllm.backends.native import NativeBackend, NativeOptions
-from localllm.errors import BadRequest
-from localllm.modelinfo import read_model_info
+from localllm.core.errors import BadRequest
+from localllm.core.modelinfo import read_model_info
 
 FRANCE = "The capital of France is"
 FRANCE_IDS = [2, 818, 5279, 529, 7001, 563]
@@ -243,7 +243,7 @@ def test_a_folder_that_is_not_a_model_is_a_one_line_error(tmp_path):
 
 def test_the_app_does_not_import_torch_until_the_native_engine_is_used(tiny_folder):
     code = (
-        "import sys; import localllm.cli, localllm.commands, localllm.backends.select;"
+        "import sys; import localllm.cli.parser, localllm.cli.commands, localllm.backends.select;"
         "from localllm.store.store import ModelStore;"
         f"info = ModelStore().resolve({str(tiny_folder)!r}, allow_paths=True).info();"
         "assert info.format == 'safetensors';"

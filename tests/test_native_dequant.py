@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from localllm.errors import BadModelFile
-from localllm.gguf_reader import read_gguf
+from localllm.core.errors import BadModelFile
+from localllm.core.gguf_reader import read_gguf
 from native.gguf_dequant import DEQUANTIZERS, dequantize
 
 gguf_quants = pytest.importorskip("gguf.quants")

@@ -12,7 +12,7 @@ import native  # noqa: F401  (first: it sets OpenMP's wait policy before torch l
 import pytest
 import torch
 
-from localllm.backends.base import SamplingParams
+from localllm.core.requests import SamplingParams
 from native.cuda_graphs import capture_sizes
 from native.engine import EngineOptions, LLMEngine
 from native.loader import from_state_dict

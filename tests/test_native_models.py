@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from localllm.backends.base import SamplingParams
+from localllm.core.requests import SamplingParams
 from native.engine import EngineOptions, LLMEngine
 
 transformers = pytest.importorskip("transformers")
@@ -139,7 +139,7 @@ def test_chunked_prefill_equals_whole_prompt(tiny_models, arch):
 
 
 def test_hf_folder_config_is_read_as_transformers_reads_it(tiny_models):
-    from native.config import from_hf, read_hf_config
+    from localllm.core.model_config import from_hf, read_hf_config
 
     gemma = from_hf(read_hf_config(tiny_models["gemma3"]))
     assert gemma.sliding_layers == [True, False, True] and gemma.sliding_window == 8

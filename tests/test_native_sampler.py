@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from localllm.backends.base import SamplingParams
+from localllm.core.requests import SamplingParams
 from native.sampler import Sampler, apply_penalties, filter_candidates
 from native.sequence import Sequence
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from localllm.backends.base import SamplingParams
+from localllm.core.requests import SamplingParams
 from native.block_manager import BlockManager
 from native.scheduler import Scheduler
 from native.sequence import Sequence, Status

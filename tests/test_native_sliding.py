@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from localllm.backends.base import SamplingParams
-from localllm.errors import DoesNotFit
+from localllm.core.requests import SamplingParams
+from localllm.core.errors import DoesNotFit
 from native.block_manager import RELEASED, BlockManager
-from native.config import ModelConfig, RopeSpec
+from localllm.core.model_config import ModelConfig, RopeSpec
 from native.engine import EngineOptions, LLMEngine
 from native.kv_layout import group_block_bytes, kv_groups, split_budget, window_blocks
 from native.scheduler import Scheduler

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from localllm.backends.base import SamplingParams
-from localllm.modelinfo import read_model_info
+from localllm.core.requests import SamplingParams
+from localllm.core.modelinfo import read_model_info
 from localllm.store.smollm2 import SMOLLM2_SHA256
 from localllm.store.store import DEFAULT_CHAT_MODEL
 from native.engine import EngineOptions, LLMEngine
@@ -42,7 +42,7 @@ def engine(smollm2_gguf):
 @pytest.fixture(scope="module")
 def sky_ids(engine, smollm2_gguf) -> list[int]:
     """The question through the model's own chat template, tokenized as llama.cpp does."""
-    from localllm.chat_template import resolve_template
+    from localllm.core.chat_template import resolve_template
 
     info = read_model_info(smollm2_gguf)
     template = resolve_template(info.chat_template, info.architecture, model_name=DEFAULT_CHAT_MODEL,

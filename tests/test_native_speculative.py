@@ -20,10 +20,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from localllm.backends.base import SamplingParams
-from localllm.errors import BadRequest
+from localllm.core.requests import SamplingParams
+from localllm.core.errors import BadRequest
 from native.engine import EngineOptions, LLMEngine
-from native.ngram import find_continuation, lookup
+from localllm.engine_kit.ngram import find_continuation, lookup
 from native.speculative import Draft, SpeculativeOptions, Speculator, distribution
 
 transformers = pytest.importorskip("transformers")
@@ -437,9 +437,9 @@ def test_speculative_starter_as_its_own_draft_gives_plain_greedy_text(starter, s
 def test_speculative_backend_streams_plain_tokens_and_reports_acceptance(starter_gguf, starter_copy):
     import asyncio
 
-    from localllm.backends.base import GenerationRequest, TokenEvent
+    from localllm.core.requests import GenerationRequest, TokenEvent
     from localllm.backends.native import NativeBackend, NativeOptions
-    from localllm.modelinfo import read_model_info
+    from localllm.core.modelinfo import read_model_info
     from localllm.server.metrics import Metrics
 
     prompt, expected = starter_copy
@@ -478,7 +478,7 @@ def test_speculative_flags_parse_and_a_bad_combination_is_one_line(starter_gguf)
     import subprocess
     import sys
 
-    from localllm.cli import build_parser
+    from localllm.cli.parser import build_parser
 
     args = build_parser().parse_args(["run", "m", "hi", "--speculative", "draft", "--draft", "d", "--num-speculative-tokens", "6"])
     assert (args.speculative, args.draft, args.num_speculative_tokens) == ("draft", "d", 6)

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from localllm.backends.base import SamplingParams
+from localllm.core.requests import SamplingParams
 from native.engine import EngineOptions, LLMEngine
 
 FRANCE_IDS = [2, 818, 5279, 529, 7001, 563]

@@ -78,13 +78,13 @@ def test_service_install_writes_a_unit_and_enables_it(tmp_path):
     run = lambda *a: subprocess.run([sys.executable, "-m", "localllm", "service", *a], capture_output=True, text=True, env=env)  # noqa: E731
     result = run("install")
     assert result.returncode == 0, result.stderr
-    unit = (tmp_path / "config/systemd/user/localllm.service").read_text()
+    unit = (tmp_path / "config/systemd/user/localllm.cli.service").read_text()
     assert f"ExecStart={sys.executable} -m localllm serve --host 127.0.0.1" in unit
     assert f"LOCALLLM_HOME={tmp_path / 'home'}" in unit
-    assert "--user enable --now localllm.service" in log.read_text()
+    assert "--user enable --now localllm.cli.service" in log.read_text()
     assert "active" in run("status").stdout
     assert run("uninstall").returncode == 0
-    assert not (tmp_path / "config/systemd/user/localllm.service").exists()
+    assert not (tmp_path / "config/systemd/user/localllm.cli.service").exists()
     assert "not installed" in run("status").stdout
 
 

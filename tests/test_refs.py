@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from localllm.errors import BadRequest, ModelNotFound
+from localllm.core.errors import BadRequest, ModelNotFound
 from localllm.store.hub import RemoteFile
 from localllm.store.pull import plan_files
 from localllm.store.refs import is_model_gguf, parse_ref, quant_of, split_part

@@ -25,10 +25,10 @@ import pytest
 
 from server_harness import make_store, start_server
 
-from localllm.backends.base import FinishEvent, GenerationRequest, SamplingParams, TokenEvent
+from localllm.core.requests import FinishEvent, GenerationRequest, SamplingParams, TokenEvent
 from localllm.backends.select import LoadOptions, open_backend
-from localllm.errors import BadRequest, UpstreamUnavailable
-from localllm.remotes import RemoteModel, load_routes
+from localllm.core.errors import BadRequest, UpstreamUnavailable
+from localllm.backends.remotes import RemoteModel, load_routes
 
 UPSTREAM_KEY = "upstream-secret"
 HOP_KEY = "hop-secret"

@@ -405,7 +405,7 @@ def test_patterns_mean_contains_unless_anchored():
 
 
 def test_references_are_expanded_and_recursion_is_closed():
-    from localllm.errors import BadRequest
+    from localllm.core.errors import BadRequest
     from localllm.server.json_schema_prep import prepare_schema
 
     tree = prepare_schema(Tree.model_json_schema(), "format")

@@ -8,7 +8,7 @@ import json
 import httpx
 import pytest
 
-from localllm.errors import BadRequest, ModelNotFound, QueueFull
+from localllm.core.errors import BadRequest, ModelNotFound, QueueFull
 from localllm.server.auth import key_matches, presented_key, _digest
 from localllm.server.json_grammar import literal, rename_root, schema_grammar
 from localllm.server.registry import ModelRegistry
@@ -215,9 +215,9 @@ def test_server_thread_starts_and_stops(tmp_path, monkeypatch):
 
 def test_lazy_tool_grammar_takes_over_once_the_model_opens_a_call(starter_gguf):
     """In `auto` mode the model writes freely until `<tool_call>`; from there the call must fit the schema."""
-    from localllm.backends.base import GenerationRequest, SamplingParams, TokenEvent
+    from localllm.core.requests import GenerationRequest, SamplingParams, TokenEvent
     from localllm.backends.llamacpp import LlamaCppBackend, LlamaCppOptions
-    from localllm.modelinfo import read_model_info
+    from localllm.core.modelinfo import read_model_info
 
     tool = {
         "type": "function",

@@ -14,12 +14,12 @@ import sys
 
 import pytest
 
-from localllm.backends.base import GenerationRequest, SamplingParams, TokenEvent
-from localllm.chat_template import resolve_template
-from localllm.cli import build_parser
-from localllm.config import Paths
-from localllm.errors import DownloadFailed
-from localllm.modelinfo import read_model_info
+from localllm.core.requests import GenerationRequest, SamplingParams, TokenEvent
+from localllm.core.chat_template import resolve_template
+from localllm.cli.parser import build_parser
+from localllm.core.config import Paths
+from localllm.core.errors import DownloadFailed
+from localllm.core.modelinfo import read_model_info
 from localllm.store.store import DEFAULT_CHAT_MODEL, STARTER_NAME, ModelStore
 from server_harness import ROOT
 from test_makefile import make_free_environment

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from localllm.atomic import atomic_path, write_json_atomic
-from localllm.config import Paths, home_dir
-from localllm.errors import BadModelFile, ModelNotFound
+from localllm.core.atomic import atomic_path, write_json_atomic
+from localllm.core.config import Paths, home_dir
+from localllm.core.errors import BadModelFile, ModelNotFound
 from localllm.store.store import ModelStore, slug
 
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from localllm.config import Paths
-from localllm.errors import BadRequest, ModelNotFound, UnsafeStorePath
+from localllm.core.config import Paths
+from localllm.core.errors import BadRequest, ModelNotFound, UnsafeStorePath
 from localllm.store.store import ModelStore, slug
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -22,7 +22,7 @@ import torch  # noqa: E402
 pytest.importorskip("triton", reason="Triton is not installed (it comes with the 'test' extra on Linux)")
 
 from native.kernels import fused, fused_for  # noqa: E402
-from native.kernels.check import ADD_NORM_CASES, AddNormResult, compare_add_norm, selfcheck  # noqa: E402
+from native.kernel_check import ADD_NORM_CASES, AddNormResult, compare_add_norm, selfcheck  # noqa: E402
 from native.layers.norm import RMSNorm  # noqa: E402
 from tiny_models import tiny_model  # noqa: E402
 

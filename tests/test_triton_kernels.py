@@ -6,7 +6,7 @@ decides at decoration time whether a kernel is compiled or interpreted; set
 it yourself when importing them elsewhere on a CPU). The kernels are written
 for real GPUs (power-of-two blocks, tl.dot with at least 16 rows); the GPU
 check script runs the same comparisons on CUDA in float32 and bfloat16
-(`native.kernels.selfcheck`). Shapes stay small: the interpreter runs every
+(`native.kernel_check.selfcheck`). Shapes stay small: the interpreter runs every
 program in Python.
 """
 
@@ -26,7 +26,7 @@ import torch  # noqa: E402
 pytest.importorskip("triton", reason="Triton is not installed (it comes with the 'test' extra on Linux)")
 
 from native import kernels  # noqa: E402
-from native.kernels.check import CASES, Case, compare, make_inputs, selfcheck  # noqa: E402
+from native.kernel_check import CASES, Case, compare, make_inputs, selfcheck  # noqa: E402
 from native.layers.attention import AttentionBatch, DecodeMeta, SeqSpan, paged_attention  # noqa: E402
 
 FP32_TOLERANCE = 1e-5
@@ -150,7 +150,7 @@ def test_kernels_stay_off_on_the_cpu_unless_forced(monkeypatch):
 def test_engine_with_a_sliding_pool_decodes_through_the_kernels_as_through_the_reference(monkeypatch, tmp_path):
     """A tiny Gemma 3 (global and sliding pools, so two block tables) run end to end with the kernels forced."""
     transformers = pytest.importorskip("transformers")
-    from localllm.backends.base import SamplingParams
+    from localllm.core.requests import SamplingParams
     from native.engine import EngineOptions, LLMEngine
 
     config = transformers.Gemma3TextConfig(
@@ -183,7 +183,7 @@ def test_engine_with_a_sliding_pool_decodes_through_the_kernels_as_through_the_r
 def test_the_reference_of_the_comparisons_stays_the_torch_path(monkeypatch):
     """Where the dispatcher would pick the kernels (CUDA, or forced), the selfcheck's reference must not."""
     monkeypatch.setenv("LOCALLLM_NATIVE_ATTENTION", "triton")
-    from native.kernels import check
+    from native import kernel_check as check
 
     used = []
     real = kernels.paged_decode_attention

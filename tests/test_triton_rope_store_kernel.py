@@ -24,7 +24,7 @@ pytest.importorskip("triton", reason="Triton is not installed (it comes with the
 
 from native import kernels  # noqa: E402
 from native.kernels import fused, rope_store  # noqa: E402
-from native.kernels.check import (  # noqa: E402
+from native.kernel_check import (  # noqa: E402
     ROPE_STORE_CASES, RopeStoreCase, compare_rope_store, make_rope_store_inputs, reference_rope_store,
     run_rope_store, selfcheck,
 )
@@ -165,7 +165,7 @@ def _engine(arch: str, monkeypatch):
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3"])
 def test_engines_decode_the_same_with_the_fused_kernels_on_and_off(monkeypatch, arch):
     """Greedy tokens equal, every step's logits within float32 rounding; the kernel ran on decode steps only."""
-    from localllm.backends.base import SamplingParams
+    from localllm.core.requests import SamplingParams
 
     engine, config = _engine(arch, monkeypatch)
     if arch == "gemma3":  # contexts past the window: the sliding layers keep their own pool and slots
@@ -244,29 +244,29 @@ def test_triton_fusions_checked_at_start_switch_themselves_off_when_broken(monke
     """A fused kernel that fails on a GPU's compiler, or computes something else, must not take the engine down."""
     from dataclasses import replace
 
-    from native.config import ModelConfig, RopeSpec
-    from native.kernels import check
+    from localllm.core.model_config import ModelConfig, RopeSpec
+    from native import kernel_check as check
 
     base = dict(vocab_size=64, hidden_size=96, intermediate_size=128, n_layers=1, n_kv_heads=2, head_dim=32,
                 rms_norm_eps=1e-6, max_position=128, rope=RopeSpec(theta=10000.0))
     llama = ModelConfig("llama", "llama", n_heads=4, **base)
     gemma = replace(ModelConfig("gemma3", "gemma3", n_heads=4, **base), qk_norm=True)
-    monkeypatch.setattr(kernels, "_fusions_failed", None)
-    assert kernels.verify_fusions(llama, torch.float32, "cpu") is None
-    assert kernels.verify_fusions(gemma, torch.float32, "cpu") is None and kernels.fusions_on()
+    kernels.switch_fusions_off(None)
+    assert check.verify_fusions(llama, torch.float32, "cpu") is None
+    assert check.verify_fusions(gemma, torch.float32, "cpu") is None and kernels.fusions_on()
 
     def broken(*args, **kwargs):
         raise RuntimeError("PassManager::run failed\nmore lines")
 
     rope_store_check = check.compare_rope_store
     monkeypatch.setattr(check, "compare_rope_store", broken)
-    assert kernels.verify_fusions(llama, torch.float32, "cpu") == "RuntimeError: PassManager::run failed"
+    assert check.verify_fusions(llama, torch.float32, "cpu") == "RuntimeError: PassManager::run failed"
     assert not kernels.fusions_on()
-    monkeypatch.setattr(kernels, "_fusions_failed", None)
+    kernels.switch_fusions_off(None)
     monkeypatch.setattr(check, "compare_rope_store", rope_store_check)
 
     real = check.compare_add_norm
     monkeypatch.setattr(check, "compare_add_norm", lambda *a, **k: replace(real(*a, **k), norm_error=1.0))
-    assert "differ from torch" in kernels.verify_fusions(llama, torch.float32, "cpu")
+    assert "differ from torch" in check.verify_fusions(llama, torch.float32, "cpu")
     assert not kernels.fusions_on()
-    monkeypatch.setattr(kernels, "_fusions_failed", None)
+    kernels.switch_fusions_off(None)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from localllm.config import Paths
+from localllm.core.config import Paths
 from localllm.store.store import ModelStore
 from localllm.tui.app import LocalLLMApp
 from localllm.tui.screens.models import ModelsScreen

@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 
 from localllm.backends.llamacpp import LlamaCppBackend, LlamaCppOptions
-from localllm.modelinfo import read_model_info
+from localllm.core.modelinfo import read_model_info
 from localllm.tui.app import LocalLLMApp
 from localllm.tui.conversations import ChatSettings
 from localllm.tui.screens.settings import SettingsScreen

@@ -8,11 +8,12 @@ from dataclasses import replace
 
 import pytest
 
-from localllm.commands import chat_defaults, sampling_from
-from localllm.cli import parse_command_line
+from localllm.cli.commands import chat_defaults
+from localllm.cli.loading import sampling_from
+from localllm.cli.parser import parse_command_line
 from localllm.fit.planner import Wishes, plan_fit
 from localllm.fit.render import verdict
-from localllm.modelinfo import read_model_info
+from localllm.core.modelinfo import read_model_info
 from localllm.tui.app import LocalLLMApp
 from localllm.tui.screens.settings import SettingsScreen, format_stops, parse_stops
 from tui_fakes import FakeBackend, FakeFactory, FixedHardwareProbe, wait_until

@@ -9,8 +9,8 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-from localllm.backends.base import EngineStats, FinishEvent, GenerationRequest, Timings, TokenEvent, Usage
-from localllm.errors import BackendError
+from localllm.core.requests import EngineStats, FinishEvent, GenerationRequest, Timings, TokenEvent, Usage
+from localllm.core.errors import BackendError
 
 REPLY = "Hello! Here is **bold** text and code:\n\n```python\nprint('hi')\n```\n"
 
@@ -87,7 +87,7 @@ class FixedHardwareProbe:
     """The same readings every second, so screenshots are stable."""
 
     def __init__(self) -> None:
-        from localllm.hardware import GPU, Hardware, LlamaCppSupport
+        from localllm.core.hardware import GPU, Hardware, LlamaCppSupport
 
         self.facts = Hardware(
             os="Linux", os_release="6.1", machine="x86_64", python="3.11.7",

@@ -24,7 +24,7 @@ import math
 
 import numpy as np
 
-from localllm.errors import BadRequest
+from localllm.core.errors import BadRequest
 
 GRAMMAR_ROOT = b"root"
 

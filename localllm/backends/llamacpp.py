@@ -21,15 +21,16 @@ import uuid
 from dataclasses import dataclass, replace
 from typing import AsyncIterator
 
-from localllm.backends.base import EngineStats, Event, FinishEvent, GenerationRequest
+from localllm.core.requests import EngineStats, Event, FinishEvent, GenerationRequest
 from localllm.backends.grammar import check_grammar
 from localllm.backends.llamacpp_embedder import EmbedJob, embed_context_size
 from localllm.backends.llamacpp_engine import Control, EngineConfig, Job, LlamaCppEngine
 from localllm.backends.llamacpp_speculative import SpeculationConfig
-from localllm.chat_template import ChatTemplate, resolve_template
-from localllm.errors import BackendError, BadRequest
-from localllm.hardware import default_threads
-from localllm.modelinfo import ModelInfo
+from localllm.core.chat_template import ChatTemplate, resolve_template
+from localllm.core.errors import BackendError, BadRequest
+from localllm.core.hardware import default_threads
+from localllm.core.modelinfo import ModelInfo
+from localllm.engine_kit.llama_glue import route_llama_logs
 
 DEFAULT_CONTEXT = 4096
 DEFAULT_BATCH = 512
@@ -272,7 +273,7 @@ class LlamaCppBackend:
         try:
             import llama_cpp
 
-            _route_llama_logs(llama_cpp, self.options.verbose)
+            route_llama_logs(llama_cpp, self.options.verbose)
             self._engine.load()
         except BaseException as exc:  # reported to the constructor's caller
             self._load_error = exc if isinstance(exc, BackendError) else BackendError(
@@ -286,24 +287,6 @@ class LlamaCppBackend:
             self._engine.run()
         finally:
             self._engine.unload()
-
-
-_log_callback = None  # kept alive for as long as llama.cpp may call it
-
-
-def _route_llama_logs(llama_cpp, verbose: bool) -> None:
-    """llama.cpp logs to stderr by default; a CLI must print only what it means to."""
-    global _log_callback
-    import ctypes
-    import sys
-
-    @llama_cpp.llama_log_callback
-    def callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-        if verbose:
-            sys.stderr.write(text.decode("utf-8", errors="replace"))
-
-    _log_callback = callback
-    llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
 
 
 def _context_size(requested: int | None, info: ModelInfo) -> int:

@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from localllm.errors import BackendError
+from localllm.core.errors import BackendError
 
 MAX_EMBED_CONTEXT = 4096  # tokens per decode, and so the longest input (a compute buffer grows with its square)
 MAX_EMBED_SEQUENCES = 64  # inputs pooled together in one decode

@@ -46,21 +46,21 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import ctypes
 import queue
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from localllm.backends.base import EngineStats, Event, FinishEvent, GenerationRequest, Timings, TokenEvent, Usage
+from localllm.core.requests import EngineStats, Event, FinishEvent, GenerationRequest, Timings, TokenEvent, Usage
 from localllm.backends.llamacpp_embedder import Embedder, EmbedJob
 from localllm.backends.llamacpp_sampler import build_sampler
 from localllm.backends.llamacpp_slots import Slot, SlotTable
 from localllm.backends.llamacpp_speculative import GuessRequest, SpeculationConfig, SpecRecord, make_guesser
 from localllm.backends.logprobs import top_logprobs
 from localllm.backends.textstream import TextStream
-from localllm.errors import BackendError
+from localllm.core.errors import BackendError
+from localllm.engine_kit.llama_glue import token_piece
 
 DECODE_OK, DECODE_NO_KV_SLOT, DECODE_ABORTED = 0, 1, 2  # llama_decode's statuses
 WAKE = "wake"  # an inbox message that only wakes an idle engine
@@ -577,13 +577,7 @@ class LlamaCppEngine:
 
     def _piece(self, token: int) -> bytes:
         """The bytes of one token as text (control tokens such as <eos> give b"")."""
-        size = 64
-        while True:
-            buf = ctypes.create_string_buffer(size)
-            n = self.lc.llama_token_to_piece(self.model.vocab, token, buf, size, 0, False)
-            if n >= 0:
-                return buf.raw[:n]
-            size = -n
+        return token_piece(self.lc, self.model.vocab, token)
 
     def _emit(self, job: Job, event: Event) -> None:
         """Queue an event for the request's loop; `_deliver` hands them over after the step."""

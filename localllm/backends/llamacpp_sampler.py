@@ -7,7 +7,7 @@ logits it sees are the same.
 
 from __future__ import annotations
 
-from localllm.backends.base import SamplingParams
+from localllm.core.requests import SamplingParams
 from localllm.backends.grammar import GrammarSampler
 
 RANDOM_SEED = 0xFFFFFFFF  # llama.cpp's LLAMA_DEFAULT_SEED: pick a random seed

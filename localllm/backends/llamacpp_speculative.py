@@ -48,9 +48,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from localllm.backends.base import SamplingParams
+from localllm.core.requests import SamplingParams
 from localllm.backends.llamacpp_slots import common_prefix
-from localllm.errors import BadRequest
+from localllm.core.errors import BadRequest
 
 METHODS = ("off", "ngram", "draft")
 DEFAULT_GUESSES = 15  # the most guesses a request grows to (each step's rows: 1 + guesses)
@@ -129,7 +129,7 @@ class NgramGuesser:
     """Prompt lookup over each request's own tokens; keeps nothing between steps."""
 
     def __init__(self, min_n: int, max_n: int) -> None:
-        from native.ngram import lookup  # numpy and (when installed) numba; no torch
+        from localllm.engine_kit.ngram import lookup  # numpy and (when installed) numba; no torch
 
         self._lookup = lookup
         self.min_n, self.max_n = min_n, max_n

@@ -30,20 +30,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, AsyncIterator
 
-from localllm.backends.base import (
-    EngineStats,
-    Event,
-    FinishEvent,
-    GenerationRequest,
-    Timings,
-    TokenEvent,
-    Usage,
-)
+from localllm.core.requests import EngineStats, Event, FinishEvent, GenerationRequest, Timings, TokenEvent, Usage
 from localllm.backends.textstream import TextStream
-from localllm.chat_template import ChatTemplate, resolve_template
-from localllm.errors import BackendError, BadRequest, LocalLLMError
-from localllm.hardware import default_threads
-from localllm.modelinfo import ModelInfo
+from localllm.core.chat_template import ChatTemplate, resolve_template
+from localllm.core.errors import BackendError, BadRequest, LocalLLMError
+from localllm.core.hardware import default_threads
+from localllm.core.modelinfo import ModelInfo
 
 
 @dataclass

@@ -44,20 +44,10 @@ from typing import Any, AsyncIterator, Callable, Coroutine, TypeVar
 
 import httpx
 
-from localllm.backends.base import (
-    EngineStats,
-    Event,
-    FinishEvent,
-    FinishReason,
-    GenerationRequest,
-    SamplingParams,
-    Timings,
-    TokenEvent,
-    Usage,
-)
-from localllm.env_vars import check_header_value, check_proxy_settings
-from localllm.errors import BackendError, BadRequest, UpstreamRefused, UpstreamUnavailable
-from localllm.remotes import check_url, remote_model_info
+from localllm.core.requests import EngineStats, Event, FinishEvent, FinishReason, GenerationRequest, SamplingParams, Timings, TokenEvent, Usage
+from localllm.core.env_vars import check_header_value, check_proxy_settings
+from localllm.core.errors import BackendError, BadRequest, UpstreamRefused, UpstreamUnavailable
+from localllm.backends.remotes import check_url, remote_model_info
 
 T = TypeVar("T")
 UNKNOWN_TOKEN = -1  # the id of a token the upstream streamed as text only

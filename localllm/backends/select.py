@@ -13,9 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from localllm.backends.base import Backend
-from localllm.errors import BadRequest
-from localllm.modelinfo import ModelInfo
-from localllm.remotes import RemoteModel
+from localllm.core.errors import BadRequest
+from localllm.core.modelinfo import ModelInfo
+from localllm.backends.remotes import RemoteModel
 from localllm.store.store import ResolvedModel
 
 BACKENDS = ("auto", "llamacpp", "native", "remote")

@@ -23,14 +23,14 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from localllm.hardware import GPU
+from localllm.core.hardware import GPU
 
-from localllm.errors import DoesNotFit
+from localllm.core.errors import DoesNotFit
 from localllm.fit.machine import probe
 from localllm.fit.planner import Plan, Wishes, plan_fit
 from localllm.fit.settings import FitSettings
-from localllm.hardware import Hardware
-from localllm.modelinfo import ModelInfo
+from localllm.core.hardware import Hardware
+from localllm.core.modelinfo import ModelInfo
 
 
 def follow_plan(

@@ -40,7 +40,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from localllm.fit.units import MIB
-from localllm.modelinfo import ModelInfo
+from localllm.core.modelinfo import ModelInfo
 
 LLAMACPP_SWA_FULL = True  # the backend must create its context with swa_full=True (see above)
 KV_DTYPE_BYTES = 2  # f16 K and V, llama.cpp's default cache type

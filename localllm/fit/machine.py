@@ -12,9 +12,9 @@ import copy
 import re
 from dataclasses import dataclass
 
-from localllm.errors import BadRequest
+from localllm.core.errors import BadRequest
 from localllm.fit.settings import FitSettings
-from localllm.hardware import GPU, Hardware
+from localllm.core.hardware import GPU, Hardware
 
 RECENT_COMPUTE_CAPABILITY = "8.9"  # what --vram assumes without --compute-capability (Ada)
 HYPOTHETICAL = "hypothetical"
@@ -84,7 +84,7 @@ def _assume_cuda_builds(hw: Hardware) -> None:
 
 def probe() -> Hardware:
     """This machine, cheaply: torch is imported (1-2 s) only where nvidia-smi shows a GPU for it to see."""
-    from localllm import hardware
+    from localllm.core import hardware
 
     if hardware.nvidia_smi_gpus():
         return hardware.detect()

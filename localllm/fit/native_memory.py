@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from localllm.fit.units import MIB
-from localllm.modelinfo import ModelInfo
+from localllm.core.modelinfo import ModelInfo
 
 BLOCK_SIZE = 16
 MAX_NUM_SEQS = 16  # the engine's default batch of sequences (NativeOptions.max_num_seqs)
@@ -74,7 +74,7 @@ class NativeShape:
 
     @classmethod
     def from_config(cls, config: Any) -> NativeShape:
-        """From native.config.ModelConfig (or anything with its attribute names)."""
+        """From localllm.core.model_config.ModelConfig (or anything with its attribute names)."""
         h, q, kv = config.hidden_size, config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
         per_layer = h * (q + 2 * kv) + q * h + 3 * h * config.intermediate_size + 4 * h + 2 * config.head_dim
         embeddings = config.vocab_size * h * (1 if config.tie_embeddings else 2)

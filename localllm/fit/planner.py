@@ -17,17 +17,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
-from localllm.errors import BadRequest
+from localllm.core.errors import BadRequest
 from localllm.fit import machine
 from localllm.fit.llamacpp_memory import LLAMACPP_SWA_FULL, LlamaCppMemory, llamacpp_memory
 from localllm.fit.native_memory import NativeMemory, NativeShape, native_memory
 from localllm.fit.settings import FitSettings
 from localllm.fit.units import gib
-from localllm.hardware import GPU, Hardware
-from localllm.modelinfo import ModelInfo
+from localllm.core.hardware import GPU, Hardware
+from localllm.core.modelinfo import ModelInfo
 
 BACKENDS = ("auto", "llamacpp", "native")
-NATIVE_ARCHITECTURES = {"llama", "mistral", "qwen2", "qwen3", "gemma3"}  # native/config.py
+NATIVE_ARCHITECTURES = {"llama", "mistral", "qwen2", "qwen3", "gemma3"}  # localllm/core/model_config.py
 JSON_KEYS = (
     "fits", "backend", "n_gpu_layers", "context_length", "parallel",
     "kv_bytes", "ram_bytes", "vram_bytes", "reasons", "alternatives",

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from localllm.errors import DoesNotFit
+from localllm.core.errors import DoesNotFit
 from localllm.fit.planner import Plan, Wishes, context_candidates, plan_fit
 from localllm.fit.settings import FitSettings
-from localllm.hardware import Hardware
-from localllm.modelinfo import ModelInfo
+from localllm.core.hardware import Hardware
+from localllm.core.modelinfo import ModelInfo
 
 # Best first. Bits per weight are typical whole-file figures for 7-8B models (llama.cpp's quantize table).
 QUANT_LADDER: dict[str, float] = {

@@ -10,8 +10,8 @@ from dataclasses import dataclass, replace
 
 from localllm.fit.quants import QuantChoice, choose_quant, quant_sizes
 from localllm.fit.settings import FitSettings
-from localllm.hardware import Hardware
-from localllm.modelinfo import ModelInfo
+from localllm.core.hardware import Hardware
+from localllm.core.modelinfo import ModelInfo
 from localllm.store.refs import ModelRef
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 from localllm.fit.planner import Plan
 from localllm.fit.settings import FitSettings
 from localllm.fit.units import gib
-from localllm.hardware import Hardware
-from localllm.modelinfo import ModelInfo
-from localllm.units import human_count
+from localllm.core.hardware import Hardware
+from localllm.core.modelinfo import ModelInfo
+from localllm.core.units import human_count
 
 
 def verdict(plan: Plan) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from localllm.errors import BadRequest
+from localllm.core.errors import BadRequest
 from localllm.fit.units import GIB, parse_size
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-from localllm.errors import BadRequest
+from localllm.core.errors import BadRequest
 
 KIB, MIB, GIB, TIB = 1024, 1024**2, 1024**3, 1024**4
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from localllm.backends.base import FinishEvent, SamplingParams
-from localllm.errors import BadRequest
+from localllm.core.requests import FinishEvent, SamplingParams
+from localllm.core.errors import BadRequest
 from localllm.server.anthropic_schemas import AnthropicMessage, AnthropicTool, AnthropicToolChoice, CountTokensRequest, MessagesRequest
 from localllm.server.errors import APIError
 from localllm.server.tools import ToolCall, ToolPlan, plan_tools

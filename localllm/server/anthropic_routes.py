@@ -23,7 +23,7 @@ from typing import Any, AsyncIterator
 from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
-from localllm.backends.base import GenerationRequest, TokenEvent
+from localllm.core.requests import GenerationRequest, TokenEvent
 from localllm.server import anthropic_messages as shapes
 from localllm.server.anthropic_schemas import CountTokensRequest, MessagesRequest
 from localllm.server.errors import APIError

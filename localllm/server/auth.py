@@ -13,7 +13,7 @@ import hmac
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from localllm.errors import BadRequest
+from localllm.core.errors import BadRequest
 from localllm.server.errors import APIError, error_bytes
 
 OPEN_PATHS = frozenset({"/health", "/"})

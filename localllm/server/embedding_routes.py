@@ -20,7 +20,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import JSONResponse, Response
 
-from localllm.errors import BadRequest
+from localllm.core.errors import BadRequest
 from localllm.server.errors import APIError
 from localllm.server.generation import ClientGone, until_disconnected
 from localllm.server.json_bodies import OffLoopBodyRoute

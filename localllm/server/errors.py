@@ -5,7 +5,7 @@ Ollama clients expect `{"error": "..."}`; Anthropic clients expect
 `{"type": "error", "error": {"type", "message"}}`. Which one a request gets
 follows from its path: `/api/...` is Ollama's, `/v1/messages...` Anthropic's,
 everything else OpenAI's. Errors are
-values (localllm.errors) until they reach this module; no response ever
+values (localllm.core.errors) until they reach this module; no response ever
 carries a stack trace, and the server log keeps the one of an unexpected error.
 """
 
@@ -21,7 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 
-from localllm.errors import (
+from localllm.core.errors import (
     AccessDenied,
     BadModelFile,
     BadRequest,
@@ -117,7 +117,7 @@ def error_bytes(path: str, error: APIError) -> bytes:
 
 
 def from_localllm_error(exc: LocalLLMError) -> APIError:
-    """The HTTP status for each kind of failure (localllm.errors)."""
+    """The HTTP status for each kind of failure (localllm.core.errors)."""
     message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     if isinstance(exc, QueueFull):
         return APIError(429, message, code="queue_full", headers={"Retry-After": str(exc.retry_after_s)})

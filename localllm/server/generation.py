@@ -30,7 +30,7 @@ from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from localllm.backends.base import Event, FinishEvent, GenerationRequest, TokenEvent
+from localllm.core.requests import Event, FinishEvent, GenerationRequest, TokenEvent
 from localllm.server.metrics import Metrics
 from localllm.server.registry import Lease
 

@@ -22,7 +22,7 @@ import json
 import re
 from typing import Any
 
-from localllm.errors import BadRequest
+from localllm.core.errors import BadRequest
 from localllm.server.json_schema_prep import prepare_schema
 
 MAX_SCHEMA_CHARS = 64 * 1024

@@ -29,7 +29,7 @@ import re
 from typing import Any
 from urllib.parse import unquote
 
-from localllm.errors import BadRequest
+from localllm.core.errors import BadRequest
 
 MAX_REF_DEPTH = 5  # times a reference may be expanded inside itself
 MAX_NODES = 20_000  # schema objects after expansion: recursion must not blow up the grammar

@@ -17,7 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.core import CounterMetricFamily
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from localllm.backends.base import EngineStats
+from localllm.core.requests import EngineStats
 from localllm.server import offloop
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST

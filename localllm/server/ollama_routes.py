@@ -21,8 +21,8 @@ from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
 from localllm import __version__
-from localllm.backends.base import FinishEvent, GenerationRequest, SamplingParams, TokenEvent
-from localllm.errors import BadRequest, LocalLLMError
+from localllm.core.requests import FinishEvent, GenerationRequest, SamplingParams, TokenEvent
+from localllm.core.errors import BadRequest, LocalLLMError
 from localllm.server.errors import APIError, from_localllm_error
 from localllm.server.generation import (
     ClientGone,
@@ -50,7 +50,7 @@ from localllm.server.schemas import (
 from localllm.server.settings import parse_duration
 from localllm.server.state import ServerState
 from localllm.server.tools import ToolCall, ToolPlan, plan_tools
-from localllm.units import human_count
+from localllm.core.units import human_count
 
 router = APIRouter(route_class=OffLoopBodyRoute)
 log = logging.getLogger("localllm.server")
@@ -512,7 +512,8 @@ async def pull(body: OllamaModelRequest, request: Request) -> Response:
     if not ref:
         raise APIError(400, "'model' is required", param="model")
     check_model_name(ref)
-    from localllm.store.pull import PullProgress, pull as do_pull
+    from localllm.store.progress import PullProgress
+    from localllm.store.pull import pull as do_pull
 
     loop = asyncio.get_running_loop()
     updates: asyncio.Queue[PullProgress] = asyncio.Queue()

@@ -21,8 +21,8 @@ from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
 from localllm import __version__
-from localllm.backends.base import FinishEvent, GenerationRequest, SamplingParams, TokenEvent
-from localllm.errors import BadRequest
+from localllm.core.requests import FinishEvent, GenerationRequest, SamplingParams, TokenEvent
+from localllm.core.errors import BadRequest
 from localllm.server.errors import APIError
 from localllm.server.generation import (
     ClientGone,

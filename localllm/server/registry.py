@@ -14,7 +14,7 @@ answers the next with QueueFull (HTTP 429).
 Requests may name installed models (and `starter`, installed on first use), and
 the model the server was started with; never a file path, so a client cannot
 make the server open arbitrary files. Names routed to an upstream server
-(remotes.toml, see localllm.remotes) and, under `--backend remote`, every name
+(remotes.toml, see localllm.backends.remotes) and, under `--backend remote`, every name
 open the remote backend instead: those models live on the upstream.
 """
 
@@ -27,9 +27,11 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from typing import Callable
 
-from localllm.backends.base import Backend, EngineStats
-from localllm.errors import BadRequest, ModelNotFound, QueueFull
-from localllm.remotes import RemoteModel
+from localllm.backends.base import Backend
+
+from localllm.core.requests import EngineStats
+from localllm.core.errors import BadRequest, ModelNotFound, QueueFull
+from localllm.backends.remotes import RemoteModel
 from localllm.server.offloop import in_thread
 from localllm.server.settings import ServerSettings
 from localllm.store.own_files import check_model_name as check_store_name

@@ -12,7 +12,7 @@ import sys
 import threading
 from dataclasses import dataclass
 
-from localllm.errors import BadRequest
+from localllm.core.errors import BadRequest
 from localllm.server.settings import ServerSettings
 
 GRACE_S = 2  # on stop, requests still running get this long before they are cancelled

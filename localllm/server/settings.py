@@ -10,8 +10,8 @@ import ipaddress
 import re
 from dataclasses import dataclass, field
 
-from localllm.errors import BadRequest
-from localllm.remotes import RemoteRoute
+from localllm.core.errors import BadRequest
+from localllm.backends.remotes import RemoteRoute
 
 # Ollama listens on 11434 and llama.cpp's server on 8080. The next port after
 # Ollama's lets both run side by side; Ollama clients need only the port changed.

@@ -27,7 +27,7 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
-from localllm.errors import BadRequest
+from localllm.core.errors import BadRequest
 from localllm.server.json_grammar import checked_schema, literal, prepared_schema_grammar, rename_root
 
 

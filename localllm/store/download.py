@@ -41,11 +41,11 @@ from typing import Callable
 
 import httpx2
 
-from localllm.atomic import _fsync_dir, write_json_atomic
-from localllm.env_vars import env_int
-from localllm.errors import ChecksumMismatch, DownloadCancelled, DownloadFailed, NotEnoughDisk, UnsafeStorePath
+from localllm.core.atomic import _fsync_dir, write_json_atomic
+from localllm.core.env_vars import env_int
+from localllm.core.errors import ChecksumMismatch, DownloadCancelled, DownloadFailed, NotEnoughDisk, UnsafeStorePath
 from localllm.store.own_files import is_own_file, not_a_link, open_fd, open_file
-from localllm.units import human_bytes
+from localllm.core.units import human_bytes
 
 SYNC_EVERY_BYTES = 64 << 20  # fsync and record progress this often
 TIMEOUT = httpx2.Timeout(connect=15.0, read=30.0, write=30.0, pool=30.0)

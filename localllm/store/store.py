@@ -20,10 +20,10 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from localllm.atomic import write_json_atomic
-from localllm.config import Paths, paths
-from localllm.errors import BadModelFile, BadRequest, ModelNotFound, ModelNotInstalled, UnsafeStorePath
-from localllm.modelinfo import ModelInfo, read_model_info
+from localllm.core.atomic import write_json_atomic
+from localllm.core.config import Paths, paths
+from localllm.core.errors import BadModelFile, BadRequest, ModelNotFound, ModelNotInstalled, UnsafeStorePath
+from localllm.core.modelinfo import ModelInfo, read_model_info
 from localllm.store.own_files import check_model_name, check_path_text, not_a_link, open_file
 
 STARTER_NAME = "starter"  # Gemma 3 270M base: raw completion, tests and benchmarks
@@ -64,7 +64,7 @@ class ResolvedModel:
             except (KeyError, TypeError, ValueError, OSError):
                 pass  # an old or damaged cache: read the file again
         if self.path.is_dir() or (self.manifest and self.manifest.format == "safetensors"):
-            from native.hf_info import read_hf_model_info  # a Hugging Face folder: config.json, safetensors
+            from localllm.core.hf_info import read_hf_model_info  # a Hugging Face folder: config.json, safetensors
 
             return read_hf_model_info(self.path if self.path.is_dir() else self.path.parent)
         return read_model_info(self.path)

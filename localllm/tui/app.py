@@ -17,9 +17,9 @@ from textual.binding import Binding
 from textual.screen import Screen
 
 from localllm.backends.base import Backend
-from localllm.config import Paths, home_dir
+from localllm.core.config import Paths, home_dir
 from localllm.store.store import DEFAULT_CHAT_MODEL, ModelStore
-from localllm.errors import BackendError
+from localllm.core.errors import BackendError
 from localllm.tui.conversations import ChatSettings, ConversationStore
 from localllm.tui.screens.chat import ChatScreen
 from localllm.tui.screens.hardware import HardwareProbe, HardwareScreen

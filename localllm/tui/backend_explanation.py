@@ -9,9 +9,9 @@ the words match `localllm fit`, GPU layers included.
 from __future__ import annotations
 
 from localllm.backends.base import Backend
-from localllm.errors import LocalLLMError
-from localllm.hardware import Hardware
-from localllm.modelinfo import ModelInfo
+from localllm.core.errors import LocalLLMError
+from localllm.core.hardware import Hardware
+from localllm.core.modelinfo import ModelInfo
 
 
 def explain_backend(model: str, backend: Backend, hardware: Hardware | None) -> str:

@@ -13,7 +13,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from localllm.backends.base import SamplingParams
+from localllm.core.requests import SamplingParams
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS conversations (

@@ -14,7 +14,7 @@ from typing import Callable, Protocol
 from textual.message import Message
 
 from localllm.backends.base import Backend
-from localllm.errors import LocalLLMError
+from localllm.core.errors import LocalLLMError
 from localllm.store.store import ModelStore
 
 

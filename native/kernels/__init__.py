@@ -26,8 +26,8 @@ import them when called.
 - `norm_rope_store(q, k, v, cos, sin, k_cache, v_cache, slots, q_norm=, k_norm=)`: a decode step's
   queries normed and rotated (returned), keys normed and rotated into the cache with the values
 - `fusions_on()`: False under LOCALLLM_NATIVE_FUSED=off
-- `selfcheck(device)`: the kernels against the torch reference on random shapes
-- `time_decode_attention(device)`: kernel vs reference timings at real model shapes
+- native/kernel_check.py: `selfcheck(device)`, the kernels against the torch reference on random shapes;
+  `time_decode_attention(device)`, kernel vs reference timings; `verify_fusions`, the start-up check
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 
-from localllm.env_vars import env_choice, env_flag
+from localllm.core.env_vars import env_choice, env_flag
 
 ATTENTION_CHOICES = ("auto", "triton", "reference")
 
@@ -95,33 +95,13 @@ def fusions_on() -> bool:
     return env_flag("LOCALLLM_NATIVE_FUSED", True)
 
 
-def verify_fusions(config, dtype, device) -> str | None:
-    """Run the fused kernels once at the model's own shapes and compare them with torch; None if they hold.
-
-    They are tested on CPUs under Triton's interpreter, and a GPU's compiler
-    may see them differently: a kernel that fails to compile, or computes
-    something else, switches the fusions off for this process (the engine
-    then runs the separate kernels) instead of taking the engine down.
-    Returns why they were switched off. The shapes are the model's, so the
-    compiled kernels are the ones its steps use.
-    """
+def switch_fusions_off(reason: str | None) -> None:
+    """Turn the fused kernels off for this process (reason given), or back on (None); see kernel_check.verify_fusions."""
     global _fusions_failed
-    if not fusions_on():
-        return _fusions_failed
-    from .check import AddNormCase, RopeStoreCase, compare_add_norm, compare_rope_store
+    _fusions_failed = reason
 
-    gemma = config.family == "gemma3"  # its blocks' outputs are normed before the add
-    try:
-        results = [
-            compare_add_norm(AddNormCase(2, config.hidden_size, sandwich=gemma), dtype, device),
-            compare_rope_store(RopeStoreCase(2, config.n_heads, config.n_kv_heads, config.head_dim,
-                                             qk_norm=config.qk_norm, padding=1), dtype, device),
-        ]
-        wrong = [r.case.name for r in results if not r.ok]
-        if wrong:
-            _fusions_failed = f"{wrong[0]} gave results that differ from torch's"
-    except Exception as exc:  # a compiler error, an unsupported construct on this GPU
-        _fusions_failed = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+
+def fusions_off_reason() -> str | None:
     return _fusions_failed
 
 
@@ -141,15 +121,3 @@ def norm_rope_store(*args, **kwargs):
     from .rope_store import norm_rope_store as kernel
 
     return kernel(*args, **kwargs)
-
-
-def selfcheck(device="cuda", **kwargs):
-    from .check import selfcheck as run
-
-    return run(device, **kwargs)
-
-
-def time_decode_attention(device="cuda", **kwargs):
-    from .check import time_decode_attention as run
-
-    return run(device, **kwargs)

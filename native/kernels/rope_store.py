@@ -19,14 +19,9 @@ batch carry the scratch block's slot, so they write only there.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import triton
 import triton.language as tl
-
-if TYPE_CHECKING:
-    from ..layers.norm import RMSNorm
 
 
 @triton.jit
@@ -88,8 +83,8 @@ def norm_rope_store(
     v_cache: torch.Tensor,
     slots: torch.Tensor,
     *,
-    q_norm: RMSNorm | None = None,
-    k_norm: RMSNorm | None = None,
+    q_norm: torch.nn.Module | None = None,
+    k_norm: torch.nn.Module | None = None,
 ) -> torch.Tensor:
     """The rotated (and normed) queries; the rotated (and normed) keys and the values go into their cache slots.
 

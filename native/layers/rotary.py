@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from ..config import RopeSpec
+from localllm.core.model_config import RopeSpec
 from ..kernels import fused_for
 
 

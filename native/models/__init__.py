@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..config import ModelConfig
+from localllm.core.model_config import ModelConfig
 
 
 def build_model(config: ModelConfig):

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..config import ModelConfig
+from localllm.core.model_config import ModelConfig
 from ..layers.attention import AttentionBatch
 from ..layers.mlp import GatedMLP
 from ..layers.norm import RMSNorm

@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from localllm.errors import BadModelFile
+from localllm.core.errors import BadModelFile
 
-from ..config import ModelConfig
+from localllm.core.model_config import ModelConfig
 from ..layers.attention import AttentionBatch, attend_stored, fused_decode_kernels, paged_attention
 from ..layers.mlp import GatedMLP
 from ..layers.norm import RMSNorm

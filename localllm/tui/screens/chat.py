@@ -18,9 +18,9 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import Screen
 from textual.widgets import Footer, Header, Input, Label, ListItem, ListView, Static
 
-from localllm.backends.base import FinishEvent, GenerationRequest, TokenEvent
-from localllm.chat_fit import ChatTooLong, FittedChat, fit_chat
-from localllm.errors import LocalLLMError
+from localllm.core.requests import FinishEvent, GenerationRequest, TokenEvent
+from localllm.backends.chat_fit import ChatTooLong, FittedChat, fit_chat
+from localllm.core.errors import LocalLLMError
 from localllm.tui.conversations import ChatSettings, Conversation, Message, title_from
 from localllm.tui.widgets.message_view import MessageView
 from localllm.tui.widgets.prompt_input import PromptInput

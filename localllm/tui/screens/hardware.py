@@ -11,8 +11,8 @@ from textual.containers import VerticalScroll
 from textual.screen import Screen
 from textual.widgets import Footer, Header, ProgressBar, Static
 
-from localllm.hardware import GPU, Hardware
-from localllm.units import human_bytes
+from localllm.core.hardware import GPU, Hardware
+from localllm.core.units import human_bytes
 
 
 @dataclass
@@ -36,7 +36,7 @@ class HardwareProbe:
             threading.Thread(target=self._detect, daemon=True).start()
 
     def _detect(self) -> None:
-        from localllm.hardware import detect
+        from localllm.core.hardware import detect
 
         self.facts = detect()
 
@@ -44,7 +44,7 @@ class HardwareProbe:
         vm = psutil.virtual_memory()
         gpus = self.facts.gpus if self.facts else []
         if gpus and gpus[0].source == "nvidia-smi":
-            from localllm.hardware import nvidia_smi_gpus
+            from localllm.core.hardware import nvidia_smi_gpus
 
             gpus = nvidia_smi_gpus() or gpus
         return LiveReading(psutil.cpu_percent(interval=None), vm.total - vm.available, vm.total, gpus)

@@ -19,10 +19,10 @@ from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Label, ProgressBar, Static
 
-from localllm.errors import LocalLLMError
-from localllm.hardware import Hardware
+from localllm.core.errors import LocalLLMError
+from localllm.core.hardware import Hardware
 from localllm.store.store import ModelStore
-from localllm.units import human_bytes
+from localllm.core.units import human_bytes
 
 # Bits per weight of common quants, for sizing catalog models before they are downloaded.
 BITS_PER_WEIGHT = {"Q4_0": 4.55, "Q4_K_S": 4.6, "Q4_K_M": 4.85, "Q5_K_M": 5.7, "Q6_K": 6.6, "Q8_0": 8.5, "F16": 16.0, "BF16": 16.0}
@@ -50,7 +50,7 @@ def fit_badge(row: ModelRow, hw: Hardware) -> str:
     from localllm.fit import Wishes, plan_fit
     from localllm.fit.render import badge, size_badge
     from localllm.fit.settings import FitSettings
-    from localllm.modelinfo import ModelInfo
+    from localllm.core.modelinfo import ModelInfo
 
     if row.info:
         try:
@@ -62,7 +62,7 @@ def fit_badge(row: ModelRow, hw: Hardware) -> str:
 
 def planning_hardware(facts: Hardware | None, reading) -> Hardware:
     """The probe's fixed facts with this second's RAM and GPU readings (facts may still be loading)."""
-    from localllm.hardware import LlamaCppSupport
+    from localllm.core.hardware import LlamaCppSupport
 
     hw = copy.deepcopy(facts) if facts is not None else Hardware(
         os="", os_release="", machine="", python="", cpu_model="", physical_cores=1, logical_cores=1,

@@ -19,7 +19,7 @@ from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import Button, Footer, Header, Input, Label, Static, Switch
 
-from localllm.errors import LocalLLMError
+from localllm.core.errors import LocalLLMError
 
 
 class ServerStarted(Message):

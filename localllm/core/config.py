@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from localllm.env_vars import env_base_folder, env_folder
+from localllm.core.env_vars import env_base_folder, env_folder
 
 
 def home_dir() -> Path:

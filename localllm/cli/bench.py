@@ -16,8 +16,8 @@ from dataclasses import asdict, dataclass, field
 
 import httpx
 
-from localllm.env_vars import check_header_value, check_proxy_settings
-from localllm.errors import BadRequest
+from localllm.core.env_vars import check_header_value, check_proxy_settings
+from localllm.core.errors import BadRequest
 
 PROMPT_WORD = " the"  # one token in most vocabularies; the server's usage reports the real count
 

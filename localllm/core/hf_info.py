@@ -1,6 +1,6 @@
 """ModelInfo for a Hugging Face model folder (config.json, *.safetensors, tokenizer files).
 
-The GGUF path reads a file header (localllm/modelinfo.py); this is the same for
+The GGUF path reads a file header (localllm/core/modelinfo.py); this is the same for
 a folder: config.json for the shape, the safetensors headers for sizes (each
 file starts with an 8-byte length and a JSON table of its tensors, so no
 weights are read), tokenizer_config.json for BOS/EOS and the chat template.
@@ -14,11 +14,10 @@ import re
 import struct
 from pathlib import Path
 
-from localllm.errors import BadModelFile
-from localllm.modelinfo import ModelInfo
+from localllm.core.errors import BadModelFile
+from localllm.core.modelinfo import ModelInfo
 
-from .config import from_hf, read_hf_config, safetensors_files
-from .tokenizer import read_tokenizer_config
+from localllm.core.model_config import from_hf, read_hf_config, safetensors_files
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 _LAYER = re.compile(r"layers\.(\d+)\.")
@@ -119,3 +118,22 @@ def _vocab(folder: Path) -> dict[str, int]:
     except (OSError, ValueError):
         return {}
     return {t["content"]: t["id"] for t in spec.get("added_tokens", []) if "content" in t and "id" in t}
+
+
+def read_tokenizer_config(folder: Path) -> dict:
+    """tokenizer_config.json with its special tokens reduced to strings, plus a chat_template.jinja if present."""
+    settings: dict = {}
+    file = folder / "tokenizer_config.json"
+    if file.is_file():
+        try:
+            settings = json.loads(file.read_text())
+        except (OSError, ValueError) as exc:
+            raise BadModelFile(f"{file} is not valid JSON ({exc})") from None
+    for key in ("bos_token", "eos_token"):
+        value = settings.get(key)
+        if isinstance(value, dict):
+            settings[key] = value.get("content")
+    template = folder / "chat_template.jinja"
+    if not isinstance(settings.get("chat_template"), str) and template.is_file():
+        settings["chat_template"] = template.read_text()
+    return settings

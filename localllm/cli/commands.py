@@ -1,19 +1,21 @@
-"""What each CLI verb does, once its arguments are parsed (see cli.py)."""
+"""What each CLI verb does, once its arguments are parsed (see parser.py)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
-from localllm.backends.base import Backend, GenerationRequest, SamplingParams
-from localllm.cli import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, print_json
-from localllm.errors import BadRequest, ModelNotInstalled
-from localllm.store.store import Manifest, ModelStore, ResolvedModel
-from localllm.units import human_bytes, human_count
+from localllm.backends.base import Backend
+
+from localllm.core.requests import GenerationRequest, SamplingParams
+from localllm.cli.loading import backend_choice, engine_flags, load_options, model_for, open_model, pull_with_progress, sampling_from
+from localllm.cli.output import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, print_json
+from localllm.core.errors import BadRequest
+from localllm.store.store import ModelStore
+from localllm.core.units import human_bytes, human_count
 
 if TYPE_CHECKING:
-    from localllm.backends.select import LoadOptions
     from localllm.tui.conversations import ChatSettings
 
 
@@ -24,33 +26,6 @@ def cmd_pull(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED  # already explained on stderr
     return EXIT_OK
-
-
-def pull_with_progress(ref: str, *, quiet: bool = False) -> Manifest:
-    """Pull with a progress bar on stderr; Ctrl+C keeps the partial file for a resume."""
-    from localllm.store.progress import ProgressBar
-    from localllm.store.pull import pull
-
-    bar = None if quiet else ProgressBar(sys.stderr)
-    try:
-        manifest = pull(ref, progress=bar, notice=None if quiet else lambda line: print(line, file=sys.stderr))
-    except KeyboardInterrupt:
-        if bar:
-            bar.close()
-        print(f"pull interrupted; the partial download is kept and `localllm pull {ref}` resumes it", file=sys.stderr)
-        raise
-    finally:
-        if bar:
-            bar.close()
-    if bar:
-        files = len(manifest.files) or 1
-        fetched = "up to date" if bar.file is None and manifest.source.startswith("hf:") else "ready"
-        print(
-            f"{fetched}: {manifest.name}, {human_bytes(manifest.size)} in {files} file{'s' if files > 1 else ''}, "
-            f"sha256 {manifest.sha256[:12]}…",
-            file=sys.stderr,
-        )
-    return manifest
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
@@ -139,8 +114,8 @@ def cmd_rm(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from localllm.chat_template import template_source
-    from localllm.modelinfo import show_dict
+    from localllm.core.chat_template import template_source
+    from localllm.core.modelinfo import show_dict
 
     model = ModelStore().resolve(args.model, allow_paths=True)
     info = model.info()
@@ -158,15 +133,15 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_service(args: argparse.Namespace) -> int:
-    from localllm import service
+    from localllm.cli import service
 
     print(getattr(service, args.action)())
     return EXIT_OK
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from localllm import hardware
-    from localllm.fit.command import installed_plans
+    from localllm.core import hardware
+    from localllm.cli.fit_command import installed_plans
     from localllm.fit.render import verdict
 
     hw = hardware.detect()
@@ -205,89 +180,19 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    from localllm.fit.command import cmd_fit as fit
+    from localllm.cli.fit_command import cmd_fit as fit
 
     return fit(args)
 
 
 # -- generation verbs ------------------------------------------------------------
-def sampling_from(args: argparse.Namespace) -> SamplingParams:
-    params = SamplingParams(stop=list(args.stop), seed=args.seed, max_tokens=args.max_tokens)
-    for flag in ("temperature", "top_p", "top_k", "min_p", "repeat_penalty"):
-        value = getattr(args, flag)
-        if value is not None:
-            setattr(params, flag, value)
-    return params.validate()
-
-
-def open_model(args: argparse.Namespace) -> Backend:
-    from localllm.backends.select import open_backend
-
-    options = load_options(args, args.ctx)
-    return open_backend(model_for(options, args.model, resolve_or_pull), options)
-
-
-def load_options(args: argparse.Namespace, n_ctx: int | None) -> LoadOptions:
-    """How to open a model, from the load flags (and the remote flags, on verbs that have them)."""
-    from localllm.backends.select import LoadOptions
-
-    return LoadOptions(backend=backend_choice(args), n_ctx=n_ctx, **engine_flags(args))
-
-
-def engine_flags(args: argparse.Namespace) -> dict:
-    """The load and remote flags every model-running verb shares, under the names LoadOptions and
-    ServerSettings both use (the backend and the context are each verb's own)."""
-    from localllm.env_vars import env_secret
-
-    return dict(
-        n_threads=args.threads,
-        verbose=args.verbose,
-        kv_cache_bytes=args.kv_cache,
-        speculative=args.speculative,
-        draft=args.draft,
-        num_speculative_tokens=args.num_speculative_tokens,
-        remote_url=getattr(args, "url", None),
-        remote_api_key=getattr(args, "remote_api_key", None) or env_secret("LOCALLLM_REMOTE_API_KEY"),
-    )
-
-
-def backend_choice(args: argparse.Namespace) -> str:
-    """--url alone means --backend remote; --url with a local backend is a mistake worth saying."""
-    url = getattr(args, "url", None)
-    if url and args.backend == "auto":
-        return "remote"
-    if url and args.backend != "remote":
-        raise BadRequest(f"--url is for --backend remote, not --backend {args.backend}")
-    return args.backend
-
-
-def model_for(options: LoadOptions, ref: str, resolve: Callable[[str], ResolvedModel]) -> ResolvedModel:
-    """The model to open: with --backend remote a name the upstream knows (no local file), else `resolve(ref)`."""
-    if options.backend == "remote":
-        from localllm.remotes import RemoteModel
-
-        return RemoteModel.named(ref)
-    return resolve(ref)
-
-
-def resolve_or_pull(ref: str) -> ResolvedModel:
-    """An installed model; a catalog name or hf: reference not yet installed is pulled first, like `ollama run`."""
-    store = ModelStore()
-    try:
-        return store.resolve(ref, allow_paths=True)
-    except ModelNotInstalled:
-        print(f"{ref} is not installed yet; pulling it first", file=sys.stderr)
-        pull_with_progress(ref)
-        return store.resolve(ref, allow_paths=True)
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     params = sampling_from(args)
     prompt = _read_prompt(args.prompt)
     backend = open_model(args)
     try:
         if prompt is None:
-            from localllm.linechat import line_chat
+            from localllm.cli.linechat import line_chat
 
             return line_chat(backend, params, show_stats=args.stats, raw=args.raw)
         return _complete_once(backend, prompt, params, raw=args.raw, show_stats=args.stats)
@@ -296,7 +201,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from localllm.linechat import line_chat
+    from localllm.cli.linechat import line_chat
 
     params = sampling_from(args)
     if not args.plain and sys.stdout.isatty() and sys.stdin.isatty():
@@ -344,7 +249,7 @@ def _read_prompt(given: str | None) -> str | None:
 
 def _complete_once(backend: Backend, prompt: str, params: SamplingParams, *, raw: bool, show_stats: bool) -> int:
     from localllm.backends.llamacpp import new_request_id
-    from localllm.console import format_stats, stdout_writer, stream_to
+    from localllm.cli.console import format_stats, stdout_writer, stream_to
 
     messages = None if raw else [{"role": "user", "content": prompt}]
     text = prompt if raw else backend.render_chat(messages)
@@ -367,7 +272,7 @@ def _print_table(rows: list[list[str]]) -> None:
 
 # -- the load generator --------------------------------------------------------------
 def cmd_bench(args: argparse.Namespace) -> int:
-    from localllm.bench_command import cmd_bench as bench
+    from localllm.cli.bench_command import cmd_bench as bench
 
     return bench(args)
 
@@ -391,7 +296,7 @@ def _serve_api_key(args: argparse.Namespace, environ) -> str | None:
 def cmd_serve(args: argparse.Namespace) -> int:
     import os
 
-    from localllm.remotes import load_routes
+    from localllm.backends.remotes import load_routes
     from localllm.server.run import serve
     from localllm.server.settings import DEFAULT_MAX_QUEUE, DEFAULT_PARALLEL, DEFAULT_PORT, ServerSettings, parse_duration, parse_size
 

@@ -22,7 +22,7 @@ from itertools import repeat
 from pathlib import Path
 from typing import Any, Iterable
 
-from localllm.errors import BadModelFile, ModelNotFound
+from localllm.core.errors import BadModelFile, ModelNotFound
 
 MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)

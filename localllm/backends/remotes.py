@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from localllm.config import paths
-from localllm.env_vars import env_secret
-from localllm.errors import BadRequest
-from localllm.modelinfo import ModelInfo
+from localllm.core.config import paths
+from localllm.core.env_vars import env_secret
+from localllm.core.errors import BadRequest
+from localllm.core.modelinfo import ModelInfo
 from localllm.store.store import ResolvedModel
 
 ROUTES_FILE = "remotes.toml"

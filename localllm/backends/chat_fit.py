@@ -14,8 +14,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from localllm.backends.base import Backend, GenerationRequest
-from localllm.errors import BadRequest
+from localllm.backends.base import Backend
+
+from localllm.core.requests import GenerationRequest
+from localllm.core.errors import BadRequest
 
 
 class ChatTooLong(BadRequest):

@@ -14,11 +14,11 @@ import sys
 from pathlib import Path
 from xml.sax.saxutils import escape
 
-from localllm.atomic import write_bytes_atomic
-from localllm.env_vars import env_base_folder, env_folder
-from localllm.errors import LocalLLMError
+from localllm.core.atomic import write_bytes_atomic
+from localllm.core.env_vars import env_base_folder, env_folder
+from localllm.core.errors import LocalLLMError
 
-UNIT_NAME = "localllm.service"
+UNIT_NAME = "localllm.cli.service"
 AGENT_LABEL = "dev.localllm.serve"
 
 

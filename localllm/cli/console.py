@@ -7,7 +7,9 @@ import signal
 import sys
 from typing import Callable, TextIO
 
-from localllm.backends.base import Backend, FinishEvent, GenerationRequest, TokenEvent
+from localllm.backends.base import Backend
+
+from localllm.core.requests import FinishEvent, GenerationRequest, TokenEvent
 
 
 def stream_to(backend: Backend, request: GenerationRequest, write: Callable[[str], None]) -> FinishEvent:

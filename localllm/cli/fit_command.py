@@ -9,17 +9,17 @@ from __future__ import annotations
 import argparse
 import sys
 
-from localllm.errors import ModelNotInstalled
+from localllm.core.errors import ModelNotInstalled
 from localllm.fit.machine import HardwareWishes, hypothetical, probe
 from localllm.fit.planner import Plan, Wishes, plan_fit
 from localllm.fit.render import text
 from localllm.fit.settings import FitSettings
-from localllm.hardware import Hardware
-from localllm.modelinfo import ModelInfo
+from localllm.core.hardware import Hardware
+from localllm.core.modelinfo import ModelInfo
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    from localllm.cli import EXIT_ERROR, EXIT_OK, print_json
+    from localllm.cli.output import EXIT_ERROR, EXIT_OK, print_json
 
     settings = FitSettings.from_env()
     hw = hypothetical(probe(), HardwareWishes(args.vram, args.ram, args.gpus, args.compute_capability))
@@ -58,7 +58,7 @@ def target(ref: str, hw: Hardware, settings: FitSettings) -> tuple[str, ModelInf
 
 def installed_plans(hw: Hardware) -> dict[str, Plan]:
     """The plan of every installed model on `hw` (for `localllm info`); models whose facts cannot be read are left out."""
-    from localllm.errors import LocalLLMError
+    from localllm.core.errors import LocalLLMError
     from localllm.store.store import ModelStore
 
     plans = {}

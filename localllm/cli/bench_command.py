@@ -16,9 +16,9 @@ import time
 
 import httpx
 
-from localllm.bench import BenchConfig, format_table, plot, run_bench, to_json
-from localllm.cli import EXIT_ERROR, EXIT_OK, print_json
-from localllm.errors import BackendError, BadRequest
+from localllm.cli.bench import BenchConfig, format_table, plot, run_bench, to_json
+from localllm.cli.output import EXIT_ERROR, EXIT_OK, print_json
+from localllm.core.errors import BackendError, BadRequest
 
 LOAD_TIMEOUT_S = 600.0
 
@@ -95,7 +95,7 @@ def first_model(url: str, api_key: str | None) -> str:
 
 def start_in_process(args: argparse.Namespace, levels: list[int]):
     """Our API on a free loopback port with the model loaded: (server, OpenAI base URL, model name)."""
-    from localllm.commands import engine_flags, resolve_or_pull
+    from localllm.cli.loading import engine_flags, resolve_or_pull
     from localllm.server.run import ServerThread
     from localllm.server.settings import DEFAULT_MAX_QUEUE, ServerSettings
 

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import sys
 
-from localllm.backends.base import Backend, GenerationRequest, SamplingParams
-from localllm.chat_fit import ChatTooLong, fit_chat
-from localllm.console import format_stats, stdout_writer, stream_to
+from localllm.backends.base import Backend
+
+from localllm.core.requests import GenerationRequest, SamplingParams
+from localllm.backends.chat_fit import ChatTooLong, fit_chat
+from localllm.cli.console import format_stats, stdout_writer, stream_to
 
 HELP = """commands:
   /bye            leave (Ctrl+D too)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from localllm.errors import BadModelFile
+from localllm.core.errors import BadModelFile
 
 # HF model_type -> (our family, display architecture)
 HF_TYPES: dict[str, str] = {

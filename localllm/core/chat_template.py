@@ -34,8 +34,8 @@ from jinja2.ext import Extension, loopcontrols
 from jinja2.parser import Parser
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from localllm import template_budget
-from localllm.errors import BadRequest, TemplateError
+from localllm.core import template_budget
+from localllm.core.errors import BadRequest, TemplateError
 
 ROLES = ("system", "user", "assistant", "tool")
 _MAX_REASON = 300  # characters of a failure's reason kept in its one-line message

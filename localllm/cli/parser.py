@@ -8,15 +8,14 @@ appears only with --debug.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import Callable, Sequence
 
 from localllm import __version__
-from localllm.errors import BadRequest, LocalLLMError
+from localllm.cli.output import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
+from localllm.core.errors import BadRequest, LocalLLMError
 from localllm.store.store import DEFAULT_CHAT_MODEL
 
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 # -- value types: a bad value is a user error (exit 1), not a usage error ------
@@ -240,7 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command is None:
             build_parser().print_help(sys.stderr)
             return EXIT_USAGE
-        from localllm import commands
+        from localllm.cli import commands
 
         return getattr(commands, f"cmd_{args.command}")(args)
     except LocalLLMError as exc:
@@ -273,7 +272,3 @@ def _quiet_broken_pipe() -> None:
 
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, sys.stdout.fileno())
-
-
-def print_json(value) -> None:
-    print(json.dumps(value, indent=2))

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from localllm.errors import BadSetting
+from localllm.core.errors import BadSetting
 
 MAX_PATH_PART_BYTES = 255
 _TRUE = ("1", "on", "true", "yes")

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from native import kernels
+
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
 
 
@@ -302,7 +304,7 @@ def torch_attention():
 
 def reference(case: Case, x: Inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The torch reference: store the new tokens, then attend (per-sequence spans). (out, k_cache, v_cache)."""
-    from ..layers.attention import AttentionBatch, SeqSpan, paged_attention
+    from native.layers.attention import AttentionBatch, SeqSpan, paged_attention
 
     k_cache, v_cache = x.k_cache.clone(), x.v_cache.clone()
     spans = [SeqSpan(i, 1, n, t) for i, (n, t) in enumerate(zip(case.lengths, x.tables))]
@@ -313,8 +315,8 @@ def reference(case: Case, x: Inputs) -> tuple[torch.Tensor, torch.Tensor, torch.
 
 
 def run_kernels(case: Case, x: Inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    from .decode_attention import paged_decode_attention
-    from .kv_store import store_kv
+    from native.kernels.decode_attention import paged_decode_attention
+    from native.kernels.kv_store import store_kv
 
     k_cache, v_cache = x.k_cache.clone(), x.v_cache.clone()
     store_kv(x.k, x.v, k_cache, v_cache, x.slots)
@@ -340,8 +342,8 @@ def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
 
 def compare_add_norm(case: AddNormCase, dtype: torch.dtype, device: torch.device | str, seed: int = 0) -> AddNormResult:
     """fused.add_rms_norm against RMSNorm.add_and_norm on its torch path, with random norm weights."""
-    from ..layers.norm import RMSNorm
-    from .fused import add_rms_norm
+    from native.layers.norm import RMSNorm
+    from native.kernels.fused import add_rms_norm
 
     device = torch.device(device)
     gen = torch.Generator().manual_seed(seed)
@@ -384,7 +386,7 @@ class RopeStoreInputs:
 def make_rope_store_inputs(case: RopeStoreCase, dtype: torch.dtype, device: torch.device | str,
                            seed: int = 0) -> RopeStoreInputs:
     """Random heads at random positions (rope base 10,000), norm weights around 1, a random cache."""
-    from ..layers.norm import RMSNorm
+    from native.layers.norm import RMSNorm
 
     gen = torch.Generator().manual_seed(seed)
     h, kv, dim, bs = case.n_heads, case.n_kv, case.head_dim, case.block_size
@@ -418,8 +420,8 @@ def make_rope_store_inputs(case: RopeStoreCase, dtype: torch.dtype, device: torc
 
 def reference_rope_store(x: RopeStoreInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The layers' ops the kernel replaces, on their torch path: q/k norms, rotary, store. (q, k_cache, v_cache)."""
-    from ..layers.attention import store_kv
-    from ..layers.rotary import apply_rotary
+    from native.layers.attention import store_kv
+    from native.layers.rotary import apply_rotary
 
     q, k = x.q, x.k
     k_cache, v_cache = x.k_cache.clone(), x.v_cache.clone()
@@ -432,7 +434,7 @@ def reference_rope_store(x: RopeStoreInputs) -> tuple[torch.Tensor, torch.Tensor
 
 
 def run_rope_store(x: RopeStoreInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    from .rope_store import norm_rope_store
+    from native.kernels.rope_store import norm_rope_store
 
     k_cache, v_cache = x.k_cache.clone(), x.v_cache.clone()
     q = norm_rope_store(x.q, x.k, x.v, x.cos, x.sin, k_cache, v_cache, x.slots, q_norm=x.q_norm, k_norm=x.k_norm)
@@ -502,8 +504,8 @@ def time_decode_attention(device: torch.device | str = "cuda", *, batches: tuple
 
     Bandwidth counts the K and V bytes the step must read (B x context x n_kv x d x 2 x bytes).
     """
-    from ..layers.attention import AttentionBatch, DecodeMeta, SeqSpan, decode_attention, paged_attention
-    from .decode_attention import default_splits, paged_decode_attention
+    from native.layers.attention import AttentionBatch, DecodeMeta, SeqSpan, decode_attention, paged_attention
+    from native.kernels.decode_attention import default_splits, paged_decode_attention
 
     device = torch.device(device)
     lines = []
@@ -530,3 +532,30 @@ def time_decode_attention(device: torch.device | str = "cuda", *, batches: tuple
             )
             del x
     return lines
+
+
+def verify_fusions(config, dtype, device) -> str | None:
+    """Run the fused kernels once at the model's own shapes and compare them with torch; None if they hold.
+
+    They are tested on CPUs under Triton's interpreter, and a GPU's compiler
+    may see them differently: a kernel that fails to compile, or computes
+    something else, switches the fusions off for this process (the engine
+    then runs the separate kernels) instead of taking the engine down.
+    Returns why they were switched off. The shapes are the model's, so the
+    compiled kernels are the ones its steps use.
+    """
+    if not kernels.fusions_on():
+        return kernels.fusions_off_reason()
+    gemma = config.family == "gemma3"  # its blocks' outputs are normed before the add
+    try:
+        results = [
+            compare_add_norm(AddNormCase(2, config.hidden_size, sandwich=gemma), dtype, device),
+            compare_rope_store(RopeStoreCase(2, config.n_heads, config.n_kv_heads, config.head_dim,
+                                             qk_norm=config.qk_norm, padding=1), dtype, device),
+        ]
+        wrong = [r.case.name for r in results if not r.ok]
+        if wrong:
+            kernels.switch_fusions_off(f"{wrong[0]} gave results that differ from torch's")
+    except Exception as exc:  # a compiler error, an unsupported construct on this GPU
+        kernels.switch_fusions_off(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300])
+    return kernels.fusions_off_reason()

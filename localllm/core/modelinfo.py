@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from localllm.errors import BadModelFile
-from localllm.gguf_reader import GGML_TYPES, ArrayInfo, GGUFFile, TensorInfo, clipped, read_gguf, shown
+from localllm.core.errors import BadModelFile
+from localllm.core.gguf_reader import GGML_TYPES, ArrayInfo, GGUFFile, TensorInfo, clipped, read_gguf, shown
 
 # general.file_type (llama.cpp's llama_ftype) -> the name llama.cpp's quantize uses.
 FILE_TYPES: dict[int, str] = {
