@@ -63,8 +63,9 @@ def test_a_light_install_does_not_satisfy_make_test_but_a_full_one_satisfies_mak
     assert "pip install" not in plan(venv, "run", tmp=tmp_path)
     full = plan(venv, "test", tmp=tmp_path)
     assert FULL in full
-    touched = full.strip().splitlines()[-2]  # the full install's stamps, then pytest
+    *_, touched, contracts, suite = full.strip().splitlines()  # the full install's stamps, the import contracts, pytest
     assert touched.startswith("touch ") and ".installed-stamp" in touched
+    assert contracts.endswith("/bin/lint-imports") and suite.endswith("-m pytest -q")
     for stamp in touched.split()[1:]:
         Path(stamp).touch()  # as `make test` would
     assert "pip install" not in plan(venv, "run", tmp=tmp_path)
