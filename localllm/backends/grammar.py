@@ -2,7 +2,7 @@
 
 A GBNF grammar (llama.cpp's grammar language) decides which tokens may come
 next. Checking all 262,144 tokens of a large vocabulary against the grammar
-costs ~80 ms per step on two cores, four times a decode step of a small model.
+costs several decode steps of a small model (docs/MEASUREMENTS.md).
 So we do what llama.cpp's own tools do: sample from the unconstrained chain
 first, ask the grammar about that one token, and only when the grammar refuses
 it, mask the whole vocabulary and sample again. Most tokens of a JSON answer

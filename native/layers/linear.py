@@ -6,14 +6,12 @@ even on the "meta" device). The loader overwrites every weight anyway, so
 these start as meta tensors that take no memory.
 
 `linear` computes x @ W.T. On the CPU, for a few rows (a decode batch), MKL is
-markedly faster computing (W @ x.T).T than x @ W.T: measured here 1.2-1.6x on
-the starter's matrices from 2 to 128 rows, and a 16-sequence decode step
-went from ~550 to ~360 ms. One row and big prompt chunks take the usual way.
+markedly faster computing (W @ x.T).T than x @ W.T (docs/MEASUREMENTS.md). One
+row and big prompt chunks take the usual way.
 
 `PackedOutput` is for the one matrix that dominates CPU decoding, the output
-projection (262,144 x 640 for the starter: 671 MB read for every step). oneDNN
-with the weight reordered once into its blocked layout computed 16 rows in
-~140 ms where MKL took ~235 ms (4 rows: 76 vs 90; 1 row: 64 vs 70). The
+projection (262,144 x 640 for the starter). oneDNN with the weight reordered
+once into its blocked layout beats MKL on it at every row count measured. The
 price is a second copy of that matrix when it is tied to the embedding.
 """
 
