@@ -21,7 +21,7 @@ from localllm.core.errors import DoesNotFit
 from localllm.fit import HardwareWishes, hypothetical, plan_fit
 from localllm.fit.machine import probe
 from localllm.fit.remote import remote_model
-from localllm.fit.units import GIB, MIB
+from localllm.core.units import GIB, MIB
 from localllm.core.modelinfo import read_model_info
 from localllm.store import remote_info
 from localllm.store.pull import pull
@@ -144,7 +144,7 @@ def test_fit_that_does_not_fit_prints_the_plan_and_exits_1(tmp_path, starter_ggu
     ("args", "says"),
     [
         (["--vram", "lots"], "--vram must be a size"),
-        (["--vram", "8", "--compute-capability", "89"], "--compute-capability must look like 8.9"),
+        (["--vram", "8GiB", "--compute-capability", "89"], "--compute-capability must look like 8.9"),
         (["--ctx", "100000"], "trained for"),
         (["--gpus", "2"], "give --vram"),
         (["--parallel", "0"], "--parallel must be at least 1"),

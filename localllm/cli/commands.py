@@ -298,7 +298,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from localllm.backends.remotes import load_routes
     from localllm.server.run import serve
-    from localllm.server.settings import DEFAULT_MAX_QUEUE, DEFAULT_PARALLEL, DEFAULT_PORT, ServerSettings, parse_duration, parse_size
+    from localllm.server.settings import DEFAULT_MAX_QUEUE, DEFAULT_PARALLEL, DEFAULT_PORT, ServerSettings, parse_duration
 
     settings = ServerSettings(
         host=args.host,
@@ -312,7 +312,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_loaded=args.max_loaded,
         parallel=DEFAULT_PARALLEL if args.parallel is None else args.parallel,
         max_queue=DEFAULT_MAX_QUEUE if args.max_queue is None else args.max_queue,
-        max_body_bytes=parse_size(args.max_body, "--max-body"),
+        max_body_bytes=args.max_body,
         n_ctx=args.ctx,
         backend=backend_choice(args),
         remotes=load_routes(),

@@ -22,7 +22,7 @@ from localllm.fit import machine
 from localllm.fit.llamacpp_memory import LLAMACPP_SWA_FULL, LlamaCppMemory, llamacpp_memory
 from localllm.fit.native_memory import NativeMemory, NativeShape, native_memory
 from localllm.fit.settings import FitSettings
-from localllm.fit.units import gib
+from localllm.core.units import gib
 from localllm.core.hardware import GPU, Hardware
 from localllm.core.modelinfo import ModelInfo
 
