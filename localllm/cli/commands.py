@@ -12,6 +12,7 @@ from localllm.core.requests import GenerationRequest, SamplingParams
 from localllm.cli.loading import backend_choice, engine_flags, load_options, model_for, open_model, pull_with_progress, sampling_from
 from localllm.cli.output import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, print_json
 from localllm.core.errors import BadRequest
+from localllm.store.bundled import resolve_installing
 from localllm.store.store import ModelStore
 from localllm.core.units import human_bytes, human_count
 
@@ -117,7 +118,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     from localllm.core.chat_template import template_source
     from localllm.core.modelinfo import show_dict
 
-    model = ModelStore().resolve(args.model, allow_paths=True)
+    model = resolve_installing(ModelStore(), args.model, allow_paths=True)
     info = model.info()
     facts = show_dict(info, model.name, template_source(info.chat_template, info.architecture))
     if args.json:
@@ -220,7 +221,7 @@ def _chat_app(args: argparse.Namespace, params: SamplingParams) -> int:
 
     def factory(model: str, context: int | None) -> Backend:
         options = load_options(args, context)
-        return open_backend(model_for(options, model, ModelStore().resolve), options)
+        return open_backend(model_for(options, model, lambda ref: resolve_installing(ModelStore(), ref)), options)
 
     LocalLLMApp(args.model, factory=factory, defaults=chat_defaults(args, params)).run()
     return EXIT_OK
