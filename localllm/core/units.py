@@ -13,7 +13,7 @@ import re
 from localllm.core.errors import BadRequest
 
 KIB, MIB, GIB, TIB = 1024, 1024**2, 1024**3, 1024**4
-SIZE_HELP = "binary units: 512MiB, 7.5GiB (GB means GiB); a bare number is bytes"
+SIZE_HELP = "binary units, GB = GiB, decimals allowed; a bare number is bytes"
 
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*(b|k|kb|kib|m|mb|mib|g|gb|gib|t|tb|tib)?", re.IGNORECASE)
 _UNITS = {"b": 1, "k": KIB, "m": MIB, "g": GIB, "t": TIB}
