@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, replace
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from localllm.core.hardware import Hardware
 from localllm.core.modelinfo import ModelInfo
@@ -23,6 +23,9 @@ from localllm.store.refs import ModelRef, quant_given
 from localllm.store.hub_header import hub_model_info
 from localllm.store.store import Manifest, ModelStore
 
+if TYPE_CHECKING:
+    from localllm.store.hub import RepoListing
+
 
 @dataclass
 class HubModel:
@@ -32,7 +35,7 @@ class HubModel:
     choice: QuantChoice | None  # set when the planner picked the quant
 
 
-def hub_model(text: str, model: ModelRef, hw: Hardware, settings: FitSettings | None = None, *, listing=None) -> HubModel:
+def hub_model(text: str, model: ModelRef, hw: Hardware, settings: FitSettings | None = None, *, listing: RepoListing | None = None) -> HubModel:
     """Read what the planner needs for `model` from the hub; pick its quant when `text` names none."""
     from localllm.store import hub
 

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from localllm.core.errors import BadRequest, DownloadFailed, HubUnreachable, ModelNotFound
 from localllm.core.gguf_reader import read_gguf
@@ -31,6 +31,9 @@ from localllm.store.own_files import check_model_name
 from localllm.store.progress import PullProgress, RateMeter
 from localllm.store.refs import ModelRef, is_model_gguf, parse_ref, quant_given, quant_of, split_part
 from localllm.store.store import SMOLLM2_NAME, STARTER_NAME, Manifest, ModelStore
+
+if TYPE_CHECKING:
+    from localllm.store.hub import RepoListing  # huggingface-hub loads only when a pull needs the hub
 
 # Files of a safetensors snapshot that the native engine reads (top level of the repository only).
 SNAPSHOT_SUFFIXES = (".json", ".safetensors", ".model", ".tiktoken", ".jinja", ".txt")
@@ -68,7 +71,7 @@ def pull(
     *,
     store: ModelStore | None = None,
     quant: str | None = None,
-    listing=None,
+    listing: RepoListing | None = None,
     progress: Callable[[PullProgress], None] | None = None,
     cancel: threading.Event | None = None,
 ) -> Manifest:
@@ -131,7 +134,7 @@ def quant_to_choose(ref: str, store: ModelStore) -> ModelRef | None:
     return model
 
 
-def hub_listing(model: ModelRef, store: ModelStore):
+def hub_listing(model: ModelRef, store: ModelStore) -> RepoListing:
     """The repository's files at one commit (hub.RepoListing); a hub out of reach is an error naming what is installed."""
     from localllm.store import hub
 
