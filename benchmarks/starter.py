@@ -6,6 +6,7 @@ from pathlib import Path
 
 
 def starter_path() -> Path:
+    from localllm.store.bundled import resolve_installing
     from localllm.store.store import ModelStore
 
-    return ModelStore().resolve("starter").path
+    return resolve_installing(ModelStore(), "starter").path

@@ -13,7 +13,7 @@ found by a later prompt. New blocks come from never-hashed free blocks first,
 then from the least recently used cached block, whose hash is then forgotten.
 
 KV groups. When contexts can outgrow a model's sliding window, the sliding
-layers keep their own pool (native/kv_layout.py says when): one `Pool` per
+layers keep their own pool (localllm/core/kv_sizing.py says when): one `Pool` per
 group, and every sequence one block table per group (`seq.block_tables`), each
 indexed by position // block_size. In a group with a window, the blocks wholly
 before the window of the next token to compute are given back (`slide`) and

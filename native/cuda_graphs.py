@@ -13,7 +13,7 @@ What makes a decode step replayable:
 - the batch is padded up to the next captured size. Padding rows decode a
   dummy token into a spare block that no sequence owns, so they never touch a
   real sequence's keys and values.
-When sliding-window layers keep a pool of their own (kv_layout.py), a second
+When sliding-window layers keep a pool of their own (localllm/core/kv_sizing.py), a second
 block table and a second row of slots travel the same way.
 
 Only steps in which every sequence decodes one token replay a graph; steps

@@ -79,7 +79,7 @@ class LLMEngine:
         self.runner = _make_runner(model_path, o, device, DTYPES[dtype_name])
         self.config = self.runner.config
         self.max_model_len = self.runner.options.max_model_len
-        groups = self.runner.kv_groups  # one pool, or a second for sliding-window layers (kv_layout.py)
+        groups = self.runner.kv_groups  # one pool, or a second for sliding-window layers (core/kv_sizing.py)
         self.blocks = BlockManager(
             [g.num_blocks for g in groups], o.block_size, prefix_caching=o.prefix_caching, windows=[g.window for g in groups]
         )

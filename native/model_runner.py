@@ -13,7 +13,7 @@ Sizing the pool:
   scheduler can produce with a minimal cache, measures the activation peak,
   and gives the cache what is left of `gpu_memory_utilization` of the device.
 When contexts can outgrow a sliding window, the sliding layers get a pool of
-their own (a second KV group, see kv_layout.py) and the budget is split
+their own (a second KV group, see localllm/core/kv_sizing.py) and the budget is split
 between the pools; each pool has its own scratch block.
 """
 
@@ -28,7 +28,7 @@ import torch
 from localllm.core.errors import BadRequest
 
 from localllm.core.model_config import ModelConfig
-from .kv_layout import KVGroup, demand_bytes, group_block_bytes, kv_groups, split_budget
+from localllm.core.kv_sizing import KVGroup, demand_bytes, group_block_bytes, kv_groups, split_budget
 from .layers.attention import AttentionBatch, DecodeMeta, SeqSpan, Workspace
 from .loader import LoadedWeights, load_config, load_weights
 from .models import build_model

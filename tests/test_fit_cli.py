@@ -20,11 +20,10 @@ from localllm.core.config import Paths
 from localllm.core.errors import DoesNotFit
 from localllm.fit import HardwareWishes, hypothetical, plan_fit
 from localllm.fit.machine import probe
-from localllm.fit.remote import remote_model
-from localllm.fit.units import GIB, MIB
+from localllm.fit.hub_model import hub_model, pull_with_plan
+from localllm.core.units import GIB, MIB
 from localllm.core.modelinfo import read_model_info
-from localllm.store import remote_info
-from localllm.store.pull import pull
+from localllm.store import hub_header
 from localllm.store.refs import parse_ref
 from localllm.store.store import ModelStore
 
@@ -144,7 +143,7 @@ def test_fit_that_does_not_fit_prints_the_plan_and_exits_1(tmp_path, starter_ggu
     ("args", "says"),
     [
         (["--vram", "lots"], "--vram must be a size"),
-        (["--vram", "8", "--compute-capability", "89"], "--compute-capability must look like 8.9"),
+        (["--vram", "8GiB", "--compute-capability", "89"], "--compute-capability must look like 8.9"),
         (["--ctx", "100000"], "trained for"),
         (["--gpus", "2"], "give --vram"),
         (["--parallel", "0"], "--parallel must be at least 1"),
@@ -206,9 +205,9 @@ def test_fit_plans_a_hub_model_from_its_header_without_downloading_it(hub, tmp_p
 
 
 def test_a_header_longer_than_the_first_read_is_read_on(hub, monkeypatch, starter_gguf):
-    monkeypatch.setattr(remote_info, "HEADER_FIRST_READ", 256 * 1024)
+    monkeypatch.setattr(hub_header, "HEADER_FIRST_READ", 256 * 1024)
     ref = "hf:test-org/Starter-GGUF:Q4_K_M"
-    info = remote_model(ref, parse_ref(ref), cpu_machine(8 * GIB)).info
+    info = hub_model(ref, parse_ref(ref), cpu_machine(8 * GIB)).info
     ranges = [s.range for s in hub.gets("starter-Q4_K_M.gguf")]
     assert ranges[:3] == ["bytes=0-262143", "bytes=262144-524287", "bytes=524288-1048575"]  # doubling, never re-read
     local = read_model_info(starter_gguf)
@@ -221,14 +220,14 @@ def test_a_header_longer_than_the_first_read_is_read_on(hub, monkeypatch, starte
 def test_a_server_that_ignores_range_is_read_only_as_far_as_needed(hub, starter_gguf):
     hub.faults.ignore_range.add("starter-Q4_K_M.gguf")
     ref = "hf:test-org/Starter-GGUF:Q4_K_M"
-    info = remote_model(ref, parse_ref(ref), cpu_machine(8 * GIB)).info
+    info = hub_model(ref, parse_ref(ref), cpu_machine(8 * GIB)).info
     assert info.layer_weight_bytes == read_model_info(starter_gguf).layer_weight_bytes
     assert [s.status for s in hub.gets("starter-Q4_K_M.gguf")] == [200]
 
 
 def test_a_split_gguf_on_the_hub_counts_every_parts_tensors(hub, starter_gguf):
     ref = "hf:test-org/Split-GGUF:Q4_K_M"
-    info = remote_model(ref, parse_ref(ref), cpu_machine(8 * GIB)).info
+    info = hub_model(ref, parse_ref(ref), cpu_machine(8 * GIB)).info
     local = read_model_info(starter_gguf)
     assert info.weight_bytes == local.weight_bytes and info.parameters == local.parameters
     assert sum(info.layer_repack_bytes) == sum(local.layer_repack_bytes)
@@ -237,7 +236,7 @@ def test_a_split_gguf_on_the_hub_counts_every_parts_tensors(hub, starter_gguf):
 def test_a_safetensors_snapshot_is_planned_from_its_config_and_headers(hub):
     from localllm.core.hf_info import read_hf_model_info
 
-    remote = remote_model("hf:test-org/Tiny-Llama", parse_ref("hf:test-org/Tiny-Llama"), cpu_machine(8 * GIB)).info
+    remote = hub_model("hf:test-org/Tiny-Llama", parse_ref("hf:test-org/Tiny-Llama"), cpu_machine(8 * GIB)).info
     local = read_hf_model_info(Path(hub.repos["test-org/Tiny-Llama"].files["config.json"].source).parent)
     assert (remote.format, remote.n_layers, remote.n_kv_heads, remote.layer_weight_bytes, remote.token_embd_bytes) == (
         "safetensors", 2, 2, local.layer_weight_bytes, local.token_embd_bytes
@@ -253,27 +252,27 @@ def test_a_safetensors_snapshot_is_planned_from_its_config_and_headers(hub):
 
 def test_the_planner_picks_the_quant_for_the_machine(hub):
     ref = parse_ref("qwen2.5:0.5b")
-    cpu = remote_model("qwen2.5:0.5b", ref, cpu_machine(24 * GIB))
+    cpu = hub_model("qwen2.5:0.5b", ref, cpu_machine(24 * GIB))
     assert cpu.choice.quant == "Q4_K_M" and "default" in cpu.choice.reason  # CPUs: the catalog's default
-    gpu = remote_model("qwen2.5:0.5b", ref, hypothetical(probe(), HardwareWishes(vram=8 * GIB)))
+    gpu = hub_model("qwen2.5:0.5b", ref, hypothetical(probe(), HardwareWishes(vram=8 * GIB)))
     assert gpu.choice.quant == "Q8_0" and "entirely on the GPU" in gpu.choice.reason
-    small = remote_model("qwen2.5:0.5b", ref, cpu_machine(350 * MIB))
+    small = hub_model("qwen2.5:0.5b", ref, cpu_machine(350 * MIB))
     assert small.choice.quant == "Q2_K" and "below Q4_K_M" in small.choice.reason
-    explicit = remote_model("qwen2.5:0.5b:Q8_0", parse_ref("qwen2.5:0.5b:Q8_0"), cpu_machine(350 * MIB))
+    explicit = hub_model("qwen2.5:0.5b:Q8_0", parse_ref("qwen2.5:0.5b:Q8_0"), cpu_machine(350 * MIB))
     assert explicit.choice is None and explicit.ref.quant == "Q8_0"  # a named quant is never second-guessed
     with pytest.raises(DoesNotFit, match="no quant"):
-        remote_model("qwen2.5:0.5b", ref, cpu_machine(50 * MIB))
+        hub_model("qwen2.5:0.5b", ref, cpu_machine(50 * MIB))
 
 
 def test_pull_without_a_quant_installs_the_planners_choice_under_the_catalog_name(hub, tmp_path):
     store = ModelStore(Paths(tmp_path / "home"))
     notices: list[str] = []
-    manifest = pull("qwen2.5:0.5b", store=store, hardware=cpu_machine(350 * MIB), notice=notices.append)
+    manifest = pull_with_plan("qwen2.5:0.5b", store=store, hardware=cpu_machine(350 * MIB), notice=notices.append)
     assert manifest.name == "qwen2.5:0.5b" and manifest.file.endswith("q2_k.gguf")
     assert notices == ["qwen2.5:0.5b: Q2_K is the best quant below Q4_K_M that fits at context 8192"]
     assert store.resolve("qwen2.5:0.5b").path.name == "qwen2.5-0.5b-instruct-q2_k.gguf"
     hub.reset_log()
-    again = pull("qwen2.5:0.5b", store=store, hardware=cpu_machine(64 * GIB))  # pulled again: the installed quant stays
+    again = pull_with_plan("qwen2.5:0.5b", store=store, hardware=cpu_machine(64 * GIB))  # pulled again: the installed quant stays
     assert again.file == manifest.file
     assert not [s for s in hub.served if s.method == "GET" and s.status in (200, 206)]  # up to date: nothing read
 

@@ -1,4 +1,4 @@
-"""Sliding-window layers give back the blocks their window has left (native/kv_layout.py, block_manager.py).
+"""Sliding-window layers give back the blocks their window has left (localllm/core/kv_sizing.py, native/block_manager.py).
 
 Unit level: which layers get their own pool, how a budget is split, what a
 sequence holds while it slides, and prefix hits that must fall back when the
@@ -23,7 +23,7 @@ from localllm.core.errors import DoesNotFit
 from native.block_manager import RELEASED, BlockManager
 from localllm.core.model_config import ModelConfig, RopeSpec
 from native.engine import EngineOptions, LLMEngine
-from native.kv_layout import group_block_bytes, kv_groups, split_budget, window_blocks
+from localllm.core.kv_sizing import group_block_bytes, kv_groups, split_budget, window_blocks
 from native.scheduler import Scheduler
 from native.sequence import Sequence
 

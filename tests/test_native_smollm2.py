@@ -21,7 +21,7 @@ import torch
 
 from localllm.core.requests import SamplingParams
 from localllm.core.modelinfo import read_model_info
-from localllm.store.smollm2 import SMOLLM2_SHA256
+from localllm.store.bundled import SMOLLM2_SHA256
 from localllm.store.store import DEFAULT_CHAT_MODEL
 from native.engine import EngineOptions, LLMEngine
 from test_smollm2 import assert_answers, chat_turn

@@ -13,7 +13,8 @@ from localllm.server.auth import key_matches, presented_key, _digest
 from localllm.server.json_grammar import literal, rename_root, schema_grammar
 from localllm.server.registry import ModelRegistry
 from localllm.server.run import ServerThread
-from localllm.server.settings import ServerSettings, is_loopback, parse_duration, parse_size
+from localllm.core.units import parse_size
+from localllm.server.settings import ServerSettings, is_loopback, parse_duration
 from localllm.server.tools import HERMES, LLAMA3, MISTRAL, plan_tools, template_tool_format
 
 from server_harness import make_store

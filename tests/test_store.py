@@ -10,8 +10,8 @@ import pytest
 
 from localllm.core.atomic import atomic_path, write_json_atomic
 from localllm.core.config import Paths, home_dir
-from localllm.core.errors import BadModelFile, ModelNotFound
-from localllm.store.store import ModelStore, slug
+from localllm.core.errors import BadModelFile, ModelNotFound, ModelNotInstalled
+from localllm.store.store import SMOLLM2_NAME, STARTER_NAME, ModelStore, slug
 
 
 @pytest.fixture
@@ -78,21 +78,35 @@ def test_damaged_manifest_is_a_clear_error(store):
 
 def test_resolve_errors(store, tmp_path):
     with pytest.raises(ModelNotFound, match="not found"):
-        store.resolve("nothing-here", pull_starter=False)
+        store.resolve("nothing-here")
     with pytest.raises(ModelNotFound, match="does not exist"):
         store.resolve(str(tmp_path / "x.gguf"), allow_paths=True)
     with pytest.raises(BadModelFile, match="directory"):
         store.resolve(str(tmp_path), allow_paths=True)
     # without allow_paths (the server's names) nothing outside the store is looked at
     with pytest.raises(ModelNotFound, match="not found; `localllm ls`"):
-        store.resolve(str(tmp_path), pull_starter=False)
+        store.resolve(str(tmp_path))
 
 
 def test_starter_pull_is_atomic_and_verified(store):
-    from localllm.store.starter import pull_starter
+    from localllm.store.bundled import install
 
-    manifest = pull_starter(store)
+    manifest = install(store, STARTER_NAME)
     path = store.model_file(manifest)
     assert path.stat().st_size == 253_113_024 and manifest.sha256.startswith("a5fd3b62")
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary leftovers
-    assert pull_starter(store) == manifest  # idempotent
+    assert install(store, STARTER_NAME) == manifest  # idempotent
+
+
+@pytest.mark.parametrize("name", [STARTER_NAME, SMOLLM2_NAME, f"{SMOLLM2_NAME}:q4_1"])
+def test_resolve_never_installs_the_bundled_models_ensure_installed_does(store, name):
+    from localllm.store.bundled import ensure_installed
+
+    with pytest.raises(ModelNotInstalled, match="is not installed; `localllm pull"):
+        store.resolve(name)
+    assert store.list() == [] and not store.paths.models.exists()  # nothing written
+    manifest = ensure_installed(store, name)
+    assert manifest is not None and manifest.name in (STARTER_NAME, SMOLLM2_NAME)
+    assert store.resolve(name).path == store.model_file(manifest)
+    assert ensure_installed(store, name) is None  # already there: nothing to do
+    assert ensure_installed(store, "nothing-here") is None and ensure_installed(store, "/some/file.gguf") is None

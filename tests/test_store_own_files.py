@@ -190,7 +190,7 @@ def test_a_store_name_never_probes_paths_outside_the_store(tmp_path, monkeypatch
     store = ModelStore(Paths(tmp_path / "home"))
     for name in ("here.gguf", "folder", "../" * 5 + "etc/passwd", "/etc/passwd", "~root"):
         with pytest.raises(ModelNotFound) as found:
-            store.resolve(name, pull_starter=False)
+            store.resolve(name)
         assert str(found.value) == f"model '{name}' not found; `localllm ls` lists installed models"
     # the command line may still name a file
     assert store.resolve("here.gguf", allow_paths=True).path == (tmp_path / "here.gguf").resolve()

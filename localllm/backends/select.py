@@ -92,9 +92,10 @@ def _llamacpp_speculation(options: LoadOptions, draft: ModelInfo | None):
 
 def _draft_info(name: str) -> ModelInfo:
     """The draft model's file: a name in the store, or a path."""
+    from localllm.store.bundled import resolve_installing
     from localllm.store.store import ModelStore
 
-    return ModelStore().resolve(name, allow_paths=True).info()
+    return resolve_installing(ModelStore(), name, allow_paths=True).info()
 
 
 def _open_native(model: ResolvedModel, info, options: LoadOptions, draft: ModelInfo | None) -> Backend:

@@ -12,6 +12,7 @@ from localllm.core.requests import GenerationRequest, SamplingParams
 from localllm.cli.loading import backend_choice, engine_flags, load_options, model_for, open_model, pull_with_progress, sampling_from
 from localllm.cli.output import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, print_json
 from localllm.core.errors import BadRequest
+from localllm.store.bundled import resolve_installing
 from localllm.store.store import ModelStore
 from localllm.core.units import human_bytes, human_count
 
@@ -117,7 +118,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     from localllm.core.chat_template import template_source
     from localllm.core.modelinfo import show_dict
 
-    model = ModelStore().resolve(args.model, allow_paths=True)
+    model = resolve_installing(ModelStore(), args.model, allow_paths=True)
     info = model.info()
     facts = show_dict(info, model.name, template_source(info.chat_template, info.architecture))
     if args.json:
@@ -220,7 +221,7 @@ def _chat_app(args: argparse.Namespace, params: SamplingParams) -> int:
 
     def factory(model: str, context: int | None) -> Backend:
         options = load_options(args, context)
-        return open_backend(model_for(options, model, ModelStore().resolve), options)
+        return open_backend(model_for(options, model, lambda ref: resolve_installing(ModelStore(), ref)), options)
 
     LocalLLMApp(args.model, factory=factory, defaults=chat_defaults(args, params)).run()
     return EXIT_OK
@@ -298,7 +299,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from localllm.backends.remotes import load_routes
     from localllm.server.run import serve
-    from localllm.server.settings import DEFAULT_MAX_QUEUE, DEFAULT_PARALLEL, DEFAULT_PORT, ServerSettings, parse_duration, parse_size
+    from localllm.server.settings import DEFAULT_MAX_QUEUE, DEFAULT_PARALLEL, DEFAULT_PORT, ServerSettings, parse_duration
 
     settings = ServerSettings(
         host=args.host,
@@ -312,7 +313,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_loaded=args.max_loaded,
         parallel=DEFAULT_PARALLEL if args.parallel is None else args.parallel,
         max_queue=DEFAULT_MAX_QUEUE if args.max_queue is None else args.max_queue,
-        max_body_bytes=parse_size(args.max_body, "--max-body"),
+        max_body_bytes=args.max_body,
         n_ctx=args.ctx,
         backend=backend_choice(args),
         remotes=load_routes(),

@@ -36,17 +36,18 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 def target(ref: str, hw: Hardware, settings: FitSettings) -> tuple[str, ModelInfo, dict[str, int] | None, list[str]]:
     """(display name, ModelInfo, other quants' sizes, notes) for MODEL: installed, a path, or on the hub."""
+    from localllm.store.bundled import resolve_installing
     from localllm.store.store import ModelStore
 
     try:
-        model = ModelStore().resolve(ref, allow_paths=True)
+        model = resolve_installing(ModelStore(), ref, allow_paths=True)  # `fit starter` on a fresh home, as `run`
         return model.name, model.info(), None, []
     except ModelNotInstalled:
         pass
-    from localllm.fit.remote import remote_model
+    from localllm.fit.hub_model import hub_model
     from localllm.store.refs import parse_ref
 
-    remote = remote_model(ref, parse_ref(ref), hw, settings)
+    remote = hub_model(ref, parse_ref(ref), hw, settings)
     what = "config and safetensors headers" if remote.info.format == "safetensors" else "GGUF header"
     notes = [f"not downloaded: planned from the hub's listing and the {what} of {remote.ref.name}"]
     name = remote.ref.name
@@ -66,7 +67,7 @@ def installed_plans(hw: Hardware) -> dict[str, Plan]:
     store = ModelStore()
     for manifest in store.list():
         try:
-            info = store.resolve(manifest.name, pull_starter=False).info()
+            info = store.resolve(manifest.name).info()
             plans[manifest.name] = plan_fit(info, hw, Wishes(), settings)
         except (LocalLLMError, OSError, ValueError):
             continue

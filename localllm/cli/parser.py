@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 from localllm import __version__
 from localllm.cli.output import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 from localllm.core.errors import BadRequest, LocalLLMError
+from localllm.core.units import SIZE_HELP, parse_size
 from localllm.store.store import DEFAULT_CHAT_MODEL
 
 
@@ -52,7 +53,7 @@ def _add_load_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=["auto", "llamacpp", "native", "remote"], default="auto")
     p.add_argument("--verbose", action="store_true", help="show llama.cpp's own log")
     p.add_argument(
-        "--kv-cache", type=_size("--kv-cache"), help="native engine: memory for its KV cache, e.g. 2GiB (default: up to 1/4 of free RAM)"
+        "--kv-cache", type=_size("--kv-cache"), help=f"native engine: memory for its KV cache, e.g. 2GiB ({SIZE_HELP}; default: up to 1/4 of free RAM)"
     )
     p.add_argument(
         "--speculative", choices=["off", "ngram", "draft"], default=None,
@@ -71,17 +72,6 @@ def _add_remote_flags(p: argparse.ArgumentParser) -> None:
 
 def _size(flag: str):
     def parse(text: str) -> int:
-        from localllm.server.settings import parse_size
-
-        return parse_size(text, flag)
-
-    return parse
-
-
-def _fit_size(flag: str):
-    def parse(text: str) -> int:
-        from localllm.fit.units import parse_size
-
         return parse_size(text, flag)
 
     return parse
@@ -155,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-loaded", type=_number(int, "--max-loaded", 1), default=1, help="models in memory at once (default 1)")
     p.add_argument("--parallel", type=_number(int, "--parallel", 1), default=None, help="requests a model runs at once, sharing its context (default 4)")
     p.add_argument("--max-queue", type=_number(int, "--max-queue", 0), default=None, help="requests that may wait; more get 429 (default 64)")
-    p.add_argument("--max-body", default="8MiB", help="largest request body (default 8MiB)")
+    p.add_argument("--max-body", type=_size("--max-body"), default="8MiB", help=f"largest request body ({SIZE_HELP}; default 8MiB)")
     _add_load_flags(p)
     _add_remote_flags(p)
 
@@ -165,8 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ctx", type=_number(int, "--ctx", 16), help="context per sequence (default: the largest that fits, up to 8192)")
     p.add_argument("--parallel", type=_number(int, "--parallel", 1), default=1, help="sequences at once, each with the whole context")
     p.add_argument("--backend", choices=["auto", "llamacpp", "native"], default="auto")
-    p.add_argument("--vram", type=_fit_size("--vram"), help="plan for GPUs of this size (12GiB; a bare number is GiB; 0: no GPU)")
-    p.add_argument("--ram", type=_fit_size("--ram"), help="plan for this much RAM available to the model")
+    p.add_argument("--vram", type=_size("--vram"), help=f"plan for GPUs of this size, e.g. 12GiB ({SIZE_HELP}; 0: no GPU)")
+    p.add_argument("--ram", type=_size("--ram"), help=f"plan for this much RAM available to the model, e.g. 16GiB ({SIZE_HELP})")
     p.add_argument("--gpus", type=_number(int, "--gpus", 0), help="plan for this many GPUs")
     p.add_argument("--compute-capability", help="plan for GPUs of this CUDA compute capability (default with --vram: 8.9)")
 

@@ -165,10 +165,6 @@ class GGUFFile:
     def get(self, key: str, default: Any = None) -> Any:
         return self.metadata.get(key, default)
 
-    @property
-    def tensor_bytes(self) -> int:
-        return sum(t.n_bytes for t in self.tensors)
-
 
 def tensor_nbytes(ggml_type: int, shape: Iterable[int]) -> int:
     """Bytes of a tensor's data; the first dim must be a whole number of blocks."""

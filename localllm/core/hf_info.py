@@ -24,10 +24,6 @@ _LAYER = re.compile(r"layers\.(\d+)\.")
 MAX_HEADER = 100 * 2**20
 
 
-def is_hf_folder(path: Path) -> bool:
-    return Path(path).is_dir() and (Path(path) / "config.json").is_file()
-
-
 def read_hf_model_info(folder: Path) -> ModelInfo:
     folder = Path(folder)
     cfg = read_hf_config(folder)

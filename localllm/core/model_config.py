@@ -86,15 +86,6 @@ class ModelConfig:
         """The sliding window of `layer`, or None where it attends to everything."""
         return self.sliding_window if self.sliding_layers[layer] else None
 
-    def rope_for(self, layer: int) -> RopeSpec:
-        if self.sliding_layers[layer] and self.rope_local is not None:
-            return self.rope_local
-        return self.rope
-
-    def kv_bytes_per_token(self, dtype_bytes: int) -> int:
-        """K and V for one token across all layers: 2 x layers x kv_heads x head_dim x bytes."""
-        return 2 * self.n_layers * self.n_kv_heads * self.head_dim * dtype_bytes
-
 
 # -- Hugging Face config.json ---------------------------------------------------
 

@@ -4,7 +4,8 @@
 
 Formulas: llamacpp_memory.py (llama.cpp, per device) and native_memory.py
 (the native engine; `predict_native_vram` for GPU checks). machine.py holds
-hypothetical hardware (`--vram 12GiB`), quants.py the quant `pull` picks,
+hypothetical hardware (`--vram 12GiB`), quant_choice.py the quant `pull` picks
+(hub_model.py: planning a model still on the hub, and `pull_with_plan`),
 render.py the `localllm fit` output.
 """
 

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from localllm.fit.units import MIB
+from localllm.core.units import MIB
 from localllm.core.modelinfo import ModelInfo
 
 LLAMACPP_SWA_FULL = True  # the backend must create its context with swa_full=True (see above)

@@ -7,8 +7,8 @@
 - The KV cache: the block pool the planner sizes and hands to the engine
   (`kv_cache_bytes`). Global layers hold the whole context; sliding-window
   layers, which keep a pool of their own, hold a decoding window per sequence
-  plus one step's tokens (`sliding_window_blocks`, mirroring
-  native/kv_layout.py). Each pool has one scratch block more.
+  plus one step's tokens: the engine's formulas, localllm/core/kv_sizing.py.
+  Each pool has one scratch block more.
 - Activations of the largest step (max_num_batched_tokens tokens: 256 on the
   CPU, 8192 on CUDA): the residual stream, the fused QKV and MLP products,
   the gathered keys and values of one layer, the attention mask in its three
@@ -25,8 +25,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from localllm.fit.units import MIB
+from localllm.core.kv_sizing import KVGroup, demand, group_block_bytes, kv_groups
 from localllm.core.modelinfo import ModelInfo
+from localllm.core.units import MIB
 
 BLOCK_SIZE = 16
 MAX_NUM_SEQS = 16  # the engine's default batch of sequences (NativeOptions.max_num_seqs)
@@ -114,42 +115,18 @@ class NativeMemory:
         return sum(v for k, v in self.parts.items() if k not in self.outside_allocator)
 
 
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def sliding_window_blocks(window: int, block_size: int, n_tokens: int) -> int:
-    """Most blocks a sliding-window sequence holds while a step runs n_tokens new tokens.
-
-    The queries of a step from position c read c - window + 1 .. c + n - 1, at most
-    window + n - 2 positions past a block boundary: this is native/kv_layout.py's
-    `window_blocks`, kept here so the planner needs no torch and no engine.
-    Change both together.
-    """
-    return cdiv(window + n_tokens - 2, block_size) + 1
-
-
 def kv_pool_blocks(shape: NativeShape, *, context: int, parallel: int, step_tokens: int, block_size: int = BLOCK_SIZE) -> list[tuple[int, int]]:
     """(layers, blocks) per KV pool for `parallel` sequences of `context` tokens.
 
-    One pool for every layer unless sliding layers can save memory, then a
-    second for them: a decoding window per sequence plus one more block, and
-    the step's tokens once (as native/kv_layout.py's `demand`).
+    The engine's own sizing (localllm/core/kv_sizing.py): one pool for every
+    layer unless sliding layers can save memory, then a second for them.
     """
-    full_blocks = parallel * cdiv(context, block_size)
-    window = shape.sliding_window
-    sliding = [i for i, s in enumerate(shape.sliding_layers) if s]
-    if not sliding or not window or sliding_window_blocks(window, block_size, 1) >= cdiv(context, block_size):
-        return [(shape.n_layers, full_blocks)]
-    windowed = parallel * (sliding_window_blocks(window, block_size, 1) + 1) + cdiv(step_tokens, block_size)
-    pools = [(len(sliding), min(full_blocks, windowed))]
-    if len(sliding) < shape.n_layers:
-        pools.insert(0, (shape.n_layers - len(sliding), full_blocks))
-    return pools
+    return [(len(group.layers), blocks) for group, blocks in _pools(shape, context, parallel, step_tokens, block_size)]
 
 
-def block_bytes(shape: NativeShape, layers: int, dtype_bytes: int, block_size: int = BLOCK_SIZE) -> int:
-    return 2 * layers * block_size * shape.n_kv_heads * shape.head_dim * dtype_bytes
+def _pools(shape: NativeShape, context: int, parallel: int, step_tokens: int, block_size: int) -> list[tuple[KVGroup, int]]:
+    demand_of = dict(block_size=block_size, max_model_len=context, max_num_seqs=parallel, max_num_batched_tokens=step_tokens)
+    return [(group, demand(group, **demand_of)) for group in kv_groups(shape, context, block_size)]
 
 
 def activation_bytes(
@@ -217,10 +194,10 @@ def native_memory(
     cuda = device.startswith("cuda")
     d = dtype_bytes or (2 if cuda else 4)
     step = step_tokens or (CUDA_STEP_TOKENS if cuda else CPU_STEP_TOKENS)
-    pools = kv_pool_blocks(shape, context=context, parallel=parallel, step_tokens=step, block_size=block_size)
-    planned_kv = sum(blocks * block_bytes(shape, layers, d, block_size) for layers, blocks in pools)
+    pools = [(blocks, group_block_bytes(group, shape, block_size, d)) for group, blocks in _pools(shape, context, parallel, step, block_size)]
+    planned_kv = sum(blocks * size for blocks, size in pools)
     kv = planned_kv if kv_cache_bytes is None else kv_cache_bytes
-    scratch = sum(block_bytes(shape, layers, d, block_size) for layers, _ in pools)
+    scratch = sum(size for _, size in pools)
 
     mem = NativeMemory("cuda" if cuda else "cpu", d, context, parallel, kv)
     parts = mem.parts

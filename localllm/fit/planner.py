@@ -21,8 +21,9 @@ from localllm.core.errors import BadRequest
 from localllm.fit import machine
 from localllm.fit.llamacpp_memory import LLAMACPP_SWA_FULL, LlamaCppMemory, llamacpp_memory
 from localllm.fit.native_memory import NativeMemory, NativeShape, native_memory
+from localllm.fit.quants import smaller_quants
 from localllm.fit.settings import FitSettings
-from localllm.fit.units import gib
+from localllm.core.units import gib
 from localllm.core.hardware import GPU, Hardware
 from localllm.core.modelinfo import ModelInfo
 
@@ -281,8 +282,6 @@ def _llamacpp_alternatives(
     ram_usable: int,
     quant_sizes: dict[str, int] | None,
 ) -> list[str]:
-    from localllm.fit.quants import smaller_quants
-
     alternatives: list[str] = []
     total_layers = info.n_layers + 1
     if n_gpus and plan.n_gpu_layers < total_layers:

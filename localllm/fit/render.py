@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from localllm.fit.planner import Plan
 from localllm.fit.settings import FitSettings
-from localllm.fit.units import gib
+from localllm.core.units import gib, human_count
 from localllm.core.hardware import Hardware
 from localllm.core.modelinfo import ModelInfo
-from localllm.core.units import human_count
 
 
 def verdict(plan: Plan) -> str:
@@ -81,7 +80,7 @@ def size_badge(size_bytes: int, hw: Hardware, settings: FitSettings | None = Non
     """
     from localllm.fit.llamacpp_memory import CUDA_CONTEXT_BYTES
     from localllm.fit.machine import llamacpp_gpus, usable_ram, usable_vram
-    from localllm.fit.units import MIB
+    from localllm.core.units import MIB
 
     settings = settings or FitSettings()
     need = int(size_bytes * 1.1) + 512 * MIB

@@ -1,7 +1,7 @@
 """The planner's knobs: margins, the native engine's bar, the default context cap.
 
-Each has an environment override (sizes as "1GiB", "512MiB" or a number of
-GiB; fractions as "0.1"), so a user can tune the planner without code.
+Each has an environment override (sizes as "1GiB" or "512MiB", the grammar
+of localllm/core/units.py; fractions as "0.1"), so a user can tune the planner without code.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass
 
 from localllm.core.errors import BadRequest
-from localllm.fit.units import GIB, parse_size
+from localllm.core.units import GIB, parse_size
 
 
 @dataclass(frozen=True)

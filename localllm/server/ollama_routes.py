@@ -512,8 +512,8 @@ async def pull(body: OllamaModelRequest, request: Request) -> Response:
     if not ref:
         raise APIError(400, "'model' is required", param="model")
     check_model_name(ref)
+    from localllm.fit.hub_model import pull_with_plan
     from localllm.store.progress import PullProgress
-    from localllm.store.pull import pull as do_pull
 
     loop = asyncio.get_running_loop()
     updates: asyncio.Queue[PullProgress] = asyncio.Queue()
@@ -523,7 +523,7 @@ async def pull(body: OllamaModelRequest, request: Request) -> Response:
         loop.call_soon_threadsafe(updates.put_nowait, update)
 
     job = asyncio.ensure_future(
-        in_thread(do_pull, ref.strip(), store=state.registry.store, progress=progress, cancel=cancel)
+        in_thread(pull_with_plan, ref.strip(), store=state.registry.store, progress=progress, cancel=cancel)
     )
     job.add_done_callback(lambda done: done.cancelled() or done.exception())  # never "unretrieved"
     if body.stream is False:

@@ -35,6 +35,7 @@ from localllm.backends.remotes import RemoteModel
 from localllm.server.offloop import in_thread
 from localllm.server.settings import ServerSettings
 from localllm.store.own_files import check_model_name as check_store_name
+from localllm.store.bundled import resolve_installing
 from localllm.store.refs import parse_ref
 from localllm.store.store import STARTER_NAME, ModelStore, ResolvedModel
 
@@ -144,7 +145,7 @@ class ModelRegistry:
             raise not_found
         if name != STARTER_NAME and not self._installed(name) and parse_ref(name) is None:
             raise not_found  # not installed, and no catalog or hf: name: the store must not look further
-        resolved = self.store.resolve(name)
+        resolved = resolve_installing(self.store, name)
         if resolved.manifest is None and name != STARTER_NAME:
             raise not_found
         return resolved
@@ -158,7 +159,7 @@ class ModelRegistry:
             raise
 
     async def find(self, name: str) -> ResolvedModel:
-        """`resolve` on a worker thread: the store reads manifests, and `starter` installs itself on first use."""
+        """`resolve` on a worker thread: the store reads manifests, and `starter` is installed on first use."""
         return await in_thread(self.resolve, name)
 
     def _remote(self, name: str) -> RemoteModel | None:
@@ -323,7 +324,7 @@ class ModelRegistry:
         Resolved at once, so a wrong name fails before the server binds its port.
         """
         name = canonical_name(ref)
-        self._preloaded = self._remote(name) or self.store.resolve(name, allow_paths=True)
+        self._preloaded = self._remote(name) or resolve_installing(self.store, name, allow_paths=True)
         self.preload_state = "loading"  # from now on, so /health never says ready before the load
         return self._preloaded
 

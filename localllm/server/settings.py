@@ -118,16 +118,3 @@ def parse_duration(value: str | int | float | None, what: str = "keep_alive") ->
     if seconds != seconds or seconds in (float("inf"), float("-inf")):
         raise BadRequest(f"{what} must be a finite duration")
     return None if seconds < 0 else seconds
-
-
-_SIZE = re.compile(r"(\d+)\s*(b|k|kb|kib|m|mb|mib|g|gb|gib)?", re.IGNORECASE)
-_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1000, "kib": 1024, "m": 1024**2, "mb": 1000**2, "mib": 1024**2,
-               "g": 1024**3, "gb": 1000**3, "gib": 1024**3}
-
-
-def parse_size(value: str, what: str) -> int:
-    """Bytes from "8MiB", "512k", "1048576" (k, m, g alone are binary units)."""
-    match = _SIZE.fullmatch(value.strip())
-    if not match:
-        raise BadRequest(f"{what} must be a size such as 8MiB, 512k or 1048576, got {value!r}")
-    return int(match.group(1)) * _SIZE_UNITS[(match.group(2) or "").lower()]

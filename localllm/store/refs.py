@@ -55,6 +55,12 @@ def is_hf_ref(text: str) -> bool:
     return text.startswith(HF_PREFIXES)
 
 
+def quant_given(text: str) -> bool:
+    """False for a catalog name without a quant (`qwen2.5:7b`), where the planner may choose one."""
+    found = default_catalog().lookup(text.strip())
+    return found is None or found[1] is not None
+
+
 def parse_ref(text: str, catalog: Catalog | None = None) -> ModelRef | None:
     """The ModelRef a MODEL argument names, or None when it is no catalog name or hf: reference.
 

@@ -25,9 +25,10 @@ from localllm.core.config import Paths, paths
 from localllm.core.errors import BadModelFile, BadRequest, ModelNotFound, ModelNotInstalled, UnsafeStorePath
 from localllm.core.modelinfo import ModelInfo, read_model_info
 from localllm.store.own_files import check_model_name, check_path_text, not_a_link, open_file
+from localllm.store.refs import parse_ref
 
-STARTER_NAME = "starter"  # Gemma 3 270M base: raw completion, tests and benchmarks
-SMOLLM2_NAME = "smollm2:135m"  # SmolLM2 135M Instruct, shipped as a Python package (store/smollm2.py)
+STARTER_NAME = "starter"  # Gemma 3 270M base, shipped as a Python package (store/bundled.py): tests and benchmarks
+SMOLLM2_NAME = "smollm2:135m"  # SmolLM2 135M Instruct, shipped as a Python package (store/bundled.py)
 # The model `localllm chat`, the full-screen app and `make run` open when none is named.
 DEFAULT_CHAT_MODEL = SMOLLM2_NAME
 
@@ -177,15 +178,16 @@ class ModelStore:
         return manifest
 
     # -- naming ----------------------------------------------------------
-    def resolve(self, ref: str, *, pull_starter: bool = True, allow_paths: bool = False) -> ResolvedModel:
-        """An installed name, the built-in `starter` or `smollm2:135m` (installed from their
-        packages on first use), and with `allow_paths` (the command line's choice) a .gguf
+    def resolve(self, ref: str, *, allow_paths: bool = False) -> ResolvedModel:
+        """An installed name, and with `allow_paths` (the command line's choice) a .gguf
         path or the path of a Hugging Face model folder (for the native engine).
 
         Catalog names and hf: references resolve to their installed files under
         their canonical name (`qwen2.5` -> `qwen2.5:7b`); when not installed they
-        raise ModelNotInstalled, which front ends may answer with a pull.
-        Without `allow_paths` nothing outside the store is looked at.
+        (and `starter`) raise ModelNotInstalled, which front ends may answer with
+        a pull. Nothing is installed here: the bundled models come in through
+        bundled.ensure_installed or a pull. Without `allow_paths` nothing outside
+        the store is looked at.
         """
         try:
             check_model_name(ref)
@@ -200,26 +202,11 @@ class ModelStore:
             if not path.is_file():
                 raise ModelNotFound(f"model '{ref}' is installed but its file {path} is missing; pull it again")
             return ResolvedModel(ref, path, manifest)
-        if ref != STARTER_NAME:
-            from localllm.store.refs import parse_ref
-
-            remote = parse_ref(ref)
-            if remote is not None:
-                if self.get(remote.name) is not None:
-                    return self.resolve(remote.name, pull_starter=False)
-                if remote.name == SMOLLM2_NAME and pull_starter:
-                    from localllm.store.smollm2 import pull_smollm2
-
-                    manifest = pull_smollm2(self)
-                    self.check_own_files(manifest)
-                    return ResolvedModel(manifest.name, self.model_file(manifest), manifest)
-                raise ModelNotInstalled(f"model '{ref}' is not installed; `localllm pull {ref}` downloads it")
-        if ref == STARTER_NAME and pull_starter:
-            from localllm.store.starter import pull_starter as do_pull
-
-            manifest = do_pull(self)
-            self.check_own_files(manifest)
-            return ResolvedModel(ref, self.model_file(manifest), manifest)
+        remote = None if ref == STARTER_NAME else parse_ref(ref)
+        if remote is not None and self.get(remote.name) is not None:
+            return self.resolve(remote.name)
+        if remote is not None or ref == STARTER_NAME:
+            raise ModelNotInstalled(f"model '{ref}' is not installed; `localllm pull {ref}` downloads it")
         if not allow_paths:
             raise ModelNotFound(f"model '{ref}' not found; `localllm ls` lists installed models")
         return self._resolve_path(ref)

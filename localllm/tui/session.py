@@ -27,8 +27,9 @@ def store_factory(store: ModelStore) -> BackendFactory:
 
     def factory(model: str, context: int | None) -> Backend:
         from localllm.backends.select import LoadOptions, open_backend
+        from localllm.store.bundled import resolve_installing
 
-        return open_backend(store.resolve(model, allow_paths=True), LoadOptions(n_ctx=context))
+        return open_backend(resolve_installing(store, model, allow_paths=True), LoadOptions(n_ctx=context))
 
     return factory
 

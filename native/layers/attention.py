@@ -37,7 +37,7 @@ LOCALLLM_NATIVE_FUSED=off turns that off, and the residual add + norm
 kernel with it (see native/kernels/__init__.py): the same ops then run as
 separate kernels (default: on).
 
-Sliding-window layers may keep their own pool (see native/kv_layout.py): then
+Sliding-window layers may keep their own pool (see localllm/core/kv_sizing.py): then
 each span and decode description carries a second block table, and those
 layers store and read through it. Blocks that left the window are -1 in that
 table; nothing here reads a position the window cannot reach.

@@ -21,11 +21,9 @@ from textual.widgets import DataTable, Footer, Header, Label, ProgressBar, Stati
 
 from localllm.core.errors import LocalLLMError
 from localllm.core.hardware import Hardware
+from localllm.core.quant_table import estimated_bytes
 from localllm.store.store import ModelStore
 from localllm.core.units import human_bytes
-
-# Bits per weight of common quants, for sizing catalog models before they are downloaded.
-BITS_PER_WEIGHT = {"Q4_0": 4.55, "Q4_K_S": 4.6, "Q4_K_M": 4.85, "Q5_K_M": 5.7, "Q6_K": 6.6, "Q8_0": 8.5, "F16": 16.0, "BF16": 16.0}
 
 
 @dataclass
@@ -86,8 +84,7 @@ def model_rows(store: ModelStore) -> list[ModelRow]:
     for entry in default_catalog().entries:
         if entry.name in names:
             continue
-        bits = BITS_PER_WEIGHT.get(entry.default_quant.upper(), 5.0)
-        size = int(entry.parameter_count * bits / 8)
+        size = estimated_bytes(entry.parameter_count, entry.default_quant)
         rows.append(ModelRow(entry.name, False, size, True, entry.default_quant, entry.context_length, entry.description))
     return rows
 
@@ -188,11 +185,11 @@ class ModelsScreen(Screen):
         self.action_refresh_rows()
 
     def _download(self, model: str, cancel: threading.Event) -> None:
-        from localllm.store.pull import pull
+        from localllm.fit.hub_model import pull_with_plan
 
         error = None
         try:
-            pull(model, store=self.app.store, progress=lambda p: self.post_message(DownloadProgress(model, p)), cancel=cancel)
+            pull_with_plan(model, store=self.app.store, progress=lambda p: self.post_message(DownloadProgress(model, p)), cancel=cancel)
         except LocalLLMError as exc:
             error = str(exc)
         except Exception as exc:  # the app must report, never crash

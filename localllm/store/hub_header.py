@@ -29,7 +29,7 @@ HEADER_MAX_READ = 128 * 1024 * 1024
 TIMEOUT_S = 30.0
 
 
-def remote_model_info(plan: PullPlan) -> ModelInfo:
+def hub_model_info(plan: PullPlan) -> ModelInfo:
     """The ModelInfo of the files a pull would fetch, read from their headers on the hub."""
     if plan.format == "safetensors":
         return _snapshot_info(plan)

@@ -1,4 +1,8 @@
-"""Which layers share a KV pool, and how a memory budget is split between the pools.
+"""KV-cache sizing, torch-free: which layers share a pool, what a sliding sequence holds, how a budget is split.
+
+The one home of these formulas: the native engine sizes its pools with them
+(native/model_runner.py) and the fit planner predicts that memory with them
+(localllm/fit/native_memory.py), so a plan and the engine cannot drift apart.
 
 A layer with a sliding window of w tokens only ever reads the last w
 positions, so its blocks before the window can go back to the pool. With one
@@ -30,10 +34,19 @@ to make progress alone.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol, Sequence
 
 from localllm.core.errors import DoesNotFit
 
-from localllm.core.model_config import ModelConfig
+
+class KVShape(Protocol):
+    """The attention facts sizing needs: a native ModelConfig, or the planner's NativeShape."""
+
+    n_layers: int
+    n_kv_heads: int
+    head_dim: int
+    sliding_window: int | None
+    sliding_layers: Sequence[bool]  # per layer: does it slide
 
 
 @dataclass
@@ -54,22 +67,22 @@ def window_blocks(window: int, block_size: int, n_tokens: int) -> int:
     return cdiv(window + n_tokens - 2, block_size) + 1
 
 
-def kv_groups(config: ModelConfig, max_model_len: int, block_size: int) -> list[KVGroup]:
+def kv_groups(shape: KVShape, max_model_len: int, block_size: int) -> list[KVGroup]:
     """The groups for this model and context: sliding layers apart only when that can save memory."""
-    every = list(range(config.n_layers))
-    window = config.sliding_window
-    sliding = [i for i in every if config.window(i) is not None]
-    if not sliding or window is None or window_blocks(window, block_size, 1) >= cdiv(max_model_len, block_size):
+    every = list(range(shape.n_layers))
+    window = shape.sliding_window
+    sliding = [i for i in every if window and shape.sliding_layers[i]]
+    if not sliding or window_blocks(window, block_size, 1) >= cdiv(max_model_len, block_size):
         return [KVGroup(every, None)]  # no window, or none shorter than the context: nothing ever leaves
-    full = [i for i in every if config.window(i) is None]
+    full = [i for i in every if not shape.sliding_layers[i]]
     if not full:
         return [KVGroup(sliding, window)]
     return [KVGroup(full, None), KVGroup(sliding, window)]
 
 
-def group_block_bytes(group: KVGroup, config: ModelConfig, block_size: int, dtype_bytes: int) -> int:
+def group_block_bytes(group: KVGroup, shape: KVShape, block_size: int, dtype_bytes: int) -> int:
     """K and V of one block: 2 x layers x block_size x kv_heads x head_dim x bytes."""
-    return 2 * len(group.layers) * block_size * config.n_kv_heads * config.head_dim * dtype_bytes
+    return 2 * len(group.layers) * block_size * shape.n_kv_heads * shape.head_dim * dtype_bytes
 
 
 def demand(group: KVGroup, *, block_size: int, max_model_len: int, max_num_seqs: int, max_num_batched_tokens: int) -> int:
