@@ -22,6 +22,7 @@ from localllm.backends.native import NativeBackend, NativeOptions
 from localllm.core.errors import BadRequest
 from localllm.core.modelinfo import read_model_info
 from waiting import until
+from builders import tiny_llama_with_tokenizer
 
 FRANCE = "The capital of France is"
 FRANCE_IDS = [2, 818, 5279, 529, 7001, 563]
@@ -127,34 +128,9 @@ def test_grammars_are_refused_before_they_queue(backend):
 # -- through the CLI, with a Hugging Face folder --------------------------------------------
 
 
-def _tiny_hf_folder(folder: Path) -> Path:
-    """A tiny random Llama with a real byte-level BPE tokenizer, saved as an HF folder."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=320, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tok.train_from_iterator([TEXT] * 20, trainer)
-    folder.mkdir(parents=True, exist_ok=True)
-    tok.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True}))
-    config = LlamaConfig(
-        vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, bos_token_id=0, eos_token_id=1,
-    )
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory) -> Path:
-    return _tiny_hf_folder(tmp_path_factory.mktemp("hf") / "tiny-llama")
+    return tiny_llama_with_tokenizer(tmp_path_factory.mktemp("hf") / "tiny-llama", TEXT)
 
 
 def _cli(*args: str, home: Path) -> subprocess.CompletedProcess:
