@@ -30,7 +30,7 @@ from localllm.store.store import ModelStore
 
 sys.path.insert(0, str(Path(__file__).parent))
 from builders import zero_llama_shards  # noqa: E402
-from hub_emulator import HubEmulator, header_only_gguf, split_gguf  # noqa: E402
+from hub_emulator import HubEmulator, split_gguf  # noqa: E402
 
 KEYS = ["fits", "backend", "n_gpu_layers", "context_length", "parallel", "kv_bytes", "ram_bytes", "vram_bytes", "reasons", "alternatives"]
 QWEN_REPO = "Qwen/Qwen2.5-0.5B-Instruct-GGUF"  # the catalog's repository for qwen2.5:0.5b
@@ -52,14 +52,13 @@ def one_line_error(result: subprocess.CompletedProcess) -> str:
 
 
 @pytest.fixture(scope="module")
-def emulator(starter_gguf, tmp_path_factory):
+def emulator(starter_gguf, tiny_gguf, tmp_path_factory):
     """Repositories: the starter as one quant, split in 3, and a catalog repo with three quants of different sizes."""
     work = tmp_path_factory.mktemp("fit-hub")
     parts = split_gguf(starter_gguf, work / "starter-Q4_K_M", 3)
     bigger = work / "q8.gguf"  # the starter's bytes padded to a Q8_0-like size (sparse: no disk)
     shutil.copyfile(starter_gguf, bigger)
     os.truncate(bigger, 420 * 1024 * 1024)
-    tiny = header_only_gguf(starter_gguf, work / "tiny.gguf")  # 6.5 MB: plays a 2-bit quant
     hub = HubEmulator()
     hub.add_repo("test-org/Starter-GGUF", {"starter-Q4_K_M.gguf": starter_gguf})
     hub.add_repo("test-org/Split-GGUF", {p.name: p for p in parts})
@@ -69,20 +68,16 @@ def emulator(starter_gguf, tmp_path_factory):
         {
             "qwen2.5-0.5b-instruct-q4_k_m.gguf": starter_gguf,
             "qwen2.5-0.5b-instruct-q8_0.gguf": bigger,
-            "qwen2.5-0.5b-instruct-q2_k.gguf": tiny,
+            "qwen2.5-0.5b-instruct-q2_k.gguf": tiny_gguf,  # 6.5 MB: plays a 2-bit quant
         },
     )
-    hub.start()
-    yield hub
-    hub.stop()
+    with hub:
+        yield hub
 
 
 @pytest.fixture
 def hub(emulator, monkeypatch):
-    emulator.reset_log()
-    monkeypatch.setenv("HF_ENDPOINT", emulator.url)
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    return emulator
+    return emulator.serve_as_the_hub(monkeypatch)
 
 
 def cpu_machine(ram: int):
