@@ -1,4 +1,4 @@
-"""Tiny models the tests build, one home for each: random transformers checkpoints and Hugging Face folders.
+"""What the tests build, one home for each: tiny random models, Hugging Face folders, transformers references.
 
 torch, transformers and tokenizers load only when a builder runs, so a test
 that needs just a folder of zeros stays light.
@@ -6,8 +6,12 @@ that needs just a folder of zeros stays light.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import tempfile
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -110,3 +114,40 @@ def zero_llama_shards(folder: Path) -> dict[str, Path]:
             tensors["model.embed_tokens.weight"] = np.zeros((256, 64), np.float16)
         save_file(tensors, str(folder / f"model-0000{i + 1}-of-00002.safetensors"))
     return {f.name: f for f in folder.iterdir()}
+
+
+# -- transformers' answers on the real models ----------------------------------------------------
+
+
+def cached_reference(request, name: str, key: str, compute: Callable[[], dict]) -> dict:
+    """`compute()` (transformers' answers, tensors and lists), computed once and kept across sessions.
+
+    Loading a real model in transformers takes many seconds; its answers are kept in
+    pytest's cache (or the system's temporary folder under -p no:cacheprovider) under
+    `name` and a hash of `key` (what changes the answers: the file, the prompt, a
+    version the test bumps) with the torch and transformers versions.
+    """
+    import torch
+    import transformers
+
+    digest = hashlib.sha256(f"{key}|{transformers.__version__}|{torch.__version__}".encode()).hexdigest()[:20]
+    cache = getattr(request.config, "cache", None)
+    folder = Path(cache.mkdir("native-reference")) if cache is not None else Path(tempfile.gettempdir()) / "localllm-native-reference"
+    folder.mkdir(parents=True, exist_ok=True)
+    file = folder / f"{name}-{digest}.pt"
+    if file.is_file():
+        return torch.load(file)
+    answers = compute()
+    partial = file.with_suffix(f".{os.getpid()}.tmp")
+    torch.save(answers, partial)
+    partial.replace(file)
+    return answers
+
+
+def transformers_gguf_model(path: Path):
+    """transformers' own load of a GGUF file, dequantized to float32: the reference the native engine is held to."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(2)
+    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
