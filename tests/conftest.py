@@ -1,4 +1,4 @@
-"""Shared fixtures: the real starter model, assembled once per test session."""
+"""Shared fixtures: the real starter model, assembled once per test session, and files made from it."""
 
 from __future__ import annotations
 
@@ -14,6 +14,14 @@ def starter_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     target = tmp_path_factory.mktemp("starter") / starter.MODEL_NAME
     return starter.assemble(target)
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(starter_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small valid GGUF for hub tests: the starter's metadata without its tensors (6.5 MB)."""
+    from hub_emulator import header_only_gguf
+
+    return header_only_gguf(starter_gguf, tmp_path_factory.mktemp("tiny-gguf") / "tiny.gguf")
 
 
 @pytest.fixture(scope="session")

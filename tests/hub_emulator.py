@@ -159,6 +159,21 @@ class HubEmulator:
             server.shutdown()
             server.server_close()
 
+    def __enter__(self) -> "HubEmulator":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def serve_as_the_hub(self, monkeypatch) -> "HubEmulator":
+        """Make this the hub for the test (HF_ENDPOINT, no token, no telemetry), its log and faults cleared."""
+        self.reset_log()
+        monkeypatch.setenv("HF_ENDPOINT", self.url)
+        monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+        monkeypatch.delenv("HF_TOKEN", raising=False)
+        return self
+
     # -- what tests look at ---------------------------------------------------------
     def gets(self, file: str) -> list[Served]:
         """Byte-serving GET requests for a file name, in order."""

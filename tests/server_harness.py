@@ -208,3 +208,18 @@ You may call functions. Their signatures:
 {%- if add_generation_prompt %}<start_of_turn>model
 {% endif -%}
 """
+
+# A tool in OpenAI's shape for the template above: one string argument, bounded so a reply fits.
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The current weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 40}},
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+    },
+}

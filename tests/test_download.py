@@ -53,10 +53,9 @@ def sha256(path: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def emulator(starter_gguf, tmp_path_factory):
-    """The hub, with repositories made from the starter: two quant names, a split, a tiny GGUF, a gated repo."""
+def emulator(starter_gguf, tiny_gguf, tmp_path_factory):
+    """The hub, with repositories made from the starter: two quant names, a split, a tiny GGUF (no tensors), a gated repo."""
     work = tmp_path_factory.mktemp("hub-files")
-    tiny = header_only_gguf(starter_gguf, work / "tiny.gguf")  # the starter's metadata, no tensors: 6.5 MB
     parts = split_gguf(starter_gguf, work / "starter-Q4_K_M", 3)
     hub = HubEmulator()
     readme = b"# a model card\n"
@@ -65,34 +64,29 @@ def emulator(starter_gguf, tmp_path_factory):
         {"starter-Q4_K_M.gguf": starter_gguf, "starter-Q8_0.gguf": starter_gguf, "README.md": readme},
     )
     hub.add_repo("test-org/Split-GGUF", {**{p.name: p for p in parts}, "README.md": readme})
-    hub.add_repo("test-org/Tiny-GGUF", {"tiny-Q4_K_M.gguf": tiny, "tiny-Q6_K.gguf": tiny, "README.md": readme})
-    hub.add_repo("test-org/Gated-GGUF", {"tiny-Q4_K_M.gguf": tiny}, token=TOKEN)
+    hub.add_repo("test-org/Tiny-GGUF", {"tiny-Q4_K_M.gguf": tiny_gguf, "tiny-Q6_K.gguf": tiny_gguf, "README.md": readme})
+    hub.add_repo("test-org/Gated-GGUF", {"tiny-Q4_K_M.gguf": tiny_gguf}, token=TOKEN)
     hub.add_repo(
         "test-org/Tiny-HF",
         {
             "config.json": json.dumps({"model_type": "gemma3_text", "num_hidden_layers": 18}).encode(),
             "tokenizer_config.json": b'{"bos_token": "<bos>"}',
-            "model.safetensors": tiny,  # stands in for weights: only the transfer is tested
+            "model.safetensors": tiny_gguf,  # stands in for weights: only the transfer is tested
             "merges.txt": b"",  # an empty file is a file too
             "README.md": readme,
         },
     )
-    hub.built = {"tiny": tiny, "parts": parts}
-    hub.start()
-    yield hub
-    hub.stop()
+    hub.built = {"tiny": tiny_gguf, "parts": parts}
+    with hub:
+        yield hub
 
 
 @pytest.fixture
 def hub(emulator, monkeypatch):
     """The emulator with a clean log and no faults, HF_ENDPOINT pointing at it, no token, fast retries."""
-    emulator.reset_log()
-    monkeypatch.setenv("HF_ENDPOINT", emulator.url)
-    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
-    monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.delenv(download.FREE_DISK_ENV, raising=False)
     monkeypatch.setattr(download, "RETRY", download.Retry(attempts=4, base_delay_s=0.01, max_delay_s=0.05))
-    return emulator
+    return emulator.serve_as_the_hub(monkeypatch)
 
 
 @pytest.fixture

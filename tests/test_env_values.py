@@ -12,19 +12,17 @@ import pytest
 from localllm.core.errors import BadSetting
 
 sys.path.insert(0, str(Path(__file__).parent))
-from hub_emulator import HubEmulator, header_only_gguf  # noqa: E402
+from hub_emulator import HubEmulator  # noqa: E402
 
 REF = "hf:test-org/Tiny-GGUF:Q4_K_M"
 
 
 @pytest.fixture(scope="module")
-def hub(starter_gguf, tmp_path_factory):
-    tiny = header_only_gguf(starter_gguf, tmp_path_factory.mktemp("hub") / "tiny.gguf")
+def hub(tiny_gguf):
     emulator = HubEmulator()
-    emulator.add_repo("test-org/Tiny-GGUF", {"tiny-Q4_K_M.gguf": tiny})
-    emulator.start()
-    yield emulator
-    emulator.stop()
+    emulator.add_repo("test-org/Tiny-GGUF", {"tiny-Q4_K_M.gguf": tiny_gguf})
+    with emulator:
+        yield emulator
 
 
 def localllm(home: Path, *args: str, **env: str) -> subprocess.CompletedProcess:

@@ -28,7 +28,8 @@ from localllm.store.refs import parse_ref
 from localllm.store.store import ModelStore
 
 sys.path.insert(0, str(Path(__file__).parent))
-from hub_emulator import HubEmulator, header_only_gguf, split_gguf  # noqa: E402
+from builders import zero_llama_shards  # noqa: E402
+from hub_emulator import HubEmulator, split_gguf  # noqa: E402
 
 KEYS = ["fits", "backend", "n_gpu_layers", "context_length", "parallel", "kv_bytes", "ram_bytes", "vram_bytes", "reasons", "alternatives"]
 QWEN_REPO = "Qwen/Qwen2.5-0.5B-Instruct-GGUF"  # the catalog's repository for qwen2.5:0.5b
@@ -49,59 +50,33 @@ def one_line_error(result: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
-def tiny_hf_folder(folder: Path) -> dict[str, Path]:
-    """A 2-layer Llama as a Hugging Face folder: config.json, tokenizer settings, two safetensors files."""
-    import numpy as np
-    from safetensors.numpy import save_file
-
-    folder.mkdir()
-    config = {"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128,
-              "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256, "max_position_embeddings": 2048}
-    (folder / "config.json").write_text(json.dumps(config))
-    (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
-    shapes = {"q_proj": (64, 64), "k_proj": (32, 64), "v_proj": (32, 64), "o_proj": (64, 64)}
-    for i in range(2):
-        tensors = {f"model.layers.{i}.self_attn.{n}.weight": np.zeros(shape, np.float16) for n, shape in shapes.items()}
-        for n, shape in (("gate_proj", (128, 64)), ("up_proj", (128, 64)), ("down_proj", (64, 128))):
-            tensors[f"model.layers.{i}.mlp.{n}.weight"] = np.zeros(shape, np.float16)
-        if i == 0:
-            tensors["model.embed_tokens.weight"] = np.zeros((256, 64), np.float16)
-        save_file(tensors, str(folder / f"model-0000{i + 1}-of-00002.safetensors"))
-    return {f.name: f for f in folder.iterdir()}
-
-
 @pytest.fixture(scope="module")
-def emulator(starter_gguf, tmp_path_factory):
+def emulator(starter_gguf, tiny_gguf, tmp_path_factory):
     """Repositories: the starter as one quant, split in 3, and a catalog repo with three quants of different sizes."""
     work = tmp_path_factory.mktemp("fit-hub")
     parts = split_gguf(starter_gguf, work / "starter-Q4_K_M", 3)
     bigger = work / "q8.gguf"  # the starter's bytes padded to a Q8_0-like size (sparse: no disk)
     shutil.copyfile(starter_gguf, bigger)
     os.truncate(bigger, 420 * 1024 * 1024)
-    tiny = header_only_gguf(starter_gguf, work / "tiny.gguf")  # 6.5 MB: plays a 2-bit quant
     hub = HubEmulator()
     hub.add_repo("test-org/Starter-GGUF", {"starter-Q4_K_M.gguf": starter_gguf})
     hub.add_repo("test-org/Split-GGUF", {p.name: p for p in parts})
-    hub.add_repo("test-org/Tiny-Llama", tiny_hf_folder(work / "tiny-llama"))
+    hub.add_repo("test-org/Tiny-Llama", zero_llama_shards(work / "tiny-llama"))
     hub.add_repo(
         QWEN_REPO,
         {
             "qwen2.5-0.5b-instruct-q4_k_m.gguf": starter_gguf,
             "qwen2.5-0.5b-instruct-q8_0.gguf": bigger,
-            "qwen2.5-0.5b-instruct-q2_k.gguf": tiny,
+            "qwen2.5-0.5b-instruct-q2_k.gguf": tiny_gguf,  # 6.5 MB: plays a 2-bit quant
         },
     )
-    hub.start()
-    yield hub
-    hub.stop()
+    with hub:
+        yield hub
 
 
 @pytest.fixture
 def hub(emulator, monkeypatch):
-    emulator.reset_log()
-    monkeypatch.setenv("HF_ENDPOINT", emulator.url)
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    return emulator
+    return emulator.serve_as_the_hub(monkeypatch)
 
 
 def cpu_machine(ram: int):

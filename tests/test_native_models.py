@@ -21,21 +21,11 @@ import torch
 
 from localllm.core.requests import SamplingParams
 from native.engine import EngineOptions, LLMEngine
+from builders import TINY_VOCAB, random_model, save_tiny, tiny_config
 
 transformers = pytest.importorskip("transformers")
 
-VOCAB = 128
 PROMPT_LEN = 40
-COMMON = dict(
-    vocab_size=VOCAB,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
-    initializer_range=0.2,  # spread-out logits: greedy choices far from ties
-)
 LLAMA3_THETA = 500000.0
 LLAMA3_SCALING = {
     "rope_type": "llama3",
@@ -47,53 +37,26 @@ LLAMA3_SCALING = {
 
 
 def _configs():
-    from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
-
     return {
-        "llama": LlamaConfig(**COMMON, rope_scaling=LLAMA3_SCALING, rope_theta=LLAMA3_THETA),
+        "llama": tiny_config("llama", rope_scaling=LLAMA3_SCALING, rope_theta=LLAMA3_THETA),
         # a window much shorter than the prompt, so the mask and block selection matter
-        "mistral": MistralConfig(**COMMON, sliding_window=8),
+        "mistral": tiny_config("mistral", sliding_window=8),
         # q/k/v biases, tied embeddings, and a window on the layers from 1 on
-        "qwen2": Qwen2Config(**COMMON, tie_word_embeddings=True, use_sliding_window=True, sliding_window=6, max_window_layers=1),
+        "qwen2": tiny_config("qwen2", tie_word_embeddings=True, use_sliding_window=True, sliding_window=6, max_window_layers=1),
         # q/k norms, and a head_dim that is not hidden / heads
-        "qwen3": Qwen3Config(**COMMON, head_dim=32),
-        "gemma3": Gemma3TextConfig(
-            **COMMON,
-            head_dim=32,
-            sliding_window=8,
-            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
-            query_pre_attn_scalar=24,
-            final_logit_softcapping=30.0,
-        ),
+        "qwen3": tiny_config("qwen3"),
+        "gemma3": tiny_config("gemma3", final_logit_softcapping=30.0),
     }
-
-
-def _perturb(model: torch.nn.Module) -> None:
-    """Norm weights and biases start at constants; randomise them so their handling is tested."""
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name or name.endswith(".bias"):
-                param.add_(torch.randn(param.shape, generator=gen) * 0.3)
 
 
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
-    from transformers import AutoModelForCausalLM
-
     root = tmp_path_factory.mktemp("tiny")
-    folders = {}
-    for name, config in _configs().items():
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(config).eval()
-        _perturb(model)
-        model.save_pretrained(root / name)
-        folders[name] = root / name
-    return folders
+    return {name: save_tiny(config, root / name, perturbed=True) for name, config in _configs().items()}
 
 
 def _prompt(seed: int = 0) -> list[int]:
-    return torch.randint(3, VOCAB, (PROMPT_LEN,), generator=torch.Generator().manual_seed(seed)).tolist()
+    return torch.randint(3, TINY_VOCAB, (PROMPT_LEN,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
 def _engine(path: Path) -> LLMEngine:
@@ -216,12 +179,8 @@ def _write_llama_gguf(model, config, path: Path) -> None:
 
 
 def test_llama_gguf_loads_like_its_checkpoint(tmp_path):
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    config = LlamaConfig(**{**COMMON, "intermediate_size": 128}, rope_scaling=LLAMA3_SCALING, rope_theta=LLAMA3_THETA)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config).eval()
-    _perturb(model)
+    config = tiny_config("llama", intermediate_size=128, rope_scaling=LLAMA3_SCALING, rope_theta=LLAMA3_THETA)
+    model = random_model(config, perturbed=True)
     path = tmp_path / "tiny-llama.gguf"
     _write_llama_gguf(model, config, path)  # also rounds the model's weights as the file stores them
     prompt = _prompt(2)

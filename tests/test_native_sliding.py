@@ -26,6 +26,7 @@ from native.engine import EngineOptions, LLMEngine
 from localllm.core.kv_sizing import group_block_bytes, kv_groups, split_budget, window_blocks
 from native.scheduler import Scheduler
 from native.sequence import Sequence
+from builders import TINY_VOCAB, save_tiny, tiny_config
 
 BS = 4
 WINDOW = 8
@@ -166,41 +167,24 @@ def test_scheduler_chunks_a_long_prompt_through_a_small_sliding_pool():
 
 transformers = pytest.importorskip("transformers")
 
-VOCAB = 128
 PROMPT_LEN = 100  # twelve windows and more
-COMMON = dict(
-    vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-    num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.2,
-)
 
 
 def _configs():
-    from transformers import Gemma3TextConfig, MistralConfig
-
     return {
-        "gemma3": Gemma3TextConfig(
-            **COMMON, head_dim=32, sliding_window=WINDOW, query_pre_attn_scalar=24, final_logit_softcapping=30.0,
-            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
-        ),
-        "mistral": MistralConfig(**COMMON, sliding_window=WINDOW),
+        "gemma3": tiny_config("gemma3", sliding_window=WINDOW, final_logit_softcapping=30.0),
+        "mistral": tiny_config("mistral", sliding_window=WINDOW),
     }
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict[str, Path]:
-    from transformers import AutoModelForCausalLM
-
     root = tmp_path_factory.mktemp("tiny-sliding")
-    folders = {}
-    for name, config in _configs().items():
-        torch.manual_seed(0)
-        AutoModelForCausalLM.from_config(config).eval().save_pretrained(root / name)
-        folders[name] = root / name
-    return folders
+    return {name: save_tiny(config, root / name) for name, config in _configs().items()}
 
 
 def _prompt(seed: int, n: int = PROMPT_LEN) -> list[int]:
-    return torch.randint(3, VOCAB, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+    return torch.randint(3, TINY_VOCAB, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
 def _engine(path: Path, **options) -> LLMEngine:

@@ -11,11 +11,6 @@ from __future__ import annotations
 
 import native  # noqa: F401  (first: it sets OpenMP's wait policy before torch loads)
 
-import hashlib
-import os
-import tempfile
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -25,6 +20,7 @@ from localllm.store.bundled import SMOLLM2_SHA256
 from localllm.store.store import DEFAULT_CHAT_MODEL
 from native.engine import EngineOptions, LLMEngine
 from test_smollm2 import assert_answers, chat_turn
+from builders import cached_reference, transformers_gguf_model
 
 SKY = "Why is the sky blue?"  # an answer longer than the 24 tokens compared
 GREEDY_TOKENS = 24
@@ -54,30 +50,16 @@ def sky_ids(engine, smollm2_gguf) -> list[int]:
 @pytest.fixture(scope="module")
 def reference(smollm2_gguf, sky_ids, request) -> dict:
     """transformers' logits and greedy tokens for the prompt: one load per module, cached across sessions."""
-    transformers = pytest.importorskip("transformers")
-    key = hashlib.sha256(
-        f"{SMOLLM2_SHA256}|{transformers.__version__}|{torch.__version__}|{REFERENCE_VERSION}|{sky_ids}".encode()
-    ).hexdigest()[:20]
-    cache = getattr(request.config, "cache", None)
-    folder = Path(cache.mkdir("native-reference")) if cache is not None else Path(tempfile.gettempdir()) / "localllm-native-reference"
-    folder.mkdir(parents=True, exist_ok=True)
-    file = folder / f"smollm2-{key}.pt"
-    if file.is_file():
-        return torch.load(file)
-    from transformers import AutoModelForCausalLM
+    pytest.importorskip("transformers")
 
-    torch.set_num_threads(2)
-    model = AutoModelForCausalLM.from_pretrained(
-        str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name, dtype=torch.float32
-    ).eval()
-    with torch.inference_mode():
-        logits = model(torch.tensor([sky_ids])).logits[0]
-        greedy = model.generate(torch.tensor([sky_ids]), max_new_tokens=GREEDY_TOKENS, do_sample=False)
-    answers = {"logits": logits.clone(), "greedy": greedy[0, len(sky_ids) :].tolist()}
-    partial = file.with_suffix(f".{os.getpid()}.tmp")
-    torch.save(answers, partial)
-    partial.replace(file)
-    return answers
+    def compute() -> dict:
+        model = transformers_gguf_model(smollm2_gguf)
+        with torch.inference_mode():
+            logits = model(torch.tensor([sky_ids])).logits[0]
+            greedy = model.generate(torch.tensor([sky_ids]), max_new_tokens=GREEDY_TOKENS, do_sample=False)
+        return {"logits": logits.clone(), "greedy": greedy[0, len(sky_ids) :].tolist()}
+
+    return cached_reference(request, "smollm2", f"{SMOLLM2_SHA256}|{REFERENCE_VERSION}|{sky_ids}", compute)
 
 
 def test_the_gguf_config_is_smollm2s(engine):

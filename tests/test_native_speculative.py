@@ -25,18 +25,9 @@ from localllm.core.errors import BadRequest
 from native.engine import EngineOptions, LLMEngine
 from localllm.engine_kit.ngram import find_continuation, lookup
 from native.speculative import Draft, SpeculativeOptions, Speculator, distribution
+from builders import TINY_VOCAB, random_model, tiny_config
 
 transformers = pytest.importorskip("transformers")
-
-VOCAB = 128
-COMMON = dict(
-    hidden_size=64,
-    intermediate_size=96,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
-    initializer_range=0.2,  # spread-out logits: greedy choices far from ties
-)
 
 
 @pytest.fixture(scope="module")
@@ -48,17 +39,14 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
     target with 2.5% noise ("draft") agrees on about half: guesses are kept
     and rejected in every run.
     """
-    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig
-
     configs = {
-        "llama": (LlamaConfig(vocab_size=VOCAB, num_hidden_layers=3, **COMMON), 0),
-        "mistral": (MistralConfig(vocab_size=VOCAB, num_hidden_layers=2, sliding_window=8, **COMMON), 0),
-        "other-vocab": (LlamaConfig(vocab_size=96, num_hidden_layers=1, **COMMON), 2),
+        "llama": (tiny_config("llama"), 0),
+        "mistral": (tiny_config("mistral", num_hidden_layers=2, sliding_window=8), 0),
+        "other-vocab": (tiny_config("llama", vocab_size=96, num_hidden_layers=1), 2),
     }
     root = tmp_path_factory.mktemp("tiny-spec")
     for name, (config, seed) in configs.items():
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config).eval()
+        model = random_model(config, seed=seed)
         model.save_pretrained(root / name)
         if name == "llama":
             noise = torch.Generator().manual_seed(7)
@@ -84,8 +72,8 @@ def prompts(n: int = 3) -> list[list[int]]:
     g = torch.Generator().manual_seed(3)
     out = []
     for i in range(n):
-        base = torch.randint(3, VOCAB, (9 + 4 * i,), generator=g).tolist()
-        out.append(base + base + base[:3] if i < n - 1 else torch.randint(3, VOCAB, (30,), generator=g).tolist())
+        base = torch.randint(3, TINY_VOCAB, (9 + 4 * i,), generator=g).tolist()
+        out.append(base + base + base[:3] if i < n - 1 else torch.randint(3, TINY_VOCAB, (30,), generator=g).tolist())
     return out
 
 
@@ -189,7 +177,7 @@ class ScriptedProposer:
             guess = self.expected[seq.request_id][done : done + k]
             wrong_at = self.calls % (k + 1)
             if wrong_at < len(guess):
-                guess[wrong_at] = (guess[wrong_at] + 1) % VOCAB
+                guess[wrong_at] = (guess[wrong_at] + 1) % TINY_VOCAB
             drafts.append(Draft(guess))
         return drafts
 
@@ -301,7 +289,7 @@ def chi_square(counts: Counter, expected: dict[tuple, float], n: int) -> tuple[f
 def sampling_case(tiny):
     """A prompt that repeats a text the target itself sampled (so guesses are often plausible), and the exact answer."""
     plain = engine(tiny["llama"], max_num_seqs=32)
-    start = torch.randint(3, VOCAB, (6,), generator=torch.Generator().manual_seed(5)).tolist()
+    start = torch.randint(3, TINY_VOCAB, (6,), generator=torch.Generator().manual_seed(5)).tolist()
     text = start + plain.generate([start], SamplingParams(temperature=1.0, top_k=8, seed=11, max_tokens=14))[0]
     prompt = text + text[:8]
     return prompt, exact_distribution(plain, prompt, SAMPLED)
@@ -355,7 +343,7 @@ def test_speculative_turns_itself_off_when_guesses_keep_failing(tiny):
     """Random text: 1-token matches guess badly; after min_steps the request stops speculating."""
     spec = SpeculativeOptions("ngram", num_tokens=4, ngram_min=1, ngram_max=2, min_acceptance=0.5, min_steps=4)
     e = engine(tiny["llama"], spec)
-    random_prompt = torch.randint(3, VOCAB, (60,), generator=torch.Generator().manual_seed(9)).tolist()
+    random_prompt = torch.randint(3, TINY_VOCAB, (60,), generator=torch.Generator().manual_seed(9)).tolist()
     seq = e.add_request("r", random_prompt, SamplingParams(temperature=1.0, seed=0, max_tokens=60))
     steps_when_off = None
     while e.has_work():

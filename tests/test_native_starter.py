@@ -18,8 +18,6 @@ from __future__ import annotations
 import native  # noqa: F401  (first: it sets OpenMP's wait policy before torch loads)
 
 import hashlib
-import os
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -27,6 +25,7 @@ import torch
 
 from localllm.core.requests import SamplingParams
 from native.engine import EngineOptions, LLMEngine
+from builders import cached_reference, transformers_gguf_model
 
 FRANCE_IDS = [2, 818, 5279, 529, 7001, 563]
 PARAGRAPH = (
@@ -54,46 +53,29 @@ def _file_key(path: Path) -> str:
 @pytest.fixture(scope="session")
 def starter_reference(starter_gguf, request) -> dict:
     """transformers' answers on the starter, computed once and cached across sessions."""
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from native.tokenizer import GGUFTokenizer
 
     tokenizer = GGUFTokenizer(starter_gguf)
     long_ids = _long_prompt(tokenizer)
     tokenizer.close()
-    key = hashlib.sha256(
-        f"{_file_key(starter_gguf)}|{transformers.__version__}|{torch.__version__}|{REFERENCE_VERSION}|{long_ids}".encode()
-    ).hexdigest()[:20]
-    cache = getattr(request.config, "cache", None)  # absent under -p no:cacheprovider: then the system temp dir
-    if cache is not None:
-        folder = Path(cache.mkdir("native-reference"))
-    else:
-        folder = Path(tempfile.gettempdir()) / "localllm-native-reference"
-    folder.mkdir(parents=True, exist_ok=True)
-    file = folder / f"starter-{key}.pt"
-    if file.is_file():
-        return torch.load(file)
-    from transformers import AutoModelForCausalLM
 
-    torch.set_num_threads(2)
-    model = AutoModelForCausalLM.from_pretrained(
-        str(starter_gguf.parent), gguf_file=starter_gguf.name, dtype=torch.float32
-    ).eval()
-    with torch.inference_mode():
-        short = model(torch.tensor([FRANCE_IDS])).logits[0]
-        short_greedy = model.generate(torch.tensor([FRANCE_IDS]), max_new_tokens=32, do_sample=False)
-        long = model(torch.tensor([long_ids])).logits[0, -8:]
-        long_greedy = model.generate(torch.tensor([long_ids]), max_new_tokens=16, do_sample=False)
-    reference = {
-        "short_logits": short.clone(),
-        "short_greedy": short_greedy[0, len(FRANCE_IDS) :].tolist(),
-        "long_ids": long_ids,
-        "long_logits": long.clone(),
-        "long_greedy": long_greedy[0, len(long_ids) :].tolist(),
-    }
-    partial = file.with_suffix(f".{os.getpid()}.tmp")
-    torch.save(reference, partial)
-    partial.replace(file)
-    return reference
+    def compute() -> dict:
+        model = transformers_gguf_model(starter_gguf)
+        with torch.inference_mode():
+            short = model(torch.tensor([FRANCE_IDS])).logits[0]
+            short_greedy = model.generate(torch.tensor([FRANCE_IDS]), max_new_tokens=32, do_sample=False)
+            long = model(torch.tensor([long_ids])).logits[0, -8:]
+            long_greedy = model.generate(torch.tensor([long_ids]), max_new_tokens=16, do_sample=False)
+        return {
+            "short_logits": short.clone(),
+            "short_greedy": short_greedy[0, len(FRANCE_IDS) :].tolist(),
+            "long_ids": long_ids,
+            "long_logits": long.clone(),
+            "long_greedy": long_greedy[0, len(long_ids) :].tolist(),
+        }
+
+    return cached_reference(request, "starter", f"{_file_key(starter_gguf)}|{REFERENCE_VERSION}|{long_ids}", compute)
 
 
 # One thread: these machines are shared, and torch's OpenMP threads slow down many

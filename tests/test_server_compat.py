@@ -20,21 +20,7 @@ import pytest
 from pydantic import BaseModel, Field
 
 from localllm.server.json_schema_prep import MAX_REF_DEPTH
-from server_harness import TOOL_TEMPLATE, copy_with_string_key, make_store, start_server
-
-WEATHER_TOOL = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The current weather in a city",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string", "maxLength": 40}},
-            "required": ["city"],
-            "additionalProperties": False,
-        },
-    },
-}
+from server_harness import TOOL_TEMPLATE, WEATHER_TOOL, copy_with_string_key, make_store, start_server
 
 
 class Address(BaseModel):

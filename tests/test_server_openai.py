@@ -18,6 +18,7 @@ import pytest
 
 from server_harness import (
     TOOL_TEMPLATE,
+    WEATHER_TOOL,
     copy_with_renamed_key,
     copy_with_string_key,
     make_store,
@@ -25,19 +26,6 @@ from server_harness import (
 )
 
 FRANCE = "The capital of France is"
-WEATHER_TOOL = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The current weather in a city",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string", "maxLength": 40}},
-            "required": ["city"],
-            "additionalProperties": False,
-        },
-    },
-}
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from localllm.core.errors import BadRequest, ModelNotFound, UnsafeStorePath
 from localllm.store.store import ModelStore, slug
 
 sys.path.insert(0, str(Path(__file__).parent))
-from hub_emulator import HubEmulator, header_only_gguf  # noqa: E402
+from hub_emulator import HubEmulator  # noqa: E402
 
 REPO = "test-org/Tiny-GGUF"
 REF = f"hf:{REPO}:Q4_K_M"
@@ -28,14 +28,12 @@ SENTINEL_TEXT = b"precious bytes outside the store\n"
 
 
 @pytest.fixture(scope="module")
-def hub(starter_gguf, tmp_path_factory):
+def hub(tiny_gguf):
     """A hub serving one small GGUF (the starter's header, no tensors)."""
-    tiny = header_only_gguf(starter_gguf, tmp_path_factory.mktemp("hub") / "tiny.gguf")
     emulator = HubEmulator()
-    emulator.add_repo(REPO, {FILE: tiny, "README.md": b"# card\n"})
-    emulator.start()
-    yield emulator
-    emulator.stop()
+    emulator.add_repo(REPO, {FILE: tiny_gguf, "README.md": b"# card\n"})
+    with emulator:
+        yield emulator
 
 
 def localllm(home: Path, *args: str, hub: HubEmulator | None = None) -> subprocess.CompletedProcess:

@@ -10,25 +10,17 @@ weight goes with which add, and the last layer's add with the final norm.
 
 from __future__ import annotations
 
+import triton_preamble  # noqa: F401  (first: Triton's interpreter on, before the kernels load)
+
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import native  # noqa: E402,F401  (first: it sets OpenMP's wait policy before torch loads)
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-pytest.importorskip("triton", reason="Triton is not installed (it comes with the 'test' extra on Linux)")
-
-from native.kernels import fused, fused_for  # noqa: E402
-from native.kernel_check import ADD_NORM_CASES, AddNormResult, compare_add_norm, selfcheck  # noqa: E402
-from native.layers.norm import RMSNorm  # noqa: E402
-from tiny_models import tiny_model  # noqa: E402
-
-if os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("these tests need Triton's interpreter (TRITON_INTERPRET=1) on a machine without a GPU",
-                allow_module_level=True)
+from native.kernels import fused, fused_for
+from native.kernel_check import ADD_NORM_CASES, AddNormResult, compare_add_norm, selfcheck
+from native.layers.norm import RMSNorm
+from builders import tiny_model
 
 GEN = torch.Generator().manual_seed(0)
 

@@ -7,25 +7,15 @@ the CPU paths of native/layers, which the model tests pin against transformers.
 
 from __future__ import annotations
 
-import os
+import triton_preamble  # noqa: F401  (first: Triton's interpreter on, before the kernels load)
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
+import torch.nn.functional as F
 
-import native  # noqa: E402,F401  (first: it sets OpenMP's wait policy before torch loads)
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-pytest.importorskip("triton", reason="Triton is not installed (it comes with the 'test' extra on Linux)")
-
-from native.kernels import fused  # noqa: E402
-from native.layers.norm import RMSNorm  # noqa: E402
-from native.layers.rotary import apply_rotary  # noqa: E402
-
-if os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("these tests need Triton's interpreter (TRITON_INTERPRET=1) on a machine without a GPU",
-                allow_module_level=True)
+from native.kernels import fused
+from native.layers.norm import RMSNorm
+from native.layers.rotary import apply_rotary
 
 GEN = torch.Generator().manual_seed(0)
 

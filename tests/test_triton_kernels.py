@@ -1,9 +1,7 @@
 """The Triton kernels (native/kernels/) against the torch reference, under Triton's interpreter.
 
-There is no GPU here, so the kernels run in Triton's interpreter: this module
-sets TRITON_INTERPRET=1 before anything imports the kernel modules (Triton
-decides at decoration time whether a kernel is compiled or interpreted; set
-it yourself when importing them elsewhere on a CPU). The kernels are written
+There is no GPU here, so the kernels run in Triton's interpreter (switched on
+by tests/triton_preamble.py, imported first). The kernels are written
 for real GPUs (power-of-two blocks, tl.dot with at least 16 rows); the GPU
 check script runs the same comparisons on CUDA in float32 and bfloat16
 (`native.kernel_check.selfcheck`). Shapes stay small: the interpreter runs every
@@ -12,28 +10,20 @@ program in Python.
 
 from __future__ import annotations
 
+import triton_preamble  # noqa: F401  (first: Triton's interpreter on, before the kernels load)
+
 import os
+import random
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import native  # noqa: E402,F401  (first: it sets OpenMP's wait policy before torch loads)
-
-import random  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-pytest.importorskip("triton", reason="Triton is not installed (it comes with the 'test' extra on Linux)")
-
-from native import kernels  # noqa: E402
-from native.kernel_check import CASES, Case, compare, make_inputs, selfcheck  # noqa: E402
-from native.layers.attention import AttentionBatch, DecodeMeta, SeqSpan, paged_attention  # noqa: E402
+from native import kernels
+from native.kernel_check import CASES, Case, compare, make_inputs, selfcheck
+from native.layers.attention import AttentionBatch, DecodeMeta, SeqSpan, paged_attention
+from builders import save_tiny, tiny_config
 
 FP32_TOLERANCE = 1e-5
-
-if os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("these tests need Triton's interpreter (TRITON_INTERPRET=1) on a machine without a GPU",
-                allow_module_level=True)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
@@ -149,17 +139,10 @@ def test_kernels_stay_off_on_the_cpu_unless_forced(monkeypatch):
 
 def test_engine_with_a_sliding_pool_decodes_through_the_kernels_as_through_the_reference(monkeypatch, tmp_path):
     """A tiny Gemma 3 (global and sliding pools, so two block tables) run end to end with the kernels forced."""
-    transformers = pytest.importorskip("transformers")
     from localllm.core.requests import SamplingParams
     from native.engine import EngineOptions, LLMEngine
 
-    config = transformers.Gemma3TextConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=32, max_position_embeddings=256, initializer_range=0.2, sliding_window=8,
-        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
-    )
-    torch.manual_seed(0)
-    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    save_tiny(tiny_config("gemma3"), tmp_path)  # skips where transformers is missing
     prompts = [torch.randint(3, 128, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (40, 13)]
     params = SamplingParams(temperature=0, max_tokens=6, logprobs=3)
     runs = {}

@@ -11,29 +11,19 @@ forced (LOCALLLM_NATIVE_ATTENTION=triton) and the fusions on and off
 
 from __future__ import annotations
 
-import os
+import triton_preamble  # noqa: F401  (first: Triton's interpreter on, before the kernels load)
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import native  # noqa: E402,F401  (first: it sets OpenMP's wait policy before torch loads)
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-pytest.importorskip("triton", reason="Triton is not installed (it comes with the 'test' extra on Linux)")
-
-from native import kernels  # noqa: E402
-from native.kernels import fused, rope_store  # noqa: E402
-from native.kernel_check import (  # noqa: E402
+from native import kernels
+from native.kernels import fused, rope_store
+from native.kernel_check import (
     ROPE_STORE_CASES, RopeStoreCase, compare_rope_store, make_rope_store_inputs, reference_rope_store,
     run_rope_store, selfcheck,
 )
-from native.layers.attention import AttentionBatch, DecodeMeta, SeqSpan, fused_decode_kernels  # noqa: E402
-from tiny_models import tiny_model  # noqa: E402
-
-if os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("these tests need Triton's interpreter (TRITON_INTERPRET=1) on a machine without a GPU",
-                allow_module_level=True)
+from native.layers.attention import AttentionBatch, DecodeMeta, SeqSpan, fused_decode_kernels
+from builders import tiny_model
 
 FP32_TOLERANCE = 1e-5
 # The interpreter's cast to bfloat16 truncates where a GPU rounds to nearest (see

@@ -82,22 +82,17 @@ def test_models_screen_snapshot(snap_compare, home):
 
 
 @pytest.fixture
-def hub(starter_gguf, tmp_path, monkeypatch):
-    """The hub emulator serving a catalog model's repository (the starter's bytes under its name)."""
-    from hub_emulator import HubEmulator, header_only_gguf
+def hub(tiny_gguf, monkeypatch):
+    """The hub emulator serving a catalog model's repository (a small, valid GGUF under its name)."""
+    from hub_emulator import HubEmulator
 
     from localllm.store.catalog import default_catalog
 
     entry = default_catalog().get("llama3.2:1b")
-    tiny = header_only_gguf(starter_gguf, tmp_path / "tiny.gguf")  # a small, valid GGUF
     emulator = HubEmulator()
-    emulator.add_repo(entry.gguf_repo, {"Llama-3.2-1B-Instruct-Q4_K_M.gguf": tiny, "README.md": b"# card\n"})
-    emulator.start()
-    monkeypatch.setenv("HF_ENDPOINT", emulator.url)
-    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    yield emulator
-    emulator.stop()
+    emulator.add_repo(entry.gguf_repo, {"Llama-3.2-1B-Instruct-Q4_K_M.gguf": tiny_gguf, "README.md": b"# card\n"})
+    with emulator:
+        yield emulator.serve_as_the_hub(monkeypatch)
 
 
 def test_enter_on_a_catalog_model_downloads_it_with_progress(home, hub):
