@@ -9,7 +9,8 @@ import pytest
 
 from localllm.core.requests import FinishEvent, GenerationRequest, SamplingParams, TokenEvent
 from localllm.backends.llamacpp import LlamaCppBackend, LlamaCppOptions
-from localllm.core.errors import BadRequest, TemplateError
+from localllm.cli.error_words import cli_message
+from localllm.core.errors import BadRequest, NoChatTemplate, PromptTooLong, TemplateError
 from localllm.core.modelinfo import read_model_info
 from greedy_check import assert_same_or_near_tie, greedy_ids
 from waiting import until
@@ -132,8 +133,9 @@ def test_concurrent_requests_all_finish(backend):
 
 
 def test_prompt_longer_than_context_is_a_bad_request(backend):
-    with pytest.raises(BadRequest, match="context"):
+    with pytest.raises(PromptTooLong, match="context") as refused:
         collect(backend, "word " * 2000, greedy(max_tokens=4))
+    assert refused.value.prompt_tokens > refused.value.context == backend.n_ctx
 
 
 def test_invalid_sampling_values_are_bad_requests(backend):
@@ -200,8 +202,9 @@ def test_unknown_architecture_without_template_refuses_chat_but_runs_raw(starter
     info = dataclasses.replace(read_model_info(starter_gguf), architecture="mystery")
     engine = LlamaCppBackend("mystery-model", info, LlamaCppOptions(n_ctx=256, n_threads=2))
     try:
-        with pytest.raises(TemplateError, match="--raw"):
+        with pytest.raises(NoChatTemplate, match="no chat template") as refused:
             engine.render_chat([{"role": "user", "content": "hi"}])
+        assert cli_message(refused.value).endswith("; use --raw")  # the CLI names the way out
         text, finish, _ = collect(engine, FRANCE, greedy(max_tokens=4))
         assert text.startswith(" the capital") and finish.reason == "length"
     finally:

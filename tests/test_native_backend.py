@@ -15,7 +15,7 @@ import pytest
 
 from localllm.core.requests import GenerationRequest, SamplingParams, TokenEvent
 from localllm.backends.native import NativeBackend, NativeOptions
-from localllm.core.errors import BadRequest
+from localllm.core.errors import BadRequest, NotSupported, PromptTooLong
 from localllm.core.modelinfo import read_model_info
 
 FRANCE = "The capital of France is"
@@ -149,10 +149,12 @@ def test_logprobs_name_the_token_and_its_alternatives(backend):
 
 
 def test_bad_requests_are_refused_before_they_queue(backend):
-    with pytest.raises(BadRequest, match="grammar"):
+    with pytest.raises(NotSupported, match="grammar") as refused:
         collect(backend, FRANCE, greedy(grammar='root ::= "a"'))
-    with pytest.raises(BadRequest, match="context"):
+    assert refused.value.alternative == "llamacpp"
+    with pytest.raises(PromptTooLong, match="context") as refused:
         collect(backend, list(range(5, 1030)), greedy())
+    assert (refused.value.prompt_tokens, refused.value.context) == (1025, backend.n_ctx)
     with pytest.raises(BadRequest, match="empty"):
         collect(backend, [], greedy())
 

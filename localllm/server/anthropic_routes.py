@@ -126,11 +126,11 @@ def _prepare(body: MessagesRequest, backend: Any, n_ctx: int | None) -> tuple[Ge
 
 
 def _count(body: CountTokensRequest, backend: Any, n_ctx: int | None) -> int:
-    prompt_tokens = getattr(backend, "prompt_tokens", None)
-    if prompt_tokens is None:
-        raise APIError(400, f"model '{body.model}' runs on a remote server: its tokens cannot be counted here", param="model")
     prompt, _, _ = _templated(body, backend, n_ctx)
-    return len(prompt_tokens(GenerationRequest("count", prompt, templated=True)))
+    tokens = backend.prompt_tokens(GenerationRequest("count", prompt, templated=True))
+    if tokens is None:
+        raise APIError(400, f"model '{body.model}' runs on a remote server: its tokens cannot be counted here", param="model")
+    return len(tokens)
 
 
 async def _stream(run: Run, mid: str, model: str, plan: ToolPlan | None, prompt_tokens: int) -> AsyncIterator[bytes]:

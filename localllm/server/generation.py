@@ -30,6 +30,7 @@ from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from localllm.backends.base import Backend
 from localllm.core.requests import Event, FinishEvent, GenerationRequest, TokenEvent
 from localllm.server.metrics import Metrics
 from localllm.server.registry import Lease
@@ -95,14 +96,13 @@ class Run:
             self.lease.release()
 
 
-def prepared(backend: Any, request: GenerationRequest) -> GenerationRequest:
-    """`request` checked and tokenized by its backend, for backends that can (call it off the loop).
+def prepared(backend: Backend, request: GenerationRequest) -> GenerationRequest:
+    """`request` checked and tokenized by its backend (call it off the loop).
 
-    Backends without `prepare` (the remote one: its upstream tokenizes) check
-    the request in `generate`, as before.
+    The remote backend returns it as it is: its upstream tokenizes, and it
+    checks the request in `generate`.
     """
-    prepare = getattr(backend, "prepare", None)
-    return prepare(request) if prepare is not None else request
+    return backend.prepare(request)
 
 
 async def start_run(lease: Lease, request: GenerationRequest, metrics: Metrics) -> Run:
@@ -115,7 +115,7 @@ async def start_run(lease: Lease, request: GenerationRequest, metrics: Metrics) 
     agen = lease.backend.generate(request)
     first = asyncio.ensure_future(agen.__anext__())
     await asyncio.sleep(0)
-    if getattr(lease.backend, "acknowledges_requests", False):
+    if lease.backend.acknowledges_requests:
         # The remote backend learns only from its upstream whether a request is accepted, and
         # says so with an empty first event: waiting for it makes a refusal (upstream down, its
         # 4xx) this reply's HTTP status instead of an error inside a stream.

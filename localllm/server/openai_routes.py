@@ -387,7 +387,7 @@ def _fingerprint(lease: Lease) -> str:
     """Stable for one model file, engine and context size on one build, as OpenAI's is per backend configuration."""
     backend = lease.backend
     manifest = lease.model.resolved.manifest
-    model = manifest.sha256 if manifest is not None and manifest.sha256 else str(getattr(backend.info, "path", lease.model.name))
+    model = manifest.sha256 if manifest is not None and manifest.sha256 else str(backend.info.path)
     facts = f"{__version__}|{backend.name}|{model}|{lease.model.n_ctx}"
     return "fp_" + hashlib.sha256(facts.encode()).hexdigest()[:10]
 
