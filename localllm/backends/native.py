@@ -54,6 +54,7 @@ class NativeOptions:
 class NativeBackend(LocalBackend):
     name = "native"
     engine_label = "the native engine"
+    embed_context = None  # this engine computes no embeddings
 
     def __init__(self, model_name: str, info: ModelInfo, options: NativeOptions | None = None) -> None:
         super().__init__(model_name, info)
@@ -80,8 +81,6 @@ class NativeBackend(LocalBackend):
             raise NotSupported("native", "grammars", alternative="llamacpp")
 
     # -- embeddings: not in this engine ------------------------------------------------
-    embed_context = None
-
     def prepare_embedding(self, inputs: list[str] | list[list[int]], *, truncate: bool = False) -> list[list[int]]:
         raise NotSupported("native", "embeddings", alternative="llamacpp")
 
