@@ -11,6 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from localllm.cli.error_words import cli_message
+from localllm.core.errors import NotSupported
+
 SHOW_KEYS = [
     "name", "path", "format", "architecture", "parameters", "quantization", "size_bytes",
     "context_length", "n_layers", "n_heads", "n_kv_heads", "head_dim", "sliding_window",
@@ -182,6 +185,12 @@ def test_a_prompt_longer_than_the_context_names_the_flag(home):
     line = one_line_error(localllm(home, "run", "starter", "word " * 100, "--raw", "--ctx", "32"))
     assert re.search(r"the prompt has \d+ tokens but the context holds 32", line)
     assert line.endswith("raise the context size (--ctx)")
+
+
+def test_a_feature_the_backend_lacks_names_the_backend_that_has_it():
+    assert cli_message(NotSupported("native", "grammars", alternative="llamacpp")) == (
+        "the native backend does not support grammars; use --backend llamacpp"
+    )
 
 
 def test_usage_errors_exit_2(tmp_path):

@@ -1,7 +1,7 @@
 """One generation in flight, shared by the OpenAI and Ollama routes.
 
-`prepared` has the backend check and tokenize a request (the routes run it
-off the event loop, see offloop.py); `start_run` hands the request to the model's backend and returns a Run whose
+The routes have the backend check and tokenize a request with its `prepare`,
+off the event loop (offloop.py); `start_run` hands the request to the model's backend and returns a Run whose
 `events()` the route turns into its own response shape. Several runs of one
 request (OpenAI's `n` choices) go side by side through `collect_all` and
 `merged_events`, so the engine batches them. Three promises:
@@ -30,7 +30,6 @@ from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from localllm.backends.base import Backend
 from localllm.core.requests import Event, FinishEvent, GenerationRequest, TokenEvent
 from localllm.server.metrics import Metrics
 from localllm.server.registry import Lease
@@ -94,15 +93,6 @@ class Run:
         finally:
             self.lease.registry.generation_ended(self.request.request_id)
             self.lease.release()
-
-
-def prepared(backend: Backend, request: GenerationRequest) -> GenerationRequest:
-    """`request` checked and tokenized by its backend (call it off the loop).
-
-    The remote backend returns it as it is: its upstream tokenizes, and it
-    checks the request in `generate`.
-    """
-    return backend.prepare(request)
 
 
 async def start_run(lease: Lease, request: GenerationRequest, metrics: Metrics) -> Run:
