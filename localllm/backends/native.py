@@ -88,17 +88,6 @@ class NativeBackend(LocalBackend):
         raise NotSupported("native", "embeddings", alternative="llamacpp")
 
     # -- engine thread ------------------------------------------------------------------
-    def _load_failure(self, exc: BaseException) -> BaseException:
-        if isinstance(exc, LocalLLMError):
-            return exc
-        if isinstance(exc, ImportError):
-            return BackendError(f"the native backend needs torch ({exc}); install localllm[native]")
-        return super()._load_failure(exc)
-
-    def _unload(self) -> None:
-        if self._engine is not None:
-            self._engine.close()
-
     def _load(self) -> None:
         from native.engine import EngineOptions, LLMEngine
         from native.speculative import SpeculativeOptions
@@ -123,6 +112,17 @@ class NativeBackend(LocalBackend):
         self._tokenizer = self._engine.tokenizer
         self.n_ctx = self._engine.max_model_len
         self._publish_stats()
+
+    def _load_failure(self, exc: BaseException) -> BaseException:
+        if isinstance(exc, LocalLLMError):
+            return exc
+        if isinstance(exc, ImportError):
+            return BackendError(f"the native backend needs torch ({exc}); install localllm[native]")
+        return super()._load_failure(exc)
+
+    def _unload(self) -> None:
+        if self._engine is not None:
+            self._engine.close()
 
     def _run(self) -> None:
         inbox = self._control.inbox
