@@ -14,8 +14,9 @@ from pathlib import Path
 
 import torch
 
-from localllm.core.requests import SamplingParams
+from localllm.core.context_checks import check_prompt, generation_limit
 from localllm.core.errors import BadRequest
+from localllm.core.requests import SamplingParams
 
 from .block_manager import BlockManager
 from .loader import LoadedWeights
@@ -95,18 +96,10 @@ class LLMEngine:
     def add_request(self, request_id: str, prompt: list[int], params: SamplingParams) -> Sequence:
         if request_id in self.sequences:
             raise BadRequest(f"request id '{request_id}' is already in use")
-        if not prompt:
-            raise BadRequest("the prompt is empty")
-        if len(prompt) >= self.max_model_len:
-            raise BadRequest(
-                f"the prompt has {len(prompt)} tokens but the context holds {self.max_model_len}; "
-                f"shorten it or raise the context size (--ctx)"
-            )
+        check_prompt(len(prompt), self.max_model_len)
         if max(prompt) >= self.config.vocab_size or min(prompt) < 0:
             raise BadRequest("the prompt holds token ids outside the vocabulary")
-        limit = self.max_model_len - len(prompt)
-        if params.max_tokens is not None:
-            limit = min(limit, params.max_tokens)
+        limit = generation_limit(len(prompt), self.max_model_len, params.max_tokens)
         seq = Sequence(request_id, prompt, params, limit)
         self.sequences[request_id] = seq
         self.scheduler.add(seq)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from localllm.cli.error_words import cli_message
 from localllm.core.chat_template import (
     BUILTIN_FAMILIES,
     ChatTemplate,
@@ -199,7 +200,8 @@ def test_resolve_builtin() -> None:
 def test_resolve_without_any_template_raises() -> None:
     with pytest.raises(TemplateError) as info:
         resolve_template(None, "bert", model_name="enc", bos_token=None, eos_token=None)
-    assert str(info.value) == (
+    assert str(info.value) == "model 'enc' (architecture 'bert') has no chat template and no built-in one"
+    assert cli_message(info.value) == (
         "model 'enc' (architecture 'bert') has no chat template and no built-in one; use --raw"
     )
 

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from localllm.cli.error_words import cli_message
+from localllm.core.errors import NotSupported
 
 SHOW_KEYS = [
     "name", "path", "format", "architecture", "parameters", "quantization", "size_bytes",
@@ -175,6 +179,18 @@ def test_non_gguf_file(tmp_path):
 def test_invalid_flag_values_are_one_line_exit_1(home, flags, words):
     line = one_line_error(localllm(home, "run", "starter", "hi", *flags))
     assert words in line
+
+
+def test_a_prompt_longer_than_the_context_names_the_flag(home):
+    line = one_line_error(localllm(home, "run", "starter", "word " * 100, "--raw", "--ctx", "32"))
+    assert re.search(r"the prompt has \d+ tokens but the context holds 32", line)
+    assert line.endswith("raise the context size (--ctx)")
+
+
+def test_a_feature_the_backend_lacks_names_the_backend_that_has_it():
+    assert cli_message(NotSupported("native", "grammars", alternative="llamacpp")) == (
+        "the native backend does not support grammars; use --backend llamacpp"
+    )
 
 
 def test_usage_errors_exit_2(tmp_path):

@@ -13,7 +13,8 @@ import pytest
 
 from localllm.core.requests import FinishEvent, GenerationRequest, SamplingParams, TokenEvent
 from localllm.backends.llamacpp import LlamaCppBackend, LlamaCppOptions
-from localllm.core.errors import BadRequest, TemplateError
+from localllm.cli.error_words import cli_message
+from localllm.core.errors import BadRequest, NoChatTemplate, PromptTooLong, TemplateError
 from localllm.core.modelinfo import read_model_info
 from greedy_check import assert_same_or_near_tie, greedy_ids
 from waiting import until
@@ -54,12 +55,6 @@ def test_tokenizer_matches_llama_cpp_reference(backend):
     assert backend.tokenize(FRANCE) == FRANCE_IDS
 
 
-
-
-
-
-
-
 def test_same_seed_same_text_at_temperature(backend):
     params = SamplingParams(temperature=0.8, seed=1234, max_tokens=24)
     first, _, _ = collect(backend, "Once upon a time", params)
@@ -79,14 +74,10 @@ def test_repeat_last_n_minus_one_penalises_the_whole_context(backend):
     assert whole != off
 
 
-
-
-
-
-
-
-
-
+def test_prompt_longer_than_context_is_a_bad_request(backend):
+    with pytest.raises(PromptTooLong, match="context") as refused:
+        collect(backend, "word " * 2000, greedy(max_tokens=4))
+    assert refused.value.prompt_tokens > refused.value.context == backend.n_ctx
 
 
 def test_chat_prompt_uses_gemma_turns_and_one_bos(backend):
@@ -115,10 +106,6 @@ def test_second_turn_reuses_the_cached_prefix_and_matches_a_cold_run(backend, st
     assert_same_or_near_tie(cold_events, greedy_ids(warm_events), "warm run")
 
 
-
-
-
-
 def test_hostile_model_template_is_refused(starter_gguf, tmp_path):
     marker = tmp_path / "pwned"
     hostile = "{{ cycler.__init__.__globals__.os.system('touch " + str(marker) + "') }}"
@@ -136,8 +123,9 @@ def test_unknown_architecture_without_template_refuses_chat_but_runs_raw(starter
     info = dataclasses.replace(read_model_info(starter_gguf), architecture="mystery")
     engine = LlamaCppBackend("mystery-model", info, LlamaCppOptions(n_ctx=256, n_threads=2))
     try:
-        with pytest.raises(TemplateError, match="--raw"):
+        with pytest.raises(NoChatTemplate, match="no chat template") as refused:
             engine.render_chat([{"role": "user", "content": "hi"}])
+        assert cli_message(refused.value).endswith("; use --raw")  # the CLI names the way out
         text, finish, _ = collect(engine, FRANCE, greedy(max_tokens=4))
         assert text.startswith(" the capital") and finish.reason == "length"
     finally:

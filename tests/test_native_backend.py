@@ -19,7 +19,7 @@ import pytest
 
 from localllm.core.requests import GenerationRequest, SamplingParams, TokenEvent
 from localllm.backends.native import NativeBackend, NativeOptions
-from localllm.core.errors import BadRequest
+from localllm.core.errors import BadRequest, NotSupported, PromptTooLong
 from localllm.core.modelinfo import read_model_info
 from waiting import until
 from builders import tiny_llama_with_tokenizer
@@ -119,9 +119,13 @@ def test_every_way_a_request_ends_gives_its_kv_blocks_back(backend):
     assert finish.reason == "length"
 
 
-def test_grammars_are_refused_before_they_queue(backend):
-    with pytest.raises(BadRequest, match="grammar"):
+def test_bad_requests_are_refused_before_they_queue(backend):
+    with pytest.raises(NotSupported, match="grammar") as refused:
         collect(backend, FRANCE, greedy(grammar='root ::= "a"'))
+    assert refused.value.alternative == "llamacpp"
+    with pytest.raises(PromptTooLong, match="context") as refused:
+        collect(backend, list(range(5, 1030)), greedy())
+    assert (refused.value.prompt_tokens, refused.value.context) == (1025, backend.n_ctx)
     assert backend.stats().running == 0
 
 

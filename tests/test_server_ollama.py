@@ -159,6 +159,7 @@ def test_num_ctx_loads_the_model_with_that_context(client):
     with pytest.raises(ollama.ResponseError) as err:
         client.generate(model="starter-b", prompt="word " * 600, raw=True, options=greedy(1, num_ctx=512))
     assert err.value.status_code == 400 and "512" in err.value.error
+    assert "options.num_ctx" in err.value.error and "--" not in err.value.error  # the request's field, not a flag
 
 
 # -- pull -------------------------------------------------------------------------------------------

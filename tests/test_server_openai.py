@@ -329,6 +329,13 @@ def test_prompt_longer_than_the_context_names_both_numbers(client):
         client.completions.create(model="starter", prompt="hello " * 1500, max_tokens=2)
     numbers = re.findall(r"\d+", err.value.body["message"])
     assert "1024" in numbers and any(int(n) > 1024 for n in numbers)
+    # worded with the request's own field, never a command-line flag
+    assert "'prompt'" in err.value.body["message"] and "--" not in err.value.body["message"]
+    assert (err.value.body["param"], err.value.body["code"]) == ("prompt", "context_length_exceeded")
+    with pytest.raises(openai.BadRequestError) as err:
+        chat(client, "hello " * 1500, max_tokens=2)
+    assert "'messages'" in err.value.body["message"] and "--" not in err.value.body["message"]
+    assert err.value.body["param"] == "messages"
 
 
 def test_engine_failure_is_a_500_with_a_message_and_the_server_keeps_serving(client, server):

@@ -8,7 +8,8 @@ import json
 import httpx
 import pytest
 
-from localllm.core.errors import BadRequest, ModelNotFound, QueueFull
+from localllm.core.errors import BadRequest, ModelNotFound, NoChatTemplate, NotSupported, PromptTooLong, QueueFull
+from localllm.server.errors import for_request
 from localllm.server.auth import key_matches, presented_key, _digest
 from localllm.server.json_grammar import literal, rename_root, schema_grammar
 from localllm.server.registry import ModelRegistry
@@ -146,6 +147,19 @@ def test_rename_root_leaves_literals_alone():
 
 
 # -- settings and keys -----------------------------------------------------------------------------
+
+
+def test_errors_with_facts_are_worded_in_each_api_s_own_fields():
+    chat = for_request(PromptTooLong(1500, 1024), "/v1/chat/completions")
+    assert (chat.status, chat.param, chat.code) == (400, "messages", "context_length_exceeded")
+    assert "1500" in chat.message and "1024" in chat.message and "'messages'" in chat.message
+    assert "'options.num_ctx'" in for_request(PromptTooLong(600, 512), "/api/generate").message
+    assert for_request(PromptTooLong(600, 512), "/v1/completions").param == "prompt"
+    assert "/v1/completions" in for_request(NoChatTemplate("enc", "bert"), "/v1/chat/completions").message
+    assert "'raw'" in for_request(NoChatTemplate("enc", "bert"), "/api/chat").message
+    for error in (PromptTooLong(9, 8), NoChatTemplate("enc", "bert"), NotSupported("native", "grammars", "llamacpp")):
+        for path in ("/v1/chat/completions", "/v1/completions", "/v1/messages", "/api/chat", "/api/generate"):
+            assert "--" not in for_request(error, path).message  # never a command-line flag
 
 
 def test_durations_sizes_and_addresses():

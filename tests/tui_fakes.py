@@ -10,7 +10,7 @@ import asyncio
 from dataclasses import dataclass, field
 
 from localllm.core.requests import EngineStats, FinishEvent, GenerationRequest, Timings, TokenEvent, Usage
-from localllm.core.errors import BackendError
+from localllm.core.errors import BackendError, BadRequest
 
 REPLY = "Hello! Here is **bold** text and code:\n\n```python\nprint('hi')\n```\n"
 
@@ -22,6 +22,9 @@ class FakeBackend:
     delay_s: float = 0.0
     name: str = "fake"
     info: object = None
+    n_ctx: int | None = None  # says no context size, as a remote upstream may
+    acknowledges_requests: bool = False
+    embed_context: int | None = None  # cannot embed
     prompts: list[str] = field(default_factory=list)
     tokens_sent: int = 0  # across all requests: lets a test wait until a reply is streaming
     requests: list[GenerationRequest] = field(default_factory=list)
@@ -36,6 +39,18 @@ class FakeBackend:
 
     def render_chat(self, messages: list[dict], tools=None) -> str:
         return "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
+
+    def prompt_tokens(self, req: GenerationRequest) -> list[int] | None:
+        return None  # cannot say, as a remote upstream cannot
+
+    def prepare(self, req: GenerationRequest) -> GenerationRequest:
+        return req
+
+    def prepare_embedding(self, inputs, *, truncate: bool = False):
+        raise BadRequest("the fake backend cannot compute embeddings")
+
+    async def embed(self, inputs):
+        raise BadRequest("the fake backend cannot compute embeddings")
 
     async def generate(self, req: GenerationRequest):
         self.prompts.append(req.prompt)

@@ -47,8 +47,8 @@ class FittedChat:
 
 def context_size(backend: Backend) -> int | None:
     """The tokens one request may use (llama.cpp and the native engine say; a remote upstream may not)."""
-    size = getattr(backend, "n_ctx", None)
-    return size if isinstance(size, int) and size > 0 else None
+    size = backend.n_ctx
+    return size if size is not None and size > 0 else None
 
 
 def reply_reserve(context: int, max_tokens: int | None) -> int:
@@ -59,10 +59,8 @@ def reply_reserve(context: int, max_tokens: int | None) -> int:
 
 def count_prompt_tokens(backend: Backend, prompt: str) -> int | None:
     """The tokens the engine will process for a templated `prompt` (BOS included); None if it cannot say."""
-    tokens_of = getattr(backend, "prompt_tokens", None)
-    if tokens_of is None:
-        return None
-    return len(tokens_of(GenerationRequest("count", prompt, templated=True)))
+    tokens = backend.prompt_tokens(GenerationRequest("count", prompt, templated=True))
+    return None if tokens is None else len(tokens)
 
 
 def fit_chat(backend: Backend, messages: list[dict], *, max_tokens: int | None = None) -> FittedChat:

@@ -39,7 +39,7 @@ beside other requests may part from the same request alone at a near-tie
 (docs/ARCHITECTURE.md has the measurements).
 
 The engine thread is the only one that touches the model's context. Front ends
-talk to it through `Control`: an inbox of jobs, and a set of aborted ids.
+talk to it through `Control` (engine_inbox.py): an inbox of jobs, and a set of aborted ids.
 """
 
 from __future__ import annotations
@@ -47,12 +47,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import queue
-import threading
 import time
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
-from localllm.core.requests import EngineStats, Event, FinishEvent, GenerationRequest, Timings, TokenEvent, Usage
+from localllm.core.requests import Event, FinishEvent, TokenEvent
+from localllm.backends.engine_inbox import Control, Job
 from localllm.backends.llamacpp_embedder import Embedder, EmbedJob
 from localllm.backends.llamacpp_sampler import build_sampler
 from localllm.backends.llamacpp_slots import Slot, SlotTable
@@ -63,7 +62,6 @@ from localllm.core.errors import BackendError
 from localllm.engine_kit.llama_glue import token_piece
 
 DECODE_OK, DECODE_NO_KV_SLOT, DECODE_ABORTED = 0, 1, 2  # llama_decode's statuses
-WAKE = "wake"  # an inbox message that only wakes an idle engine
 
 
 @dataclass
@@ -78,49 +76,6 @@ class EngineConfig:
     verbose: bool = False
     speculation: SpeculationConfig | None = None  # None: no guessing
     pooling_type: int | None = None  # the GGUF's own (embedding models); None: mean pooling
-
-
-@dataclass
-class Job:
-    """One request as the engine thread sees it."""
-
-    request: GenerationRequest
-    prompt: list[int]
-    loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue
-    limit: int  # most tokens it may generate (max_tokens, and what the context leaves)
-    queued_at: float = field(default_factory=time.perf_counter)
-    generated: list[int] = field(default_factory=list)
-    usage: Usage = field(default_factory=Usage)
-    timings: Timings = field(default_factory=Timings)
-    sampler: Any = None
-    stream: TextStream | None = None
-    admitted_at: float = 0.0
-    first_at: float = 0.0
-    last_at: float = 0.0
-    spec: SpecRecord | None = None  # its guessing record, when the engine speculates
-
-    @property
-    def rid(self) -> str:
-        return self.request.request_id
-
-
-class Control:
-    """What the front end and the engine thread share; everything behind one lock."""
-
-    def __init__(self) -> None:
-        self.inbox: queue.Queue[Job | EmbedJob | str | None] = queue.Queue()
-        self.lock = threading.Lock()
-        self.active: set[str] = set()  # request ids queued or running
-        self.aborted: set[str] = set()  # the subset of active asked to stop
-        self.stats = EngineStats()
-
-    def abort(self, request_id: str) -> None:
-        with self.lock:
-            if request_id not in self.active:
-                return
-            self.aborted.add(request_id)
-        self.inbox.put(WAKE)
 
 
 class LlamaCppEngine:

@@ -1,12 +1,12 @@
 """The native backend: the PyTorch engine in native/ behind the Backend interface.
 
-Same shape as the llama.cpp backend: one engine thread owns the model and its
-KV cache; `generate` validates and tokenizes on the caller's side, posts the
-request to the engine's inbox and receives events through a per-request
-asyncio queue. The difference is inside the thread: instead of serving one
-request after another, it steps the native engine, which batches every active
-request into each forward pass (continuous batching), and fans the sampled
-tokens out to their queues.
+The front half is the one every local backend shares (local.py): one engine
+thread owns the model and its KV cache; `generate` validates and tokenizes on
+the caller's side, posts the request to the engine's inbox and receives events
+through a per-request asyncio queue. What is this backend's own is inside the
+thread: it steps the native engine, which batches every active request into
+each forward pass (continuous batching), and fans the sampled tokens out to
+their queues.
 
 Event semantics match llamacpp.py: text comes through TextStream (no half
 characters, no partial stop strings), an end-of-generation token ends with
@@ -22,18 +22,17 @@ and the request's guessed and kept token counts end up in its Usage.
 
 from __future__ import annotations
 
-import asyncio
 import queue
-import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
-from localllm.core.requests import EngineStats, Event, FinishEvent, GenerationRequest, Timings, TokenEvent, Usage
+from localllm.backends.engine_inbox import WAKE, Job
+from localllm.backends.local import LocalBackend
 from localllm.backends.textstream import TextStream
-from localllm.core.chat_template import ChatTemplate, resolve_template
-from localllm.core.errors import BackendError, BadRequest, LocalLLMError
+from localllm.core.errors import BackendError, LocalLLMError, NotSupported
+from localllm.core.requests import Event, FinishEvent, GenerationRequest, TokenEvent
 from localllm.core.hardware import default_threads
 from localllm.core.modelinfo import ModelInfo
 
@@ -52,162 +51,43 @@ class NativeOptions:
     num_speculative_tokens: int | None = None  # guesses per step; None: the engine's default
 
 
-@dataclass
-class _Job:
-    """One request as the engine thread sees it."""
-
-    request: GenerationRequest
-    tokens: list[int]
-    loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue
-    queued_at: float = field(default_factory=time.perf_counter)
-    stream: TextStream | None = None
-    usage: Usage = field(default_factory=Usage)
-    timings: Timings = field(default_factory=Timings)
-    started_at: float = 0.0
-    first_at: float = 0.0
-    last_at: float = 0.0
-    seq: Any = None  # the engine's Sequence
-
-
-class NativeBackend:
+class NativeBackend(LocalBackend):
     name = "native"
+    engine_label = "the native engine"
+    embed_context = None  # this engine computes no embeddings
 
     def __init__(self, model_name: str, info: ModelInfo, options: NativeOptions | None = None) -> None:
-        self.model_name = model_name
-        self.info = info
+        super().__init__(model_name, info)
         self.options = options or NativeOptions()
-        self._inbox: queue.Queue = queue.Queue()
-        self._active: set[str] = set()  # request ids queued or running
-        self._aborted: set[str] = set()  # the subset of _active asked to stop
-        self._lock = threading.Lock()  # guards the sets and _stats across threads
-        self._stats = EngineStats()
-        self._template: ChatTemplate | None = None
-        self._ready = threading.Event()
-        self._load_error: BaseException | None = None
-        self._closed = False
-        self._thread = threading.Thread(target=self._engine_main, name=f"native:{model_name}", daemon=True)
-        self._thread.start()
-        self._ready.wait()
-        if self._load_error is not None:
-            raise self._load_error
+        self._engine: Any = None  # the LLMEngine, made on the engine thread
+        self._jobs: dict[str, Job] = {}  # admitted to the engine, by request id
+        self._start()
 
-    # -- front-end side -------------------------------------------------------------
+    # -- tokens -----------------------------------------------------------------------
     def tokenize(self, text: str, *, add_bos: bool = True, special: bool = False) -> list[int]:
         return self._tokenizer.encode(text, add_bos=add_bos, special=special)
 
     def detokenize(self, tokens: list[int]) -> str:
         return self._tokenizer.decode(tokens)
 
-    def render_chat(self, messages: list[dict], tools: list[dict] | None = None) -> str:
-        if self._template is None:
-            self._template = resolve_template(
-                self.info.chat_template,
-                self.info.architecture,
-                model_name=self.model_name,
-                bos_token=self.info.bos_token,
-                eos_token=self.info.eos_token,
-            )
-        return self._template.render(messages, add_generation_prompt=True, tools=tools)
+    def _adds_bos(self) -> bool:
+        return self._tokenizer.add_bos
 
-    def prompt_tokens(self, req: GenerationRequest) -> list[int]:
-        """The token ids the engine will process for `req` (as the llama.cpp backend makes them)."""
-        if isinstance(req.prompt, list):
-            return list(req.prompt)
-        if not req.templated:
-            return self.tokenize(req.prompt, add_bos=self._tokenizer.add_bos)
-        tokens = self.tokenize(req.prompt, add_bos=False, special=True)
-        bos = self._tokenizer.bos_id
-        if self._tokenizer.add_bos and bos is not None and (not tokens or tokens[0] != bos):
-            tokens.insert(0, bos)  # the template did not write the BOS the model expects
-        return tokens
+    def _bos_id(self) -> int | None:
+        return self._tokenizer.bos_id
 
-    def prepare(self, req: GenerationRequest) -> GenerationRequest:
-        """Check `req` and tokenize it, on any thread (the server calls this off its event loop)."""
-        if self._closed:
-            raise BackendError(f"model '{self.model_name}' is closed")
-        return replace(req, prompt=self._checked_tokens(req), prepared=True)
-
-    def _checked_tokens(self, req: GenerationRequest) -> list[int]:
-        req.params.validate()
+    def _check_engine_request(self, req: GenerationRequest) -> None:
         if req.params.grammar is not None:
-            raise BadRequest("grammars are not supported by the native backend yet; use --backend llamacpp")
-        tokens = self.prompt_tokens(req)
-        if not tokens:
-            raise BadRequest("the prompt is empty")
-        if len(tokens) >= self.n_ctx:
-            raise BadRequest(
-                f"the prompt has {len(tokens)} tokens but the context holds {self.n_ctx}; "
-                f"shorten it or raise the context size (--ctx)"
-            )
-        return tokens
+            raise NotSupported("native", "grammars", alternative="llamacpp")
 
-    async def generate(self, req: GenerationRequest) -> AsyncIterator[Event]:
-        if self._closed:
-            raise BackendError(f"model '{self.model_name}' is closed")
-        tokens = self._checked_tokens(req)
-        loop = asyncio.get_running_loop()
-        job = _Job(req, tokens, loop, asyncio.Queue())
-        with self._lock:
-            if req.request_id in self._active:
-                raise BadRequest(f"request id '{req.request_id}' is already in use")
-            self._active.add(req.request_id)
-            self._stats.waiting += 1
-        self._inbox.put(job)
-        finished = False
-        try:
-            while True:
-                event = await job.events.get()
-                yield event
-                if isinstance(event, FinishEvent):
-                    finished = True
-                    return
-        finally:
-            if not finished:
-                self.abort(req.request_id)
+    # -- embeddings: not in this engine ------------------------------------------------
+    def prepare_embedding(self, inputs: list[str] | list[list[int]], *, truncate: bool = False) -> list[list[int]]:
+        raise NotSupported("native", "embeddings", alternative="llamacpp")
 
     async def embed(self, inputs: list[str] | list[list[int]]) -> list[list[float]]:
-        raise BadRequest("the native backend cannot compute embeddings; serve this model with --backend llamacpp")
-
-    def abort(self, request_id: str) -> None:
-        with self._lock:
-            if request_id not in self._active:
-                return
-            self._aborted.add(request_id)
-        self._inbox.put("wake")  # the engine thread may be waiting for work
-
-    def stats(self) -> EngineStats:
-        with self._lock:
-            return EngineStats(**vars(self._stats))
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        with self._lock:  # stop what is running rather than wait for it
-            self._aborted |= self._active
-        self._inbox.put(None)
-        self._thread.join()
+        raise NotSupported("native", "embeddings", alternative="llamacpp")
 
     # -- engine thread ------------------------------------------------------------------
-    def _engine_main(self) -> None:
-        try:
-            self._load()
-        except BaseException as exc:  # reported to the constructor's caller
-            if isinstance(exc, LocalLLMError):
-                self._load_error = exc
-            elif isinstance(exc, ImportError):
-                self._load_error = BackendError(f"the native backend needs torch ({exc}); install localllm[native]")
-            else:
-                self._load_error = BackendError(f"the native engine could not load '{self.model_name}': {exc}")
-            self._ready.set()
-            return
-        self._ready.set()
-        try:
-            self._serve_forever()
-        finally:
-            self._engine.close()
-
     def _load(self) -> None:
         from native.engine import EngineOptions, LLMEngine
         from native.speculative import SpeculativeOptions
@@ -231,24 +111,35 @@ class NativeBackend:
         )
         self._tokenizer = self._engine.tokenizer
         self.n_ctx = self._engine.max_model_len
-        self._jobs: dict[str, _Job] = {}
         self._publish_stats()
 
-    def _serve_forever(self) -> None:
+    def _load_failure(self, exc: BaseException) -> BaseException:
+        if isinstance(exc, LocalLLMError):
+            return exc
+        if isinstance(exc, ImportError):
+            return BackendError(f"the native backend needs torch ({exc}); install localllm[native]")
+        return super()._load_failure(exc)
+
+    def _unload(self) -> None:
+        if self._engine is not None:
+            self._engine.close()
+
+    def _run(self) -> None:
+        inbox = self._control.inbox
         while True:
             block = not self._engine.has_work()
             try:
-                message = self._inbox.get(block=block)
+                message = inbox.get(block=block)
             except queue.Empty:
-                message = "wake"
+                message = WAKE
             while True:  # take everything that is waiting, then step once
                 if message is None:
                     self._abort_all()
                     return
-                if isinstance(message, _Job):
+                if isinstance(message, Job):
                     self._admit(message)
                 try:
-                    message = self._inbox.get_nowait()
+                    message = inbox.get_nowait()
                 except queue.Empty:
                     break
             self._handle_aborts()
@@ -256,20 +147,20 @@ class NativeBackend:
                 self._step()
             self._publish_stats()
 
-    def _admit(self, job: _Job) -> None:
-        rid = job.request.request_id
+    def _admit(self, job: Job) -> None:
+        rid = job.rid
         try:
-            job.seq = self._engine.add_request(rid, job.tokens, job.request.params)
+            job.seq = self._engine.add_request(rid, job.prompt, job.request.params)
         except LocalLLMError as exc:
             self._finish(job, "error", str(exc))
             return
         job.stream = TextStream(stop=list(job.request.params.stop))
-        job.usage.prompt_tokens = len(job.tokens)
+        job.usage.prompt_tokens = len(job.prompt)
         self._jobs[rid] = job
 
     def _handle_aborts(self) -> None:
-        with self._lock:
-            aborted = [rid for rid in self._aborted if rid in self._jobs]
+        with self._control.lock:
+            aborted = [rid for rid in self._control.aborted if rid in self._jobs]
         for rid in aborted:
             self._engine.abort(rid)
             self._finish(self._jobs[rid], "abort")
@@ -290,20 +181,20 @@ class NativeBackend:
             return
         now = time.perf_counter()
         for job in self._jobs.values():
-            if not job.started_at and job.seq.num_computed > 0:
-                job.started_at = started
+            if not job.admitted_at and job.seq.num_computed > 0:
+                job.admitted_at = started
         for out in outputs:
             job = self._jobs.get(out.request_id)
             if job is not None:
                 self._deliver(job, out, now)
 
-    def _deliver(self, job: _Job, out, now: float) -> None:
+    def _deliver(self, job: Job, out, now: float) -> None:
         """One sampled token: count it, stream its text, finish the request if it is done."""
         usage, params = job.usage, job.request.params
         if usage.completion_tokens == 0:
             job.first_at = now
-            job.started_at = job.started_at or now
-            job.timings.prompt_s = now - job.started_at
+            job.admitted_at = job.admitted_at or now
+            job.timings.prompt_s = now - job.admitted_at
             job.timings.ttft_s = now - job.queued_at
             usage.cached_prompt_tokens = max(job.seq.num_cached_prompt, 0)
         job.last_at = now
@@ -313,8 +204,8 @@ class NativeBackend:
             return
         logprobs = [self._logprobs(out.logprobs)] if params.logprobs is not None and out.logprobs else None
         scan = job.stream.feed(self._tokenizer.piece(out.token))
-        rid = job.request.request_id
-        if not self._emit(job, TokenEvent(rid, scan.text, [out.token], logprobs)) or self._is_aborted(rid):
+        rid = job.rid
+        if not self._emit(job, TokenEvent(rid, scan.text, [out.token], logprobs)) or self._control.is_aborted(rid):
             self._engine.abort(rid)
             self._finish(job, "abort")
         elif scan.stopped:
@@ -337,51 +228,51 @@ class NativeBackend:
             "top": [{"token": t, "text": text(t), "logprob": v} for t, v in lp.top],
         }
 
-    def _finish(self, job: _Job, reason: str, error: str | None = None) -> None:
-        rid = job.request.request_id
+    def _finish(self, job: Job, reason: str, error: str | None = None) -> None:
+        rid = job.rid
         self._jobs.pop(rid, None)
         t = job.timings
         if job.usage.completion_tokens:
             t.decode_s = job.last_at - job.first_at
-            if job.started_at:
-                t.queued_s = job.started_at - job.queued_at
+            if job.admitted_at:
+                t.queued_s = job.admitted_at - job.queued_at
         t.total_s = time.perf_counter() - job.queued_at
         spec = job.seq.spec if job.seq is not None else None
         if spec is not None and spec.proposed:
             job.usage.draft_tokens, job.usage.accepted_draft_tokens = spec.proposed, spec.accepted
-        with self._lock:  # before the finish event, so the id is free once a client sees it
-            self._active.discard(rid)
-            self._aborted.discard(rid)
-            self._stats.requests_finished += 1
+        control = self._control
+        with control.lock:  # before the finish event, so the id is free once a client sees it
+            control.active.discard(rid)
+            control.aborted.discard(rid)
+            stats = control.stats
+            stats.requests_finished += 1
             if job.usage.completion_tokens:
-                self._stats.last_ttft_s = t.ttft_s
-                self._stats.last_decode_tokens_per_s = t.decode_tokens_per_s(job.usage.completion_tokens)
+                stats.last_ttft_s = t.ttft_s
+                stats.last_decode_tokens_per_s = t.decode_tokens_per_s(job.usage.completion_tokens)
             if job.usage.draft_tokens:
-                self._stats.last_spec_acceptance_rate = job.usage.accepted_draft_tokens / job.usage.draft_tokens
+                stats.last_spec_acceptance_rate = job.usage.accepted_draft_tokens / job.usage.draft_tokens
         self._publish_stats()  # its blocks are back: stats say so before the client hears it is done
         matched = job.stream.matched if job.stream is not None else None
         self._emit(job, FinishEvent(rid, reason, job.usage, t, error, matched))
 
     def _publish_stats(self) -> None:
         s = self._engine.stats()
-        with self._lock:
-            self._stats.running = s["running"]
-            self._stats.waiting = s["waiting"] + sum(1 for rid in self._active if rid not in self._jobs)
-            self._stats.kv_blocks_used = s["kv_blocks_used"]
-            self._stats.kv_blocks_total = s["kv_blocks_total"]
-            self._stats.kv_used_ratio = s["kv_blocks_used"] / max(s["kv_blocks_total"], 1)
-            self._stats.prefix_cache_hit_rate = s["prefix_cache_hit_rate"]
-            self._stats.spec_draft_tokens = s.get("spec_draft_tokens", 0)
-            self._stats.spec_accepted_tokens = s.get("spec_accepted_tokens", 0)
+        control = self._control
+        with control.lock:
+            stats = control.stats
+            stats.running = s["running"]
+            stats.waiting = s["waiting"] + sum(1 for rid in control.active if rid not in self._jobs)
+            stats.kv_blocks_used = s["kv_blocks_used"]
+            stats.kv_blocks_total = s["kv_blocks_total"]
+            stats.kv_used_ratio = s["kv_blocks_used"] / max(s["kv_blocks_total"], 1)
+            stats.prefix_cache_hit_rate = s["prefix_cache_hit_rate"]
+            stats.spec_draft_tokens = s.get("spec_draft_tokens", 0)
+            stats.spec_accepted_tokens = s.get("spec_accepted_tokens", 0)
 
-    def _emit(self, job: _Job, event: Event) -> bool:
+    def _emit(self, job: Job, event: Event) -> bool:
         """Hand an event to the request's loop; False when that loop is gone."""
         try:
             job.loop.call_soon_threadsafe(job.events.put_nowait, event)
             return True
         except RuntimeError:
             return False
-
-    def _is_aborted(self, request_id: str) -> bool:
-        with self._lock:
-            return request_id in self._aborted

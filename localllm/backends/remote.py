@@ -178,8 +178,22 @@ class RemoteBackend:
             self._running.pop(req.request_id, None)
             future.cancel()  # a consumer that stops early closes the upstream request
 
+    def prompt_tokens(self, req: GenerationRequest) -> list[int] | None:
+        """None: the upstream renders and tokenizes the request, so its tokens are not known here."""
+        return None
+
+    def prepare(self, req: GenerationRequest) -> GenerationRequest:
+        """`req` as it is: `generate` checks it, and the upstream tokenizes."""
+        return req
+
+    # -- embeddings: not through this backend ---------------------------------------------
+    embed_context = None
+
+    def prepare_embedding(self, inputs: list[str] | list[list[int]], *, truncate: bool = False) -> list[list[int]]:
+        raise _no_embeddings()
+
     async def embed(self, inputs: list[str] | list[list[int]]) -> list[list[float]]:
-        raise BadRequest("the remote backend cannot compute embeddings; ask the upstream server directly")
+        raise _no_embeddings()
 
     def abort(self, request_id: str) -> None:
         future = self._running.get(request_id)
@@ -421,6 +435,10 @@ class RemoteBackend:
 
 
 # -- reading OpenAI's shapes -------------------------------------------------------------------------
+
+
+def _no_embeddings() -> BadRequest:
+    return BadRequest("the remote backend cannot compute embeddings; ask the upstream server directly")
 
 
 def _chat_piece(choice: dict[str, Any]) -> tuple[str, list[dict] | None]:

@@ -40,7 +40,7 @@ def line_chat(
 
     if not raw:
         backend.render_chat([{"role": "user", "content": "hello"}])  # no template: fail now, not mid-chat
-    print(f"chatting with {getattr(backend, 'model_name', 'the model')}; /help for commands, /bye to leave", file=sys.stderr)
+    print(f"chatting with {backend.model_name}; /help for commands, /bye to leave", file=sys.stderr)
     messages: list[dict] = []
     transcript = ""  # the raw mode's running text
     shown_drop = 0  # messages the last drop notice named, so each new drop is said once

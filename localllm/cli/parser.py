@@ -12,6 +12,7 @@ import sys
 from typing import Callable, Sequence
 
 from localllm import __version__
+from localllm.cli.error_words import cli_message
 from localllm.cli.output import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 from localllm.core.errors import BadRequest, LocalLLMError
 from localllm.core.units import SIZE_HELP, parse_size
@@ -233,7 +234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return getattr(commands, f"cmd_{args.command}")(args)
     except LocalLLMError as exc:
-        return _fail(str(exc), debug)
+        return _fail(cli_message(exc), debug)
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -35,7 +35,7 @@ from jinja2.parser import Parser
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from localllm.core import template_budget
-from localllm.core.errors import BadRequest, TemplateError
+from localllm.core.errors import BadRequest, NoChatTemplate, TemplateError
 
 ROLES = ("system", "user", "assistant", "tool")
 _MAX_REASON = 300  # characters of a failure's reason kept in its one-line message
@@ -209,10 +209,7 @@ def resolve_template(
     """The model's own template, else the architecture's built-in one."""
     source = template_source(model_template, architecture)
     if source is None:
-        raise TemplateError(
-            f"model '{model_name}' (architecture '{architecture}') has no chat template"
-            " and no built-in one; use --raw"
-        )
+        raise NoChatTemplate(model_name, architecture)
     if source == "model":
         text = model_template or ""
     else:

@@ -2,6 +2,10 @@
 
 Every failure a user can cause or meet has one class here. The CLI prints
 `str(error)` on one line and exits 1; the HTTP server maps them to statuses.
+An error whose remedy a front end names in its own terms (a flag, a request
+field) carries the facts as attributes and a neutral message: the CLI adds
+its flag advice (cli/error_words.py), the HTTP layers name request fields
+(server/errors.py).
 """
 
 
@@ -21,8 +25,36 @@ class BadRequest(LocalLLMError):
     """Invalid values: sampling parameters, flags, request fields."""
 
 
+class PromptTooLong(BadRequest):
+    """A prompt that leaves no room in the context for even one generated token."""
+
+    def __init__(self, prompt_tokens: int, context: int) -> None:
+        super().__init__(f"the prompt has {prompt_tokens} tokens but the context holds {context}")
+        self.prompt_tokens = prompt_tokens
+        self.context = context
+
+
+class NotSupported(BadRequest):
+    """A feature (grammars, embeddings) the running backend lacks; `alternative` names a backend that has it."""
+
+    def __init__(self, backend: str, feature: str, alternative: str | None = None) -> None:
+        super().__init__(f"the {backend} backend does not support {feature}")
+        self.backend = backend
+        self.feature = feature
+        self.alternative = alternative
+
+
 class TemplateError(LocalLLMError):
     """A chat template that is missing, fails to render or tries to leave the sandbox."""
+
+
+class NoChatTemplate(TemplateError):
+    """A model with no chat template of its own and no built-in one for its architecture: only raw prompts work."""
+
+    def __init__(self, model_name: str, architecture: str) -> None:
+        super().__init__(f"model '{model_name}' (architecture '{architecture}') has no chat template and no built-in one")
+        self.model_name = model_name
+        self.architecture = architecture
 
 
 class BadSetting(LocalLLMError):

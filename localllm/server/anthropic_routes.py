@@ -27,7 +27,7 @@ from localllm.core.requests import GenerationRequest, TokenEvent
 from localllm.server import anthropic_messages as shapes
 from localllm.server.anthropic_schemas import CountTokensRequest, MessagesRequest
 from localllm.server.errors import APIError
-from localllm.server.generation import ClientGone, EventStreamResponse, Run, collect, guarded, new_id, prepared, start_run
+from localllm.server.generation import ClientGone, EventStreamResponse, Run, collect, guarded, new_id, start_run
 from localllm.server.json_bodies import OffLoopBodyRoute
 from localllm.server.json_grammar import schema_grammar
 from localllm.server.offloop import off_loop
@@ -122,15 +122,15 @@ def _prepare(body: MessagesRequest, backend: Any, n_ctx: int | None) -> tuple[Ge
     elif output_format is not None:
         params.grammar = schema_grammar(output_format.schema_, "output_config.format.schema")
     generation = GenerationRequest(new_id(), prompt, params, templated=True, messages=messages)
-    return prepared(backend, generation), plan
+    return backend.prepare(generation), plan
 
 
 def _count(body: CountTokensRequest, backend: Any, n_ctx: int | None) -> int:
-    prompt_tokens = getattr(backend, "prompt_tokens", None)
-    if prompt_tokens is None:
-        raise APIError(400, f"model '{body.model}' runs on a remote server: its tokens cannot be counted here", param="model")
     prompt, _, _ = _templated(body, backend, n_ctx)
-    return len(prompt_tokens(GenerationRequest("count", prompt, templated=True)))
+    tokens = backend.prompt_tokens(GenerationRequest("count", prompt, templated=True))
+    if tokens is None:
+        raise APIError(400, f"model '{body.model}' runs on a remote server: its tokens cannot be counted here", param="model")
+    return len(tokens)
 
 
 async def _stream(run: Run, mid: str, model: str, plan: ToolPlan | None, prompt_tokens: int) -> AsyncIterator[bytes]:

@@ -172,13 +172,11 @@ async def _embed(
     if not inputs:
         return [], []
     backend = lease.backend
-    prepare = getattr(backend, "prepare_embedding", None)
-    if prepare is None:  # a backend that cannot embed says so in `embed`
-        await backend.embed(inputs)
+    if backend.embed_context is None:  # a backend that cannot embed says so
+        await off_loop(backend.prepare_embedding, inputs)
         raise APIError(400, f"model '{lease.model.name}' cannot compute embeddings", param="model")
-    context = getattr(backend, "embed_context", None)
     try:
-        tokens = await off_loop(prepare, _cut_texts(inputs, context, truncate, param), truncate=truncate)
+        tokens = await off_loop(backend.prepare_embedding, _cut_texts(inputs, backend.embed_context, truncate, param), truncate=truncate)
     except BadRequest as exc:
         raise APIError(400, str(exc), param=param) from None
     try:

@@ -30,7 +30,9 @@ from localllm.core.errors import (
     HubUnreachable,
     LocalLLMError,
     ModelNotFound,
+    NoChatTemplate,
     NotEnoughDisk,
+    PromptTooLong,
     QueueFull,
     TemplateError,
     UpstreamRefused,
@@ -140,6 +142,31 @@ def from_localllm_error(exc: LocalLLMError) -> APIError:
     return APIError(500, message)  # BackendError and anything new: the server's side failed
 
 
+# The request field that carries the prompt, by path: what a too-long prompt's error names.
+_PROMPT_FIELDS = {
+    "/v1/chat/completions": "messages",
+    "/v1/completions": "prompt",
+    "/v1/messages": "messages",
+    "/api/chat": "messages",
+    "/api/generate": "prompt",
+}
+
+
+def for_request(exc: LocalLLMError, path: str) -> APIError:
+    """`exc` worded for a request to `path`: errors that carry facts name that API's own fields."""
+    if isinstance(exc, PromptTooLong):
+        field = _PROMPT_FIELDS.get(path, "prompt")
+        room = f"shorten '{field}'"
+        if is_ollama_path(path):
+            room += " or raise 'options.num_ctx'"  # Ollama clients choose the context per request
+        message = f"the prompt has {exc.prompt_tokens} tokens but the model's context holds {exc.context}; {room}"
+        return APIError(400, message, param=field, code="context_length_exceeded")
+    if isinstance(exc, NoChatTemplate):
+        raw = "/api/generate with 'raw': true" if is_ollama_path(path) else "/v1/completions"
+        return APIError(400, f"{exc}; send a raw prompt to {raw}", param="model")
+    return from_localllm_error(exc)
+
+
 def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     """One line for the first problem pydantic found, and the parameter it concerns."""
     errors = exc.errors()
@@ -204,7 +231,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(LocalLLMError)
     async def _localllm_error(request: Request, exc: LocalLLMError) -> JSONResponse:
-        return error_response(request.url.path, from_localllm_error(exc))
+        return error_response(request.url.path, for_request(exc, request.url.path))
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

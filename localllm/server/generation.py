@@ -1,7 +1,7 @@
 """One generation in flight, shared by the OpenAI and Ollama routes.
 
-`prepared` has the backend check and tokenize a request (the routes run it
-off the event loop, see offloop.py); `start_run` hands the request to the model's backend and returns a Run whose
+The routes have the backend check and tokenize a request with its `prepare`,
+off the event loop (offloop.py); `start_run` hands the request to the model's backend and returns a Run whose
 `events()` the route turns into its own response shape. Several runs of one
 request (OpenAI's `n` choices) go side by side through `collect_all` and
 `merged_events`, so the engine batches them. Three promises:
@@ -95,16 +95,6 @@ class Run:
             self.lease.release()
 
 
-def prepared(backend: Any, request: GenerationRequest) -> GenerationRequest:
-    """`request` checked and tokenized by its backend, for backends that can (call it off the loop).
-
-    Backends without `prepare` (the remote one: its upstream tokenizes) check
-    the request in `generate`, as before.
-    """
-    prepare = getattr(backend, "prepare", None)
-    return prepare(request) if prepare is not None else request
-
-
 async def start_run(lease: Lease, request: GenerationRequest, metrics: Metrics) -> Run:
     """Queue `request` on the lease's backend; raise what the backend rejects up front.
 
@@ -115,7 +105,7 @@ async def start_run(lease: Lease, request: GenerationRequest, metrics: Metrics) 
     agen = lease.backend.generate(request)
     first = asyncio.ensure_future(agen.__anext__())
     await asyncio.sleep(0)
-    if getattr(lease.backend, "acknowledges_requests", False):
+    if lease.backend.acknowledges_requests:
         # The remote backend learns only from its upstream whether a request is accepted, and
         # says so with an empty first event: waiting for it makes a refusal (upstream down, its
         # 4xx) this reply's HTTP status instead of an error inside a stream.

@@ -31,7 +31,6 @@ from localllm.server.generation import (
     collect,
     guarded,
     new_id,
-    prepared,
     start_run,
     until_disconnected,
 )
@@ -259,7 +258,7 @@ def _prepare_generate(body: OllamaGenerateRequest, params: SamplingParams, backe
         ]
         prompt, templated = backend.render_chat(messages), True
     _format(params, body.format, None)
-    return prepared(backend, GenerationRequest(new_id(), prompt, params, templated=templated, messages=messages))
+    return backend.prepare(GenerationRequest(new_id(), prompt, params, templated=templated, messages=messages))
 
 
 @router.post("/api/chat")
@@ -305,7 +304,7 @@ def _prepare_chat(body: OllamaChatRequest, params: SamplingParams, backend: Any)
     prompt = backend.render_chat(messages, tools=tools.template_tools() if tools else None)
     _format(params, body.format, tools)
     generation = GenerationRequest(new_id(), prompt, params, templated=True, messages=messages)
-    return prepared(backend, generation), tools
+    return backend.prepare(generation), tools
 
 
 def _chat_message(message: Any) -> dict[str, Any]:

@@ -33,7 +33,6 @@ from localllm.server.generation import (
     guarded,
     merged_events,
     new_id,
-    prepared,
     start_run,
 )
 from localllm.server.json_bodies import OffLoopBodyRoute
@@ -162,7 +161,7 @@ def _prepare_chat(body: ChatCompletionRequest, backend: Any) -> tuple[Generation
         params.logprobs = body.top_logprobs or 0
     _constrain(params, body, plan)
     generation = GenerationRequest(new_id(), prompt, params, templated=True, messages=messages)
-    return prepared(backend, generation), plan
+    return backend.prepare(generation), plan
 
 
 def _message_dict(index: int, message: ChatMessage) -> dict[str, Any]:
@@ -305,7 +304,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
             check_prompt_chars(len(prompt), leases[0].model.n_ctx, "prompt")
         params = _sampling(body, 16 if body.max_tokens is None else body.max_tokens)  # null: OpenAI's default
         params.logprobs = body.logprobs
-        generation = await off_loop(prepared, backend, GenerationRequest(new_id(), prompt, params))
+        generation = await off_loop(backend.prepare, GenerationRequest(new_id(), prompt, params))
         for lease, choice in zip(leases, _choices(generation, len(leases))):
             runs.append(await start_run(lease, choice, state.metrics))
     except BaseException:
@@ -387,7 +386,7 @@ def _fingerprint(lease: Lease) -> str:
     """Stable for one model file, engine and context size on one build, as OpenAI's is per backend configuration."""
     backend = lease.backend
     manifest = lease.model.resolved.manifest
-    model = manifest.sha256 if manifest is not None and manifest.sha256 else str(getattr(backend.info, "path", lease.model.name))
+    model = manifest.sha256 if manifest is not None and manifest.sha256 else str(backend.info.path)
     facts = f"{__version__}|{backend.name}|{model}|{lease.model.n_ctx}"
     return "fp_" + hashlib.sha256(facts.encode()).hexdigest()[:10]
 

@@ -242,7 +242,7 @@ class ModelRegistry:
                 name=resolved.name,
                 resolved=resolved,
                 backend=backend,
-                n_ctx=getattr(backend, "n_ctx", n_ctx),
+                n_ctx=backend.n_ctx,
                 load_s=time.monotonic() - started,
                 keep_alive_s=self.settings.keep_alive_s,
             )

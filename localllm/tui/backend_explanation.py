@@ -19,7 +19,7 @@ def explain_backend(model: str, backend: Backend, hardware: Hardware | None) -> 
     if name == "remote":
         upstream = getattr(getattr(backend, "options", None), "url", None) or "an upstream server"
         return f"Backend: remote for {model} — decoded by {upstream}, an OpenAI-compatible server"
-    info = getattr(backend, "info", None)
+    info = backend.info
     if not isinstance(info, ModelInfo):
         return f"Backend: {name} for {model}"
     if hardware is None:
@@ -28,8 +28,7 @@ def explain_backend(model: str, backend: Backend, hardware: Hardware | None) -> 
     from localllm.fit.render import verdict
     from localllm.fit.settings import FitSettings
 
-    context = getattr(backend, "n_ctx", None)
-    context = context if isinstance(context, int) else None
+    context = backend.n_ctx
     settings = FitSettings.from_env()
     try:
         plan = plan_fit(info, hardware, Wishes(context=context), settings)  # what `auto` picks, with its reasons
