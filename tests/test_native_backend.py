@@ -19,7 +19,7 @@ import pytest
 
 from localllm.core.requests import GenerationRequest, SamplingParams, TokenEvent
 from localllm.backends.native import NativeBackend, NativeOptions
-from localllm.core.errors import BadRequest, NotSupported, PromptTooLong
+from localllm.core.errors import NotSupported, PromptTooLong
 from localllm.core.modelinfo import read_model_info
 from waiting import until
 from builders import tiny_llama_with_tokenizer
