@@ -25,7 +25,7 @@ import pytest
 from localllm.backends.base import Backend
 from localllm.backends.remotes import RemoteModel
 from localllm.backends.select import LoadOptions, open_backend
-from localllm.core.errors import BadRequest, UpstreamRefused
+from localllm.core.errors import BadRequest
 from localllm.core.requests import FinishEvent, GenerationRequest, SamplingParams, TokenEvent
 from localllm.store.store import ResolvedModel
 from server_harness import make_store, start_server
@@ -275,17 +275,7 @@ def test_logprobs_name_each_token_and_its_best_alternatives(backend):
     assert [t["text"] for t in entries[0]["top"]] == [" the", " a", " Paris"]  # llama.cpp's reference top 3
 
 
-_UPSTREAM_REFUSES = gap(
-    "the remote backend forwards what it cannot check; the upstream's 400 comes back as UpstreamRefused, not BadRequest",
-    raises=UpstreamRefused,
-)
-
-
-@each_backend(remote=gap(
-    "the remote backend checks no sampling values: the upstream refuses them (UpstreamRefused, not BadRequest) "
-    "or, for top_p=0, which OpenAI's API allows, decodes greedily",
-    raises=(UpstreamRefused, pytest.fail.Exception),
-))
+@each_backend()
 @pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(max_tokens=0), dict(stop=[""])], ids=str)
 def test_invalid_sampling_values_are_refused_before_anything_runs(backend, bad):
     with pytest.raises(BadRequest):
@@ -293,7 +283,7 @@ def test_invalid_sampling_values_are_refused_before_anything_runs(backend, bad):
     assert backend.stats().running == 0
 
 
-@each_backend(remote=_UPSTREAM_REFUSES)
+@each_backend()
 def test_a_prompt_longer_than_the_context_is_refused(backend):
     with pytest.raises(BadRequest, match="context"):
         run(backend, "word " * 2000, greedy(max_tokens=4))
@@ -301,7 +291,7 @@ def test_a_prompt_longer_than_the_context_is_refused(backend):
     assert_still_serves(backend)
 
 
-@each_backend(remote=_UPSTREAM_REFUSES)
+@each_backend()
 def test_an_empty_prompt_is_refused(backend):
     with pytest.raises(BadRequest, match="empty"):
         run(backend, [], greedy(max_tokens=4))

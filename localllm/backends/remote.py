@@ -251,7 +251,9 @@ class RemoteBackend:
     # -- one request -------------------------------------------------------------------------
     def _request(self, req: GenerationRequest) -> tuple[str, dict[str, Any]]:
         """The upstream path and JSON body for `req`; BadRequest for what cannot travel."""
-        p = req.params
+        p = req.params.validate()  # what the local backends refuse is refused here too, before anything is sent
+        if isinstance(req.prompt, list) and not req.prompt:
+            raise BadRequest("the prompt is empty")
         if p.grammar is not None:
             raise BadRequest(
                 "grammar-constrained output (JSON modes, tool calls) is not available through the remote backend"

@@ -113,8 +113,8 @@ class UpstreamUnavailable(BackendError):
     """The remote backend's upstream server cannot be reached, times out or breaks off."""
 
 
-class UpstreamRefused(LocalLLMError):
-    """The remote backend's upstream answered a request with a client error; its status passes through."""
+class UpstreamRefused(BadRequest):
+    """The remote backend's upstream refused a request (a client error); its status passes through."""
 
     def __init__(self, message: str, status: int, code: str | None = None) -> None:
         super().__init__(message)

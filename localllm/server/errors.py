@@ -125,6 +125,8 @@ def from_localllm_error(exc: LocalLLMError) -> APIError:
         return APIError(429, message, code="queue_full", headers={"Retry-After": str(exc.retry_after_s)})
     if isinstance(exc, ModelNotFound):
         return APIError(404, message, param="model", code="model_not_found")
+    if isinstance(exc, UpstreamRefused):  # the upstream's own 4xx, passed through
+        return APIError(exc.status, message, code=exc.code)
     if isinstance(exc, (BadRequest, TemplateError)):
         return APIError(400, message)
     if isinstance(exc, AccessDenied):
@@ -135,8 +137,6 @@ def from_localllm_error(exc: LocalLLMError) -> APIError:
         return APIError(502, message)
     if isinstance(exc, UpstreamUnavailable):  # the remote backend's server is down, refused or timed out
         return APIError(502, message, code="upstream_unavailable")
-    if isinstance(exc, UpstreamRefused):  # the upstream's own 4xx, passed through
-        return APIError(exc.status, message, code=exc.code)
     if isinstance(exc, (DoesNotFit, BadModelFile, DownloadFailed)):
         return APIError(500, message)
     return APIError(500, message)  # BackendError and anything new: the server's side failed
