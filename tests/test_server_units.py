@@ -8,6 +8,7 @@ import json
 import httpx
 import pytest
 
+from localllm.backends.select import LoadOptions
 from localllm.core.errors import BadRequest, ModelNotFound, QueueFull
 from localllm.server.auth import key_matches, presented_key, _digest
 from localllm.server.json_grammar import literal, rename_root, schema_grammar
@@ -175,7 +176,7 @@ def test_keys_from_headers_and_comparison():
 
 def test_registry_waits_for_a_busy_model_before_evicting_it(tmp_path, starter_gguf):
     store = make_store(tmp_path, {"starter": starter_gguf, "other": starter_gguf})
-    registry = ModelRegistry(ServerSettings(max_loaded=1, max_queue=1, n_ctx=256, n_threads=1), store=store)
+    registry = ModelRegistry(ServerSettings(max_loaded=1, max_queue=1, load=LoadOptions(n_ctx=256, n_threads=1)), store=store)
 
     async def scenario():
         first = await registry.acquire("starter")

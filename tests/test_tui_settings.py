@@ -57,7 +57,7 @@ def test_every_chat_flag_reaches_the_settings_screen_and_the_engine(tmp_path):
             await wait_until(pilot, lambda: not isinstance(app.screen, SettingsScreen))
             app.screen.send("second")
             await wait_until(pilot, lambda: app.screen.request_id is None and len(factory.opened[0].requests) == 2)
-            saved = app.conversations.get(app.screen.conversation.id).settings
+            saved = app.conversations.get(app.screen.conversation.id).settings.sampling
             assert (saved.top_k, saved.stop, saved.seed) == (30, ["END", ","], None)  # per conversation, kept
 
     asyncio.run(run())
@@ -99,13 +99,14 @@ def test_the_backend_explanation_is_the_fit_plan(starter_gguf, tmp_path, gpus, c
     info = read_model_info(starter_gguf)
     probe = probe_with(gpus, cuda_build)
 
-    def factory(model: str, context: int | None) -> FakeBackend:
-        backend = FakeBackend(model, name="llamacpp", info=info)
-        backend.n_ctx = 4096
-        return backend
+    class Factory(FakeFactory):
+        def make(self, name: str) -> FakeBackend:
+            backend = FakeBackend(name, name="llamacpp", info=info)
+            backend.n_ctx = 4096
+            return backend
 
     async def run() -> str:
-        app = LocalLLMApp("starter", factory=factory, home=tmp_path, hardware_probe=probe)
+        app = LocalLLMApp("starter", factory=Factory(), home=tmp_path, hardware_probe=probe)
         async with app.run_test(size=SIZE) as pilot:
             await wait_until(pilot, lambda: app.session.current is not None)
             await pilot.press("f4")
