@@ -134,7 +134,8 @@ def test_a_stop_string_ends_the_reply_and_the_meter_moves(starter_gguf, tmp_path
         cut = next(i for i in range(len(whole) // 2, len(whole)) if whole[i] == " ")
         seen["stop"] = whole[cut : cut + 4]
         await pilot.press("ctrl+n")
-        app.screen.draft_settings = replace(app.screen.draft_settings, stop=[seen["stop"]])
+        draft = app.screen.draft_settings
+        app.screen.draft_settings = replace(draft, sampling=replace(draft.sampling, stop=[seen["stop"]]))
         seen["stopped"] = await reply_to(pilot, "Tell me about the moon")
         seen["stats"] = views(app)[-1].message.stats
 
