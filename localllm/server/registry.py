@@ -19,9 +19,9 @@ Admission control lives here too: the server accepts `parallel + max_queue`
 requests at once (running, queued for an engine, or waiting for a load) and
 answers the next with QueueFull (HTTP 429).
 
-Requests may name installed models (and `starter`, installed on first use), and
-the model the server was started with; never a file path, so a client cannot
-make the server open arbitrary files. Names routed to an upstream server
+Requests may name installed models (and `starter`, installed on first use), the
+model the server was started with and the models a front end holds; never any
+other file path, so a client cannot make the server open arbitrary files. Names routed to an upstream server
 (remotes.toml, see localllm.backends.remotes) and, under `--backend remote`, every name
 open the remote backend instead: those models live on the upstream.
 """
