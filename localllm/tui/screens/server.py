@@ -25,9 +25,9 @@ from localllm.core.errors import LocalLLMError
 
 
 class ServerStarted(Message):
-    def __init__(self, url: str) -> None:
+    def __init__(self, server, url: str) -> None:
         super().__init__()
-        self.url = url
+        self.server, self.url = server, url
 
 
 class ServerFailed(Message):
@@ -50,6 +50,7 @@ class ServerScreen(Screen):
         self.starting = False
         self.stopping = False
         self._task: asyncio.Task | None = None  # the start or stop under way (kept: the loop holds tasks weakly)
+        self._launching = None  # the server being started, until the panel takes it
 
     def compose(self) -> ComposeResult:
         from localllm.server.settings import DEFAULT_PORT
@@ -90,7 +91,7 @@ class ServerScreen(Screen):
         settings = replace(registry.settings, port=port, api_key=self.api_key, model=None)
         self.starting = True
         self.query_one("#server-status", Static).update("starting …")
-        server = HostedServer(settings, registry)
+        server = self._launching = HostedServer(settings, registry)
 
         async def run() -> None:
             try:
@@ -100,14 +101,14 @@ class ServerScreen(Screen):
             except Exception as exc:  # the app reports, never crashes
                 self.post_message(ServerFailed(f"{type(exc).__name__}: {exc}"))
             else:
-                self.server = server
-                self.post_message(ServerStarted(url))
+                self.post_message(ServerStarted(server, url))  # the panel takes it with its status, in one step
 
         self._task = asyncio.create_task(run(), name="start-api")
 
     @on(ServerStarted)
     def _started(self, message: ServerStarted) -> None:
         self.starting = False
+        self.server, self._launching = message.server, None
         key = self.api_key
         self.query_one("#toggle", Button).label = "Stop server"
         self.query_one("#server-status", Static).update(
@@ -125,7 +126,7 @@ class ServerScreen(Screen):
     @on(ServerFailed)
     def _failed(self, message: ServerFailed) -> None:
         self.starting = False
-        self.server = None
+        self.server = self._launching = None
         self.query_one("#server-status", Static).update(f"stopped: {message.reason}")
         self.notify(f"the server did not start: {message.reason}", severity="error", timeout=10)
 
@@ -153,8 +154,9 @@ class ServerScreen(Screen):
         self.query_one("#server-status", Static).update("stopped")
 
     async def shutdown(self) -> None:
-        """On quit: stop, waiting at most a moment (requests still running are cut)."""
-        server, self.server = self.server, None
+        """On quit: stop (one still starting too), waiting at most a moment (requests still running are cut)."""
+        server = self.server or self._launching
+        self.server = self._launching = None
         if server is not None:
             try:
                 await asyncio.wait_for(server.stop(deadline_s=0.5), timeout=1.0)
