@@ -8,6 +8,7 @@ import json
 import httpx
 import pytest
 
+from localllm.backends.select import LoadOptions
 from localllm.core.errors import BadRequest, ModelNotFound, NoChatTemplate, NotSupported, PromptTooLong, QueueFull
 from localllm.server.errors import for_request
 from localllm.server.auth import key_matches, presented_key, _digest
@@ -16,9 +17,11 @@ from localllm.server.registry import ModelRegistry
 from localllm.server.run import ServerThread
 from localllm.core.units import parse_size
 from localllm.server.settings import ServerSettings, is_loopback, parse_duration
+from localllm.store.store import ResolvedModel
 from localllm.server.tools import HERMES, LLAMA3, MISTRAL, plan_tools, template_tool_format
 
 from server_harness import make_store
+from tui_fakes import FakeBackend
 from waiting import until
 
 TOOL = {
@@ -190,7 +193,7 @@ def test_keys_from_headers_and_comparison():
 
 def test_registry_waits_for_a_busy_model_before_evicting_it(tmp_path, starter_gguf):
     store = make_store(tmp_path, {"starter": starter_gguf, "other": starter_gguf})
-    registry = ModelRegistry(ServerSettings(max_loaded=1, max_queue=1, n_ctx=256, n_threads=1), store=store)
+    registry = ModelRegistry(ServerSettings(max_loaded=1, max_queue=1, load=LoadOptions(n_ctx=256, n_threads=1)), store=store)
 
     async def scenario():
         first = await registry.acquire("starter")
@@ -209,6 +212,41 @@ def test_registry_waits_for_a_busy_model_before_evicting_it(tmp_path, starter_gg
             registry.resolve(str(starter_gguf))
         await registry.close()
         assert registry.loaded() == []
+
+    asyncio.run(scenario())
+
+
+def test_a_held_model_is_shared_kept_and_let_go_once_idle(tmp_path, starter_gguf):
+    """The UI's chat holds its model in the registry the API serves from: one backend for both, never evicted,
+    reaped or closed by a server stop while held, unloaded once let go and no request runs on it."""
+    store = make_store(tmp_path, {"other": starter_gguf, "third": starter_gguf})
+    opened: list[FakeBackend] = []
+
+    def opener(resolved, n_ctx):
+        opened.append(FakeBackend(resolved.name))
+        return opened[-1]
+
+    registry = ModelRegistry(ServerSettings(max_loaded=1, keep_alive_s=0.0), store=store, opener=opener)
+
+    async def scenario():
+        held = await registry.hold(ResolvedModel("chat.gguf", starter_gguf), n_ctx=None)
+        request = await registry.acquire("chat.gguf")  # a path, but the one the operator chose for the chat
+        assert request.backend is held.backend and len(opened) == 1
+        other = await registry.acquire("other")  # max_loaded counts what the server keeps besides the chat's
+        other.release()
+        third = await registry.acquire("third")  # evicts idle "other", never the held model
+        third.release()
+        await registry.reap_idle()
+        assert [m.name for m in registry.loaded()] == ["chat.gguf"] and [b.closed for b in opened] == [False, True, True]
+        await registry.close()  # what a server stop does: the held model stays
+        assert [m.name for m in registry.loaded()] == ["chat.gguf"] and not opened[0].closed
+        await registry.let_go(held)
+        assert not opened[0].closed  # a request still runs on it
+        request.release()
+        await registry.reap_idle()
+        assert opened[0].closed and registry.loaded() == []
+        with pytest.raises(ModelNotFound):
+            registry.resolve("chat.gguf")  # no longer the chat's: a path again
 
     asyncio.run(scenario())
 

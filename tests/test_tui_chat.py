@@ -119,7 +119,7 @@ def test_conversation_and_settings_survive_a_restart(tmp_path):
             await send(pilot, "remember me")
             await wait_until(pilot, lambda: len(views(app)) == 2 and app.screen.request_id is None)
             conversation = app.screen.conversation
-            conversation.settings.temperature = 0.2
+            conversation.settings.sampling.temperature = 0.2
             conversation.settings.system = "be brief"
             app.conversations.update(conversation)
 
@@ -133,7 +133,7 @@ def test_conversation_and_settings_survive_a_restart(tmp_path):
             await pilot.click("ConversationItem")
             await wait_until(pilot, lambda: len(views(app)) == 2)
             assert views(app)[1].message.content == REPLY
-            assert app.screen.settings.temperature == 0.2 and app.screen.settings.system == "be brief"
+            assert app.screen.settings.sampling.temperature == 0.2 and app.screen.settings.system == "be brief"
             await send(pilot, "again")
             await wait_until(pilot, lambda: len(views(app)) == 4 and app.screen.request_id is None)
             assert factory.opened[-1].prompts[-1].startswith("<system>be brief<user>remember me")

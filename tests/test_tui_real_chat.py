@@ -10,6 +10,8 @@ import pytest
 
 from localllm.backends.llamacpp import LlamaCppBackend, LlamaCppOptions
 from localllm.core.modelinfo import read_model_info
+from localllm.core.requests import SamplingParams
+from localllm.store.store import ResolvedModel
 from localllm.tui.app import LocalLLMApp
 from localllm.tui.conversations import ChatSettings
 from localllm.tui.screens.settings import SettingsScreen
@@ -41,8 +43,11 @@ class StarterFactory:
     def __init__(self, path, n_ctx: int = CTX) -> None:
         self.path, self.n_ctx, self.opened = path, n_ctx, []
 
-    def __call__(self, model: str, context: int | None) -> RecordingLlamaCpp:
-        backend = RecordingLlamaCpp(model, read_model_info(self.path), LlamaCppOptions(n_ctx=context or self.n_ctx, n_threads=1))
+    def resolve(self, name: str) -> ResolvedModel:
+        return ResolvedModel(name, self.path)
+
+    def open(self, model: ResolvedModel, n_ctx: int | None) -> RecordingLlamaCpp:
+        backend = RecordingLlamaCpp(model.name, read_model_info(self.path), LlamaCppOptions(n_ctx=n_ctx or self.n_ctx, n_threads=1))
         self.opened.append(backend)
         return backend
 
@@ -89,7 +94,7 @@ def run_app(starter_gguf, defaults: ChatSettings, body, tmp_path) -> StarterFact
 
 
 def test_seeded_replies_repeat_and_the_seed_is_applied(starter_gguf, tmp_path):
-    defaults = ChatSettings(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=7, max_tokens=12)
+    defaults = ChatSettings(sampling=SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=7, max_tokens=12))
 
     async def body(pilot):
         first = await reply_to(pilot, "Write a poem about the sea")
@@ -101,7 +106,7 @@ def test_seeded_replies_repeat_and_the_seed_is_applied(starter_gguf, tmp_path):
         seed.value = "8"
         await pilot.press("ctrl+s")
         await wait_until(pilot, lambda: not isinstance(pilot.app.screen, SettingsScreen))
-        assert pilot.app.screen.settings.seed == 8
+        assert pilot.app.screen.settings.sampling.seed == 8
         assert await regenerate(pilot) != first  # the seed reached the sampler (at temperature 1 any reply differs)
 
     factory = run_app(starter_gguf, defaults, body, tmp_path)
@@ -110,7 +115,7 @@ def test_seeded_replies_repeat_and_the_seed_is_applied(starter_gguf, tmp_path):
 
 
 def test_a_stop_string_ends_the_reply_and_the_meter_moves(starter_gguf, tmp_path):
-    defaults = ChatSettings(temperature=0.0, max_tokens=32)
+    defaults = ChatSettings(sampling=SamplingParams(temperature=0.0, max_tokens=32))
     seen: dict = {}
 
     async def body(pilot):
@@ -129,7 +134,8 @@ def test_a_stop_string_ends_the_reply_and_the_meter_moves(starter_gguf, tmp_path
         cut = next(i for i in range(len(whole) // 2, len(whole)) if whole[i] == " ")
         seen["stop"] = whole[cut : cut + 4]
         await pilot.press("ctrl+n")
-        app.screen.draft_settings = replace(app.screen.draft_settings, stop=[seen["stop"]])
+        draft = app.screen.draft_settings
+        app.screen.draft_settings = replace(draft, sampling=replace(draft.sampling, stop=[seen["stop"]]))
         seen["stopped"] = await reply_to(pilot, "Tell me about the moon")
         seen["stats"] = views(app)[-1].message.stats
 
@@ -145,7 +151,7 @@ def test_a_stop_string_ends_the_reply_and_the_meter_moves(starter_gguf, tmp_path
 
 def test_a_chat_three_times_the_context_keeps_answering(starter_gguf, tmp_path):
     system = "You are Quill, a gardener's notebook."
-    defaults = ChatSettings(system=system, temperature=0.0, max_tokens=8)
+    defaults = ChatSettings(system=system, sampling=SamplingParams(temperature=0.0, max_tokens=8))
     turns = 6
 
     async def body(pilot):
@@ -179,4 +185,4 @@ def test_a_message_larger_than_the_context_is_an_error_and_comes_back(starter_gg
         assert app.conversations.messages(app.screen.conversation.id) == []
         assert await reply_to(pilot, "Hello")  # the chat goes on
 
-    run_app(starter_gguf, ChatSettings(temperature=0.0, max_tokens=4), body, tmp_path)
+    run_app(starter_gguf, ChatSettings(sampling=SamplingParams(temperature=0.0, max_tokens=4)), body, tmp_path)

@@ -4,17 +4,19 @@ the hardware screen explains the backend from the fit plan."""
 from __future__ import annotations
 
 import asyncio
+import json
 from dataclasses import replace
 
 import pytest
 
 from localllm.cli.commands import chat_defaults
-from localllm.cli.loading import sampling_from
+from localllm.cli.loading import load_options, sampling_from
 from localllm.cli.parser import parse_command_line
 from localllm.fit.planner import Wishes, plan_fit
 from localllm.fit.render import verdict
 from localllm.core.modelinfo import read_model_info
 from localllm.tui.app import LocalLLMApp
+from localllm.tui.conversations import ChatSettings, ConversationStore
 from localllm.tui.screens.settings import SettingsScreen, format_stops, parse_stops
 from tui_fakes import FakeBackend, FakeFactory, FixedHardwareProbe, wait_until
 
@@ -57,7 +59,7 @@ def test_every_chat_flag_reaches_the_settings_screen_and_the_engine(tmp_path):
             await wait_until(pilot, lambda: not isinstance(app.screen, SettingsScreen))
             app.screen.send("second")
             await wait_until(pilot, lambda: app.screen.request_id is None and len(factory.opened[0].requests) == 2)
-            saved = app.conversations.get(app.screen.conversation.id).settings
+            saved = app.conversations.get(app.screen.conversation.id).settings.sampling
             assert (saved.top_k, saved.stop, saved.seed) == (30, ["END", ","], None)  # per conversation, kept
 
     asyncio.run(run())
@@ -99,13 +101,14 @@ def test_the_backend_explanation_is_the_fit_plan(starter_gguf, tmp_path, gpus, c
     info = read_model_info(starter_gguf)
     probe = probe_with(gpus, cuda_build)
 
-    def factory(model: str, context: int | None) -> FakeBackend:
-        backend = FakeBackend(model, name="llamacpp", info=info)
-        backend.n_ctx = 4096
-        return backend
+    class Factory(FakeFactory):
+        def make(self, name: str) -> FakeBackend:
+            backend = FakeBackend(name, name="llamacpp", info=info)
+            backend.n_ctx = 4096
+            return backend
 
     async def run() -> str:
-        app = LocalLLMApp("starter", factory=factory, home=tmp_path, hardware_probe=probe)
+        app = LocalLLMApp("starter", factory=Factory(), home=tmp_path, hardware_probe=probe)
         async with app.run_test(size=SIZE) as pilot:
             await wait_until(pilot, lambda: app.session.current is not None)
             await pilot.press("f4")
@@ -121,3 +124,30 @@ def test_the_backend_explanation_is_the_fit_plan(starter_gguf, tmp_path, gpus, c
     else:
         assert plan.n_gpu_layers == 0 and "on the CPU" in text
         assert ("CPU build" in text) == gpus  # why the GPU goes unused
+
+
+def test_a_chat_saved_with_flat_settings_opens_with_the_same_settings(tmp_path):
+    """Conversations saved before the settings carried SamplingParams keep every value."""
+    store = ConversationStore(tmp_path / "conversations.sqlite3")
+    flat = {"system": "be brief", "temperature": 0.3, "top_p": 0.8, "top_k": 7, "min_p": 0.2, "repeat_penalty": 1.1,
+            "seed": 9, "stop": ["END"], "max_tokens": None, "context": 1024}
+    with store.db:
+        store.db.execute("INSERT INTO conversations (title, model, settings, created, updated) VALUES ('t', 'starter', ?, 0, 0)",
+                         (json.dumps(flat),))
+    settings = store.list()[0].settings
+    assert (settings.system, settings.n_ctx) == ("be brief", 1024)
+    s = settings.sampling
+    assert (s.temperature, s.top_p, s.top_k, s.min_p, s.repeat_penalty, s.seed, s.stop, s.max_tokens) == (
+        0.3, 0.8, 7, 0.2, 1.1, 9, ["END"], None)
+    assert ChatSettings.from_json(settings.to_json()) == settings
+    store.close()
+
+
+def test_chat_run_serve_and_bench_open_models_with_the_same_options():
+    load = ["--ctx", "1024", "--threads", "2", "--backend", "llamacpp", "--speculative", "ngram", "--num-speculative-tokens", "3"]
+    options = [load_options(parse_command_line([verb, "starter", *load])) for verb in ("run", "chat", "serve", "bench")]
+    assert all(o == options[0] for o in options)
+    assert (options[0].n_ctx, options[0].n_threads, options[0].backend, options[0].speculative) == (1024, 2, "llamacpp", "ngram")
+    args = parse_command_line(["chat", "starter", *load, *FLAGS])
+    defaults = chat_defaults(args, sampling_from(args))
+    assert defaults.n_ctx == 1024 and defaults.sampling == sampling_from(args)  # every sampling flag, as SamplingParams

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from localllm.core.requests import EngineStats, FinishEvent, GenerationRequest, Timings, TokenEvent, Usage
 from localllm.core.errors import BackendError, BadRequest
+from localllm.store.store import ResolvedModel
 
 REPLY = "Hello! Here is **bold** text and code:\n\n```python\nprint('hi')\n```\n"
 
@@ -83,19 +85,25 @@ class FakeBackend:
 
 
 class FakeFactory:
-    """Opens FakeBackends; remembers what it opened; fails for names in `broken`."""
+    """Finds any name and opens FakeBackends; remembers what it opened; fails for names in `broken`."""
 
     def __init__(self, delay_s: float = 0.0, broken: tuple[str, ...] = ()) -> None:
         self.delay_s = delay_s
         self.broken = broken
         self.opened: list[FakeBackend] = []
 
-    def __call__(self, model: str, context: int | None) -> FakeBackend:
-        if model in self.broken:
-            raise BackendError(f"cannot open {model}: not enough memory")
-        backend = FakeBackend(model, delay_s=self.delay_s)
+    def resolve(self, name: str) -> ResolvedModel:
+        return ResolvedModel(name, Path(name))
+
+    def open(self, model: ResolvedModel, n_ctx: int | None) -> FakeBackend:
+        if model.name in self.broken:
+            raise BackendError(f"cannot open {model.name}: not enough memory")
+        backend = self.make(model.name)
         self.opened.append(backend)
         return backend
+
+    def make(self, name: str) -> FakeBackend:
+        return FakeBackend(name, delay_s=self.delay_s)
 
 
 class FixedHardwareProbe:

@@ -10,7 +10,7 @@ layers and context; a named backend that cannot fit is refused with its reasons.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from localllm.backends.base import Backend
 from localllm.core.errors import BadRequest
@@ -37,6 +37,13 @@ class LoadOptions:
     remote_url: str | None = None  # remote backend: the upstream's OpenAI base URL, e.g. http://host:8000/v1
     remote_api_key: str | None = None
     remote_timeout_s: float | None = None  # remote backend: longest wait for the upstream (None: its default)
+
+
+def with_n_ctx(options: LoadOptions, n_ctx: int | None) -> LoadOptions:
+    """The one place a front end decides a model's runtime context: this use's own (a request's
+    num_ctx, a chat's setting), else the configured one (--ctx), else None and the fit planner
+    chooses (localllm/fit/follow.py)."""
+    return options if n_ctx is None else replace(options, n_ctx=n_ctx)
 
 
 def open_backend(model: ResolvedModel, options: LoadOptions | None = None) -> Backend:

@@ -95,7 +95,7 @@ def first_model(url: str, api_key: str | None) -> str:
 
 def start_in_process(args: argparse.Namespace, levels: list[int]):
     """Our API on a free loopback port with the model loaded: (server, OpenAI base URL, model name)."""
-    from localllm.cli.loading import engine_flags, resolve_or_pull
+    from localllm.cli.loading import load_options, resolve_or_pull
     from localllm.server.run import ServerThread
     from localllm.server.settings import DEFAULT_MAX_QUEUE, ServerSettings
 
@@ -109,9 +109,7 @@ def start_in_process(args: argparse.Namespace, levels: list[int]):
         keep_alive_s=None,
         parallel=args.parallel or max(levels),
         max_queue=max(DEFAULT_MAX_QUEUE, max(levels)),
-        n_ctx=args.ctx,
-        backend=args.backend,
-        **engine_flags(args),
+        load=load_options(args),
     )
     server = ServerThread(settings)
     base = server.start()

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from localllm.backends.base import Backend
 
 from localllm.core.requests import GenerationRequest, SamplingParams
-from localllm.cli.loading import backend_choice, engine_flags, load_options, model_for, open_model, pull_with_progress, sampling_from
+from localllm.cli.loading import load_options, open_model, pull_with_progress, sampling_from
 from localllm.cli.output import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, print_json
 from localllm.core.errors import BadRequest
 from localllm.store.bundled import resolve_installing
@@ -215,23 +215,23 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def _chat_app(args: argparse.Namespace, params: SamplingParams) -> int:
-    """The full-screen chat; the command's flags become the first chat's settings."""
-    from localllm.backends.select import open_backend
+    """The full-screen chat; the command's flags become the first chat's settings and open its models.
+
+    The context is each chat's own setting (starting from --ctx), so the app's options leave it open."""
+    from dataclasses import replace
+
     from localllm.tui.app import LocalLLMApp
 
-    def factory(model: str, context: int | None) -> Backend:
-        options = load_options(args, context)
-        return open_backend(model_for(options, model, lambda ref: resolve_installing(ModelStore(), ref)), options)
-
-    LocalLLMApp(args.model, factory=factory, defaults=chat_defaults(args, params)).run()
+    options = replace(load_options(args), n_ctx=None)
+    LocalLLMApp(args.model, load=options, defaults=chat_defaults(args, params)).run()
     return EXIT_OK
 
 
 def chat_defaults(args: argparse.Namespace, params: SamplingParams) -> ChatSettings:
-    """The first chat's settings: every sampling flag, the system prompt and the context."""
+    """The first chat's settings: every sampling flag, the system prompt and the context (--ctx)."""
     from localllm.tui.conversations import ChatSettings
 
-    return ChatSettings.from_sampling(params, system=args.system or "", context=args.ctx)
+    return ChatSettings.starting_from(params, system=args.system or "", n_ctx=args.ctx)
 
 
 def _read_prompt(given: str | None) -> str | None:
@@ -314,10 +314,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         parallel=DEFAULT_PARALLEL if args.parallel is None else args.parallel,
         max_queue=DEFAULT_MAX_QUEUE if args.max_queue is None else args.max_queue,
         max_body_bytes=args.max_body,
-        n_ctx=args.ctx,
-        backend=backend_choice(args),
+        load=load_options(args),
         remotes=load_routes(),
-        **engine_flags(args),
     )
     serve(settings)
     return EXIT_OK

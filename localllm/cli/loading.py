@@ -32,23 +32,22 @@ def sampling_from(args: argparse.Namespace) -> SamplingParams:
 def open_model(args: argparse.Namespace) -> Backend:
     from localllm.backends.select import open_backend
 
-    options = load_options(args, args.ctx)
+    options = load_options(args)
     return open_backend(model_for(options, args.model, resolve_or_pull), options)
 
 
-def load_options(args: argparse.Namespace, n_ctx: int | None) -> LoadOptions:
-    """How to open a model, from the load flags (and the remote flags, on verbs that have them)."""
+def load_options(args: argparse.Namespace) -> LoadOptions:
+    """How to open models, from the load flags (and the remote flags, on verbs that have them).
+
+    The one place LoadOptions are built from flags: `run`, `chat`, `serve` and `bench` all open
+    models with these (the server and the UI derive per-model options with `with_n_ctx`).
+    """
     from localllm.backends.select import LoadOptions
-
-    return LoadOptions(backend=backend_choice(args), n_ctx=n_ctx, **engine_flags(args))
-
-
-def engine_flags(args: argparse.Namespace) -> dict:
-    """The load and remote flags every model-running verb shares, under the names LoadOptions and
-    ServerSettings both use (the backend and the context are each verb's own)."""
     from localllm.core.env_vars import env_secret
 
-    return dict(
+    return LoadOptions(
+        backend=backend_choice(args),
+        n_ctx=args.ctx,
         n_threads=args.threads,
         verbose=args.verbose,
         kv_cache_bytes=args.kv_cache,

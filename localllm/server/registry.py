@@ -7,13 +7,21 @@ reaper unloads it. At most `max_loaded` models are in memory: a new one evicts
 the least recently used idle model, or waits until one is idle. Two requests
 for a model that is loading share the load.
 
+A front end that shows a model itself (the terminal UI's chat) *holds* it
+instead: `hold` loads it like a request would, and while it is held it is
+never evicted, reaped or unloaded by a server stop, and requests that name it
+run on that same backend (with the context it was held with) rather than a
+second copy. Held models do not count against `max_loaded`: that limit is
+what the server keeps besides them. Letting go (`let_go`) unloads it
+once no request runs on it.
+
 Admission control lives here too: the server accepts `parallel + max_queue`
 requests at once (running, queued for an engine, or waiting for a load) and
 answers the next with QueueFull (HTTP 429).
 
-Requests may name installed models (and `starter`, installed on first use), and
-the model the server was started with; never a file path, so a client cannot
-make the server open arbitrary files. Names routed to an upstream server
+Requests may name installed models (and `starter`, installed on first use), the
+model the server was started with and the models a front end holds; never any
+other file path, so a client cannot make the server open arbitrary files. Names routed to an upstream server
 (remotes.toml, see localllm.backends.remotes) and, under `--backend remote`, every name
 open the remote backend instead: those models live on the upstream.
 """
@@ -76,22 +84,28 @@ class LoadedModel:
     keep_alive_s: float | None  # None: stays until evicted or the server stops
     last_used: float = field(default_factory=time.monotonic)
     in_flight: int = 0
+    holders: int = 0  # front ends holding it (the chat): kept loaded whatever the keep-alive says
+
+    @property
+    def idle(self) -> bool:
+        return self.in_flight == 0 and self.holders == 0
 
     def expires_at(self) -> datetime | None:
         """Wall-clock time when it unloads if unused, for /api/ps; None when it never expires."""
         if self.keep_alive_s is None:
             return None
-        idle = 0.0 if self.in_flight else time.monotonic() - self.last_used
+        idle = 0.0 if not self.idle else time.monotonic() - self.last_used
         return datetime.now(timezone.utc) + timedelta(seconds=max(0.0, self.keep_alive_s - idle))
 
 
 class Lease:
-    """One request's hold on a loaded model; `release` is idempotent."""
+    """One request's (or, `held`, one front end's) hold on a loaded model; `release` is idempotent."""
 
-    def __init__(self, registry: "ModelRegistry", model: LoadedModel, load_s: float) -> None:
+    def __init__(self, registry: "ModelRegistry", model: LoadedModel, load_s: float, *, held: bool = False) -> None:
         self.registry = registry
         self.model = model
         self.load_s = load_s  # seconds this request waited for a load (0 if it was loaded)
+        self.held = held
         self.keep_alive_s: object = _KEEP
         self._released = False
 
@@ -137,6 +151,9 @@ class ModelRegistry:
         check_model_name(name)
         if self._preloaded is not None and name == self._preloaded.name:
             return self._preloaded
+        held = self._models.get(name)
+        if held is not None and held.holders:
+            return held.resolved  # the chat's model, a file path included: the operator chose it
         remote = self._remote(name)
         if remote is not None:
             return remote
@@ -167,7 +184,7 @@ class ModelRegistry:
         route = self.settings.remotes.get(name)
         if route is not None:
             return RemoteModel.named(name, route.model)
-        if self.settings.backend == "remote" and name:
+        if self.settings.load.backend == "remote" and name:
             return RemoteModel.named(name)  # the upstream decides whether it exists
         return None
 
@@ -199,10 +216,37 @@ class ModelRegistry:
         waited = time.monotonic() - started
         return Lease(self, model, waited if waited > 0.05 else 0.0)
 
+    async def hold(self, resolved: ResolvedModel, *, n_ctx: int | None = None) -> Lease:
+        """A front end's hold on `resolved` (resolved by the operator's rules: paths allowed), loading it
+        if needed. Not a request: no admission, no keep-alive; kept loaded until the lease is released."""
+        started = time.monotonic()
+        while True:
+            model = await self._get(resolved, n_ctx)
+            if self._models.get(model.name) is model:  # not unloaded (a server stop) while we waited
+                break
+        model.holders += 1
+        waited = time.monotonic() - started
+        return Lease(self, model, waited if waited > 0.05 else 0.0, held=True)
+
+    async def let_go(self, lease: Lease) -> None:
+        """A holder's end: release, then unload the model now if idle, else once the requests on it end."""
+        lease.release()
+        model = lease.model
+        if self._models.get(model.name) is not model:
+            return
+        if model.idle:
+            await self._unload(model)
+        elif not model.holders:
+            model.keep_alive_s = 0.0  # the reaper takes it once idle
+
     def _release(self, lease: Lease) -> None:
         model = lease.model
-        model.in_flight -= 1
         model.last_used = time.monotonic()
+        if lease.held:
+            model.holders -= 1
+            self._notify()
+            return
+        model.in_flight -= 1
         if lease.keep_alive_s is not _KEEP:
             model.keep_alive_s = lease.keep_alive_s  # type: ignore[assignment]
         self._pending -= 1
@@ -212,10 +256,10 @@ class ModelRegistry:
         name = resolved.name
         while True:
             model = self._models.get(name)
-            if model is not None and (n_ctx is None or model.n_ctx == n_ctx):
-                return model
+            if model is not None and (n_ctx is None or model.n_ctx == n_ctx or model.holders):
+                return model  # a held model is served as it is held: it cannot reload under its holder
             if model is not None:  # loaded with another context size: reload once idle
-                if model.in_flight == 0:
+                if model.idle:
                     await self._unload(model)
                 else:
                     await self._wait_for_change()
@@ -223,8 +267,9 @@ class ModelRegistry:
             if name in self._loading:
                 await asyncio.shield(self._loading[name])
                 continue
-            if len(self._models) + len(self._loading) >= self.settings.max_loaded:
-                idle = [m for m in self._models.values() if m.in_flight == 0]
+            kept = sum(1 for m in self._models.values() if not m.holders)
+            if kept + len(self._loading) >= self.settings.max_loaded:
+                idle = [m for m in self._models.values() if m.idle]
                 if idle:
                     await self._unload(min(idle, key=lambda m: m.last_used))
                 else:
@@ -253,22 +298,10 @@ class ModelRegistry:
             self._notify()
 
     def _open_backend(self, resolved: ResolvedModel, n_ctx: int | None) -> Backend:
-        from localllm.backends.select import LoadOptions, open_backend
+        from localllm.backends.select import open_backend, with_n_ctx
 
         s = self.settings
-        options = LoadOptions(
-            backend=s.backend,
-            n_ctx=n_ctx or s.n_ctx,
-            n_threads=s.n_threads,
-            verbose=s.verbose,
-            kv_cache_bytes=s.kv_cache_bytes,
-            speculative=s.speculative,
-            draft=s.draft,
-            num_speculative_tokens=s.num_speculative_tokens,
-            n_parallel=s.parallel,
-            remote_url=s.remote_url,
-            remote_api_key=s.remote_api_key,
-        )
+        options = replace(with_n_ctx(s.load, n_ctx), n_parallel=s.parallel)
         route = s.remotes.get(resolved.name)
         if route is not None:
             options = replace(
@@ -295,8 +328,8 @@ class ModelRegistry:
         model = self._models.get(canonical_name(name))
         if model is None:
             return
-        if model.in_flight:
-            model.keep_alive_s = 0.0  # the reaper takes it once idle
+        if not model.idle:
+            model.keep_alive_s = 0.0  # the reaper takes it once idle (and no longer held)
             return
         await self._unload(model)
 
@@ -310,7 +343,7 @@ class ModelRegistry:
         """Unload every idle model whose keep-alive has run out."""
         now = time.monotonic()
         for model in list(self._models.values()):
-            if model.in_flight == 0 and model.keep_alive_s is not None and now - model.last_used >= model.keep_alive_s:
+            if model.idle and model.keep_alive_s is not None and now - model.last_used >= model.keep_alive_s:
                 await self._unload(model)
 
     async def run_reaper(self, interval_s: float = 0.5) -> None:
@@ -323,10 +356,16 @@ class ModelRegistry:
 
         Resolved at once, so a wrong name fails before the server binds its port.
         """
-        name = canonical_name(ref)
-        self._preloaded = self._remote(name) or resolve_installing(self.store, name, allow_paths=True)
+        self._preloaded = self.operator_model(ref)
         self.preload_state = "loading"  # from now on, so /health never says ready before the load
         return self._preloaded
+
+    def operator_model(self, ref: str) -> ResolvedModel:
+        """A model the operator names (the command line, the chat): a routed or remote name, an
+        installed one (a bundled model is installed on first use), or a .gguf path or model folder;
+        requests get none of the paths."""
+        name = canonical_name(ref)
+        return self._remote(name) or resolve_installing(self.store, name, allow_paths=True)
 
     async def preload(self) -> None:
         """Load the start-up model; /health says 'loading' meanwhile and 'failed' if it could not."""
@@ -340,13 +379,15 @@ class ModelRegistry:
             self.preload_state, self.preload_error = "failed", str(exc)
 
     async def close(self) -> None:
+        """Unload every model no front end holds: all of them under `serve`, all but the chat's in the UI."""
         for task in list(self._loading.values()):
             try:
                 await task
             except Exception:
                 pass
         for model in list(self._models.values()):
-            await self._unload(model)
+            if not model.holders:
+                await self._unload(model)
 
     # -- views ----------------------------------------------------------------
     def loaded(self) -> list[LoadedModel]:

@@ -1,4 +1,6 @@
-"""Running the API: in the foreground for `localllm serve`, or on a thread for the terminal UI.
+"""Running the API: in the foreground for `localllm serve`, on a thread for `localllm bench`, or as a
+task on the terminal UI's own event loop, where it shares the UI's model registry (so the chat's model
+is served without a second copy, and the registry's asyncio state lives on one loop).
 
 We bind the listening socket ourselves before uvicorn starts, so the address
 is known (port 0 picks a free one) and a busy port is one clear error line.
@@ -6,14 +8,20 @@ is known (port 0 picks a free one) and a busy port is one clear error line.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import socket
 import sys
 import threading
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from localllm.core.errors import BadRequest
 from localllm.server.settings import ServerSettings
+
+if TYPE_CHECKING:
+    from localllm.server.registry import ModelRegistry
 
 GRACE_S = 2  # on stop, requests still running get this long before they are cancelled
 STOP_DEADLINE_S = 4.5  # `serve` is gone this long after SIGTERM or Ctrl+C, whatever was running
@@ -45,7 +53,8 @@ def bind(settings: ServerSettings) -> Listening:
     return Listening(sock, f"http://{shown}:{port}")
 
 
-def _uvicorn_server(settings: ServerSettings, app):
+def _uvicorn_server(settings: ServerSettings, app, *, own_signals: bool = True):
+    """uvicorn for `app`; without `own_signals` it leaves Ctrl+C and SIGTERM to its host (the UI)."""
     import uvicorn
 
     class Server(uvicorn.Server):
@@ -53,10 +62,13 @@ def _uvicorn_server(settings: ServerSettings, app):
             app.state.localllm.registry.stop_generating()  # replies end now, complete, not cut at the grace's end
             await super().shutdown(sockets)
 
+        def capture_signals(self):
+            return super().capture_signals() if own_signals else contextlib.nullcontext()
+
     config = uvicorn.Config(
         app,
-        log_level="info" if settings.verbose else "warning",
-        access_log=settings.verbose,
+        log_level="info" if settings.load.verbose else "warning",
+        access_log=settings.load.verbose,
         server_header=False,
         timeout_graceful_shutdown=GRACE_S,
     )
@@ -82,13 +94,17 @@ def _exit_by_deadline(server, finished: threading.Event) -> None:
     threading.Thread(target=watch, name="stop-deadline", daemon=True).start()
 
 
-def prepare(settings: ServerSettings):
-    """Validate settings and resolve the start-up model, before any port is taken; the app."""
+def prepare(settings: ServerSettings, registry: ModelRegistry | None = None):
+    """Validate settings and resolve the start-up model, before any port is taken; the app.
+
+    A host's `registry` (the UI's) is shared: the server opens models with its options, not `settings`'."""
     from localllm.server.app import create_app
     from localllm.server.registry import ModelRegistry
 
     settings.validate()
-    registry = ModelRegistry(settings)
+    if registry is None:
+        registry = ModelRegistry(settings)
+    registry.stopping = False  # a registry outlives a server that stopped: the next one starts afresh
     if settings.model:
         registry.set_startup_model(settings.model)
     return create_app(settings, registry)
@@ -149,3 +165,48 @@ class ServerThread:
                 self._server.force_exit = True  # uvicorn stops waiting for connections and tasks
             self._thread.join()
         self._server = self._thread = None
+
+
+class HostedServer:
+    """The API as a task on the caller's event loop, serving the host's model registry (the terminal UI).
+
+    uvicorn runs on the UI's loop, so the registry and its leases live on one loop; models run on
+    their engine threads and request parsing is light, so the UI stays responsive.
+    """
+
+    def __init__(self, settings: ServerSettings, registry: ModelRegistry) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.url: str | None = None
+        self._server = None
+        self._task: asyncio.Task | None = None
+
+    async def start(self, timeout_s: float = 30.0) -> str:
+        app = prepare(self.settings, self.registry)
+        listening = bind(self.settings)
+        self._server = server = _uvicorn_server(self.settings, app, own_signals=False)
+        self._task = asyncio.create_task(server.serve(sockets=[listening.socket]), name="localllm-api")
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while not server.started and not self._task.done() and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.02)
+        if not server.started:
+            await self.stop()
+            listening.socket.close()
+            raise BadRequest("the API server did not start")
+        self.url = listening.url
+        return self.url
+
+    async def stop(self, deadline_s: float = STOP_DEADLINE_S) -> None:
+        """Return once the server has stopped: its port closed, its requests ended, the models only it used
+        unloaded. Requests still running after `deadline_s` are cut."""
+        server, task = self._server, self._task
+        self._server = self._task = None
+        if server is None or task is None:
+            return
+        server.should_exit = True
+        done, _ = await asyncio.wait({task}, timeout=deadline_s)
+        if not done:
+            server.force_exit = True  # uvicorn stops waiting for connections and tasks
+            await asyncio.wait({task})
+        if not task.cancelled():
+            task.exception()  # retrieved: a server that failed has stopped all the same

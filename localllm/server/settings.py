@@ -10,8 +10,9 @@ import ipaddress
 import re
 from dataclasses import dataclass, field
 
-from localllm.core.errors import BadRequest
 from localllm.backends.remotes import RemoteRoute
+from localllm.backends.select import LoadOptions
+from localllm.core.errors import BadRequest
 
 # Ollama listens on 11434 and llama.cpp's server on 8080. The next port after
 # Ollama's lets both run side by side; Ollama clients need only the port changed.
@@ -38,16 +39,9 @@ class ServerSettings:
     parallel: int = 1  # requests an engine runs at once
     max_queue: int = DEFAULT_MAX_QUEUE  # requests allowed to wait beyond those running
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
-    n_ctx: int | None = None
-    n_threads: int | None = None
-    backend: str = "auto"
-    kv_cache_bytes: int | None = None  # native engine only
-    speculative: str | None = None  # native engine: off | ngram | draft (see LoadOptions)
-    draft: str | None = None
-    num_speculative_tokens: int | None = None
-    verbose: bool = False
-    remote_url: str | None = None  # --backend remote: the upstream every request goes to
-    remote_api_key: str | None = None
+    # How models open (backend, --ctx, threads, speculation, --verbose; with --backend remote the
+    # upstream every request goes to): the same options `run` and `chat` open their model with.
+    load: LoadOptions = field(default_factory=LoadOptions)
     remotes: dict[str, RemoteRoute] = field(default_factory=dict)  # model names served by upstreams (remotes.toml)
 
     def validate(self) -> "ServerSettings":
@@ -61,7 +55,7 @@ class ServerSettings:
             raise BadRequest("--max-queue must be at least 0")
         if self.max_body_bytes < 1024:
             raise BadRequest("--max-body must be at least 1 KiB")
-        if self.backend == "remote" and not self.remote_url:
+        if self.load.backend == "remote" and not self.load.remote_url:
             raise BadRequest("--backend remote needs --url, the upstream's OpenAI base URL (e.g. http://host:8000/v1)")
         if self.api_key is not None and not self.api_key.strip():
             raise BadRequest("the API key must not be empty")

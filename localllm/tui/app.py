@@ -2,7 +2,9 @@
 
 Screens are modes (F2 chat, F3 models, F4 hardware, F5 server) so each keeps
 its state while you look elsewhere. The app owns what they share: the saved
-conversations, the loaded model, the hardware probe and the API server.
+conversations, the model registry (the one owner of loaded models: the chat
+holds its model there and the F5 server serves from it), the hardware probe
+and the API server.
 """
 
 from __future__ import annotations
@@ -17,16 +19,21 @@ from textual.binding import Binding
 from textual.screen import Screen
 
 from localllm.backends.base import Backend
+from localllm.backends.select import LoadOptions
 from localllm.core.config import Paths, home_dir
-from localllm.store.store import DEFAULT_CHAT_MODEL, ModelStore
 from localllm.core.errors import BackendError
+from localllm.server.registry import ModelRegistry
+from localllm.server.settings import DEFAULT_PARALLEL, ServerSettings
+from localllm.store.store import DEFAULT_CHAT_MODEL, ModelStore
 from localllm.tui.conversations import ChatSettings, ConversationStore
 from localllm.tui.screens.chat import ChatScreen
 from localllm.tui.screens.hardware import HardwareProbe, HardwareScreen
 from localllm.tui.screens.help import HelpScreen
 from localllm.tui.screens.models import ModelsScreen
 from localllm.tui.screens.server import ServerScreen
-from localllm.tui.session import BackendFactory, ModelLoaded, ModelLoadFailed, ModelSession, store_factory
+from localllm.tui.session import BackendFactory, ModelLoaded, ModelLoadFailed, ModelSession
+
+QUIT_WAIT_S = 0.8  # quitting waits this long for engines to close, then leaves them to finish alone
 
 
 class LocalLLMApp(App):
@@ -51,14 +58,21 @@ class LocalLLMApp(App):
         home: Path | None = None,
         hardware_probe: HardwareProbe | None = None,
         defaults: ChatSettings | None = None,
+        load: LoadOptions | None = None,
     ) -> None:
+        """`load`: how models open (the command's flags); `factory`: a stand-in that finds and opens them instead."""
         super().__init__()
         self.default_model = model
         self.default_settings = defaults or ChatSettings()
         self.home = home or home_dir()
         self.conversations = ConversationStore(self.home / "conversations.sqlite3")
         self.store = ModelStore(Paths(self.home))
-        self.session = ModelSession(factory or store_factory(self.store), self.post_message)
+        # The server's defaults: the requests a model runs at once match llama.cpp's default slots,
+        # so a chat's model opens as it would alone; max_loaded counts models besides the chat's.
+        settings = ServerSettings(load=load or LoadOptions(), parallel=DEFAULT_PARALLEL)
+        self.registry = ModelRegistry(settings, self.store, opener=factory.open if factory else None)
+        resolve = factory.resolve if factory else self.registry.operator_model
+        self.session = ModelSession(self.registry, resolve, self.post_message)
         self.hardware_probe = hardware_probe or HardwareProbe()
         self.chat = ChatScreen()
         self.server_panel = ServerScreen()
@@ -72,19 +86,19 @@ class LocalLLMApp(App):
         self.install_screen(HardwareScreen(), "hardware-screen")
         self.install_screen(self.server_panel, "server-screen")
         self.switch_mode("chat")
-        self.ensure_model(self.default_model, self.default_settings.context)
+        self.ensure_model(self.default_model, self.default_settings.n_ctx)
 
     # -- the shared model -------------------------------------------------------------
-    def ensure_model(self, model: str, context: int | None) -> None:
+    def ensure_model(self, model: str, n_ctx: int | None) -> None:
         """Start loading `model` unless it is loaded or on its way."""
-        if self.session.is_loaded(model, context) or self.session.loading == model:
+        if self.session.is_loaded(model, n_ctx) or self.session.loading == model:
             return
-        self.session.load(model, context)
+        self.session.load(model, n_ctx)
         self._refresh_status()
 
-    async def wait_for_model(self, model: str, context: int | None) -> Backend:
-        self.ensure_model(model, context)
-        while not self.session.is_loaded(model, context):
+    async def wait_for_model(self, model: str, n_ctx: int | None) -> Backend:
+        self.ensure_model(model, n_ctx)
+        while not self.session.is_loaded(model, n_ctx):
             if self._load_failure and self._load_failure[0] == model and self.session.loading is None:
                 raise BackendError(f"{model} could not be loaded: {self._load_failure[1]}")
             self._model_changed.clear()
@@ -93,13 +107,11 @@ class LocalLLMApp(App):
         return self.session.backend
 
     def on_model_loaded(self, message: ModelLoaded) -> None:
-        self.session.adopt(message)
         self._load_failure = None
         self._model_changed.set()
         self._refresh_status()
 
     def on_model_load_failed(self, message: ModelLoadFailed) -> None:
-        self.session.loading = None
         self._load_failure = (message.model, message.reason)
         self._model_changed.set()
         self.notify(f"{message.model} could not be loaded: {message.reason}", severity="error", timeout=10)
@@ -152,7 +164,7 @@ class LocalLLMApp(App):
         self.exit()
 
     async def on_unmount(self) -> None:
-        """Stop a streaming reply (it saves what it wrote), then free the model and the database."""
+        """Stop a streaming reply (it saves what it wrote), then the server, then free the models and the database."""
         replies = [w for w in self.workers if w.group == "reply"]
         for worker in replies:
             worker.cancel()
@@ -161,6 +173,14 @@ class LocalLLMApp(App):
                 await asyncio.wait_for(worker.wait(), timeout=0.5)
             except Exception:  # cancelled or failed: either way it is over
                 pass
-        self.server_panel.shutdown()
-        self.session.close()
+        await self.server_panel.shutdown()
+
+        async def free_models() -> None:
+            await self.session.close()
+            await self.registry.close()
+
+        try:
+            await asyncio.wait_for(free_models(), timeout=QUIT_WAIT_S)  # closes still running go on alone
+        except asyncio.TimeoutError:
+            pass
         self.conversations.close()

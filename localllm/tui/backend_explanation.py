@@ -28,12 +28,12 @@ def explain_backend(model: str, backend: Backend, hardware: Hardware | None) -> 
     from localllm.fit.render import verdict
     from localllm.fit.settings import FitSettings
 
-    context = backend.n_ctx
+    n_ctx = backend.n_ctx
     settings = FitSettings.from_env()
     try:
-        plan = plan_fit(info, hardware, Wishes(context=context), settings)  # what `auto` picks, with its reasons
+        plan = plan_fit(info, hardware, Wishes(context=n_ctx), settings)  # what `auto` picks, with its reasons
         if plan.backend != name:  # the user named another backend: its own plan
-            plan = plan_fit(info, hardware, Wishes(context=context, backend=name), settings)
+            plan = plan_fit(info, hardware, Wishes(context=n_ctx, backend=name), settings)
     except LocalLLMError as exc:
         return f"Backend: {name} for {model} (no plan: {exc})"
     why = "\n".join(f"  · {reason}" for reason in plan.reasons[:2])

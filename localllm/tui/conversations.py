@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from localllm.core.requests import SamplingParams
@@ -36,41 +36,42 @@ CREATE INDEX IF NOT EXISTS messages_by_conversation ON messages(conversation_id,
 """
 
 
+CHAT_MAX_TOKENS = 512  # a chat's reply length when no --max-tokens was given
+
+
+def _chat_sampling() -> SamplingParams:
+    return SamplingParams(max_tokens=CHAT_MAX_TOKENS)
+
+
 @dataclass
 class ChatSettings:
-    """Per-chat settings: the sampling flags of `localllm chat` and the context; None means the default
-    (no seed: a random one; no max tokens: until the context ends; no context: the model's default)."""
+    """Per-chat settings: the system prompt, the sampling parameters `localllm chat` was given (all of
+    them, as the requests' own type) and the runtime context; None in `n_ctx` means the model's default."""
 
     system: str = ""
-    temperature: float = SamplingParams.temperature
-    top_p: float = SamplingParams.top_p
-    top_k: int = SamplingParams.top_k
-    min_p: float = SamplingParams.min_p
-    repeat_penalty: float = SamplingParams.repeat_penalty
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    max_tokens: int | None = 512
-    context: int | None = None
+    sampling: SamplingParams = field(default_factory=_chat_sampling)
+    n_ctx: int | None = None
+
+    @classmethod
+    def starting_from(cls, params: SamplingParams, *, system: str = "", n_ctx: int | None = None) -> ChatSettings:
+        """The settings a chat starts with, from the command's sampling flags."""
+        return cls(system, replace(params, stop=list(params.stop), max_tokens=params.max_tokens or CHAT_MAX_TOKENS), n_ctx)
+
+    def request_params(self) -> SamplingParams:
+        """A copy for one request, so a later change to the settings never reaches a request in flight."""
+        return replace(self.sampling, stop=list(self.sampling.stop))
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
 
     @classmethod
     def from_json(cls, text: str) -> ChatSettings:
-        known = {k: v for k, v in json.loads(text or "{}").items() if k in cls.__dataclass_fields__}
-        return cls(**known)
-
-    @classmethod
-    def from_sampling(cls, params: SamplingParams, *, system: str = "", context: int | None = None) -> ChatSettings:
-        """The settings a chat starts with, from the command's sampling flags."""
-        return cls(
-            system=system, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
-            min_p=params.min_p, repeat_penalty=params.repeat_penalty, seed=params.seed, stop=list(params.stop),
-            max_tokens=params.max_tokens or cls.max_tokens, context=context,
-        )
-
-    def sampling(self) -> SamplingParams:
-        return SamplingParams(
-            temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
-            repeat_penalty=self.repeat_penalty, seed=self.seed, stop=list(self.stop), max_tokens=self.max_tokens,
-        )
+        saved = json.loads(text or "{}")
+        if "sampling" not in saved:  # saved before the settings carried SamplingParams: flat fields, "context"
+            saved = {"system": saved.get("system", ""), "n_ctx": saved.get("context"),
+                     "sampling": {k: v for k, v in saved.items() if k in SamplingParams.__dataclass_fields__}}
+        known = {k: v for k, v in saved["sampling"].items() if k in SamplingParams.__dataclass_fields__}
+        return cls(saved.get("system", ""), replace(_chat_sampling(), **known), saved.get("n_ctx"))
 
 
 @dataclass
@@ -106,7 +107,7 @@ class ConversationStore:
         with self.db:
             cur = self.db.execute(
                 "INSERT INTO conversations (title, model, settings, created, updated) VALUES (?, ?, ?, ?, ?)",
-                (title, model, json.dumps(asdict(settings)), now, now),
+                (title, model, settings.to_json(), now, now),
             )
         return Conversation(cur.lastrowid, title, model, settings, now)
 
@@ -163,7 +164,7 @@ class ConversationStore:
         with self.db:
             self.db.execute(
                 "UPDATE conversations SET model = ?, settings = ? WHERE id = ?",
-                (conversation.model, json.dumps(asdict(conversation.settings)), conversation.id),
+                (conversation.model, conversation.settings.to_json(), conversation.id),
             )
             self._touch(conversation.id)
 

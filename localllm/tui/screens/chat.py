@@ -129,7 +129,7 @@ class ChatScreen(Screen):
             messages.scroll_end(animate=False)
         else:
             messages.mount(Static(WELCOME, classes="welcome"))
-        self.app.ensure_model(self.model_name, self.settings.context)
+        self.app.ensure_model(self.model_name, self.settings.n_ctx)
         self.show_model_status()
 
     def action_new_chat(self) -> None:
@@ -193,7 +193,7 @@ class ChatScreen(Screen):
                 self.app.conversations.update(self.conversation)
             else:
                 self.draft_settings = settings
-            self.app.ensure_model(self.model_name, settings.context)
+            self.app.ensure_model(self.model_name, settings.n_ctx)
             self.show_model_status()
 
         self.app.push_screen(SettingsScreen(self.settings), done)
@@ -205,7 +205,7 @@ class ChatScreen(Screen):
             self.app.conversations.update(self.conversation)
         else:
             self.app.default_model = model
-        self.app.ensure_model(model, self.settings.context)
+        self.app.ensure_model(model, self.settings.n_ctx)
         self.show_model_status()
 
     def show_model_status(self) -> None:
@@ -252,18 +252,18 @@ class ChatScreen(Screen):
         painter: ReplyPainter | None = None
         discarded = False  # no reply at all: its view goes
         try:
-            backend = await self.app.wait_for_model(conversation.model, conversation.settings.context)
+            backend = await self.app.wait_for_model(conversation.model, conversation.settings.n_ctx)
             history = self.app.conversations.messages(conversation.id)
             s = conversation.settings
             chat = [{"role": "system", "content": s.system}] if s.system else []
             chat += [{"role": m.role, "content": m.content} for m in history]
-            fitted = await asyncio.to_thread(fit_chat, backend, chat, max_tokens=s.max_tokens)
+            fitted = await asyncio.to_thread(fit_chat, backend, chat, max_tokens=s.sampling.max_tokens)
             self.say_what_was_dropped(fitted, view)
             generated = 0
             self.show_meter(fitted.prompt_tokens, fitted.context)
             painter = ReplyPainter(view.body, lambda: self.show_meter(fitted.prompt_tokens, fitted.context, generated))
             started = time.perf_counter()
-            request = GenerationRequest(request_id, fitted.prompt, s.sampling(), templated=True, messages=fitted.messages)
+            request = GenerationRequest(request_id, fitted.prompt, s.request_params(), templated=True, messages=fitted.messages)
             async for event in backend.generate(request):
                 if isinstance(event, TokenEvent):
                     text += event.text
@@ -317,14 +317,14 @@ class ChatScreen(Screen):
             users[-1].remove()
         self.query_one("#messages", VerticalScroll).mount(Static(f"error: {error}", classes="notice error", markup=False), before=reply)
 
-    def show_meter(self, prompt_tokens: int | None, context: int | None, generated: int = 0) -> None:
+    def show_meter(self, prompt_tokens: int | None, n_ctx: int | None, generated: int = 0) -> None:
         """`context 1,234 / 4,096`: what the chat and the reply so far take of the model's context."""
         meter = self.query_one("#context-meter", Static)
         if prompt_tokens is None:
-            text = f"context {context:,}" if context else ""
+            text = f"context {n_ctx:,}" if n_ctx else ""
         else:
             used = prompt_tokens + generated
-            text = f"context {used:,} / {context:,}" if context else f"{used:,} tokens"
+            text = f"context {used:,} / {n_ctx:,}" if n_ctx else f"{used:,} tokens"
         meter.update(text, layout=False)  # a fixed width: no layout pass for each frame of a reply
 
     def action_stop(self) -> None:

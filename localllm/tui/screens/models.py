@@ -231,12 +231,12 @@ class ModelsScreen(Screen):
             return
         from localllm.tui.screens.dialogs import Confirm
 
-        def done(yes: bool | None) -> None:
+        async def done(yes: bool | None) -> None:
             if not yes:
                 return
             current = self.app.session.current
             if current is not None and current.name == row.name:
-                self.app.session.close()
+                await self.app.session.close()
             try:
                 self.app.store.remove(row.name)
                 self.notify(f"deleted {row.name}")

@@ -1,15 +1,17 @@
 """The server panel: start and stop the local OpenAI- and Ollama-compatible API from the app.
 
-Starting binds the port and waits for uvicorn on a thread of its own, then
-reports back with `post_message`, so the UI stays responsive. Stopping does
-the same: "stopped" is shown once uvicorn's thread has ended, that is once its
+The server runs on the app's own event loop and serves the app's model registry,
+so the chat's model answers API requests too, without a second copy in memory.
+Starting and stopping run as tasks that report back with `post_message`, so the
+UI stays responsive: "stopped" is shown once uvicorn has ended, that is once its
 port is closed and no request is running.
 """
 
 from __future__ import annotations
 
+import asyncio
 import secrets
-import threading
+from dataclasses import replace
 
 from textual import on
 from textual.app import ComposeResult
@@ -23,9 +25,9 @@ from localllm.core.errors import LocalLLMError
 
 
 class ServerStarted(Message):
-    def __init__(self, url: str) -> None:
+    def __init__(self, server, url: str) -> None:
         super().__init__()
-        self.url = url
+        self.server, self.url = server, url
 
 
 class ServerFailed(Message):
@@ -43,10 +45,12 @@ class ServerScreen(Screen):
 
     def __init__(self) -> None:
         super().__init__(name="server")
-        self.server = None  # a localllm.server.run.ServerThread while running
+        self.server = None  # a localllm.server.run.HostedServer while running
         self.api_key: str | None = None
         self.starting = False
         self.stopping = False
+        self._task: asyncio.Task | None = None  # the start or stop under way (kept: the loop holds tasks weakly)
+        self._launching = None  # the server being started, until the panel takes it
 
     def compose(self) -> ComposeResult:
         from localllm.server.settings import DEFAULT_PORT
@@ -75,8 +79,7 @@ class ServerScreen(Screen):
             self.start()
 
     def start(self) -> None:
-        from localllm.server.run import ServerThread
-        from localllm.server.settings import ServerSettings
+        from localllm.server.run import HostedServer
 
         try:
             port = int(self.query_one("#port", Input).value or "0")
@@ -84,27 +87,28 @@ class ServerScreen(Screen):
             self.notify("the port must be a number", severity="error")
             return
         self.api_key = secrets.token_urlsafe(18) if self.query_one("#require-key", Switch).value else None
-        settings = ServerSettings(port=port, api_key=self.api_key, model=None)
+        registry = self.app.registry
+        settings = replace(registry.settings, port=port, api_key=self.api_key, model=None)
         self.starting = True
         self.query_one("#server-status", Static).update("starting …")
-        server = ServerThread(settings)
+        server = self._launching = HostedServer(settings, registry)
 
-        def run() -> None:
+        async def run() -> None:
             try:
-                url = server.start()
+                url = await server.start()
             except LocalLLMError as exc:
                 self.post_message(ServerFailed(str(exc)))
             except Exception as exc:  # the app reports, never crashes
                 self.post_message(ServerFailed(f"{type(exc).__name__}: {exc}"))
             else:
-                self.server = server
-                self.post_message(ServerStarted(url))
+                self.post_message(ServerStarted(server, url))  # the panel takes it with its status, in one step
 
-        threading.Thread(target=run, name="start-api", daemon=True).start()
+        self._task = asyncio.create_task(run(), name="start-api")
 
     @on(ServerStarted)
     def _started(self, message: ServerStarted) -> None:
         self.starting = False
+        self.server, self._launching = message.server, None
         key = self.api_key
         self.query_one("#toggle", Button).label = "Stop server"
         self.query_one("#server-status", Static).update(
@@ -122,12 +126,12 @@ class ServerScreen(Screen):
     @on(ServerFailed)
     def _failed(self, message: ServerFailed) -> None:
         self.starting = False
-        self.server = None
+        self.server = self._launching = None
         self.query_one("#server-status", Static).update(f"stopped: {message.reason}")
         self.notify(f"the server did not start: {message.reason}", severity="error", timeout=10)
 
     def stop(self) -> None:
-        """Stop on a thread; the panel says "stopped" only once the port is closed and no request runs."""
+        """Stop in a task; the panel says "stopped" only once the port is closed and no request runs."""
         server, self.server = self.server, None
         if server is None:
             return
@@ -135,13 +139,13 @@ class ServerScreen(Screen):
         self.query_one("#server-status", Static).update("stopping …")
         self.query_one("#server-usage", Static).update("")
 
-        def run() -> None:
+        async def run() -> None:
             try:
-                server.stop()
+                await server.stop()
             finally:
                 self.post_message(ServerStopped())
 
-        threading.Thread(target=run, name="stop-api", daemon=True).start()
+        self._task = asyncio.create_task(run(), name="stop-api")
 
     @on(ServerStopped)
     def _stopped(self, message: ServerStopped) -> None:
@@ -149,10 +153,12 @@ class ServerScreen(Screen):
         self.query_one("#toggle", Button).label = "Start server"
         self.query_one("#server-status", Static).update("stopped")
 
-    def shutdown(self) -> None:
-        """On quit: stop without waiting long."""
-        server, self.server = self.server, None
+    async def shutdown(self) -> None:
+        """On quit: stop (one still starting too), waiting at most a moment (requests still running are cut)."""
+        server = self.server or self._launching
+        self.server = self._launching = None
         if server is not None:
-            stopper = threading.Thread(target=server.stop, daemon=True)
-            stopper.start()
-            stopper.join(timeout=0.5)
+            try:
+                await asyncio.wait_for(server.stop(deadline_s=0.5), timeout=1.0)
+            except asyncio.TimeoutError:
+                pass

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -38,7 +40,8 @@ def parse_stops(text: str) -> list[str]:
     return [s for s in stops if s]
 
 
-# (field, label, kind, low, high, optional placeholder); None placeholder: a value is required
+# (field, label, kind, low, high, optional placeholder); None placeholder: a value is required.
+# Every field but n_ctx is one of the chat's SamplingParams.
 NUMBERS = [
     ("temperature", "Temperature", float, 0.0, 5.0, None),
     ("top_p", "Top-p", float, 0.01, 1.0, None),
@@ -47,7 +50,7 @@ NUMBERS = [
     ("repeat_penalty", "Repeat penalty", float, 0.01, 10.0, None),
     ("seed", "Seed", int, 0, 2**32 - 1, "random"),
     ("max_tokens", "Max tokens", int, 1, 1_000_000, "no limit"),
-    ("context", "Context", int, 256, 1_048_576, "model default"),
+    ("n_ctx", "Context", int, 256, 1_048_576, "model default"),
 ]
 
 
@@ -66,13 +69,13 @@ class SettingsScreen(ModalScreen[ChatSettings | None]):
             yield TextArea(s.system, id="system")
             with Grid(id="numbers"):
                 for field, label, kind, _, _, placeholder in NUMBERS:
-                    value = getattr(s, field)
+                    value = s.n_ctx if field == "n_ctx" else getattr(s.sampling, field)
                     yield Label(label)
                     yield Input("" if value is None else str(value), id=field,
                                 type="integer" if kind is int else "number", placeholder=placeholder or "")
             with Horizontal(id="stop-row"):
                 yield Label("Stop strings")
-                yield Input(format_stops(s.stop), id="stop", placeholder="none (comma-separated; \\n is a new line)")
+                yield Input(format_stops(s.sampling.stop), id="stop", placeholder="none (comma-separated; \\n is a new line)")
             yield Label("", id="problem")
             with Horizontal(classes="buttons"):
                 yield Button("Save", variant="primary", id="save")
@@ -108,4 +111,6 @@ class SettingsScreen(ModalScreen[ChatSettings | None]):
         stop = parse_stops(self.query_one("#stop", Input).value)
         if len(stop) > 16:
             raise ValueError("at most 16 stop strings")
-        return ChatSettings(system=self.query_one("#system", TextArea).text, stop=stop, **values)
+        n_ctx = values.pop("n_ctx")
+        sampling = replace(self.settings.sampling, stop=stop, **values)  # fields not shown here are kept
+        return ChatSettings(self.query_one("#system", TextArea).text, sampling, n_ctx)
