@@ -83,7 +83,8 @@ def input_messages(body: ResponsesRequest) -> list[dict[str, Any]]:
 
 
 def _message(item: dict[str, Any], where: str) -> dict[str, Any]:
-    role = _ROLES.get(item.get("role"))  # type: ignore[arg-type]
+    role = item.get("role")
+    role = _ROLES.get(role) if isinstance(role, str) else None
     if role is None:
         raise APIError(400, f"{where}.role must be 'user', 'assistant', 'system' or 'developer'", param=f"{where}.role")
     return {"role": role, "content": _text(item.get("content"), f"{where}.content")}
@@ -158,8 +159,11 @@ def _dict_choice(choice: dict[str, Any], functions: list[dict[str, Any]]) -> tup
     if kind == "function":
         return {"type": "function", "function": {"name": choice.get("name")}}, functions
     if kind == "allowed_tools":
-        allowed = {t.get("name") for t in choice.get("tools", []) if isinstance(t, dict) and t.get("type") == "function"}
-        if len(allowed) != len(choice.get("tools", [])):
+        tools = choice.get("tools")
+        if not isinstance(tools, list) or not tools:
+            raise APIError(400, "tool_choice.tools must list the allowed tools", param="tool_choice.tools")
+        allowed = {t.get("name") for t in tools if isinstance(t, dict) and t.get("type") == "function" and isinstance(t.get("name"), str)}
+        if len(allowed) != len(tools):
             raise APIError(400, "tool_choice.tools: only function tools are available here", param="tool_choice.tools")
         mode = choice.get("mode", "auto")
         if mode not in ("auto", "required"):
