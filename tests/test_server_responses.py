@@ -103,6 +103,23 @@ def test_items_and_instructions_become_the_prompt(client):
     assert_usage_adds_up(instructed, 1)
 
 
+def test_input_items_of_a_stored_response_are_listed(client):
+    items = [
+        {"role": "user", "content": "Name a city."},
+        {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Paris."}]},
+        {"role": "user", "content": [{"type": "input_text", "text": "Another?"}]},
+    ]
+    r = create(client, input=items, max_output_tokens=1)
+    listed = client.responses.input_items.list(r.id, order="asc")
+    assert [i.type for i in listed.data] == ["message"] * 3 and [i.role for i in listed.data] == ["user", "assistant", "user"]
+    assert [i.content[0].text for i in listed.data] == ["Name a city.", "Paris.", "Another?"]
+    assert all(i.id.startswith("msg_") for i in listed.data)
+    newest = client.responses.input_items.list(r.id, limit=1)
+    assert newest.has_more and [i.id for i in newest.data] == [listed.data[-1].id]
+    rest = client.responses.input_items.list(r.id, limit=5, after=newest.data[0].id)
+    assert [i.id for i in rest.data] == [i.id for i in reversed(listed.data[:-1])] and not rest.has_more
+
+
 def test_max_output_tokens_cut_is_incomplete(client):
     r = create(client, input="Write an essay.", text=LONG_FORMAT, max_output_tokens=4)
     assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"

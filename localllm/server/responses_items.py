@@ -82,6 +82,24 @@ def input_messages(body: ResponsesRequest) -> list[dict[str, Any]]:
     return out
 
 
+def listed_input(body: ResponsesRequest) -> list[dict[str, Any]]:
+    """The request's input as items with ids, the way GET /v1/responses/{id}/input_items lists them."""
+    if isinstance(body.input, str):
+        return [{"id": item_id("msg"), "type": "message", "role": "user", "status": "completed", "content": [{"type": "input_text", "text": body.input}]}]
+    out = []
+    for item in body.input:
+        item = dict(item)
+        kind = item.setdefault("type", "message")
+        if kind == "message" and isinstance(item.get("content"), str):
+            part = "output_text" if item.get("role") == "assistant" else "input_text"
+            item["content"] = [{"type": part, "text": item["content"]}]
+        if kind == "message":
+            item.setdefault("status", "completed")
+        item.setdefault("id", item_id({"message": "msg", "function_call": "fc"}.get(kind, "item")))
+        out.append(item)
+    return out
+
+
 def _message(item: dict[str, Any], where: str) -> dict[str, Any]:
     role = item.get("role")
     role = _ROLES.get(role) if isinstance(role, str) else None

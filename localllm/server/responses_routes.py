@@ -1,4 +1,4 @@
-"""OpenAI's Responses API: POST /v1/responses, GET and DELETE /v1/responses/{id}.
+"""OpenAI's Responses API: POST /v1/responses, GET and DELETE /v1/responses/{id}, GET .../input_items.
 
 For the OpenAI Agents SDK and Codex-style tools pointed at this server. A
 request runs the way a chat completion does (openai_routes.py): the model is
@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import itertools
 import time
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Literal
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from starlette.responses import JSONResponse, Response
 
 from localllm.core.requests import FinishEvent, GenerationRequest, TokenEvent
@@ -83,6 +83,34 @@ async def create_response(body: ResponsesRequest, request: Request) -> Response:
 @router.get("/v1/responses/{response_id}")
 async def get_response(response_id: str, request: Request) -> dict[str, Any]:
     return _stored(_state(request).responses, response_id).response
+
+
+@router.get("/v1/responses/{response_id}/input_items")
+async def list_input_items(
+    response_id: str,
+    request: Request,
+    after: str | None = None,
+    limit: int = Query(default=20, ge=1, le=100),
+    order: Literal["asc", "desc"] = "desc",
+    include: list[str] | None = Query(default=None),  # accepted: no item here has optional parts
+) -> dict[str, Any]:
+    """A stored response's own input items, a page at a time (OpenAI's cursor list)."""
+    listed = list(_stored(_state(request).responses, response_id).input_items)
+    if order == "desc":
+        listed.reverse()
+    if after is not None:
+        ids = [item["id"] for item in listed]
+        if after not in ids:
+            raise APIError(400, f"'after': no input item '{after}' in response '{response_id}'", param="after")
+        listed = listed[ids.index(after) + 1 :]
+    page = listed[:limit]
+    return {
+        "object": "list",
+        "data": page,
+        "first_id": page[0]["id"] if page else None,
+        "last_id": page[-1]["id"] if page else None,
+        "has_more": len(listed) > limit,
+    }
 
 
 @router.delete("/v1/responses/{response_id}")
@@ -158,7 +186,7 @@ class _Reply:
         self.object.update(status=status, incomplete_details=details, output=output, usage=items.usage(finish))
         if self.body.store is not False:
             history = (*self.conversation, *items.output_messages(output))
-            self.store.put(StoredResponse(self.object, history))
+            self.store.put(StoredResponse(self.object, history, tuple(items.listed_input(self.body))))
         return self.object
 
     def failed(self, message: str) -> dict[str, Any]:

@@ -3,8 +3,8 @@
 In memory, per server process, and bounded: the newest MAX_STORED responses
 are kept and older ones are forgotten (as are all of them when the server
 stops), the way a local server's users expect, not a database. Each entry
-holds the reply as the client received it and the conversation up to and
-including it, as chat messages: the history of the response it continued,
+holds the reply as the client received it, its own input items (for
+GET .../input_items) and the conversation up to and including it, as chat messages: the history of the response it continued,
 then its own input, then its own output. The messages are shared, not copied,
 between a response and those that continue it, so a long chain costs one list
 of references per response; forgetting an old response does not break the
@@ -25,6 +25,7 @@ MAX_STORED = 1000
 class StoredResponse:
     response: dict[str, Any]  # the Response object, as GET returns it
     history: tuple[dict[str, Any], ...]  # the conversation through this response, as chat messages
+    input_items: tuple[dict[str, Any], ...] = ()  # this request's own input, as items with ids
 
 
 class ResponseStore:
