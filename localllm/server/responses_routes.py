@@ -39,7 +39,7 @@ from localllm.server.tools import ToolCall, ToolPlan
 
 router = APIRouter(route_class=OffLoopBodyRoute)
 
-_STOPPED = "the reply was stopped before it finished (the server is stopping)"
+_STOPPED = "the server is stopping; retry when it is back"  # the words of stopping.py's 503
 
 
 def _state(request: Request) -> ServerState:
@@ -71,7 +71,7 @@ async def create_response(body: ResponsesRequest, request: Request) -> Response:
     if finish.reason == "error":
         raise APIError(500, finish.error or "the engine failed", code="engine_error")
     if finish.reason == "abort":
-        raise APIError(503, _STOPPED)
+        raise APIError(503, _STOPPED, code="server_stopping")
     text = "".join(t.text for t in tokens)
     content, calls = plan.parse(text, cut=finish.reason == "length") if plan else (text, [])
     status, _ = items.status_of(finish)
