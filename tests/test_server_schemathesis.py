@@ -23,6 +23,7 @@ GENERATION_PATHS = {
     "/v1/embeddings",
     "/v1/messages",
     "/v1/messages/count_tokens",
+    "/v1/responses",
     "/api/chat",
     "/api/generate",
     "/api/embed",
@@ -49,7 +50,7 @@ def cheap(path: str, body):
     if isinstance(body.get("model"), str):
         body["model"] = "starter"
     body.pop("keep_alive", None)
-    for key in ("max_tokens", "max_completion_tokens"):
+    for key in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
         value = body.get(key)
         if isinstance(value, int) and not isinstance(value, bool) and value > SMALL:
             body[key] = SMALL
@@ -57,8 +58,8 @@ def cheap(path: str, body):
         if isinstance(body.get("options"), dict):
             body["options"].pop("num_ctx", None)
         return body
-    if path.startswith("/v1/") and body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
-        body["max_tokens"] = SMALL  # absent or null: no limit but the context
+    if path.startswith("/v1/") and all(body.get(k) is None for k in ("max_tokens", "max_completion_tokens", "max_output_tokens")):
+        body["max_output_tokens" if path == "/v1/responses" else "max_tokens"] = SMALL  # absent or null: no limit but the context
     if path.startswith("/api/"):
         options = body.setdefault("options", {})
         if options is None:

@@ -17,6 +17,7 @@ from localllm.core.requests import FinishEvent, SamplingParams
 from localllm.core.errors import BadRequest
 from localllm.server.anthropic_schemas import AnthropicMessage, AnthropicTool, AnthropicToolChoice, CountTokensRequest, MessagesRequest
 from localllm.server.errors import APIError
+from localllm.server.sampling import sampling_params
 from localllm.server.tools import ToolCall, ToolPlan, plan_tools
 
 MAX_STOP_SEQUENCES = 16  # the engines' limit (SamplingParams.validate)
@@ -150,20 +151,7 @@ def sampling(body: MessagesRequest) -> SamplingParams:
     stops = body.stop_sequences or []
     if not all(stops) or len(stops) > MAX_STOP_SEQUENCES:
         raise APIError(400, f"'stop_sequences' takes at most {MAX_STOP_SEQUENCES} strings, none of them empty", param="stop_sequences")
-    params = SamplingParams(max_tokens=body.max_tokens, stop=list(body.stop_sequences or []))
-    if body.temperature is not None:
-        params.temperature = body.temperature
-    if body.top_p is not None:
-        if body.top_p == 0:
-            params.temperature = 0.0  # only the most likely token remains: greedy
-        else:
-            params.top_p = body.top_p
-    if body.top_k is not None:
-        params.top_k = body.top_k
-    try:
-        return params.validate()
-    except BadRequest as exc:
-        raise APIError(400, str(exc)) from None
+    return sampling_params(body.max_tokens, body.temperature, body.top_p, top_k=body.top_k, stop=body.stop_sequences)
 
 
 # -- replies ------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from localllm import __version__
-from localllm.server import anthropic_routes, embedding_routes, ollama_routes, openai_routes
+from localllm.server import anthropic_routes, embedding_routes, ollama_routes, openai_routes, responses_routes
 from localllm.server.auth import APIKeyMiddleware
 from localllm.server.browser_guard import BrowserGuardMiddleware
 from localllm.server.errors import install_error_handlers
@@ -62,6 +62,7 @@ def create_app(settings: ServerSettings, registry: ModelRegistry | None = None) 
     app.include_router(ollama_routes.router)
     app.include_router(anthropic_routes.router)
     app.include_router(embedding_routes.router)
+    app.include_router(responses_routes.router)
     _add_system_routes(app, state)
 
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
@@ -72,7 +73,7 @@ def create_app(settings: ServerSettings, registry: ModelRegistry | None = None) 
         app.add_middleware(
             CORSMiddleware,
             allow_origins=settings.cors_origins,
-            allow_methods=["GET", "POST", "HEAD", "OPTIONS"],
+            allow_methods=["GET", "POST", "DELETE", "HEAD", "OPTIONS"],
             allow_headers=["*"],  # SDKs add their own headers (x-stainless-*, ...)
         )
     app.add_middleware(  # outermost: a refused page costs no work at all

@@ -32,6 +32,11 @@ _REPEAT_KEYS = ("minItems", "maxItems", "minLength", "maxLength", "minProperties
 _BRACES = re.compile(r"\{\s*(\d+)\s*(?:,\s*(\d*)\s*)?\}")
 
 ANY_OBJECT: dict[str, Any] = {"type": "object"}
+# The converter's string character admits raw control characters (a newline inside a string),
+# which JSON forbids; they are allowed only escaped, as in llama.cpp's own converter.
+_JSON_CHAR = re.compile(r'^char ::= \[\^"\\\\\] \|', flags=re.MULTILINE)
+_JSON_CHAR_STRICT = r'char ::= [^"\\\x7F\x00-\x1F] |'
+
 
 
 def checked_schema(schema: Any, field: str) -> dict[str, Any]:
@@ -62,7 +67,7 @@ def prepared_schema_grammar(schema: dict[str, Any], field: str) -> str:
         raise BadRequest(f"{field} cannot be turned into a grammar: {detail}") from None
     if not re.search(r"^root ::= \S", grammar, flags=re.MULTILINE):
         raise BadRequest(f"{field} allows no JSON value at all")
-    return grammar
+    return _JSON_CHAR.sub(lambda _: _JSON_CHAR_STRICT, grammar)
 
 
 def json_object_grammar() -> str:

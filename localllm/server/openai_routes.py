@@ -22,7 +22,6 @@ from starlette.responses import JSONResponse, Response
 
 from localllm import __version__
 from localllm.core.requests import FinishEvent, GenerationRequest, SamplingParams, TokenEvent
-from localllm.core.errors import BadRequest
 from localllm.server.errors import APIError
 from localllm.server.generation import (
     ClientGone,
@@ -40,6 +39,7 @@ from localllm.server.json_grammar import json_object_grammar, schema_grammar
 from localllm.server.offloop import off_loop
 from localllm.server.prompt_limits import check_message_count, check_prompt_chars, text_chars
 from localllm.server.registry import Lease
+from localllm.server.sampling import sampling_params
 from localllm.server.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest
 from localllm.server.state import ServerState
 from localllm.server.tools import ToolCall, ToolPlan, plan_tools
@@ -399,26 +399,10 @@ def _refuse_common(body: Any) -> None:
 
 
 def _sampling(body: Any, max_tokens: int | None) -> SamplingParams:
-    params = SamplingParams(max_tokens=max_tokens)
-    if body.temperature is not None:
-        params.temperature = body.temperature
-    if body.top_p is not None:
-        if body.top_p == 0:
-            params.temperature = 0.0  # only the most likely token remains: greedy
-        else:
-            params.top_p = body.top_p
-    for name in ("top_k", "min_p", "repeat_penalty", "presence_penalty", "frequency_penalty"):
-        value = getattr(body, name)
-        if value is not None:
-            setattr(params, name, value)
-    if body.seed is not None:
-        params.seed = body.seed % 2**32  # OpenAI takes any integer; the engine's seed is 32-bit
-    if body.stop is not None:
-        params.stop = [body.stop] if isinstance(body.stop, str) else list(body.stop)
-    try:
-        return params.validate()
-    except BadRequest as exc:
-        raise APIError(400, str(exc)) from None
+    knobs = {name: getattr(body, name) for name in ("top_k", "min_p", "repeat_penalty", "presence_penalty", "frequency_penalty")}
+    seed = None if body.seed is None else body.seed % 2**32  # OpenAI takes any integer; the engine's seed is 32-bit
+    stop = [body.stop] if isinstance(body.stop, str) else body.stop
+    return sampling_params(max_tokens, body.temperature, body.top_p, seed=seed, stop=stop, **knobs)
 
 
 def _finish_reason(finish: FinishEvent) -> str:

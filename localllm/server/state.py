@@ -1,4 +1,4 @@
-"""What every route shares: settings, the model registry, metrics (on `app.state.localllm`)."""
+"""What every route shares: settings, the model registry, metrics, stored responses (on `app.state.localllm`)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from localllm.server.metrics import Metrics
 from localllm.server.registry import ModelRegistry
+from localllm.server.responses_store import ResponseStore
 from localllm.server.settings import ServerSettings
 
 
@@ -16,3 +17,4 @@ class ServerState:
     registry: ModelRegistry
     metrics: Metrics
     started_at: float = field(default_factory=time.time)
+    responses: ResponseStore = field(default_factory=ResponseStore)  # the Responses API's stored replies

@@ -1,0 +1,268 @@
+"""OpenAI's Responses API: POST /v1/responses, GET and DELETE /v1/responses/{id}, GET .../input_items.
+
+For the OpenAI Agents SDK and Codex-style tools pointed at this server. A
+request runs the way a chat completion does (openai_routes.py): the model is
+leased, input items become chat messages (responses_items.py) that are
+templated and tokenized off the event loop, function tools go through
+tools.py (a grammar forces a call for `required` or a named function),
+`text.format` is a grammar as `response_format` is on chat, and the run is
+aborted when the client goes away. Only the shapes differ.
+
+Responses are stored unless `store: false` (responses_store.py: in memory,
+the newest 1,000 per server process), so `previous_response_id` continues a
+conversation server-side: the stored chain's input and output are replayed as
+chat messages before the new input. As at OpenAI, the earlier `instructions`
+are not carried over, and tools are sent again with each request.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from typing import Any, AsyncIterator, Literal
+
+from fastapi import APIRouter, Query, Request
+from starlette.responses import JSONResponse, Response
+
+from localllm.core.requests import FinishEvent, GenerationRequest, TokenEvent
+from localllm.server import responses_items as items
+from localllm.server.errors import APIError
+from localllm.server.generation import ClientGone, EventStreamResponse, Run, collect, guarded, new_id, prepared, start_run
+from localllm.server.json_bodies import OffLoopBodyRoute
+from localllm.server.offloop import off_loop
+from localllm.server.prompt_limits import check_message_count, check_prompt_chars, text_chars
+from localllm.server.responses_schemas import ResponsesRequest
+from localllm.server.responses_store import ResponseStore, StoredResponse
+from localllm.server.sampling import sampling_params
+from localllm.server.state import ServerState
+from localllm.server.tools import ToolCall, ToolPlan
+
+router = APIRouter(route_class=OffLoopBodyRoute)
+
+_STOPPED = "the server is stopping; retry when it is back"  # the words of stopping.py's 503
+
+
+def _state(request: Request) -> ServerState:
+    return request.app.state.localllm
+
+
+@router.post("/v1/responses")
+async def create_response(body: ResponsesRequest, request: Request) -> Response:
+    state = _state(request)
+    items.check_refused(body)
+    history = _history(state.responses, body.previous_response_id)
+    if not body.input and not history:
+        raise APIError(400, "'input' is required", param="input")
+    lease = await state.registry.acquire(body.model)
+    try:
+        check_message_count(len(history) + (1 if isinstance(body.input, str) else len(body.input)), lease.model.n_ctx, "input")
+        generation, plan, own = await off_loop(_prepare, body, history, lease.backend, lease.model.n_ctx)
+        run = await start_run(lease, generation, state.metrics)
+    except BaseException:
+        lease.release()
+        raise
+    reply = _Reply(body, state.responses, (*history, *own))
+    if body.stream:
+        return EventStreamResponse(guarded(_stream(run, reply, plan), reply.error_event), "text/event-stream", run.close)
+    try:
+        tokens, finish = await collect(run, request)
+    except ClientGone:
+        return Response(status_code=499)  # nobody is listening; the request was aborted
+    if finish.reason == "error":
+        raise APIError(500, finish.error or "the engine failed", code="engine_error")
+    if finish.reason == "abort":
+        raise APIError(503, _STOPPED, code="server_stopping")
+    text = "".join(t.text for t in tokens)
+    content, calls = plan.parse(text, cut=finish.reason == "length") if plan else (text, [])
+    status, _ = items.status_of(finish)
+    output = [items.message_item(items.item_id("msg"), content, status)] if content else []
+    output += [items.call_item(call, items.item_id("fc")) for call in reply.allowed(calls)]
+    return JSONResponse(reply.finished(output, finish))
+
+
+@router.get("/v1/responses/{response_id}")
+async def get_response(response_id: str, request: Request) -> dict[str, Any]:
+    return _stored(_state(request).responses, response_id).response
+
+
+@router.get("/v1/responses/{response_id}/input_items")
+async def list_input_items(
+    response_id: str,
+    request: Request,
+    after: str | None = None,
+    limit: int = Query(default=20, ge=1, le=100),
+    order: Literal["asc", "desc"] = "desc",
+    include: list[str] | None = Query(default=None),  # accepted: no item here has optional parts
+) -> dict[str, Any]:
+    """A stored response's own input items, a page at a time (OpenAI's cursor list)."""
+    listed = list(_stored(_state(request).responses, response_id).input_items)
+    if order == "desc":
+        listed.reverse()
+    if after is not None:
+        ids = [item["id"] for item in listed]
+        if after not in ids:
+            raise APIError(400, f"'after': no input item '{after}' in response '{response_id}'", param="after")
+        listed = listed[ids.index(after) + 1 :]
+    page = listed[:limit]
+    return {
+        "object": "list",
+        "data": page,
+        "first_id": page[0]["id"] if page else None,
+        "last_id": page[-1]["id"] if page else None,
+        "has_more": len(listed) > limit,
+    }
+
+
+@router.delete("/v1/responses/{response_id}")
+async def delete_response(response_id: str, request: Request) -> dict[str, Any]:
+    store = _state(request).responses
+    if not store.delete(response_id):
+        raise _not_found(response_id)
+    return {"id": response_id, "object": "response", "deleted": True}
+
+
+def _history(store: ResponseStore, previous_id: str | None) -> tuple[dict[str, Any], ...]:
+    if previous_id is None:
+        return ()
+    entry = store.get(previous_id)
+    if entry is None:
+        raise APIError(404, f"Previous response with id '{previous_id}' not found.", param="previous_response_id", code="previous_response_not_found")
+    return entry.history
+
+
+def _stored(store: ResponseStore, response_id: str) -> StoredResponse:
+    entry = store.get(response_id)
+    if entry is None:
+        raise _not_found(response_id)
+    return entry
+
+
+def _not_found(response_id: str) -> APIError:
+    return APIError(404, f"Response with id '{response_id}' not found.", param="response_id", code="not_found")
+
+
+def _prepare(
+    body: ResponsesRequest, history: tuple[dict[str, Any], ...], backend: Any, n_ctx: int | None
+) -> tuple[GenerationRequest, ToolPlan | None, list[dict[str, Any]]]:
+    """(generation, tool plan, this input as chat messages): model work, run off the event loop."""
+    params = sampling_params(body.max_output_tokens, body.temperature, body.top_p)  # cheap refusals first
+    own = items.input_messages(body)
+    messages = items.name_tool_results([*history, *own])
+    if body.instructions:
+        messages = [{"role": "system", "content": body.instructions}, *messages]
+    check_prompt_chars(text_chars(m.get("content") for m in messages), n_ctx, "input")
+    plan = items.tool_plan(body, backend.info.chat_template)
+    if plan is not None:
+        messages = plan.prepare_messages(messages)
+    items.constrain(params, body, plan)
+    prompt = backend.render_chat(messages, tools=plan.template_tools() if plan else None)
+    generation = GenerationRequest(new_id(), prompt, params, templated=True, messages=messages)
+    return prepared(backend, generation), plan, own
+
+
+class _Reply:
+    """One response as it is built: its object, the numbering of its stream events, its storing."""
+
+    def __init__(self, body: ResponsesRequest, store: ResponseStore, conversation: tuple[dict[str, Any], ...]) -> None:
+        self.body = body
+        self.store = store
+        self.conversation = conversation
+        self.object = items.response_object(body, items.item_id("resp"), int(time.time()))
+        self.numbers = itertools.count()
+
+    def event(self, kind: str, /, **data: Any) -> bytes:
+        return items.sse(kind, data, next(self.numbers))
+
+    def error_event(self, message: str) -> bytes:
+        return self.event("error", code="server_error", message=message, param=None)
+
+    def allowed(self, calls: list[ToolCall]) -> list[ToolCall]:
+        """The calls `max_tool_calls` lets through."""
+        return calls[: self.body.max_tool_calls] if self.body.max_tool_calls else calls
+
+    def finished(self, output: list[dict[str, Any]], finish: FinishEvent) -> dict[str, Any]:
+        """The final object; stored (unless `store: false`) so it can be read and continued."""
+        status, details = items.status_of(finish)
+        self.object.update(status=status, incomplete_details=details, output=output, usage=items.usage(finish))
+        if self.body.store is not False:
+            history = (*self.conversation, *items.output_messages(output))
+            self.store.put(StoredResponse(self.object, history, tuple(items.listed_input(self.body))))
+        return self.object
+
+    def failed(self, message: str) -> dict[str, Any]:
+        self.object.update(status="failed", error={"code": "server_error", "message": message})
+        return self.object
+
+
+async def _stream(run: Run, reply: _Reply, plan: ToolPlan | None) -> AsyncIterator[bytes]:
+    """The spec's event sequence, from response.created to response.completed (or .incomplete)."""
+    yield reply.event("response.created", response=reply.object)
+    yield reply.event("response.in_progress", response=reply.object)
+    message = _MessageItem(reply)
+    tool_stream = plan.stream() if plan else None
+    async for event in run.events():
+        if isinstance(event, TokenEvent):
+            for line in message.delta(tool_stream.feed(event.text) if tool_stream else event.text):
+                yield line
+            continue
+        if event.reason in ("error", "abort"):
+            message_text = (event.error or "the engine failed") if event.reason == "error" else _STOPPED
+            yield reply.event("response.failed", response=reply.failed(message_text))
+            return
+        calls: list[ToolCall] = []
+        if tool_stream:
+            rest, calls = tool_stream.finish(cut=event.reason == "length")
+            for line in message.delta(rest):
+                yield line
+        status, _ = items.status_of(event)
+        output = []
+        if message.item is not None:
+            for line in message.close(status):
+                yield line
+            output.append(message.item)
+        for call in reply.allowed(calls):
+            item = items.call_item(call, items.item_id("fc"))
+            index = len(output)
+            yield reply.event("response.output_item.added", output_index=index, item={**item, "status": "in_progress", "arguments": ""})
+            yield reply.event("response.function_call_arguments.delta", item_id=item["id"], output_index=index, delta=item["arguments"])
+            yield reply.event("response.function_call_arguments.done", item_id=item["id"], output_index=index, name=item["name"], arguments=item["arguments"])
+            yield reply.event("response.output_item.done", output_index=index, item=item)
+            output.append(item)
+        final = reply.finished(output, event)
+        yield reply.event(f"response.{final['status']}", response=final)
+        return
+
+
+class _MessageItem:
+    """The reply's text as one `message` item (output index 0), opened when its first text arrives."""
+
+    def __init__(self, reply: _Reply) -> None:
+        self.reply = reply
+        self.item: dict[str, Any] | None = None
+        self.text = ""
+
+    def delta(self, text: str) -> list[bytes]:
+        if not text:
+            return []
+        lines = []
+        if self.item is None:
+            self.item = {"id": items.item_id("msg"), "type": "message", "status": "in_progress", "role": "assistant", "content": []}
+            lines.append(self.reply.event("response.output_item.added", output_index=0, item=self.item))
+            lines.append(self.reply.event("response.content_part.added", **self._where(), part=items.text_part("")))
+        self.text += text
+        lines.append(self.reply.event("response.output_text.delta", **self._where(), delta=text, logprobs=[]))
+        return lines
+
+    def close(self, status: str) -> list[bytes]:
+        assert self.item is not None
+        self.item = items.message_item(self.item["id"], self.text, status)
+        part = self.item["content"][0]
+        return [
+            self.reply.event("response.output_text.done", **self._where(), text=self.text, logprobs=[]),
+            self.reply.event("response.content_part.done", **self._where(), part=part),
+            self.reply.event("response.output_item.done", output_index=0, item=self.item),
+        ]
+
+    def _where(self) -> dict[str, Any]:
+        assert self.item is not None
+        return {"item_id": self.item["id"], "output_index": 0, "content_index": 0}
