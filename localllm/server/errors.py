@@ -149,6 +149,7 @@ _PROMPT_FIELDS = {
     "/v1/messages": "messages",
     "/api/chat": "messages",
     "/api/generate": "prompt",
+    "/v1/responses": "input",
 }
 
 

@@ -27,7 +27,7 @@ from starlette.responses import JSONResponse, Response
 from localllm.core.requests import FinishEvent, GenerationRequest, TokenEvent
 from localllm.server import responses_items as items
 from localllm.server.errors import APIError
-from localllm.server.generation import ClientGone, EventStreamResponse, Run, collect, guarded, new_id, prepared, start_run
+from localllm.server.generation import ClientGone, EventStreamResponse, Run, collect, guarded, new_id, start_run
 from localllm.server.json_bodies import OffLoopBodyRoute
 from localllm.server.offloop import off_loop
 from localllm.server.prompt_limits import check_message_count, check_prompt_chars, text_chars
@@ -157,7 +157,7 @@ def _prepare(
     items.constrain(params, body, plan)
     prompt = backend.render_chat(messages, tools=plan.template_tools() if plan else None)
     generation = GenerationRequest(new_id(), prompt, params, templated=True, messages=messages)
-    return prepared(backend, generation), plan, own
+    return backend.prepare(generation), plan, own
 
 
 class _Reply:
