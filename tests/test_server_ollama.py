@@ -117,17 +117,6 @@ def test_chat_stream_equals_the_whole_reply(client):
     assert parts[-1].done and not any(p.done for p in parts[:-1])
 
 
-def test_chat_with_tools_and_a_tool_history(client):
-    tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object", "properties": {"a": {"type": "integer"}}}}}]
-    messages = [
-        {"role": "user", "content": "Add 2 and 3"},
-        {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "add", "arguments": {"a": 2}}}]},
-        {"role": "tool", "content": "5", "tool_name": "add"},
-    ]
-    r = client.chat(model="starter", messages=messages, tools=tools, options=greedy(6))
-    assert r.done and isinstance(r.message.content, str)
-
-
 # -- models in memory ------------------------------------------------------------------------------
 
 

@@ -26,6 +26,7 @@ from starlette.responses import JSONResponse, Response
 from localllm.core.requests import GenerationRequest, TokenEvent
 from localllm.server import anthropic_messages as shapes
 from localllm.server.anthropic_schemas import CountTokensRequest, MessagesRequest
+from localllm.server.capabilities import drop_optional_tools
 from localllm.server.errors import APIError
 from localllm.server.generation import ClientGone, EventStreamResponse, Run, collect, guarded, new_id, start_run
 from localllm.server.json_bodies import OffLoopBodyRoute
@@ -104,7 +105,7 @@ def _templated(body: CountTokensRequest, backend: Any, n_ctx: int | None) -> tup
     """(prompt, messages, tool plan): model work, run off the event loop."""
     messages = shapes.chat_messages(body)
     check_prompt_chars(text_chars(m.get("content") for m in messages), n_ctx, "messages")
-    plan = shapes.tool_plan(body.tools, body.tool_choice, backend.info.chat_template)
+    plan = drop_optional_tools(shapes.tool_plan(body.tools, body.tool_choice, backend.info.chat_template), body.model)
     if plan is not None:
         messages = plan.prepare_messages(messages)
     prompt = backend.render_chat(messages, tools=plan.template_tools() if plan else None)

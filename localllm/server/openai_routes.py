@@ -22,6 +22,7 @@ from starlette.responses import JSONResponse, Response
 
 from localllm import __version__
 from localllm.core.requests import FinishEvent, GenerationRequest, SamplingParams, TokenEvent
+from localllm.server.capabilities import drop_optional_tools
 from localllm.server.errors import APIError
 from localllm.server.generation import (
     ClientGone,
@@ -152,6 +153,7 @@ def _prepare_chat(body: ChatCompletionRequest, backend: Any) -> tuple[Generation
         parallel=body.parallel_tool_calls is not False,
         template=backend.info.chat_template,
     )
+    plan = drop_optional_tools(plan, body.model)
     messages = [_message_dict(i, m) for i, m in enumerate(body.messages)]
     if plan is not None:
         messages = plan.prepare_messages(messages)

@@ -26,6 +26,7 @@ from starlette.responses import JSONResponse, Response
 
 from localllm.core.requests import FinishEvent, GenerationRequest, TokenEvent
 from localllm.server import responses_items as items
+from localllm.server.capabilities import drop_optional_tools
 from localllm.server.errors import APIError
 from localllm.server.generation import ClientGone, EventStreamResponse, Run, collect, guarded, new_id, start_run
 from localllm.server.json_bodies import OffLoopBodyRoute
@@ -151,7 +152,7 @@ def _prepare(
     if body.instructions:
         messages = [{"role": "system", "content": body.instructions}, *messages]
     check_prompt_chars(text_chars(m.get("content") for m in messages), n_ctx, "input")
-    plan = items.tool_plan(body, backend.info.chat_template)
+    plan = drop_optional_tools(items.tool_plan(body, backend.info.chat_template), body.model)
     if plan is not None:
         messages = plan.prepare_messages(messages)
     items.constrain(params, body, plan)
