@@ -10,7 +10,8 @@ A template that renders `tools` itself is *native*: it gets the tool list and
 the history as they are (arguments as objects, as Hugging Face templates
 expect). A template that does not (the built-in ones, base models) gets the
 tools described in a system message that asks for the Hermes format, and the
-history's calls and results written out in that format.
+history's calls and results written out in that format; when such a model
+gets tools at all is capabilities.py's policy.
 
 When a call is required (`tool_choice: "required"` or a named function) a
 grammar forces exactly one well-formed call to a known function with
