@@ -59,6 +59,8 @@ def test_copy_refuses_unknown_source_bad_and_colliding_names(store, tiny_gguf):
         store.copy("a:b", "bad\x00name")
     with pytest.raises(BadRequest, match="too close"):
         store.copy("a:b", "a-b")  # the same manifest file name as a:b
+    with pytest.raises(BadRequest, match="file name"):
+        store.copy("a:b", "x" * 252)  # a valid name, but its manifest's file name would pass the limit
     assert store.get("a:b") is not None
 
 

@@ -17,12 +17,14 @@ Uploads are not held to the JSON body limit (limits.py) but to the free disk spa
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 from typing import Any, AsyncIterator
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from localllm.core.chat_template import resolve_template
@@ -36,6 +38,7 @@ from localllm.server.registry import ModelRegistry, canonical_name, check_model_
 from localllm.server.schemas import OllamaOptions
 from localllm.server.state import ServerState
 from localllm.store.blobs import BlobStore, parse_digest
+from localllm.store.store import Manifest
 
 router = APIRouter(route_class=OffLoopBodyRoute)
 log = logging.getLogger("localllm.server")
@@ -93,6 +96,16 @@ def _name(text: str, field: str) -> str:
     return name
 
 
+async def _installed(registry: ModelRegistry, name: str) -> Manifest | None:
+    """The manifest of installed model `name`, None if there is none (a name too long for a file included)."""
+    try:
+        return await in_thread(registry.store.get, name)
+    except OSError as exc:
+        if exc.errno in (errno.ENAMETOOLONG, errno.EINVAL):
+            return None
+        raise
+
+
 async def _make_room(registry: ModelRegistry, name: str) -> None:
     """Unload `name` so its files can go; 409 while requests run on it, it loads, or the chat holds it."""
     if name in registry.loading:
@@ -110,15 +123,13 @@ async def _make_room(registry: ModelRegistry, name: str) -> None:
 async def copy(body: CopyRequest, request: Request) -> Response:
     registry = _state(request).registry
     source, destination = _name(body.source, "source"), _name(body.destination, "destination")
-    if source == destination:
-        if await in_thread(registry.store.get, source) is None:
-            raise APIError(404, f"model '{source}' is not installed", param="source", code="model_not_found")
-        return Response(status_code=200)
-    if await in_thread(registry.store.get, source) is None:
+    if await _installed(registry, source) is None:
         raise APIError(404, f"model '{source}' is not installed", param="source", code="model_not_found")
-    await _make_room(registry, destination)
-    await in_thread(registry.store.copy, source, destination)
-    log.info("copied '%s' to '%s'", source, destination)
+    if source != destination:
+        await in_thread(registry.store.check_new_name, destination)  # before anything is unloaded
+        await _make_room(registry, destination)
+        await in_thread(registry.store.copy, source, destination)
+        log.info("copied '%s' to '%s'", source, destination)
     return Response(status_code=200)
 
 
@@ -129,7 +140,7 @@ async def delete(body: DeleteRequest, request: Request) -> Response:
     if not given:
         raise APIError(400, "'model' is required", param="model")
     name = _name(given, "model")
-    if await in_thread(registry.store.get, name) is None:
+    if await _installed(registry, name) is None:
         raise APIError(404, f"model '{name}' not found", param="model", code="model_not_found")
     await _make_room(registry, name)
     await in_thread(registry.store.remove, name)
@@ -177,6 +188,8 @@ async def upload_blob(digest: str, request: Request) -> Response:
         await in_thread(upload.finish)
     except BadRequest as exc:
         raise APIError(400, str(exc)) from None
+    except ClientDisconnect:
+        return Response(status_code=499)  # the client is gone: nothing kept, nobody to answer
     finally:
         upload.abort()  # a finished upload has nothing left to drop; anything else leaves no partial file
     log.info("received blob sha256:%s (%d bytes)", hex_digest, upload.size)
@@ -253,15 +266,12 @@ def _check_template(template: str | None, info: ModelInfo, name: str) -> None:
 
 
 async def _create_from_model(registry: ModelRegistry, name: str, source: str, overrides: dict[str, Any]) -> list[str]:
-    base = await in_thread(registry.store.get, source)
+    base = await _installed(registry, source)
     if base is None:
         raise APIError(404, f"model '{source}' is not installed", param="from", code="model_not_found")
     resolved = await in_thread(registry.store.resolve, source)
     _check_template(overrides["template"], await in_thread(resolved.info), name)
-    if name != source:
-        await _make_room(registry, name)
-    else:
-        await _make_room(registry, source)  # its new settings apply from its next load
+    await _make_room(registry, name)  # a model made again in place takes its new settings at its next load
     await in_thread(registry.store.copy, source, name, **overrides)
     return [f"using existing layer sha256:{base.sha256}"]
 

@@ -30,7 +30,7 @@ from localllm.core.atomic import write_json_atomic
 from localllm.core.config import Paths, paths
 from localllm.core.errors import BadModelFile, BadRequest, ModelNotFound, ModelNotInstalled, UnsafeStorePath
 from localllm.core.modelinfo import ModelInfo, read_model_info
-from localllm.store.own_files import check_model_name, check_path_text, is_own_file, not_a_link, open_file
+from localllm.store.own_files import MAX_NAME_BYTES, check_model_name, check_path_text, is_own_file, not_a_link, open_file
 from localllm.store.refs import parse_ref
 
 STARTER_NAME = "starter"  # Gemma 3 270M base, shipped as a Python package (store/bundled.py): tests and benchmarks
@@ -196,6 +196,8 @@ class ModelStore:
     def check_new_name(self, name: str) -> None:
         """BadRequest for a name that cannot be installed: bad text, or its manifest file is another model's."""
         check_model_name(name)
+        if len(slug(name).encode()) + len(".json") > MAX_NAME_BYTES:
+            raise BadRequest(f"a new model's name is at most {MAX_NAME_BYTES - len('.json')} bytes as a file name")
         occupant = self.manifest_path(name)
         if occupant.is_file() and self.get(name) is None:
             other = _read_manifest(occupant, name).name
