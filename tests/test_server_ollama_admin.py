@@ -193,3 +193,18 @@ def test_an_upload_larger_than_the_free_disk_is_507(server):
 def test_push_is_a_clear_error(client):
     code, error = status_of(lambda: client.push("starter"))
     assert code == 400 and "pushing models to a registry is not supported" in error
+
+
+def test_deleting_the_start_up_model_leaves_no_way_to_its_files(tmp_path, starter_gguf):
+    make_store(tmp_path, {"starter": starter_gguf, "first": starter_gguf})
+    srv = start_server(tmp_path, "first", "--ctx", "256", "--threads", "1")
+    try:
+        client = ollama.Client(host=srv.url, timeout=120)
+        assert "first" in {m.model for m in client.ps().models}
+        assert client.delete("first").status == "success"
+        code, error = status_of(lambda: client.generate(model="first", prompt="Hi", options={"num_predict": 1}))
+        assert code == 404 and "installed models" in error and str(tmp_path) not in error  # a name, not a missing file
+        assert client.generate(model="starter", prompt="Hi", options={"num_predict": 1}).eval_count == 1  # its file is kept
+    finally:
+        srv.stop()
+    assert "Traceback" not in srv.log_text(), srv.log_text()

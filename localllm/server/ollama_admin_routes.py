@@ -144,6 +144,7 @@ async def delete(body: DeleteRequest, request: Request) -> Response:
         raise APIError(404, f"model '{name}' not found", param="model", code="model_not_found")
     await _make_room(registry, name)
     await in_thread(registry.store.remove, name)
+    registry.forget(name)
     log.info("deleted '%s'", name)
     return Response(status_code=200)
 
