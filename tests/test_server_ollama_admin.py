@@ -176,6 +176,11 @@ def test_upload_with_a_wrong_digest_is_400_and_leaves_nothing(server, home):
     assert httpx.post(f"{server.url}/api/blobs/sha256:abc", content=b"x").status_code == 400
     r = httpx.post(f"{server.url}/api/create", json={"model": "m", "files": {"m.gguf": "sha256:" + "1" * 64}})
     assert r.status_code == 400 and "not been uploaded" in r.json()["error"]
+    junk = b"a text file, not a GGUF"
+    digest = "sha256:" + hashlib.sha256(junk).hexdigest()
+    assert httpx.post(f"{server.url}/api/blobs/{digest}", content=junk).status_code == 201
+    r = httpx.post(f"{server.url}/api/create", json={"model": "m", "files": {"m.gguf": digest}})
+    assert r.status_code == 400 and "not a model file" in r.json()["error"] and str(home) not in r.json()["error"]
 
 
 def test_an_upload_larger_than_the_free_disk_is_507(server):

@@ -257,7 +257,7 @@ def _checked_parameters(parameters: dict[str, Any] | None, name: str) -> dict[st
 
 
 def _check_template(template: str | None, info: ModelInfo, name: str) -> None:
-    """A template must render a simple chat now, not fail on the model's first request."""
+    """A template must render a simple chat now, not fail on the model's first request (run off the loop)."""
     if not template:
         return
     if "{{ ." in template or "{{." in template:
@@ -271,7 +271,7 @@ async def _create_from_model(registry: ModelRegistry, name: str, source: str, ov
     if base is None:
         raise APIError(404, f"model '{source}' is not installed", param="from", code="model_not_found")
     resolved = await in_thread(registry.store.resolve, source)
-    _check_template(overrides["template"], await in_thread(resolved.info), name)
+    await in_thread(_check_template, overrides["template"], await in_thread(resolved.info), name)
     await _make_room(registry, name)  # a model made again in place takes its new settings at its next load
     await in_thread(registry.store.copy, source, name, **overrides)
     return [f"using existing layer sha256:{base.sha256}"]
@@ -288,8 +288,9 @@ async def _create_from_files(registry: ModelRegistry, name: str, files: dict[str
     try:
         info = await in_thread(read_model_info, blobs.path(hex_digest))
     except BadModelFile as exc:
-        raise APIError(400, f"'{file_name[:80]}' is not a model file llama.cpp can read: {exc}", param="files") from None
-    _check_template(overrides["template"], info, name)
+        reason = str(exc).replace(str(blobs.path(hex_digest)), "the upload")  # no server paths in replies
+        raise APIError(400, f"'{file_name[:80]}' is not a model file llama.cpp can read: {reason}", param="files") from None
+    await in_thread(_check_template, overrides["template"], info, name)
     await _make_room(registry, name)
     await in_thread(blobs.install, registry.store, name, hex_digest, file_name, **overrides)
     return ["parsing GGUF", f"using layer sha256:{hex_digest}"]

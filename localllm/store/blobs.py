@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -91,9 +92,8 @@ class BlobStore:
 
     def free_bytes(self) -> int:
         """Free space where uploads land: the most an upload may bring."""
-        folder = self.folder if self.folder.is_dir() else self.paths.home
-        folder.mkdir(parents=True, exist_ok=True)
-        return os.statvfs(folder).f_bavail * os.statvfs(folder).f_frsize
+        self.paths.home.mkdir(parents=True, exist_ok=True)
+        return shutil.disk_usage(self.folder if self.folder.is_dir() else self.paths.home).free
 
     def install(self, store: ModelStore, name: str, hex_digest: str, file_name: str, **overrides: object) -> Manifest:
         """Install blob `hex_digest` as model `name` (file `file_name`), moving it into the model's folder.
