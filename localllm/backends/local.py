@@ -98,6 +98,8 @@ class LocalBackend:
                 bos_token=self.info.bos_token,
                 eos_token=self.info.eos_token,
             )
+        if self.info.system_prompt and not any(m.get("role") == "system" for m in messages if isinstance(m, dict)):
+            messages = [{"role": "system", "content": self.info.system_prompt}, *messages]  # the model's own
         return self._template.render(messages, add_generation_prompt=True, tools=tools)
 
     def prompt_tokens(self, req: GenerationRequest) -> list[int]:

@@ -35,7 +35,7 @@ _LAYER = re.compile(r"blk\.(\d+)\.")
 # Per-layer lists are sized from block_count and tensor names, so both are capped: the deepest
 # published models have a few hundred layers.
 MAX_LAYERS = 4096
-LATER_FIELDS = ("intermediate_size", "layer_repack_bytes", "pooling_type")  # cached manifests may predate these
+LATER_FIELDS = ("intermediate_size", "layer_repack_bytes", "pooling_type", "system_prompt")  # cached manifests may predate these
 
 # ggml types whose matrices llama.cpp's CPU backend repacks (x86 AVX2 and ARM both), and the
 # row multiple it needs; the copy lives in a CPU_REPACK buffer beside the mapped file.
@@ -88,6 +88,9 @@ class ModelInfo:
     # `{arch}.pooling_type` (llama.cpp's enum: 1 mean, 2 CLS, 3 last, 4 rank); set by embedding
     # models, absent (None) or 0 for chat models
     pooling_type: int | None = None
+    # A system prompt the installed model carries (Ollama's Modelfile SYSTEM, kept in its
+    # manifest): chats that send no system message get it. Never read from a file.
+    system_prompt: str | None = None
 
     @property
     def is_embedding_model(self) -> bool:

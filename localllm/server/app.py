@@ -20,7 +20,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from localllm import __version__
-from localllm.server import anthropic_routes, embedding_routes, ollama_routes, openai_routes, responses_routes
+from localllm.server import anthropic_routes, embedding_routes, ollama_admin_routes, ollama_routes, openai_routes, responses_routes
 from localllm.server.auth import APIKeyMiddleware
 from localllm.server.browser_guard import BrowserGuardMiddleware
 from localllm.server.errors import install_error_handlers
@@ -60,6 +60,7 @@ def create_app(settings: ServerSettings, registry: ModelRegistry | None = None) 
     install_error_handlers(app)
     app.include_router(openai_routes.router)
     app.include_router(ollama_routes.router)
+    app.include_router(ollama_admin_routes.router)
     app.include_router(anthropic_routes.router)
     app.include_router(embedding_routes.router)
     app.include_router(responses_routes.router)

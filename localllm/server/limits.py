@@ -3,7 +3,8 @@
 A body over the limit is refused with 413 before it is read when it declares
 its length, and as soon as it passes the limit when it is chunked. Ollama's and
 llama.cpp's servers read any body as JSON (`curl -d '{...}'` sends a form
-content type), so API routes do too.
+content type), so API routes do too. Blob uploads (/api/blobs/) are files, not
+JSON: they are held to the free disk space instead (ollama_admin_routes.py).
 """
 
 from __future__ import annotations
@@ -12,6 +13,9 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from localllm.server.errors import APIError, error_bytes
+
+
+UPLOAD_PATH = "/api/blobs/"
 
 
 class BodyTooLarge(HTTPException):
@@ -27,7 +31,7 @@ class BodyLimitMiddleware:
         self.max_bytes = max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope["path"].startswith(UPLOAD_PATH):
             await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])

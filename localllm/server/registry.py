@@ -351,6 +351,11 @@ class ModelRegistry:
             await asyncio.sleep(interval_s)
             await self.reap_idle()
 
+    def forget(self, name: str) -> None:
+        """A model removed from the store: if it was the start-up model, requests no longer reach its old files."""
+        if self._preloaded is not None and self._preloaded.name == name:
+            self._preloaded = None
+
     def set_startup_model(self, ref: str) -> ResolvedModel:
         """The model named on the command line; it may also be a .gguf path (the operator's choice).
 

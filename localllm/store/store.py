@@ -3,6 +3,12 @@
 Layout under LOCALLLM_HOME:
     models/<slug>/<file>      the weights
     manifests/<slug>.json     name, source, file, sha256, size, format, added, cached facts
+    blobs/sha256-<hex>        uploads waiting to become a model (blobs.py)
+
+A manifest may name another model's files: a copy (`copy`, Ollama's /api/copy) or
+a model derived with its own template, system prompt and parameters is a second
+manifest, never a second copy of the weights. `rm` deletes only the files and
+folders no other manifest names.
 
 A manifest is written only after its file is complete and verified, and removed
 before its file on `rm`, so a crash never leaves a manifest pointing at half a model.
@@ -16,7 +22,7 @@ import json
 import os
 import re
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -24,7 +30,7 @@ from localllm.core.atomic import write_json_atomic
 from localllm.core.config import Paths, paths
 from localllm.core.errors import BadModelFile, BadRequest, ModelNotFound, ModelNotInstalled, UnsafeStorePath
 from localllm.core.modelinfo import ModelInfo, read_model_info
-from localllm.store.own_files import check_model_name, check_path_text, not_a_link, open_file
+from localllm.store.own_files import MAX_NAME_BYTES, check_model_name, check_path_text, is_own_file, not_a_link, open_file
 from localllm.store.refs import parse_ref
 
 STARTER_NAME = "starter"  # Gemma 3 270M base, shipped as a Python package (store/bundled.py): tests and benchmarks
@@ -45,6 +51,11 @@ class Manifest:
     info: dict = field(default_factory=dict)  # cached ModelInfo.to_dict(), so `show` needs no parse
     # every file of the model (the parts of a split GGUF, a snapshot's files): path, size, sha256, hub_id
     files: list[dict] = field(default_factory=list)
+    # A Modelfile's settings (Ollama's /api/create), over what the file says:
+    template: str | None = None  # a Jinja chat template used instead of the file's own
+    system: str | None = None  # the system prompt a chat gets when it sends none
+    parameters: dict = field(default_factory=dict)  # Ollama options: the sampling defaults of its requests
+    license: str | None = None
 
 
 @dataclass
@@ -56,6 +67,16 @@ class ResolvedModel:
     manifest: Manifest | None = None
 
     def info(self) -> ModelInfo:
+        """The file's facts, with the manifest's own template and system prompt over the file's."""
+        info = self._file_info()
+        if self.manifest is not None:
+            if self.manifest.template:
+                info.chat_template = self.manifest.template
+            if self.manifest.system:
+                info.system_prompt = self.manifest.system
+        return info
+
+    def _file_info(self) -> ModelInfo:
         if self.manifest and self.manifest.info:
             try:
                 cached = ModelInfo.from_dict(self.manifest.info)
@@ -146,7 +167,7 @@ class ModelStore:
             sha256=sha256,
             size=file.stat().st_size,
             format=info.format,
-            added=datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
+            added=added_now(),
             info=info.to_dict(),
         )
         return self.save(manifest)
@@ -156,8 +177,43 @@ class ModelStore:
         write_json_atomic(self.manifest_path(manifest.name), asdict(manifest))
         return manifest
 
+    def copy(self, source: str, destination: str, **overrides: object) -> Manifest:
+        """Install `source` under a second name: a new manifest naming the same files.
+
+        `overrides` (template, system, parameters, license) replace the source's; given
+        parameters are merged over its parameters. A model already installed as
+        `destination` is replaced (its files deleted unless still named by a manifest).
+        """
+        original = self.get(source)
+        if original is None:
+            raise ModelNotFound(f"model '{source}' is not installed")
+        self.check_new_name(destination)
+        overrides = {key: value for key, value in overrides.items() if value is not None}
+        parameters = {**original.parameters, **(overrides.pop("parameters", None) or {})}  # type: ignore[dict-item]
+        derived = replace(original, name=destination, added=added_now(), parameters=parameters, **overrides)
+        return self.replace_with(derived)
+
+    def check_new_name(self, name: str) -> None:
+        """BadRequest for a name that cannot be installed: bad text, or its manifest file is another model's."""
+        check_model_name(name)
+        if len(slug(name).encode()) + len(".json") > MAX_NAME_BYTES:
+            raise BadRequest(f"a new model's name is at most {MAX_NAME_BYTES - len('.json')} bytes as a file name")
+        occupant = self.manifest_path(name)
+        if occupant.is_file() and self.get(name) is None:
+            other = _read_manifest(occupant, name).name
+            raise BadRequest(f"the name '{name}' is too close to the installed model '{other}' (both file as {occupant.name})")
+
+    def replace_with(self, manifest: Manifest) -> Manifest:
+        """Save `manifest`, then delete what the model it replaces used and nothing else does."""
+        previous = self.get(manifest.name)
+        self.save(manifest)
+        if previous is not None:
+            self._delete_unused(previous)
+        return manifest
+
     def remove(self, name: str) -> Manifest:
-        """Uninstall: every check first, then the manifest, then the folder (links inside it are unlinked, never followed)."""
+        """Uninstall: every check first, then the manifest, then the files and folder no other
+        manifest names (links inside it are unlinked, never followed)."""
         manifest = self.get(name)
         if manifest is None:
             raise ModelNotFound(f"model '{name}' is not installed")
@@ -173,9 +229,33 @@ class ModelStore:
             if where.is_dir() and not os.access(where, os.W_OK | os.X_OK):
                 raise UnsafeStorePath(f"cannot remove '{name}': no permission to change {where}")
         manifest_file.unlink()
-        if folder.is_dir():
-            shutil.rmtree(folder)
+        self._delete_unused(manifest)
         return manifest
+
+    def _delete_unused(self, manifest: Manifest) -> None:
+        """Delete a removed manifest's folder and files, keeping whatever another manifest names."""
+        in_use: set[Path] = set()
+        for other in self.list():  # the store as it is now: `manifest` is gone or replaced
+            try:
+                in_use.update(self.model_files(other))
+            except BadModelFile:
+                continue  # names files outside the store: nothing of ours to keep for it
+        used_folders = {path.parent for path in in_use}
+        folder = self.paths.models / slug(manifest.name)
+        if folder.is_dir() and not any(folder in path.parents for path in in_use):
+            shutil.rmtree(folder)
+        try:
+            self.check_own_files(manifest)
+            files = self.model_files(manifest)
+        except (BadModelFile, UnsafeStorePath):
+            return  # files outside the store, or links: not the store's to delete
+        for path in files:
+            if path in in_use or not is_own_file(path):
+                continue
+            path.unlink()
+            parent = path.parent
+            if parent != self.paths.models and parent not in used_folders and parent.is_dir() and not any(parent.iterdir()):
+                parent.rmdir()
 
     # -- naming ----------------------------------------------------------
     def resolve(self, ref: str, *, allow_paths: bool = False) -> ResolvedModel:
@@ -226,6 +306,11 @@ class ModelStore:
                 raise ModelNotFound(f"model file {candidate} does not exist")
             return ResolvedModel(candidate.name, candidate.resolve())
         raise ModelNotFound(f"model '{ref}' not found; `localllm ls` lists installed models")
+
+
+def added_now() -> str:
+    """A manifest's `added` time: ISO 8601, UTC, whole seconds."""
+    return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
 
 
 def _read_manifest(path: Path, name: str) -> Manifest:
