@@ -25,7 +25,7 @@ from localllm.core.requests import EngineStats, Event, FinishEvent, GenerationRe
 from localllm.backends.grammar import check_grammar
 from localllm.backends.llamacpp_embedder import EmbedJob, embed_context_size
 from localllm.backends.llamacpp_engine import Control, EngineConfig, Job, LlamaCppEngine
-from localllm.backends.llamacpp_speculative import SpeculationConfig
+from localllm.core.speculation import SpeculationOptions
 from localllm.core.chat_template import ChatTemplate, resolve_template
 from localllm.core.errors import BackendError, BadRequest
 from localllm.core.hardware import default_threads
@@ -48,7 +48,7 @@ class LlamaCppOptions:
     n_parallel: int = DEFAULT_PARALLEL  # requests decoded together
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK
     verbose: bool = False
-    speculation: SpeculationConfig | None = None  # prompt lookup or a draft GGUF (None: off)
+    speculation: SpeculationOptions | None = None  # prompt lookup or a draft GGUF (None: off)
 
 
 class LlamaCppBackend:

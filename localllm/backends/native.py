@@ -27,7 +27,6 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any, AsyncIterator
 
 from localllm.core.requests import EngineStats, Event, FinishEvent, GenerationRequest, Timings, TokenEvent, Usage
@@ -36,6 +35,7 @@ from localllm.core.chat_template import ChatTemplate, resolve_template
 from localllm.core.errors import BackendError, BadRequest, LocalLLMError
 from localllm.core.hardware import default_threads
 from localllm.core.modelinfo import ModelInfo
+from localllm.core.speculation import SpeculationOptions
 
 
 @dataclass
@@ -47,9 +47,7 @@ class NativeOptions:
     device: str | None = None  # None: CUDA when available
     dtype: str | None = None  # None: float32 on CPU, bfloat16 on CUDA
     verbose: bool = False
-    speculative: str = "off"  # off | ngram | draft (native/speculative.py)
-    draft_path: Path | None = None  # the draft model, for "draft"
-    num_speculative_tokens: int | None = None  # guesses per step; None: the engine's default
+    speculation: SpeculationOptions | None = None  # native/speculative.py; None: off (a draft is its file's path)
 
 
 @dataclass
@@ -210,12 +208,8 @@ class NativeBackend:
 
     def _load(self) -> None:
         from native.engine import EngineOptions, LLMEngine
-        from native.speculative import SpeculativeOptions
 
         o = self.options
-        speculative = SpeculativeOptions(o.speculative, draft_model=o.draft_path)
-        if o.num_speculative_tokens is not None:
-            speculative.num_tokens = o.num_speculative_tokens
         self._engine = LLMEngine(
             self.info.path,
             EngineOptions(
@@ -226,7 +220,7 @@ class NativeBackend:
                 kv_cache_bytes=o.kv_cache_bytes,
                 threads=o.n_threads or default_threads(),
                 verbose=o.verbose,
-                speculative=speculative.validate(),
+                speculation=o.speculation.validate() if o.speculation else None,
             ),
         )
         self._tokenizer = self._engine.tokenizer

@@ -46,14 +46,13 @@ def engine_flags(args: argparse.Namespace) -> dict:
     """The load and remote flags every model-running verb shares, under the names LoadOptions and
     ServerSettings both use (the backend and the context are each verb's own)."""
     from localllm.core.env_vars import env_secret
+    from localllm.core.speculation import SpeculationOptions
 
     return dict(
         n_threads=args.threads,
         verbose=args.verbose,
         kv_cache_bytes=args.kv_cache,
-        speculative=args.speculative,
-        draft=args.draft,
-        num_speculative_tokens=args.num_speculative_tokens,
+        speculation=SpeculationOptions.from_flags(args.speculative, args.draft, args.num_speculative_tokens),
         remote_url=getattr(args, "url", None),
         remote_api_key=getattr(args, "remote_api_key", None) or env_secret("LOCALLLM_REMOTE_API_KEY"),
     )

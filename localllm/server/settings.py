@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass, field
 
 from localllm.core.errors import BadRequest
+from localllm.core.speculation import SpeculationOptions
 from localllm.backends.remotes import RemoteRoute
 
 # Ollama listens on 11434 and llama.cpp's server on 8080. The next port after
@@ -42,9 +43,7 @@ class ServerSettings:
     n_threads: int | None = None
     backend: str = "auto"
     kv_cache_bytes: int | None = None  # native engine only
-    speculative: str | None = None  # native engine: off | ngram | draft (see LoadOptions)
-    draft: str | None = None
-    num_speculative_tokens: int | None = None
+    speculation: SpeculationOptions = field(default_factory=SpeculationOptions)
     verbose: bool = False
     remote_url: str | None = None  # --backend remote: the upstream every request goes to
     remote_api_key: str | None = None
