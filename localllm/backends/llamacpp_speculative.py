@@ -40,7 +40,6 @@ checks): 4 copies of a sampled story keeping 85% of their guesses ran at
 guesses while more than `max_generating` sequences generate.
 """
 
-
 from __future__ import annotations
 
 from dataclasses import dataclass
