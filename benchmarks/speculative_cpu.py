@@ -33,7 +33,7 @@ import sys
 import time
 
 from native.engine import EngineOptions, LLMEngine
-from native.speculative import SpeculativeOptions
+from localllm.core.speculation import NativeGuessing, SpeculationOptions
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
 from native_cpu import starter_path  # noqa: E402  (the starter, assembled once into a temp folder)
@@ -65,13 +65,13 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=128)
-    ap.add_argument("-k", type=int, default=4, help="guesses per step")
+    ap.add_argument("-k", type=int, default=NativeGuessing.num_tokens, help="guesses per step")
     args = ap.parse_args()
 
     path = starter_path()
     base = dict(device="cpu", threads=args.threads, max_model_len=1024, max_num_seqs=4)
     plain = LLMEngine(path, EngineOptions(**base))
-    spec = LLMEngine(path, EngineOptions(**base, speculative=SpeculativeOptions("ngram", num_tokens=args.k)))
+    spec = LLMEngine(path, EngineOptions(**base, speculation=SpeculationOptions("ngram", num_tokens=args.k)))
     print(f"starter model, float32, {args.threads} threads, {args.tokens} tokens, k={args.k}, {args.rounds} rounds")
     print(f"{'prompt':<15} {'plain tok/s':>11} {'ngram tok/s':>11} {'speed-up':>8} {'same text':>9} "
           f"{'accepted':>8} {'tok/step':>8} {'auto-off':>8}")

@@ -48,7 +48,7 @@ from starter import starter_path  # noqa: E402
 
 from localllm.core.requests import FinishEvent, GenerationRequest, SamplingParams, TokenEvent  # noqa: E402
 from localllm.backends.llamacpp import LlamaCppBackend, LlamaCppOptions  # noqa: E402
-from localllm.backends.llamacpp_speculative import DEFAULT_GUESSES, SpeculationConfig  # noqa: E402
+from localllm.core.speculation import LlamaCppGuessing, SpeculationOptions  # noqa: E402
 from localllm.core.modelinfo import read_model_info  # noqa: E402
 
 
@@ -92,7 +92,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=128)
-    ap.add_argument("-k", type=int, default=DEFAULT_GUESSES, help="guesses per step")
+    ap.add_argument("-k", type=int, default=LlamaCppGuessing.most_tokens, help="the most guesses per step")
     ap.add_argument("--only", help="run only the prompts whose name contains this")
     ap.add_argument("--concurrency", type=int, default=1,
                     help="copies of each request at once; tok/s is then all their tokens over the wall time")
@@ -104,10 +104,10 @@ def main() -> int:
     path = starter_path()
     info = read_model_info(path)
     draft = str(path) if args.draft_self else (str(args.draft) if args.draft else None)
-    spec_config = SpeculationConfig("draft" if draft else "ngram", num_tokens=args.k, draft_path=draft)
+    spec_config = SpeculationOptions("draft" if draft else "ngram", num_tokens=args.k, draft=draft)
     backend = LlamaCppBackend("starter", info, LlamaCppOptions(
         n_threads=args.threads, n_parallel=max(1, args.concurrency), speculation=spec_config))
-    guesser = backend._engine.guesser  # switched off and on between requests, while the engine is idle
+    speculation = backend._engine.speculation  # switched off and on between requests, while the engine is idle
     method = f"draft {Path(draft).name}" if draft else "ngram"
     print(f"starter model (Q4_K_M) on llama.cpp, {args.threads} threads, {args.tokens} tokens, {method}, "
           f"k={args.k}, {args.rounds} rounds, {args.concurrency} at once")
@@ -127,7 +127,7 @@ def main() -> int:
             order = ["plain", "spec"] if r % 2 == 0 else ["spec", "plain"]
             got: dict[str, Outcome] = {}
             for label in order:
-                backend._engine.guesser = guesser if label == "spec" else None
+                backend._engine.speculation = speculation if label == "spec" else None
                 got[label] = run_once(backend, text, params, f"{name}-{r}-{label}", args.concurrency)
                 rates[label].append(got[label].rate)
             same &= got["spec"].tokens == got["plain"].tokens
@@ -143,7 +143,7 @@ def main() -> int:
         samples[name] = backend.detokenize(got["plain"].tokens)
     for name, text in samples.items():
         print(f"\n{name}: {text[:200]!r}")
-    backend._engine.guesser = guesser  # closed with the engine
+    backend._engine.speculation = speculation  # closed with the engine
     backend.close()
     return 1 if failed else 0
 

@@ -1,6 +1,7 @@
 """A draft model as a proposer: a small model with the target's tokenizer guesses k tokens.
 
-The draft is a second engine (its own weights, runner and paged KV pool),
+The draft is a second engine (its own weights, runner and paged KV pool; the
+target builds it, engine.make_speculator, so this module imports no engine),
 driven directly here rather than through its scheduler: for every target
 sequence that speculates it keeps a mirror sequence with the same tokens.
 Before guessing, the mirror catches up with what the target verified since
@@ -19,7 +20,6 @@ different sizes are allowed when the tokenizers agree.
 from __future__ import annotations
 
 import secrets
-from pathlib import Path
 
 import torch
 
@@ -33,28 +33,10 @@ DRAFT_SEED_OFFSET = 2**32  # seeds are < 2^32, so the draft's stream never equal
 
 
 class DraftModelProposer:
-    def __init__(self, path: Path | str, target) -> None:
-        from .engine import EngineOptions, LLMEngine
+    """Guesses from `engine`, a draft LLMEngine the target built beside itself (engine.make_speculator)."""
 
-        o = target.options
-        try:
-            self.engine = LLMEngine(
-                path,
-                EngineOptions(
-                    device=str(target.runner.device),
-                    dtype=_dtype_name(target.runner.dtype),
-                    max_model_len=target.max_model_len,
-                    max_num_seqs=o.max_num_seqs,
-                    max_num_batched_tokens=target.scheduler.max_num_batched_tokens,
-                    block_size=o.block_size,
-                    prefix_caching=False,  # mirrors hold guesses; nothing of theirs is worth sharing
-                    pack_output=o.pack_output,
-                    load_tokenizer=target.tokenizer is not None,
-                    verbose=o.verbose,
-                ),
-            )
-        except BadRequest as exc:
-            raise BadRequest(f"the draft model cannot run beside the target: {exc}") from None
+    def __init__(self, engine, target) -> None:
+        self.engine = engine
         self.vocab_size = target.config.vocab_size
         _check_vocabulary(target, self.engine)
         self.mirrors: dict[str, Sequence] = {}
@@ -179,6 +161,3 @@ def _check_vocabulary(target, draft) -> None:
         draft.close()
         raise BadRequest(f"the draft model does not share the target's vocabulary ({detail}); pick a draft from the same family")
 
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype]

@@ -17,14 +17,16 @@ import torch
 from localllm.core.context_checks import check_prompt, generation_limit
 from localllm.core.errors import BadRequest
 from localllm.core.requests import SamplingParams
+from localllm.core.speculation import SpeculationOptions
 
 from .block_manager import BlockManager
+from .draft import DraftModelProposer
 from .loader import LoadedWeights
 from .model_runner import ModelRunner, RunnerOptions
 from .sampler import Sampler, TokenLogprobs
 from .scheduler import Scheduled, Scheduler
 from .sequence import Sequence, Status
-from .speculative import SpeculativeOptions, make_speculator, verify_rows
+from .speculative import NgramProposer, Proposer, Speculator, verify_rows
 from .tokenizer import Tokenizer, load_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -45,7 +47,7 @@ class EngineOptions:
     threads: int | None = None  # CPU threads for torch
     load_tokenizer: bool = True
     verbose: bool = False
-    speculative: SpeculativeOptions | None = None  # speculative decoding (speculative.py); None: off
+    speculation: SpeculationOptions | None = None  # speculative decoding (speculative.py); None: off
 
 
 @dataclass
@@ -90,7 +92,7 @@ class LLMEngine:
         self.eos_ids = set(self.config.eos_token_ids) | (self.tokenizer.eog_ids if self.tokenizer else set())
         self.sequences: dict[str, Sequence] = {}
         self.counters = EngineCounters()
-        self.speculator = make_speculator(o.speculative, self)
+        self.speculator = make_speculator(o.speculation, self)
 
     # -- requests ----------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: list[int], params: SamplingParams) -> Sequence:
@@ -278,7 +280,43 @@ def _make_runner(path: Path | LoadedWeights, o: EngineOptions, device: str, dtyp
         gpu_memory_utilization=o.gpu_memory_utilization,
         pack_output=o.pack_output,
     )
-    if o.speculative is not None and o.speculative.method != "off":  # each sequence checks its guesses too
-        runner_options.max_logit_rows = min(o.max_num_seqs * (1 + o.speculative.num_tokens),
+    if o.speculation is not None and o.speculation.enabled:  # each sequence checks its guesses too
+        runner_options.max_logit_rows = min(o.max_num_seqs * (1 + o.speculation.native_num_tokens),
                                             runner_options.max_num_batched_tokens)
     return ModelRunner(path, runner_options)
+
+
+def make_speculator(options: SpeculationOptions | None, engine: LLMEngine) -> Speculator | None:
+    """The engine's speculator for `options` (None when off). Here both proposers are known:
+    a draft model runs as a second LLMEngine that this module builds."""
+    if options is None or not options.enabled:
+        return None
+    options.validate()
+    if options.method == "ngram":
+        proposer: Proposer = NgramProposer(options.ngram_min, options.ngram_max)
+    else:
+        proposer = DraftModelProposer(_draft_engine(options.draft, engine), engine)
+    return Speculator(options, proposer, engine.blocks)
+
+
+def _draft_engine(path: Path | str, target: LLMEngine) -> LLMEngine:
+    """The draft model on the target's device, dtype, context and batch shape."""
+    o = target.options
+    try:
+        return LLMEngine(
+            path,
+            EngineOptions(
+                device=str(target.runner.device),
+                dtype=next(name for name, dtype in DTYPES.items() if dtype == target.runner.dtype),
+                max_model_len=target.max_model_len,
+                max_num_seqs=o.max_num_seqs,
+                max_num_batched_tokens=target.scheduler.max_num_batched_tokens,
+                block_size=o.block_size,
+                prefix_caching=False,  # mirrors hold guesses; nothing of theirs is worth sharing
+                pack_output=o.pack_output,
+                load_tokenizer=target.tokenizer is not None,
+                verbose=o.verbose,
+            ),
+        )
+    except BadRequest as exc:
+        raise BadRequest(f"the draft model cannot run beside the target: {exc}") from None

@@ -36,24 +36,26 @@ only: they never preempt anyone, and where they do not fit they are skipped.
 A guess costs a row in the step; guesses the model rejects only slow a
 request down. Each request keeps an acceptance average (an exponential moving
 average of kept / guessed over its verification steps); once it has had
-`min_steps` of them and the average is below `min_acceptance`, speculation is
-off for the rest of that request. High-temperature chat is the usual case:
+`native.min_steps` of them and the average is below `native.min_acceptance`,
+speculation is off for the rest of that request. High-temperature chat is the usual case:
 the model rarely repeats earlier text word for word.
 
-Proposers (`Proposer`): prompt lookup (ngram.py) and a small draft model that
-shares the target's tokenizer (draft.py).
+Proposers (`Proposer`): prompt lookup (engine_kit/ngram.py) and a small draft
+model that shares the target's tokenizer (draft.py). The engine picks one
+(engine.make_speculator); this module knows neither engines nor drafts, so
+engine -> speculative <- draft has no circle. The settings are the shared
+`SpeculationOptions` (localllm/core/speculation.py), its `native` part here.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 
 import torch
 
 from localllm.core.requests import SamplingParams
-from localllm.core.errors import BadRequest
+from localllm.core.speculation import SpeculationOptions
 
 from localllm.engine_kit.ngram import lookup
 from .sampler import (
@@ -68,37 +70,6 @@ from .sampler import (
 )
 from .scheduler import Scheduled
 from .sequence import Sequence
-
-METHODS = ("off", "ngram", "draft")
-
-
-@dataclass
-class SpeculativeOptions:
-    method: str = "off"  # off | ngram | draft
-    num_tokens: int = 4  # k: guesses verified per step and sequence
-    draft_model: Path | str | None = None  # method "draft": a model sharing the target's tokenizer
-    # Prompt lookup matches the last ngram_max .. ngram_min tokens. Shorter matches recur in any
-    # prose (", and the") and what followed them rarely holds: replaying the starter's outputs
-    # (copying, prose, a story, code), min 2 guessed often and lost; min 4 kept the copying gain.
-    ngram_min: int = 4
-    ngram_max: int = 6
-    min_acceptance: float = 0.3  # auto-off: acceptance average below this ...
-    min_steps: int = 8  # ... after this many verification steps of the request
-    ema_weight: float = 0.2  # weight of the newest step in the acceptance average
-
-    def validate(self) -> "SpeculativeOptions":
-        if self.method not in METHODS:
-            raise BadRequest(f"speculative must be one of: {', '.join(METHODS)}")
-        if not 1 <= self.num_tokens <= 16:
-            raise BadRequest("the number of speculative tokens must be in [1, 16]")
-        if self.method == "draft" and not self.draft_model:
-            raise BadRequest("speculative decoding with a draft model needs --draft MODEL")
-        if self.method != "draft" and self.draft_model:
-            raise BadRequest("--draft needs --speculative draft")
-        if not 1 <= self.ngram_min <= self.ngram_max:
-            raise BadRequest("n-gram sizes need 1 <= min <= max")
-        return self
-
 
 @dataclass
 class Draft:
@@ -166,8 +137,9 @@ class SpecCounters:
 class Speculator:
     """Adds guesses to a scheduled step, then turns the step's logits into verified tokens."""
 
-    def __init__(self, options: SpeculativeOptions, proposer: Proposer, blocks) -> None:
+    def __init__(self, options: SpeculationOptions, proposer: Proposer, blocks) -> None:
         self.options = options
+        self.num_tokens = options.native_num_tokens
         self.proposer = proposer
         self.blocks = blocks
         self.counters = SpecCounters()
@@ -187,7 +159,7 @@ class Speculator:
         chosen: list[tuple[Scheduled, int]] = []
         for item in step:
             seq = item.seq
-            k = min(self.options.num_tokens, seq.max_tokens - seq.num_completion - 1)
+            k = min(self.num_tokens, seq.max_tokens - seq.num_completion - 1)
             if k > 0 and k <= spare_tokens and self._wants_guesses(item):
                 chosen.append((item, k))
                 spare_tokens -= k
@@ -255,7 +227,7 @@ class Speculator:
         return tokens, logprobs
 
     def _record(self, seq: Sequence, *, proposed: int, accepted: int) -> None:
-        s, o = seq.spec, self.options
+        s, o = seq.spec, self.options.native
         s.steps += 1
         s.proposed += proposed
         s.accepted += accepted
@@ -350,17 +322,3 @@ def _check_sampled(rows: torch.Tensor, seq: Sequence, draft: Draft, history: lis
     p = distribution(rows[len(guesses)], params, history + guesses)
     tokens.append(int(torch.multinomial(p, 1, generator=gen)))  # every guess kept: a bonus token
     return tokens
-
-
-def make_speculator(options: SpeculativeOptions | None, engine) -> Speculator | None:
-    """The engine's speculator for `options` (None when off)."""
-    if options is None or options.method == "off":
-        return None
-    options.validate()
-    if options.method == "ngram":
-        proposer: Proposer = NgramProposer(options.ngram_min, options.ngram_max)
-    else:
-        from .draft import DraftModelProposer
-
-        proposer = DraftModelProposer(options.draft_model, engine)
-    return Speculator(options, proposer, engine.blocks)

@@ -378,19 +378,21 @@ def test_open_backend_options_come_from_the_plan():
 def test_a_draft_model_is_planned_in_what_the_model_leaves():
     from localllm.backends.select import LoadOptions
     from localllm.core.errors import DoesNotFit
+    from localllm.core.speculation import SpeculationOptions
     from localllm.fit.follow import follow_plan
 
+    draft_one = SpeculationOptions("draft", draft="one")
     one_b = model(16, 2048, 32, 8, 64, 8192, layer_mib=40, embd_mib=200, output_mib=0, parameters=1_240_000_000)
     layers = []
     for vram in (12, 8, 6):  # the model keeps its GPU layers; the draft gets what is left
-        options = follow_plan("eight", EIGHT_B, LoadOptions(draft="one"), hardware=machine(vram_gib=vram), draft=one_b)
+        options = follow_plan("eight", EIGHT_B, LoadOptions(speculation=draft_one), hardware=machine(vram_gib=vram), draft=one_b)
         alone = follow_plan("eight", EIGHT_B, LoadOptions(), hardware=machine(vram_gib=vram))
         assert (options.n_gpu_layers, options.n_ctx) == (alone.n_gpu_layers, alone.n_ctx)
-        layers.append(options.draft_n_gpu_layers)
+        layers.append(options.speculation.draft_n_gpu_layers)
     assert layers == [17, 3, 0]
-    assert follow_plan("eight", EIGHT_B, LoadOptions(draft="one"), hardware=machine(ram_gib=8), draft=one_b).n_ctx == 8192
+    assert follow_plan("eight", EIGHT_B, LoadOptions(speculation=draft_one), hardware=machine(ram_gib=8), draft=one_b).n_ctx == 8192
     with pytest.raises(DoesNotFit, match=r"^the draft model 'one' does not fit beside 'eight': does not fit: needs"):
-        follow_plan("eight", EIGHT_B, LoadOptions(draft="one"), hardware=machine(ram_gib=7), draft=one_b)
+        follow_plan("eight", EIGHT_B, LoadOptions(speculation=draft_one), hardware=machine(ram_gib=7), draft=one_b)
 
 
 # -- headers from the first bytes of a file -------------------------------------------------

@@ -20,9 +20,11 @@ import pytest
 from greedy_check import assert_same_or_near_tie, greedy_ids
 from localllm.core.requests import GenerationRequest, SamplingParams
 from localllm.backends.llamacpp import LlamaCppBackend, LlamaCppOptions
-from localllm.backends.llamacpp_speculative import SpeculationConfig, SpecRecord, check_same_vocabulary
+from localllm.backends.llamacpp_guessers import check_same_vocabulary
+from localllm.backends.llamacpp_speculative import SpecRecord
 from localllm.core.errors import BadRequest
 from localllm.core.modelinfo import read_model_info
+from localllm.core.speculation import LlamaCppGuessing, SpeculationOptions
 from test_llamacpp_batching import THREADS, greedy, run, stream
 from waiting import until
 
@@ -52,7 +54,7 @@ def plain(starter_gguf):
 
 @pytest.fixture(scope="module")
 def ngram(starter_gguf):
-    backend = open_backend(starter_gguf, SpeculationConfig("ngram"), n_parallel=4)
+    backend = open_backend(starter_gguf, SpeculationOptions("ngram"), n_parallel=4)
     yield backend
     backend.close()
 
@@ -139,7 +141,7 @@ def test_speculative_cancel_while_guessing_frees_the_slot(ngram):
 
 
 def test_speculative_starter_as_its_own_draft_keeps_plain_text(starter_gguf, plain):
-    draft = open_backend(starter_gguf, SpeculationConfig("draft", draft_path=str(starter_gguf)), n_parallel=2)
+    draft = open_backend(starter_gguf, SpeculationOptions("draft", draft=str(starter_gguf)), n_parallel=2)
     try:
         reference = run(plain, "plain-draft-copy", COPY, greedy(max_tokens=60, stop=["\n\n"]))
         got = run(draft, "draft-copy", COPY, greedy(max_tokens=60, stop=["\n\n"]))
@@ -167,7 +169,7 @@ def test_speculative_starter_as_its_own_draft_keeps_plain_text(starter_gguf, pla
 def test_speculative_draft_penalties_follow_llama_cpp():
     import numpy as np
 
-    from localllm.backends.llamacpp_speculative import penalised
+    from localllm.backends.llamacpp_guessers import penalised
 
     logits = np.array([2.0, -1.0, 0.5, 3.0, 1.0], dtype=np.float32)
     params = SamplingParams(repeat_penalty=2.0, frequency_penalty=0.25, presence_penalty=0.5, repeat_last_n=3)
@@ -214,49 +216,49 @@ def test_speculative_draft_with_another_vocabulary_is_refused():
 
 
 def test_speculative_guess_counts_grow_while_kept_and_shrink_after_rejections():
-    config = SpeculationConfig("ngram", num_tokens=15, min_steps=4)
+    options = SpeculationOptions("ngram", num_tokens=15, llamacpp=LlamaCppGuessing(min_steps=4))
     record = SpecRecord(k=3)
     for expected in (7, 15, 15):  # all kept: 2k + 1, up to the most allowed
         record.asked = record.k
-        record.record(checked=record.k, kept=record.k, config=config)
+        record.record(checked=record.k, kept=record.k, options=options)
         assert record.k == expected
     record.asked = 15
-    record.record(checked=3, kept=2, config=config)  # rejected at the third guess
+    record.record(checked=3, kept=2, options=options)  # rejected at the third guess
     assert record.k == 5
     record.asked = 5
-    record.record(checked=2, kept=2, config=config)  # the guesser had only two: no growth
+    record.record(checked=2, kept=2, options=options)  # the guesser had only two: no growth
     assert record.k == 5 and record.enabled
     for _ in range(29):  # 29 of 30 kept so far: 29 rejections take it under half
         record.asked = record.k
-        record.record(checked=1, kept=0, config=config)
+        record.record(checked=1, kept=0, options=options)
         assert record.k == 1 and record.enabled == (record.kept >= 0.5 * record.checked)
     assert not record.enabled  # mostly rejected: off for this request
     story = SpecRecord(k=3)  # a story that repeats itself now and then: 2 of 6 kept in 4 checks
     for checked, kept in ((2, 1), (1, 0), (2, 1), (1, 0)):
         assert story.enabled
         story.asked = story.k
-        story.record(checked=checked, kept=kept, config=config)
+        story.record(checked=checked, kept=kept, options=options)
     assert not story.enabled  # off after its fourth check
     chat = SpecRecord(k=3)  # beside other generating sequences, only near-certain guessing pays
-    assert chat.guesses_beside(3, config)  # it has yet to show what it keeps
+    assert chat.guesses_beside(3, options)  # it has yet to show what it keeps
     for _ in range(4):
         chat.asked = chat.k
-        chat.record(checked=4, kept=3, config=config)  # 75% kept: worth it alone, not in a wide step
-    assert chat.guesses_beside(0, config) and not chat.guesses_beside(1, config)
+        chat.record(checked=4, kept=3, options=options)  # 75% kept: worth it alone, not in a wide step
+    assert chat.guesses_beside(0, options) and not chat.guesses_beside(1, options)
     chat.asked = chat.k
-    chat.record(checked=chat.k, kept=chat.k, config=config)
+    chat.record(checked=chat.k, kept=chat.k, options=options)
     for _ in range(6):
         chat.asked = chat.k
-        chat.record(checked=chat.k, kept=chat.k, config=config)
-    assert chat.kept >= 0.9 * chat.checked and chat.guesses_beside(3, config)
+        chat.record(checked=chat.k, kept=chat.k, options=options)
+    assert chat.kept >= 0.9 * chat.checked and chat.guesses_beside(3, options)
 
 
 def test_speculative_options_are_checked_for_llamacpp(starter_gguf):
     for config, words in (
-        (SpeculationConfig("ngram", num_tokens=0), r"in \[1, 16\]"),
-        (SpeculationConfig("draft"), "needs --draft"),
-        (SpeculationConfig("ngram", draft_path="x.gguf"), "--draft needs --speculative draft"),
-        (SpeculationConfig("medium"), "must be one of"),
+        (SpeculationOptions("ngram", num_tokens=0), r"in \[1, 16\]"),
+        (SpeculationOptions("draft"), "needs --draft"),
+        (SpeculationOptions("ngram", draft="x.gguf"), "--draft needs --speculative draft"),
+        (SpeculationOptions("medium"), "must be one of"),
     ):
         with pytest.raises(BadRequest, match=words):
             open_backend(starter_gguf, config)

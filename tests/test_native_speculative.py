@@ -22,9 +22,10 @@ import torch
 
 from localllm.core.requests import SamplingParams
 from localllm.core.errors import BadRequest
+from localllm.core.speculation import NativeGuessing, SpeculationOptions
 from native.engine import EngineOptions, LLMEngine
 from localllm.engine_kit.ngram import find_continuation, lookup
-from native.speculative import Draft, SpeculativeOptions, Speculator, distribution
+from native.speculative import Draft, Speculator, distribution
 from builders import TINY_VOCAB, random_model, tiny_config
 
 transformers = pytest.importorskip("transformers")
@@ -57,14 +58,14 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
     return {name: root / name for name in [*configs, "draft"]}
 
 
-def engine(path: Path, spec: SpeculativeOptions | None = None, **kw) -> LLMEngine:
-    options = dict(device="cpu", load_tokenizer=False, block_size=4, max_num_seqs=8, threads=1, speculative=spec)
+def engine(path: Path, spec: SpeculationOptions | None = None, **kw) -> LLMEngine:
+    options = dict(device="cpu", load_tokenizer=False, block_size=4, max_num_seqs=8, threads=1, speculation=spec)
     return LLMEngine(path, EngineOptions(**{**options, **kw}))
 
 
-def ngram(k: int = 4, **kw) -> SpeculativeOptions:
+def ngram(k: int = 4, **kw) -> SpeculationOptions:
     """Prompt lookup that guesses at every 1-token match: many guesses, many of them wrong."""
-    return SpeculativeOptions("ngram", num_tokens=k, ngram_min=1, ngram_max=3, **{"min_acceptance": 0.0, **kw})
+    return SpeculationOptions("ngram", num_tokens=k, ngram_min=1, ngram_max=3, native=NativeGuessing(**{"min_acceptance": 0.0, **kw}))
 
 
 def prompts(n: int = 3) -> list[list[int]]:
@@ -118,7 +119,7 @@ def test_speculative_ngram_greedy_equals_plain_decoding(tiny, arch):
 def test_speculative_draft_model_greedy_equals_plain_decoding(tiny):
     params = SamplingParams(temperature=0, max_tokens=30)
     expected = engine(tiny["llama"]).generate(prompts(), params)
-    spec = engine(tiny["llama"], SpeculativeOptions("draft", num_tokens=3, draft_model=tiny["draft"], min_acceptance=0.0))
+    spec = engine(tiny["llama"], SpeculationOptions("draft", num_tokens=3, draft=tiny["draft"], native=NativeGuessing(min_acceptance=0.0)))
     assert spec.generate(prompts(), params) == expected
     c = spec.speculator.counters
     assert c.proposed > 20 and 0.2 < c.acceptance_rate < 0.9  # guesses kept and rejected
@@ -136,7 +137,7 @@ def test_speculative_memory_profile_counts_the_checked_rows(tiny):
 def test_speculative_target_as_its_own_draft_accepts_every_guess(tiny):
     params = SamplingParams(temperature=0, max_tokens=30)
     expected = engine(tiny["llama"]).generate(prompts(), params)
-    spec = engine(tiny["llama"], SpeculativeOptions("draft", num_tokens=4, draft_model=tiny["llama"]))
+    spec = engine(tiny["llama"], SpeculationOptions("draft", num_tokens=4, draft=tiny["llama"]))
     assert spec.generate(prompts(), params) == expected
     c = spec.speculator.counters
     assert c.proposed > 0 and c.accepted == c.proposed and c.acceptance_rate == 1.0
@@ -144,16 +145,16 @@ def test_speculative_target_as_its_own_draft_accepts_every_guess(tiny):
 
 def test_speculative_draft_with_another_vocabulary_is_refused(tiny):
     with pytest.raises(BadRequest, match="does not share the target's vocabulary"):
-        engine(tiny["llama"], SpeculativeOptions("draft", draft_model=tiny["other-vocab"]))
+        engine(tiny["llama"], SpeculationOptions("draft", draft=tiny["other-vocab"]))
 
 
 def test_speculative_options_are_checked():
     with pytest.raises(BadRequest, match="needs --draft"):
-        SpeculativeOptions("draft").validate()
+        SpeculationOptions("draft").validate()
     with pytest.raises(BadRequest, match="--speculative draft"):
-        SpeculativeOptions("ngram", draft_model="x").validate()
+        SpeculationOptions("ngram", draft="x").validate()
     with pytest.raises(BadRequest, match=r"\[1, 16\]"):
-        SpeculativeOptions("ngram", num_tokens=0).validate()
+        SpeculationOptions("ngram", num_tokens=0).validate()
 
 
 # -- rollback -----------------------------------------------------------------------------------
@@ -196,7 +197,7 @@ def test_speculative_rollback_keeps_blocks_and_prefix_cache_consistent(tiny, arc
     e = engine(tiny[arch])
     ids = [f"r{i}" for i in range(3)]
     proposer = ScriptedProposer(dict(zip(ids, expected)), {rid: len(p) for rid, p in zip(ids, prompts())})
-    e.speculator = Speculator(SpeculativeOptions("ngram", num_tokens=6, min_acceptance=0.0), proposer, e.blocks)
+    e.speculator = Speculator(SpeculationOptions("ngram", num_tokens=6, native=NativeGuessing(min_acceptance=0.0)), proposer, e.blocks)
     seqs = {rid: e.add_request(rid, prompt, params) for rid, prompt in zip(ids, prompts())}
     bs = e.blocks.block_size
     while e.has_work():
@@ -301,7 +302,7 @@ def test_speculative_sampling_keeps_the_target_distribution(tiny, sampling_case,
     if proposer == "ngram":
         spec = ngram(k=3)
     else:
-        spec = SpeculativeOptions("draft", num_tokens=3, draft_model=tiny["draft"], min_acceptance=0.0)
+        spec = SpeculationOptions("draft", num_tokens=3, draft=tiny["draft"], native=NativeGuessing(min_acceptance=0.0))
     e = engine(tiny["llama"], spec, max_num_seqs=32)
     params = [SamplingParams(**{**vars(SAMPLED), "seed": seed}) for seed in range(N_SAMPLES)]
     outputs = e.generate([prompt] * N_SAMPLES, params)
@@ -330,7 +331,7 @@ def test_speculative_sampling_is_seeded_per_request(tiny):
     """A draft model's rejection sampling draws from the request's own generator: the batch does not matter."""
     prompt = prompts()[0]
     params = [SamplingParams(temperature=1.0, seed=s, max_tokens=12) for s in (1, 2, 3)]
-    e = engine(tiny["llama"], SpeculativeOptions("draft", num_tokens=3, draft_model=tiny["draft"], min_acceptance=0.0))
+    e = engine(tiny["llama"], SpeculationOptions("draft", num_tokens=3, draft=tiny["draft"], native=NativeGuessing(min_acceptance=0.0)))
     alone = [e.generate([prompt], p)[0] for p in params]
     together = e.generate([prompt] * 3, params)
     assert together == alone
@@ -341,7 +342,7 @@ def test_speculative_sampling_is_seeded_per_request(tiny):
 
 def test_speculative_turns_itself_off_when_guesses_keep_failing(tiny):
     """Random text: 1-token matches guess badly; after min_steps the request stops speculating."""
-    spec = SpeculativeOptions("ngram", num_tokens=4, ngram_min=1, ngram_max=2, min_acceptance=0.5, min_steps=4)
+    spec = SpeculationOptions("ngram", num_tokens=4, ngram_min=1, ngram_max=2, native=NativeGuessing(min_acceptance=0.5, min_steps=4))
     e = engine(tiny["llama"], spec)
     random_prompt = torch.randint(3, TINY_VOCAB, (60,), generator=torch.Generator().manual_seed(9)).tolist()
     seq = e.add_request("r", random_prompt, SamplingParams(temperature=1.0, seed=0, max_tokens=60))
@@ -360,7 +361,7 @@ def test_speculative_turns_itself_off_when_guesses_keep_failing(tiny):
 
 def test_speculative_stays_on_while_guesses_hold(tiny):
     """The target as its own draft is always right: speculation never turns off."""
-    spec = SpeculativeOptions("draft", num_tokens=3, draft_model=tiny["llama"], min_acceptance=0.9, min_steps=2)
+    spec = SpeculationOptions("draft", num_tokens=3, draft=tiny["llama"], native=NativeGuessing(min_acceptance=0.9, min_steps=2))
     e = engine(tiny["llama"], spec)
     seq = e.add_request("r", prompts()[0], SamplingParams(temperature=0, max_tokens=40))
     while e.has_work():
@@ -391,9 +392,9 @@ def starter_copy(starter) -> tuple[list[int], list[int]]:
     return prompt, starter.generate([prompt], SamplingParams(temperature=0, max_tokens=40))[0]
 
 
-def with_speculation(e: LLMEngine, options: SpeculativeOptions, prompt: list[int], max_tokens: int):
+def with_speculation(e: LLMEngine, options: SpeculationOptions, prompt: list[int], max_tokens: int):
     """Greedy tokens from the shared starter engine with a speculator for this run, and its counters."""
-    from native.speculative import make_speculator
+    from native.engine import make_speculator
 
     e.speculator = make_speculator(options, e)
     try:
@@ -406,7 +407,7 @@ def with_speculation(e: LLMEngine, options: SpeculativeOptions, prompt: list[int
 def test_speculative_ngram_on_the_starter_gives_plain_greedy_text(starter, starter_copy):
     prompt, expected = starter_copy
     assert starter.tokenizer.decode(expected).startswith("The lighthouse at the end of the harbour")  # it copies
-    got, c = with_speculation(starter, SpeculativeOptions("ngram"), prompt, len(expected))
+    got, c = with_speculation(starter, SpeculationOptions("ngram"), prompt, len(expected))
     assert got == expected
     assert c.proposed >= 20 and c.acceptance_rate > 0.7 and c.steps < len(expected) // 2
     assert starter.blocks.num_free == starter.blocks.num_blocks
@@ -414,7 +415,7 @@ def test_speculative_ngram_on_the_starter_gives_plain_greedy_text(starter, start
 
 def test_speculative_starter_as_its_own_draft_gives_plain_greedy_text(starter, starter_gguf, starter_copy):
     prompt, expected = starter_copy
-    got, c = with_speculation(starter, SpeculativeOptions("draft", num_tokens=3, draft_model=starter_gguf), prompt, 16)
+    got, c = with_speculation(starter, SpeculationOptions("draft", num_tokens=3, draft=starter_gguf), prompt, 16)
     assert got == expected[:16]
     assert c.proposed > 0 and c.acceptance_rate > 0.9
 
@@ -432,7 +433,7 @@ def test_speculative_backend_streams_plain_tokens_and_reports_acceptance(starter
 
     prompt, expected = starter_copy
     backend = NativeBackend(
-        "starter", read_model_info(starter_gguf), NativeOptions(n_ctx=512, n_threads=1, max_num_seqs=4, speculative="ngram")
+        "starter", read_model_info(starter_gguf), NativeOptions(n_ctx=512, n_threads=1, max_num_seqs=4, speculation=SpeculationOptions("ngram"))
     )
 
     async def run():

@@ -22,10 +22,10 @@ from dataclasses import dataclass
 from localllm.backends.grammar import check_grammar
 from localllm.backends.llamacpp_embedder import EmbedJob, embed_context_size
 from localllm.backends.llamacpp_engine import EngineConfig, LlamaCppEngine
-from localllm.backends.llamacpp_speculative import SpeculationConfig
 from localllm.backends.local import LocalBackend
 from localllm.core.errors import BadRequest
 from localllm.core.requests import GenerationRequest
+from localllm.core.speculation import SpeculationOptions
 from localllm.core.hardware import default_threads
 from localllm.core.modelinfo import ModelInfo
 from localllm.engine_kit.llama_glue import route_llama_logs
@@ -46,7 +46,7 @@ class LlamaCppOptions:
     n_parallel: int = DEFAULT_PARALLEL  # requests decoded together
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK
     verbose: bool = False
-    speculation: SpeculationConfig | None = None  # prompt lookup or a draft GGUF (None: off)
+    speculation: SpeculationOptions | None = None  # prompt lookup or a draft GGUF (None: off)
 
 
 class LlamaCppBackend(LocalBackend):

@@ -1,38 +1,34 @@
 """The batched llama.cpp engine: one thread, one `llama_decode` per step for every active sequence.
 
 This is what llama.cpp's own server does, written against the C API through
-llama-cpp-python's low-level bindings:
+llama-cpp-python's low-level bindings. Each request runs in a *slot*, a
+sequence id of one unified KV cache (`kv_unified`: all sequences draw cells
+from one pool, so one request may use the whole context, and a prefix shared
+between sequences occupies its cells once); `n_parallel` slots decode
+together, and requests join and leave at any step. Each request has its own
+sampler chain (seeds, penalties, grammar), reads the logits of its own row,
+and streams its text through its own TextStream.
 
-* Each request runs in a *slot*, a sequence id of one unified KV cache
-  (`kv_unified`: all sequences draw cells from one pool, so one request may use
-  the whole context, and a prefix shared between sequences occupies its cells
-  once). `n_parallel` slots decode together.
-* A step builds one `llama_batch`: first the one pending token of every
-  generating sequence, then prompt tokens, shortest remaining prompt first, up
-  to a token budget (`n_batch`, and `prefill_chunk` while anyone is
-  generating), so running streams keep flowing while a long prompt is chunked.
-  Requests join and leave at any step.
-* Each request has its own sampler chain (seeds, penalties, grammar), reads the
-  logits of its own row, and streams its text through its own TextStream.
-* Prompt reuse: a new request starts from the longest prefix it shares with any
-  slot's cache (`llama_memory_seq_cp`); an idle slot keeps its cache until the
-  cells are needed.
-* When the cache is full, idle caches are dropped (least recently used first);
-  if that is not enough the youngest running request is preempted: its cells
-  are freed and it is queued again with its prompt and output so far, and
-  nothing is admitted until a running request ends; then it is recomputed
-  (or reused). Its client only sees a pause.
-* The sliding-window cache is full size (`swa_full`): with llama.cpp's default
-  small window cache, positions that slid out of the window are overwritten and
-  no prefix longer than the window could be reused.
-* Events go out once per step: one wake-up per client event loop, however many
-  of its requests got a token.
-* Speculative decoding (llamacpp_speculative.py): a generating sequence may put
-  guessed tokens after its pending one; their rows get logits, the request's
-  sampler checks them in order, and the cells of rejected guesses are removed.
-* Embeddings (llamacpp_embedder.py) run in a second context on the same
-  weights, one decode of many inputs between chat steps; while anyone
-  generates, a decode takes about a prefill chunk's worth of tokens.
+A step, top to bottom in `LlamaCppEngine`, one module per part:
+
+* admit waiting requests into idle slots and say which tokens each slot runs
+  (llamacpp_scheduler.py);
+* start each from the longest prefix any slot holds; keep every slot's token
+  list equal to what llama.cpp holds (llamacpp_slots.py);
+* give generating slots guesses to check (llamacpp_speculative.py, guesses
+  from llamacpp_guessers.py);
+* write the tokens into one llama_batch and decode it, abortable mid-prompt
+  (llamacpp_batch.py);
+* draw each slot's token, or check its guesses; when the cache is full, drop
+  idle caches or preempt the youngest request (its client only sees a pause);
+* hand the step's events over, once per client event loop (llamacpp_outbox.py).
+
+The sliding-window cache is full size (`swa_full`): with llama.cpp's default
+small window cache, positions that slid out of the window are overwritten and
+no prefix longer than the window could be reused. Embeddings
+(llamacpp_embedder.py) run in a second context on the same weights, one
+decode of many inputs between chat steps; while anyone generates, a decode
+takes about a prefill chunk's worth of tokens.
 
 llama.cpp's arithmetic depends slightly on batch shape, so a greedy output
 beside other requests may part from the same request alone at a near-tie
@@ -44,24 +40,26 @@ talk to it through `Control` (engine_inbox.py): an inbox of jobs, and a set of a
 
 from __future__ import annotations
 
-import asyncio
-import collections
 import queue
 import time
 from dataclasses import dataclass
 
-from localllm.core.requests import Event, FinishEvent, TokenEvent
+from localllm.core.requests import FinishEvent, TokenEvent
 from localllm.backends.engine_inbox import Control, Job
+from localllm.backends.llamacpp_batch import DECODE_ABORTED, DECODE_NO_KV_SLOT, DECODE_OK, StepBatch
 from localllm.backends.llamacpp_embedder import Embedder, EmbedJob
+from localllm.backends.llamacpp_guessers import make_guesser
+from localllm.backends.llamacpp_outbox import Outbox
 from localllm.backends.llamacpp_sampler import build_sampler
-from localllm.backends.llamacpp_slots import Slot, SlotTable
-from localllm.backends.llamacpp_speculative import GuessRequest, SpeculationConfig, SpecRecord, make_guesser
+from localllm.backends.llamacpp_scheduler import Scheduler
+from localllm.backends.llamacpp_slots import Slot, SlotCache, SlotTable
+from localllm.backends.llamacpp_speculative import Speculation
 from localllm.backends.logprobs import top_logprobs
 from localllm.backends.textstream import TextStream
 from localllm.core.errors import BackendError
+from localllm.core.speculation import SpeculationOptions
 from localllm.engine_kit.llama_glue import token_piece
 
-DECODE_OK, DECODE_NO_KV_SLOT, DECODE_ABORTED = 0, 1, 2  # llama_decode's statuses
 
 
 @dataclass
@@ -74,7 +72,7 @@ class EngineConfig:
     n_threads: int
     n_gpu_layers: int = 0
     verbose: bool = False
-    speculation: SpeculationConfig | None = None  # None: no guessing
+    speculation: SpeculationOptions | None = None  # None (or method off): no guessing
     pooling_type: int | None = None  # the GGUF's own (embedding models); None: mean pooling
 
 
@@ -83,17 +81,13 @@ class LlamaCppEngine:
         self.config = config
         self.control = control
         self.slots = SlotTable(config.n_parallel)
-        self.waiting: collections.deque[Job] = collections.deque()
-        self._watch: frozenset[str] = frozenset()  # requests whose prompt the running decode processes
+        self.scheduler = Scheduler(self.slots, config.n_batch, config.prefill_chunk)
+        self.outbox = Outbox()
+        self.speculation: Speculation | None = None  # None: no guessing
+        self.embedder: Embedder | None = None
         self._prompt_tokens_total = 0
         self._reused_tokens_total = 0
         self._reuse_hits = 0
-        self.preemptions = 0  # requests sent back to wait because the KV cache was full
-        self._held = False  # after a preemption, admit nothing until a running request ends
-        self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[Job, Event]]] = {}
-        self.guesser = None  # speculative decoding's source of guesses (None: off)
-        self._skip_guesses = False  # the last step with guesses found the cache full: one step without
-        self.embedder: Embedder | None = None
 
     # -- loading ------------------------------------------------------------------
     def load(self) -> None:
@@ -120,17 +114,18 @@ class LlamaCppEngine:
         ctx_params.no_perf = True
         self.ctx = _internals.LlamaContext(model=self.model, params=ctx_params, verbose=cfg.verbose)
         self.mem = llama_cpp.llama_get_memory(self.ctx.ctx)
-        self.batch = llama_cpp.llama_batch_init(cfg.n_batch, 0, 1)
-        self.n_swa = llama_cpp.llama_model_n_swa(self.model.model)
+        self.batch = StepBatch(llama_cpp, self.ctx, cfg.n_batch, self.control)
         self.n_vocab = self.model.n_vocab()
-        self._abort_callback = llama_cpp.ggml_abort_callback(self._should_abort_compute)
-        self._no_abort_callback = llama_cpp.ggml_abort_callback(0)  # NULL: no Python call per graph node
         spec = cfg.speculation
-        if spec is not None:
-            self.guesser = make_guesser(
+        if spec is not None and spec.enabled:
+            guesser = make_guesser(
                 spec, llama_cpp, _internals, target=self.model, n_ctx=cfg.n_ctx, n_parallel=cfg.n_parallel,
                 n_batch=cfg.n_batch, n_threads=cfg.n_threads, verbose=cfg.verbose,
             )
+            self.speculation = Speculation(spec, guesser)
+        n_swa = llama_cpp.llama_model_n_swa(self.model.model)
+        mirror = self.speculation.guesser if self.speculation is not None else None
+        self.cache = SlotCache(llama_cpp, self.mem, n_swa, self.slots, mirror)
         self.embedder = Embedder(
             llama_cpp, _internals, self.model, n_ctx=cfg.n_ctx, n_threads=cfg.n_threads,
             pooling=cfg.pooling_type, verbose=cfg.verbose,
@@ -142,12 +137,12 @@ class LlamaCppEngine:
         if self.embedder is not None:
             self.embedder.close()
             self.embedder = None
-        if self.guesser is not None:
-            self.guesser.close()
-            self.guesser = None
+        if self.speculation is not None:
+            self.speculation.close()
+            self.speculation = None
         batch = getattr(self, "batch", None)
         if batch is not None:
-            self.lc.llama_batch_free(batch)
+            batch.close()
             self.batch = None
         for part in ("ctx", "model"):
             obj = getattr(self, part, None)
@@ -158,7 +153,7 @@ class LlamaCppEngine:
     def run(self) -> None:
         """Step until the inbox says stop; then end every request still here with 'abort'."""
         try:
-            while self._take_inbox(block=not (self.waiting or self.slots.busy() or self.embedder.pending)):
+            while self._take_inbox(block=not (self.scheduler.waiting or self.slots.busy() or self.embedder.pending)):
                 try:
                     self._reap_aborted()
                     self._admit()
@@ -176,8 +171,8 @@ class LlamaCppEngine:
         finally:
             for slot in self.slots.busy():
                 self._finish(slot.job, "abort", slot)
-            while self.waiting:
-                self._finish(self.waiting.popleft(), "abort")
+            while self.scheduler.waiting:
+                self._finish(self.scheduler.waiting.popleft(), "abort")
             self._deliver()
             self.embedder.close()
 
@@ -192,7 +187,7 @@ class LlamaCppEngine:
             if message is None:
                 return False
             if isinstance(message, Job):
-                self.waiting.append(message)
+                self.scheduler.waiting.append(message)
             elif isinstance(message, EmbedJob):
                 self.embedder.add(message)
             try:
@@ -205,8 +200,9 @@ class LlamaCppEngine:
             aborted = set(self.control.aborted)
         if not aborted:
             return
-        for job in [j for j in self.waiting if j.rid in aborted]:
-            self.waiting.remove(job)
+        waiting = self.scheduler.waiting
+        for job in [j for j in waiting if j.rid in aborted]:
+            waiting.remove(job)
             self._finish(job, "abort")
         for slot in self.slots.busy():
             if slot.job.rid in aborted:
@@ -217,16 +213,10 @@ class LlamaCppEngine:
         generating = any(s.job.generated for s in self.slots.busy())
         self.embedder.step(self.config.prefill_chunk if generating else self.embedder.n_ctx)
 
-    # -- admission --------------------------------------------------------------------
     def _admit(self) -> None:
-        """Give waiting requests (oldest first) idle slots, starting from the longest cached prefix."""
-        while self.waiting and not self._held:
-            job = self.waiting[0]
-            tokens = job.prompt + job.generated  # a preempted request resumes where it was
-            plan = self.slots.plan(tokens)
-            if plan is None:
-                return
-            self.waiting.popleft()
+        """Start what the scheduler admits: a sampler, and the slot's cache from the longest cached prefix."""
+        while (admission := self.scheduler.next_admission()) is not None:
+            job, plan = admission
             first_time = job.sampler is None
             if first_time:
                 try:
@@ -235,8 +225,8 @@ class LlamaCppEngine:
                     self._finish(job, "error", error=f"generation failed: {exc}")
                     continue
             slot = plan.slot
-            reuse = self._take_prefix(slot, plan.source, plan.reuse)
-            slot.job, slot.todo = job, tokens[reuse:]
+            reuse = self.cache.take_prefix(slot, plan.source, plan.reuse)
+            slot.job, slot.todo = job, (job.prompt + job.generated)[reuse:]
             slot.admitted_at = time.perf_counter()
             if first_time:
                 job.admitted_at = slot.admitted_at
@@ -244,8 +234,7 @@ class LlamaCppEngine:
                 job.usage.prompt_tokens = len(job.prompt)
                 job.usage.cached_prompt_tokens = reuse
                 job.stream = TextStream(stop=list(job.request.params.stop))
-                spec = self.config.speculation
-                job.spec = SpecRecord(min(spec.start_tokens, spec.num_tokens)) if spec is not None else None
+                job.spec = self.speculation.new_record() if self.speculation is not None else None
                 self._prompt_tokens_total += len(job.prompt)
                 self._reused_tokens_total += reuse
                 self._reuse_hits += reuse > 0
@@ -253,60 +242,33 @@ class LlamaCppEngine:
                 self.control.stats.waiting -= 1
                 self.control.stats.running += 1
 
-    def _take_prefix(self, slot: Slot, source: Slot | None, reuse: int) -> int:
-        """Make `slot`'s sequence hold the first `reuse` tokens of `source`'s; the number it holds."""
-        lc, mem = self.lc, self.mem
-        if source is not None and reuse > 0 and not self._prefix_intact(source, reuse):
-            reuse = 0
-        if source is slot and reuse > 0 and lc.llama_memory_seq_rm(mem, slot.seq_id, reuse, -1):
-            slot.cached = slot.cached[:reuse]
-            return reuse  # the draft, if any, trims its own copy when it next guesses
-        self._drop_cache(slot)
-        if source is None or source is slot or reuse <= 0:
-            return 0
-        lc.llama_memory_seq_cp(mem, source.seq_id, slot.seq_id, 0, reuse)
-        slot.cached = source.cached[:reuse]
-        if self.guesser is not None:
-            self.guesser.copy_prefix(source.seq_id, slot.seq_id, reuse)
-        return reuse
-
-    def _prefix_intact(self, source: Slot, reuse: int) -> bool:
-        """Whether the sliding-window layers still hold what a continuation after `reuse` tokens attends to.
-
-        llama.cpp may overwrite window cells that slid out of every sequence's
-        window; the positions it keeps for a sequence are always one run from
-        its smallest position (`llama_memory_seq_pos_min`) to its largest.
-        """
-        pos_min = self.lc.llama_memory_seq_pos_min(self.mem, source.seq_id)
-        if pos_min <= 0:
-            return True
-        return self.n_swa > 0 and pos_min <= reuse - self.n_swa
-
     # -- one step -------------------------------------------------------------------------
     def _step(self) -> None:
-        work = self._schedule()
+        """Schedule, decode once, then take each slot's next token (or check its guesses)."""
+        spec = self.speculation
+        work = self.scheduler.schedule(spec.add_guesses if spec is not None else None)
         if not work:
             return
-        rows = self._fill_batch(work)
+        rows = self.batch.fill(work)
         prompt_rids = frozenset(slot.job.rid for slot, chunk in work if len(chunk) > 1 and not slot.guesses)
-        status = self._decode(prompt_rids)
+        status = self.batch.decode(prompt_rids)
         guessed = [slot for slot, _ in work if slot.guesses]
         if status != DECODE_OK:
             for slot in guessed:  # the guesses go; the next step makes new ones
-                self.lc.llama_memory_seq_rm(self.mem, slot.seq_id, len(slot.cached) + len(slot.todo), -1)
-                slot.guesses = []
+                self.cache.drop_guesses(slot)
         if status == DECODE_NO_KV_SLOT:
             if guessed:
-                self._skip_guesses = True  # perhaps only the guesses did not fit
+                spec.skip_next = True  # perhaps only the guesses did not fit
             else:
                 self._make_room()
             return
         if status == DECODE_ABORTED:
-            self._resync([slot for slot, _ in work])
+            self.cache.resync([slot for slot, _ in work])
             return
         if status != DECODE_OK:
             raise RuntimeError(f"llama_decode returned {status}")
-        self._skip_guesses = False
+        if spec is not None:
+            spec.skip_next = False
         for slot, chunk in work:
             slot.cached += chunk
             slot.todo = slot.todo[len(chunk):]  # a guessing slot ran all of it
@@ -316,140 +278,21 @@ class LlamaCppEngine:
             else:
                 self._sample(slot, row)
 
-    def _schedule(self) -> list[tuple[Slot, list[int]]]:
-        """The tokens each slot runs this step: every pending output token, then prompt chunks."""
-        busy = [s for s in self.slots.busy() if s.todo]
-        single = [s for s in busy if len(s.todo) == 1]
-        prompts = sorted((s for s in busy if len(s.todo) > 1), key=lambda s: (len(s.todo), s.admitted_at))
-        work = [(s, list(s.todo)) for s in single]
-        budget = self.config.n_batch - len(work)
-        if self.guesser is not None:
-            budget -= self._add_guesses(single, budget)
-            work = [(s, s.todo + s.guesses) for s in single]
-        if any(s.job.generated for s in single):
-            budget = min(budget, self.config.prefill_chunk)  # keep the streams flowing
-        for slot in prompts:
-            if budget <= 0:
-                break
-            chunk = slot.todo[:budget]
-            work.append((slot, chunk))
-            budget -= len(chunk)
-        return work
-
-    def _add_guesses(self, single: list[Slot], room: int) -> int:
-        """Give generating slots guesses to check this step (`slot.guesses`); the rows they add.
-
-        Only while few sequences generate: each guess costs a row with logits.
-        A request's guesses never run past its token limit.
-        """
-        spec = self.config.speculation
-        generating = [s for s in single if s.job.generated]
-        if self._skip_guesses or not generating or len(generating) > spec.max_generating:
-            return 0
-        requests, slots = [], []
-        for slot in generating:
-            job = slot.job
-            k = min(job.spec.k, job.limit - job.usage.completion_tokens - 1, room)
-            if k <= 0 or not job.spec.guesses_beside(len(generating) - 1, spec):
-                continue
-            job.spec.asked = k
-            requests.append(GuessRequest(slot.seq_id, job.prompt + job.generated, k, job.request.params, len(job.generated)))
-            slots.append(slot)
-            room -= k
-        if not requests:
-            return 0
-        added = 0
-        for slot, request, guesses in zip(slots, requests, self.guesser.guess(requests)):
-            slot.guesses = guesses[: request.k]
-            added += len(slot.guesses)
-        return added
-
-    def _fill_batch(self, work: list[tuple[Slot, list[int]]]) -> list[tuple[Slot, int]]:
-        """Write the step's tokens into the llama_batch; (slot, row) for each slot that gets logits.
-
-        A slot gets logits once its input is complete: at its last token, or,
-        with guesses, at its pending token and every guess (the row given is
-        the first of those).
-        """
-        batch = self.batch
-        rows: list[tuple[Slot, int]] = []
-        i = 0
-        for slot, chunk in work:
-            start = len(slot.cached)
-            complete = len(chunk) == len(slot.todo) + len(slot.guesses)
-            first = len(chunk) - 1 - len(slot.guesses) if complete else len(chunk)
-            for j, token in enumerate(chunk):
-                batch.token[i] = token
-                batch.pos[i] = start + j
-                batch.n_seq_id[i] = 1
-                batch.seq_id[i][0] = slot.seq_id
-                batch.logits[i] = j >= first
-                i += 1
-            if complete:
-                rows.append((slot, i - len(chunk) + first))
-        batch.n_tokens = i
-        return rows
-
-    def _decode(self, prompt_rids: frozenset[str]) -> int:
-        """One llama_decode. While it processes prompts, llama.cpp asks between graph nodes
-        whether to stop, so an abort lands within milliseconds; pure generation steps are
-        short and skip the callback (it takes the GIL once per node)."""
-        lc, ctx = self.lc, self.ctx.ctx
-        if not prompt_rids:
-            return lc.llama_decode(ctx, self.batch)
-        self._watch = prompt_rids
-        lc.llama_set_abort_callback(ctx, self._abort_callback, None)
-        try:
-            return lc.llama_decode(ctx, self.batch)
-        finally:
-            self._watch = frozenset()
-            lc.llama_set_abort_callback(ctx, self._no_abort_callback, None)
-
-    def _should_abort_compute(self, _data) -> bool:
-        """Called by llama.cpp between graph nodes while a step processes prompts."""
-        return not self._watch.isdisjoint(self.control.aborted)
-
-    def _resync(self, slots: list[Slot]) -> None:
-        """After an aborted decode, believe llama.cpp about what each sequence now holds."""
-        for slot in slots:
-            have = self.lc.llama_memory_seq_pos_max(self.mem, slot.seq_id) + 1
-            if have > len(slot.cached):
-                n = have - len(slot.cached)
-                slot.cached, slot.todo = slot.cached + slot.todo[:n], slot.todo[n:]
-            elif have < len(slot.cached):
-                slot.todo = slot.cached[have:] + slot.todo
-                slot.cached = slot.cached[:have]
-            if not slot.todo and slot.cached:  # its logits are gone: run its last token again
-                self.lc.llama_memory_seq_rm(self.mem, slot.seq_id, len(slot.cached) - 1, -1)
-                slot.todo = [slot.cached.pop()]
-
     def _make_room(self) -> None:
         """The KV cache is full: drop an idle cache, or else preempt the youngest request."""
         for slot in self.slots.eviction_order():
-            self._drop_cache(slot)
+            self.cache.drop(slot)
             return
-        busy = sorted(self.slots.busy(), key=lambda s: s.admitted_at)
-        if len(busy) <= 1:
-            for slot in busy:
-                self._finish(slot.job, "error", slot, error="the context is full")
-                self._drop_cache(slot)
+        youngest = self.scheduler.preempt_youngest()
+        if youngest is not None:
+            self.cache.drop(youngest)
+            with self.control.lock:
+                self.control.stats.running -= 1
+                self.control.stats.waiting += 1
             return
-        youngest = busy[-1]
-        self.preemptions += 1
-        self._held = True  # or it would come straight back and fill the cache again
-        job = youngest.job
-        youngest.job, youngest.todo = None, []
-        self._drop_cache(youngest)
-        self.waiting.appendleft(job)
-        with self.control.lock:
-            self.control.stats.running -= 1
-            self.control.stats.waiting += 1
-
-    def _drop_cache(self, slot: Slot) -> None:
-        self.lc.llama_memory_seq_rm(self.mem, slot.seq_id, -1, -1)
-        slot.cached = []
-        if self.guesser is not None:
-            self.guesser.forget(slot.seq_id)
+        for slot in self.slots.busy():  # one request filled the context alone
+            self._finish(slot.job, "error", slot, error="the context is full")
+            self.cache.drop(slot)
 
     # -- tokens out ------------------------------------------------------------------------
     def _sample(self, slot: Slot, row: int) -> None:
@@ -458,40 +301,12 @@ class LlamaCppEngine:
             slot.todo = [token]
 
     def _verify(self, slot: Slot, row: int) -> None:
-        """Check the slot's guesses against its sampler's draws at rows row, row + 1, ...
-
-        Every drawn token is the request's (the sampler sees exactly what plain
-        decoding would); drawing stops at the first token that is not the next
-        guess, after the last guess, or when the request ends. The cells of
-        guesses not kept are removed.
-        """
-        job, guesses = slot.job, slot.guesses
-        slot.guesses = []
-        verified = len(slot.cached) - len(guesses)  # the pending token and what came before
-        kept = checked = 0
-        for i in range(len(guesses) + 1):
-            token = self._draw(slot, row + i)
-            if token is None:
-                break
-            is_guess = i < len(guesses) and token == guesses[i]
-            if i < len(guesses):
-                checked += 1
-                kept += is_guess
-                job.usage.draft_tokens += 1
-                job.usage.accepted_draft_tokens += is_guess
-            if not self._take(slot, token, row + i):
-                break
-            if not is_guess:
-                slot.todo = [token]
-                break
-        verified += kept
-        if verified < len(slot.cached):
-            self.lc.llama_memory_seq_rm(self.mem, slot.seq_id, verified, -1)
-            del slot.cached[verified:]
-        job.spec.record(checked, kept, self.config.speculation)
+        """Check the slot's guesses (llamacpp_speculative.py); the cells of guesses not kept go."""
+        verdict = self.speculation.verify(slot, row, self._draw, self._take)
+        self.cache.trim(slot, verdict.verified)
         with self.control.lock:
-            self.control.stats.spec_draft_tokens += checked
-            self.control.stats.spec_accepted_tokens += kept
+            self.control.stats.spec_draft_tokens += verdict.checked
+            self.control.stats.spec_accepted_tokens += verdict.kept
 
     def _draw(self, slot: Slot, row: int) -> int | None:
         """The request's next token from the logits at `row`; None if that ended the request."""
@@ -521,7 +336,7 @@ class LlamaCppEngine:
         if params.logprobs is not None:
             logprobs = [top_logprobs(self.ctx.ctx, self.n_vocab, token, params.logprobs, self._piece, row)]
         scan = job.stream.feed(self._piece(token))
-        self._emit(job, TokenEvent(job.rid, scan.text, [token], logprobs))
+        self.outbox.put(job, TokenEvent(job.rid, scan.text, [token], logprobs))
         if scan.stopped:
             self._finish(job, "stop", slot)
         elif job.usage.completion_tokens >= job.limit:
@@ -534,23 +349,12 @@ class LlamaCppEngine:
         """The bytes of one token as text (control tokens such as <eos> give b"")."""
         return token_piece(self.lc, self.model.vocab, token)
 
-    def _emit(self, job: Job, event: Event) -> None:
-        """Queue an event for the request's loop; `_deliver` hands them over after the step."""
-        self._outbox.setdefault(job.loop, []).append((job, event))
-
     def _deliver(self) -> None:
-        """One wake-up per event loop per step, however many of its requests got a token.
-
-        A loop that is gone (its client's program ended) cannot take events: its
-        requests are aborted at the next step.
-        """
-        outbox, self._outbox = self._outbox, {}
-        for loop, items in outbox.items():
-            try:
-                loop.call_soon_threadsafe(_put_all, [(job.events, event) for job, event in items])
-            except RuntimeError:
-                with self.control.lock:
-                    self.control.aborted.update(job.rid for job, _ in items if job.rid in self.control.active)
+        """Hand the step's events over (llamacpp_outbox.py); a request whose loop is gone is aborted next step."""
+        lost = self.outbox.deliver()
+        if lost:
+            with self.control.lock:
+                self.control.aborted.update(rid for rid in lost if rid in self.control.active)
 
     def _finish(self, job: Job, reason: str, slot: Slot | None = None, error: str | None = None) -> None:
         """End a request: flush held-back text, free its slot (its cache stays), send the finish event."""
@@ -560,14 +364,14 @@ class LlamaCppEngine:
             # answer when the output ends otherwise; after a stop string flush() gives nothing
             tail = job.stream.flush()
             if tail:
-                self._emit(job, TokenEvent(job.rid, tail, []))
+                self.outbox.put(job, TokenEvent(job.rid, tail, []))
         if job.sampler is not None:
             job.sampler.close()
             job.sampler = None
         if slot is not None:
             slot.job, slot.todo = None, []
             slot.last_used = time.monotonic()
-            self._held = False
+            self.scheduler.held = False
         job.timings.decode_s = job.last_at - job.first_at
         job.timings.total_s = now - job.queued_at
         usage = job.usage
@@ -586,17 +390,13 @@ class LlamaCppEngine:
             if usage.draft_tokens:
                 stats.last_spec_acceptance_rate = usage.accepted_draft_tokens / usage.draft_tokens
         matched = job.stream.matched if job.stream is not None else None
-        self._emit(job, FinishEvent(job.rid, reason, usage, job.timings, error, matched))  # type: ignore[arg-type]
+        self.outbox.put(job, FinishEvent(job.rid, reason, usage, job.timings, error, matched))  # type: ignore[arg-type]
 
     def _fail_all(self, message: str) -> None:
         """After an unexpected failure: end every running request with an error and start from a clean cache."""
         for slot in self.slots.busy():
             self._finish(slot.job, "error", slot, error=message)
-        self.lc.llama_memory_clear(self.mem, True)
-        for slot in self.slots.slots:
-            slot.cached, slot.todo, slot.guesses = [], [], []
-        if self.guesser is not None:
-            self.guesser.clear()
+        self.cache.clear()
 
     def _publish_stats(self) -> None:
         cells = self.slots.cells_in_use()
@@ -607,9 +407,3 @@ class LlamaCppEngine:
             stats.prefix_cache_tokens = self._reused_tokens_total
             if self._prompt_tokens_total:
                 stats.prefix_cache_hit_rate = self._reused_tokens_total / self._prompt_tokens_total
-
-
-def _put_all(items: list[tuple[asyncio.Queue, Event]]) -> None:
-    """Runs on a request's event loop: each event into its request's queue."""
-    for events, event in items:
-        events.put_nowait(event)

@@ -25,7 +25,6 @@ from __future__ import annotations
 import queue
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from localllm.backends.engine_inbox import WAKE, Job
@@ -35,6 +34,7 @@ from localllm.core.errors import BackendError, LocalLLMError, NotSupported
 from localllm.core.requests import Event, FinishEvent, GenerationRequest, TokenEvent
 from localllm.core.hardware import default_threads
 from localllm.core.modelinfo import ModelInfo
+from localllm.core.speculation import SpeculationOptions
 
 
 @dataclass
@@ -46,9 +46,7 @@ class NativeOptions:
     device: str | None = None  # None: CUDA when available
     dtype: str | None = None  # None: float32 on CPU, bfloat16 on CUDA
     verbose: bool = False
-    speculative: str = "off"  # off | ngram | draft (native/speculative.py)
-    draft_path: Path | None = None  # the draft model, for "draft"
-    num_speculative_tokens: int | None = None  # guesses per step; None: the engine's default
+    speculation: SpeculationOptions | None = None  # native/speculative.py; None: off (a draft is its file's path)
 
 
 class NativeBackend(LocalBackend):
@@ -90,12 +88,8 @@ class NativeBackend(LocalBackend):
     # -- engine thread ------------------------------------------------------------------
     def _load(self) -> None:
         from native.engine import EngineOptions, LLMEngine
-        from native.speculative import SpeculativeOptions
 
         o = self.options
-        speculative = SpeculativeOptions(o.speculative, draft_model=o.draft_path)
-        if o.num_speculative_tokens is not None:
-            speculative.num_tokens = o.num_speculative_tokens
         self._engine = LLMEngine(
             self.info.path,
             EngineOptions(
@@ -106,7 +100,7 @@ class NativeBackend(LocalBackend):
                 kv_cache_bytes=o.kv_cache_bytes,
                 threads=o.n_threads or default_threads(),
                 verbose=o.verbose,
-                speculative=speculative.validate(),
+                speculation=o.speculation.validate() if o.speculation else None,
             ),
         )
         self._tokenizer = self._engine.tokenizer

@@ -10,11 +10,12 @@ layers and context; a named backend that cannot fit is refused with its reasons.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from localllm.backends.base import Backend
 from localllm.core.errors import BadRequest
 from localllm.core.modelinfo import ModelInfo
+from localllm.core.speculation import SpeculationOptions
 from localllm.backends.remotes import RemoteModel
 from localllm.store.store import ResolvedModel
 
@@ -29,10 +30,7 @@ class LoadOptions:
     n_gpu_layers: int = 0
     verbose: bool = False
     kv_cache_bytes: int | None = None  # native engine: memory for its KV cache (None: its default)
-    speculative: str | None = None  # off | ngram | draft (None: off; a --draft alone means draft)
-    draft: str | None = None  # the draft model's name or path (speculative "draft")
-    draft_n_gpu_layers: int = 0  # llama.cpp: the draft's layers on GPUs (the fit plan sets it)
-    num_speculative_tokens: int | None = None  # guesses per step (None: the engine's default)
+    speculation: SpeculationOptions = field(default_factory=SpeculationOptions)  # its draft: a name or a path
     n_parallel: int | None = None  # llama.cpp: requests decoded together, sharing n_ctx (None: its default)
     remote_url: str | None = None  # remote backend: the upstream's OpenAI base URL, e.g. http://host:8000/v1
     remote_api_key: str | None = None
@@ -51,13 +49,13 @@ def open_backend(model: ResolvedModel, options: LoadOptions | None = None) -> Ba
     if options.backend not in BACKENDS:
         raise BadRequest(f"unknown backend '{options.backend}'; choose one of: {', '.join(BACKENDS)}")
     if options.backend == "remote" or isinstance(model, RemoteModel):
-        if _speculative_method(options) != "off":
+        if options.speculation.enabled:
             raise BadRequest("speculative decoding runs in a local engine; a remote model is decoded by its upstream")
         return _open_remote(model, options)
     if options.n_threads is not None and options.n_threads < 1:
         raise BadRequest("threads must be >= 1")
     info = model.info()
-    draft = _draft_info(options.draft) if options.draft else None
+    draft = _draft_info(str(options.speculation.draft)) if options.speculation.draft else None
     if options.backend != "llamacpp" or info.format == "gguf":
         from localllm.fit.follow import follow_plan  # backend, GPU layers and context from the fit planner
 
@@ -73,28 +71,25 @@ def open_backend(model: ResolvedModel, options: LoadOptions | None = None) -> Ba
         n_threads=options.n_threads,
         n_gpu_layers=options.n_gpu_layers,
         verbose=options.verbose,
-        speculation=_llamacpp_speculation(options, draft),
+        speculation=_llamacpp_speculation(options.speculation, draft),
     )
     if options.n_parallel is not None:
         llama_options.n_parallel = options.n_parallel
     return LlamaCppBackend(model.name, info, llama_options)
 
 
-def _llamacpp_speculation(options: LoadOptions, draft: ModelInfo | None):
+def _llamacpp_speculation(speculation: SpeculationOptions, draft: ModelInfo | None) -> SpeculationOptions | None:
     """llama.cpp's speculative decoding settings; None when off. The draft must be a GGUF too."""
-    from localllm.backends.llamacpp_speculative import SpeculationConfig
-
-    method = _speculative_method(options)
-    if method == "off":
+    if not speculation.enabled:
         return None
-    config = SpeculationConfig(method, draft_n_gpu_layers=options.draft_n_gpu_layers)
-    if draft is not None:
-        if draft.format != "gguf":
-            raise BadRequest(f"the draft model '{options.draft}' is {draft.format}; llama.cpp needs a GGUF draft")
-        config.draft_path = str(draft.path)
-    if options.num_speculative_tokens is not None:
-        config.num_tokens = options.num_speculative_tokens
-    return config.validate()
+    if draft is not None and draft.format != "gguf":
+        raise BadRequest(f"the draft model '{speculation.draft}' is {draft.format}; llama.cpp needs a GGUF draft")
+    return _with_draft_file(speculation, draft).validate()
+
+
+def _with_draft_file(speculation: SpeculationOptions, draft: ModelInfo | None) -> SpeculationOptions:
+    """The settings an engine gets: the draft named by its file's path."""
+    return replace(speculation, draft=str(draft.path)) if draft is not None else speculation
 
 
 def _draft_info(name: str) -> ModelInfo:
@@ -114,17 +109,9 @@ def _open_native(model: ResolvedModel, info, options: LoadOptions, draft: ModelI
         n_threads=options.n_threads,
         kv_cache_bytes=options.kv_cache_bytes,
         verbose=options.verbose,
-        speculative=_speculative_method(options),
-        num_speculative_tokens=options.num_speculative_tokens,
+        speculation=_with_draft_file(options.speculation, draft),
     )
-    if draft is not None:
-        native_options.draft_path = draft.path
     return NativeBackend(model.name, info, native_options)
-
-
-def _speculative_method(options: LoadOptions) -> str:
-    """off, ngram or draft; --draft alone implies draft (the engine checks the combination)."""
-    return options.speculative or ("draft" if options.draft else "off")
 
 
 def _open_remote(model: ResolvedModel, options: LoadOptions) -> Backend:

@@ -44,6 +44,7 @@ def load_options(args: argparse.Namespace) -> LoadOptions:
     """
     from localllm.backends.select import LoadOptions
     from localllm.core.env_vars import env_secret
+    from localllm.core.speculation import SpeculationOptions
 
     return LoadOptions(
         backend=backend_choice(args),
@@ -51,9 +52,7 @@ def load_options(args: argparse.Namespace) -> LoadOptions:
         n_threads=args.threads,
         verbose=args.verbose,
         kv_cache_bytes=args.kv_cache,
-        speculative=args.speculative,
-        draft=args.draft,
-        num_speculative_tokens=args.num_speculative_tokens,
+        speculation=SpeculationOptions.from_flags(args.speculative, args.draft, args.num_speculative_tokens),
         remote_url=getattr(args, "url", None),
         remote_api_key=getattr(args, "remote_api_key", None) or env_secret("LOCALLLM_REMOTE_API_KEY"),
     )

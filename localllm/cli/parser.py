@@ -16,6 +16,7 @@ from localllm.cli.error_words import cli_message
 from localllm.cli.output import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 from localllm.core.errors import BadRequest, LocalLLMError
 from localllm.core.units import SIZE_HELP, parse_size
+from localllm.core.speculation import METHODS as SPECULATION_METHODS
 from localllm.store.store import DEFAULT_CHAT_MODEL
 
 
@@ -57,7 +58,7 @@ def _add_load_flags(p: argparse.ArgumentParser) -> None:
         "--kv-cache", type=_size("--kv-cache"), help=f"native engine: memory for its KV cache, e.g. 2GiB ({SIZE_HELP}; default: up to 1/4 of free RAM)"
     )
     p.add_argument(
-        "--speculative", choices=["off", "ngram", "draft"], default=None,
+        "--speculative", choices=list(SPECULATION_METHODS), default=None,
         help="speculative decoding by prompt lookup (ngram) or a --draft model (default: off)",
     )
     p.add_argument("--draft", metavar="MODEL", help="the draft model for --speculative draft (must share the model's tokenizer)")

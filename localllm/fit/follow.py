@@ -48,10 +48,10 @@ def follow_plan(
         draft_plan = plan_draft(draft, plan, hardware, settings, chosen.n_ctx)
         if not draft_plan.fits:
             raise DoesNotFit(
-                f"the draft model '{options.draft}' does not fit beside '{name}': {draft_plan.reasons[-1]}; "
+                f"the draft model '{options.speculation.draft}' does not fit beside '{name}': {draft_plan.reasons[-1]}; "
                 "`localllm fit` explains"
             )
-        chosen = replace(chosen, draft_n_gpu_layers=draft_plan.n_gpu_layers)
+        chosen = replace(chosen, speculation=replace(chosen.speculation, draft_n_gpu_layers=draft_plan.n_gpu_layers))
     if plan.backend == "llamacpp":
         return replace(chosen, n_gpu_layers=plan.n_gpu_layers)
     if plan.device == "cpu" and options.kv_cache_bytes is None:
