@@ -147,7 +147,9 @@ def test_chat_run_serve_and_bench_open_models_with_the_same_options():
     load = ["--ctx", "1024", "--threads", "2", "--backend", "llamacpp", "--speculative", "ngram", "--num-speculative-tokens", "3"]
     options = [load_options(parse_command_line([verb, "starter", *load])) for verb in ("run", "chat", "serve", "bench")]
     assert all(o == options[0] for o in options)
-    assert (options[0].n_ctx, options[0].n_threads, options[0].backend, options[0].speculative) == (1024, 2, "llamacpp", "ngram")
+    first = options[0]
+    assert (first.n_ctx, first.n_threads, first.backend) == (1024, 2, "llamacpp")
+    assert (first.speculation.method, first.speculation.num_tokens) == ("ngram", 3)
     args = parse_command_line(["chat", "starter", *load, *FLAGS])
     defaults = chat_defaults(args, sampling_from(args))
     assert defaults.n_ctx == 1024 and defaults.sampling == sampling_from(args)  # every sampling flag, as SamplingParams
