@@ -96,6 +96,6 @@ def test_thinking_switch() -> None:
     assert thinking_switch(qwen, False, "m") == {"enable_thinking": False}
     assert thinking_switch(qwen, None, "m") == {}
     assert thinking_switch("<think>", True, "m") == {}  # reasons always; nothing to switch
-    with pytest.raises(BadRequest, match="'m' does not support thinking"):
+    with pytest.raises(BadRequest, match="model 'm' does not support thinking"):
         thinking_switch("{{ messages }}", True, "m")
     assert thinking_switch("{{ messages }}", False, "m") == {}

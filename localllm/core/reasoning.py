@@ -174,7 +174,7 @@ def thinking_switch(template: str | None, think: bool | None, model_name: str) -
     Asking a model that cannot reason to think is refused, as Ollama refuses it.
     """
     if think and not template_reasons(template):
-        raise BadRequest(f"'{model_name}' does not support thinking")
+        raise BadRequest(f"model '{model_name}' does not support thinking")
     if think is None or not template_switches_thinking(template):
         return {}
     return {"enable_thinking": bool(think)}
