@@ -167,3 +167,30 @@ def test_anthropic_thinking_blocks(claude):
 
     off = claude.messages.create(thinking={"type": "disabled"}, **{**kw, "max_tokens": 4})
     assert [b.type for b in off.content] == ["text"]
+
+
+# -- Responses -----------------------------------------------------------------------------------
+
+
+def test_responses_reasoning_item_before_the_message(oai):
+    kw = dict(model="thinker", input=FEW_SHOT, max_output_tokens=MAX, temperature=0)
+    response = oai.responses.create(**kw)
+    kinds = [item.type for item in response.output]
+    assert kinds[:2] == ["reasoning", "message"], response.output
+    thoughts = response.output[0].content[0].text
+    assert thoughts and response.output_text and no_tags(thoughts, response.output_text)
+
+    with oai.responses.stream(**kw) as stream:
+        events = list(stream)
+    assert events[-1].type == f"response.{response.status}"  # incomplete when max_output_tokens cut the ramble after the answer
+    final = events[-1].response
+    types = [e.type for e in events]
+    assert "response.reasoning_text.delta" in types
+    assert types.index("response.reasoning_text.done") < types.index("response.output_text.delta")
+    streamed = "".join(e.delta for e in events if e.type == "response.reasoning_text.delta")
+    assert streamed == thoughts
+    assert [i.type for i in final.output] == kinds and final.output_text == response.output_text
+    assert [e.output_index for e in events if e.type == "response.output_item.added"] == [0, 1]
+
+    off = oai.responses.create(**{**kw, "max_output_tokens": 4}, reasoning={"effort": "none"})
+    assert [item.type for item in off.output] == ["message"]
