@@ -81,6 +81,7 @@ class Message:
     stats: dict | None = None  # ttft_s, completion_tokens, tokens_per_s, reason
     stopped: bool = False
     id: int | None = None
+    reasoning: str = ""  # a reasoning model's thoughts before the answer (shown, not kept across sessions)
 
 
 @dataclass
