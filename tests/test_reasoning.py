@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import io
+
 import pytest
 
+from localllm.cli.console import DIM, RESET, ThoughtsFirst
 from localllm.core.errors import BadRequest
 from localllm.core.reasoning import (
     ReasoningStream,
@@ -99,3 +102,22 @@ def test_thinking_switch() -> None:
     with pytest.raises(BadRequest, match="model 'm' does not support thinking"):
         thinking_switch("{{ messages }}", True, "m")
     assert thinking_switch("{{ messages }}", False, "m") == {}
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_line_chat_writes_thoughts_dimmed_on_a_terminal_and_plain_elsewhere(terminal: bool) -> None:
+    out = _Terminal() if terminal else io.StringIO()
+    writer = ThoughtsFirst(ReasoningStream(inside=True), out)
+    for piece in ["Hmm", ", two.", "\n</th", "ink>\n\nT", "wo."]:
+        writer(piece)
+    writer.finish()
+    if terminal:
+        assert out.getvalue() == f"{DIM}Hmm{RESET}{DIM}, two.{RESET}\n\nTwo."
+    else:
+        assert out.getvalue() == "Hmm, two.\n\nTwo."
+    assert "".join(writer.answer) == "Two."  # only the answer goes back into the conversation

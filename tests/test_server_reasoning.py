@@ -11,6 +11,10 @@ shape, that no tag leaks, and that streamed pieces add up to the whole reply.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import anthropic
 import httpx
 import ollama
@@ -51,11 +55,16 @@ MAX = 24  # room for the thought and the answer; the base model may ramble after
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, starter_gguf):
+def home(tmp_path_factory, starter_gguf):
     home = tmp_path_factory.mktemp("reasoning-home")
     files = tmp_path_factory.mktemp("reasoning-files")
     thinker = copy_with_string_key(starter_gguf, files / "thinker.gguf", "tokenizer.chat_template", THINK_TEMPLATE)
     make_store(home, {"thinker": thinker, "starter": starter_gguf})
+    return home
+
+
+@pytest.fixture(scope="module")
+def server(home):
     srv = start_server(home, "thinker", "--ctx", "1024", "--max-loaded", "2", "--threads", "2")
     yield srv
     srv.stop()
@@ -131,9 +140,17 @@ def test_ollama_chat_think_returns_thinking(oll):
     assert not off.message.thinking and off.message.content
 
 
-def test_ollama_generate_returns_thinking(oll):
+def test_ollama_generate_returns_thinking_and_the_line_chat_prints_the_same(oll, home):
     reply = oll.generate(model="thinker", prompt="Why is the sky blue?", think=True, options={"temperature": 0, "num_predict": 6})
     assert reply.thinking and reply.response == "" and reply.done_reason == "length"  # cut while thinking
+
+    env = {**os.environ, "LOCALLLM_HOME": str(home)}
+    chat = subprocess.run(
+        [sys.executable, "-m", "localllm", "chat", "thinker", "--temperature", "0", "--max-tokens", "6"],
+        input="Why is the sky blue?\n/bye\n", capture_output=True, text=True, env=env, timeout=180,
+    )
+    assert chat.returncode == 0, chat.stderr
+    assert chat.stdout.replace(">>> ", "") == reply.thinking + "\n"  # piped, not a terminal: the thoughts plain
 
 
 def test_ollama_think_on_a_model_that_cannot_think_is_refused(oll, server):
