@@ -223,6 +223,8 @@ def test_a_reply_with_thoughts_shows_them_collapsed_above_the_answer(tmp_path):
             assert thoughts.region.y < reply.body.region.y  # above the answer
             user_thoughts = views(app)[0].query(".thoughts")
             assert not user_thoughts  # a user's message has none
+            saved = app.conversations.messages(app.screen.conversation.id)[-1]
+            assert (saved.content, saved.reasoning) == ("Hello!", "The user says hi; greet back.")
 
     asyncio.run(run())
 
@@ -237,3 +239,27 @@ def test_a_reply_without_thoughts_has_no_visible_thoughts_block(tmp_path):
             assert not views(app)[1].query_one(".thoughts").display
 
     asyncio.run(run())
+
+
+def test_a_conversation_file_from_before_thoughts_were_kept_opens_and_keeps_them(tmp_path):
+    import sqlite3
+
+    from localllm.tui.conversations import ConversationStore, Message
+
+    path = tmp_path / "conversations.sqlite3"
+    old = sqlite3.connect(path)
+    old.executescript(
+        "CREATE TABLE conversations (id INTEGER PRIMARY KEY, title TEXT NOT NULL, model TEXT NOT NULL,"
+        " settings TEXT NOT NULL, created REAL NOT NULL, updated REAL NOT NULL);"
+        "CREATE TABLE messages (id INTEGER PRIMARY KEY, conversation_id INTEGER NOT NULL, role TEXT NOT NULL,"
+        " content TEXT NOT NULL, stats TEXT, stopped INTEGER NOT NULL DEFAULT 0);"
+        "INSERT INTO conversations VALUES (1, 'old', 'starter', '{}', 0, 0);"
+        "INSERT INTO messages (conversation_id, role, content) VALUES (1, 'user', 'hi');"
+    )
+    old.commit()
+    old.close()
+    store = ConversationStore(path)
+    assert [(m.content, m.reasoning) for m in store.messages(1)] == [("hi", "")]
+    store.add_message(1, Message("assistant", "Hello!", reasoning="greet back"))
+    assert store.messages(1)[-1].reasoning == "greet back"
+    store.close()
