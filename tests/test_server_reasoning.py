@@ -186,6 +186,17 @@ def test_anthropic_thinking_blocks(claude):
     assert [b.type for b in off.content] == ["text"]
 
 
+def test_anthropic_reply_cut_while_thinking_is_one_closed_thinking_block(claude):
+    kw = dict(model="thinker", max_tokens=3, messages=FEW_SHOT, extra_body={"temperature": 0})
+    message = claude.messages.create(**kw)
+    assert [b.type for b in message.content] == ["thinking"] and message.stop_reason == "max_tokens"
+    with claude.messages.stream(**kw) as stream:
+        kinds = [e.type for e in stream]
+        final = stream.get_final_message()
+    assert kinds.count("content_block_start") == kinds.count("content_block_stop") == 1
+    assert [b.model_dump() for b in final.content] == [b.model_dump() for b in message.content]
+
+
 # -- Responses -----------------------------------------------------------------------------------
 
 
