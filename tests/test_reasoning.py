@@ -121,3 +121,12 @@ def test_line_chat_writes_thoughts_dimmed_on_a_terminal_and_plain_elsewhere(term
     else:
         assert out.getvalue() == "Hmm, two.\n\nTwo."
     assert "".join(writer.answer) == "Two."  # only the answer goes back into the conversation
+
+
+def test_a_grammar_from_the_first_token_leaves_no_room_for_thoughts() -> None:
+    from localllm.core.requests import SamplingParams
+
+    prompt = "x<think>\n"
+    assert not ReplyReasoning.of("<think>", prompt, SamplingParams(grammar='root ::= "{}"')).inside
+    lazy = SamplingParams(grammar='root ::= "{}"', grammar_triggers=["<tool_call>"])  # free text until a call opens
+    assert ReplyReasoning.of("<think>", prompt, lazy).inside

@@ -114,6 +114,14 @@ def test_openai_enable_thinking_false_renders_thinking_off(oai):
         assert message.model_extra["reasoning_content"] is None and message.content, (extra, message)
 
 
+def test_openai_json_output_is_answer_not_thoughts(oai):
+    reply = oai.chat.completions.create(
+        model="thinker", messages=FEW_SHOT, max_tokens=MAX, temperature=0, response_format={"type": "json_object"}
+    )
+    message = reply.choices[0].message
+    assert message.model_extra["reasoning_content"] is None and message.content.startswith("{"), message
+
+
 def test_openai_model_without_reasoning_has_no_reasoning_field(oai):
     reply = oai.chat.completions.create(model="starter", messages=[{"role": "user", "content": "Hi"}], max_tokens=4, temperature=0)
     assert "reasoning_content" not in (reply.choices[0].message.model_extra or {})

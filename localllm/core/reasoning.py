@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from localllm.core.errors import BadRequest
+from localllm.core.requests import SamplingParams
 
 OPEN = "<think>"
 CLOSE = "</think>"
@@ -155,9 +156,12 @@ class ReplyReasoning:
     inside: bool = False
 
     @classmethod
-    def of(cls, template: str | None, prompt: str | list[int]) -> "ReplyReasoning":
+    def of(cls, template: str | None, prompt: str | list[int], params: SamplingParams | None = None) -> "ReplyReasoning":
+        """A grammar that holds from the first token (JSON output, a forced tool call) leaves no
+        room for thoughts: such a reply is all answer, even after a prompt that opened them."""
         reasons = template_reasons(template)
-        inside = reasons and isinstance(prompt, str) and prompt_opens_thoughts(prompt)
+        constrained = params is not None and params.grammar is not None and not params.grammar_triggers
+        inside = reasons and not constrained and isinstance(prompt, str) and prompt_opens_thoughts(prompt)
         return cls(reasons, inside)
 
     def stream(self) -> ReasoningStream | None:

@@ -129,7 +129,7 @@ def _prepare(body: MessagesRequest, backend: Any, n_ctx: int | None) -> tuple[Ge
     elif output_format is not None:
         params.grammar = schema_grammar(output_format.schema_, "output_config.format.schema")
     generation = GenerationRequest(new_id(), prompt, params, templated=True, messages=messages)
-    return backend.prepare(generation), plan, ReplyReasoning.of(backend.info.chat_template, prompt)
+    return backend.prepare(generation), plan, ReplyReasoning.of(backend.info.chat_template, prompt, params)
 
 
 def _count(body: CountTokensRequest, backend: Any, n_ctx: int | None) -> int:

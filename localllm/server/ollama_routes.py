@@ -261,7 +261,7 @@ def _prepare_generate(body: OllamaGenerateRequest, params: SamplingParams, backe
         ]
         prompt, templated = backend.render_chat(messages, template_vars=template_vars), True
     _format(params, body.format, None)
-    reasoning = ReplyReasoning.of(template, prompt) if templated else ReplyReasoning()
+    reasoning = ReplyReasoning.of(template, prompt, params) if templated else ReplyReasoning()
     return backend.prepare(GenerationRequest(new_id(), prompt, params, templated=templated, messages=messages)), reasoning
 
 
@@ -310,7 +310,7 @@ def _prepare_chat(
     prompt = backend.render_chat(messages, tools=tools.template_tools() if tools else None, template_vars=template_vars)
     _format(params, body.format, tools)
     generation = GenerationRequest(new_id(), prompt, params, templated=True, messages=messages)
-    return backend.prepare(generation), tools, ReplyReasoning.of(backend.info.chat_template, prompt)
+    return backend.prepare(generation), tools, ReplyReasoning.of(backend.info.chat_template, prompt, params)
 
 
 def _chat_message(message: Any) -> dict[str, Any]:

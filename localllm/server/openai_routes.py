@@ -163,7 +163,7 @@ def _prepare_chat(body: ChatCompletionRequest, backend: Any) -> tuple[Generation
         params.logprobs = body.top_logprobs or 0
     _constrain(params, body, plan)
     generation = GenerationRequest(new_id(), prompt, params, templated=True, messages=messages)
-    return backend.prepare(generation), plan, ReplyReasoning.of(backend.info.chat_template, prompt)
+    return backend.prepare(generation), plan, ReplyReasoning.of(backend.info.chat_template, prompt, params)
 
 
 _TEMPLATE_OWN_VARS = ("messages", "tools", "add_generation_prompt")

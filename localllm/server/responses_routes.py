@@ -168,7 +168,7 @@ def _prepare(
     template_vars = thinking_switch(backend.info.chat_template, False if effort in ("none", "minimal") else None, body.model)
     prompt = backend.render_chat(messages, tools=plan.template_tools() if plan else None, template_vars=template_vars)
     generation = GenerationRequest(new_id(), prompt, params, templated=True, messages=messages)
-    return backend.prepare(generation), plan, own, ReplyReasoning.of(backend.info.chat_template, prompt)
+    return backend.prepare(generation), plan, own, ReplyReasoning.of(backend.info.chat_template, prompt, params)
 
 
 class _Reply:
