@@ -65,6 +65,12 @@ def test_opening_tag_in_the_prompt() -> None:
     assert "".join(answer) == "Four."
 
 
+def test_a_tag_the_prompt_opened_and_the_model_repeats_is_dropped() -> None:
+    reasoning, answer = run(["<th", "ink>\nSo", " be it.</think>", "Yes."], inside=True)
+    assert ("".join(reasoning), "".join(answer)) == ("So be it.", "Yes.")
+    assert split_reply("  <th", inside=True).reasoning == "<th"  # cut before it could be a tag: a thought
+
+
 def test_no_tag_at_all_is_all_answer() -> None:
     reasoning, answer = run(["Hello", ", world", " <think> is just text"])
     assert "".join(reasoning) == ""

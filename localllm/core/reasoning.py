@@ -57,9 +57,10 @@ class Split:
 class ReasoningStream:
     """Feed a reply's text as it arrives; get back its reasoning and answer parts.
 
-    `inside`: the prompt already opened the thoughts (see `prompt_opens_thoughts`).
-    Otherwise a reply that begins (after blank space) with ``<think>`` reasons;
-    any other reply is all answer. After ``</think>`` everything is answer.
+    `inside`: the prompt already opened the thoughts (see `prompt_opens_thoughts`);
+    a model that opens them once more anyway has that tag dropped. Otherwise a
+    reply that begins (after blank space) with ``<think>`` reasons; any other
+    reply is all answer. After ``</think>`` everything is answer.
     Whitespace around the thoughts is trimmed, as the tags' own lines are.
     """
 
@@ -71,9 +72,7 @@ class ReasoningStream:
     reasoned: bool = field(init=False, default=False)  # the reply had a thinking part
 
     def __post_init__(self) -> None:
-        if self.inside:
-            self._state = _THINKING
-            self.reasoned = True
+        self.reasoned = self.inside
 
     def feed(self, text: str) -> Split:
         self._pending += text
@@ -94,7 +93,7 @@ class ReasoningStream:
                     continue
                 if OPEN.startswith(head) and not final:
                     return out  # blank space or part of the opening tag: wait
-                self._state = _ANSWER
+                self._state = _THINKING if self.inside else _ANSWER
                 continue
             if self._state == _THINKING:
                 at = self._pending.find(CLOSE)
