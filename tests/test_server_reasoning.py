@@ -159,6 +159,11 @@ def test_ollama_generate_returns_thinking_and_the_line_chat_prints_the_same(oll,
     )
     assert chat.returncode == 0, chat.stderr
     assert chat.stdout.replace(">>> ", "") == reply.thinking + "\n"  # piped, not a terminal: the thoughts plain
+    run = subprocess.run(
+        [sys.executable, "-m", "localllm", "run", "thinker", "Why is the sky blue?", "--temperature", "0", "--max-tokens", "6"],
+        capture_output=True, text=True, env=env, timeout=180,
+    )
+    assert run.returncode == 0 and run.stdout == reply.thinking + "\n", run.stderr
 
 
 def test_ollama_think_on_a_model_that_cannot_think_is_refused(oll, server):
