@@ -113,6 +113,9 @@ def test_openai_enable_thinking_false_renders_thinking_off(oai):
         message = reply.choices[0].message
         assert message.model_extra["reasoning_content"] is None and message.content, (extra, message)
 
+    with pytest.raises(openai.BadRequestError, match="chat_template_kwargs.messages"):
+        oai.chat.completions.create(model="thinker", messages=FEW_SHOT, max_tokens=4, extra_body={"chat_template_kwargs": {"messages": []}})
+
 
 def test_openai_json_output_is_answer_not_thoughts(oai):
     reply = oai.chat.completions.create(
