@@ -194,3 +194,72 @@ def test_ctrl_q_quits_quickly_mid_reply(tmp_path):
         assert factory.opened[0].closed
 
     asyncio.run(run())
+
+
+def test_a_reply_with_thoughts_shows_them_collapsed_above_the_answer(tmp_path):
+    from types import SimpleNamespace
+
+    from textual.widgets import Collapsible, Static
+
+    from tui_fakes import FakeBackend
+
+    thinking = "<think>\nThe user says hi; greet back.\n</think>\n\nHello!"
+
+    class ThinkingFactory(FakeFactory):
+        def make(self, name: str) -> FakeBackend:  # a reasoning template, and a reply that reasons
+            return FakeBackend(name, reply=thinking, delay_s=self.delay_s, info=SimpleNamespace(chat_template="{{ '<think>' }}"))
+
+    async def run():
+        app = LocalLLMApp("starter", factory=ThinkingFactory(delay_s=0.01), home=tmp_path)
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_until(pilot, lambda: app.session.current is not None)
+            await send(pilot, "hi")
+            await wait_until(pilot, lambda: len(views(app)) == 2 and app.screen.request_id is None)
+            reply = views(app)[1]
+            assert reply.message.content == "Hello!"  # no tag, no thought in the answer
+            thoughts = reply.query_one(".thoughts", Collapsible)
+            assert thoughts.display and thoughts.collapsed
+            assert str(thoughts.query_one(".thoughts-text", Static).render()) == "The user says hi; greet back."
+            assert thoughts.region.y < reply.body.region.y  # above the answer
+            user_thoughts = views(app)[0].query(".thoughts")
+            assert not user_thoughts  # a user's message has none
+            saved = app.conversations.messages(app.screen.conversation.id)[-1]
+            assert (saved.content, saved.reasoning) == ("Hello!", "The user says hi; greet back.")
+
+    asyncio.run(run())
+
+
+def test_a_reply_without_thoughts_has_no_visible_thoughts_block(tmp_path):
+    async def run():
+        app, _ = make_app(tmp_path)
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_until(pilot, lambda: app.session.current is not None)
+            await send(pilot, "hi")
+            await wait_until(pilot, lambda: len(views(app)) == 2 and app.screen.request_id is None)
+            assert not views(app)[1].query_one(".thoughts").display
+
+    asyncio.run(run())
+
+
+def test_a_conversation_file_from_before_thoughts_were_kept_opens_and_keeps_them(tmp_path):
+    import sqlite3
+
+    from localllm.tui.conversations import ConversationStore, Message
+
+    path = tmp_path / "conversations.sqlite3"
+    old = sqlite3.connect(path)
+    old.executescript(
+        "CREATE TABLE conversations (id INTEGER PRIMARY KEY, title TEXT NOT NULL, model TEXT NOT NULL,"
+        " settings TEXT NOT NULL, created REAL NOT NULL, updated REAL NOT NULL);"
+        "CREATE TABLE messages (id INTEGER PRIMARY KEY, conversation_id INTEGER NOT NULL, role TEXT NOT NULL,"
+        " content TEXT NOT NULL, stats TEXT, stopped INTEGER NOT NULL DEFAULT 0);"
+        "INSERT INTO conversations VALUES (1, 'old', 'starter', '{}', 0, 0);"
+        "INSERT INTO messages (conversation_id, role, content) VALUES (1, 'user', 'hi');"
+    )
+    old.commit()
+    old.close()
+    store = ConversationStore(path)
+    assert [(m.content, m.reasoning) for m in store.messages(1)] == [("hi", "")]
+    store.add_message(1, Message("assistant", "Hello!", reasoning="greet back"))
+    assert store.messages(1)[-1].reasoning == "greet back"
+    store.close()

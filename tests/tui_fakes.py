@@ -39,7 +39,7 @@ class FakeBackend:
     def detokenize(self, tokens: list[int]) -> str:
         return ""
 
-    def render_chat(self, messages: list[dict], tools=None) -> str:
+    def render_chat(self, messages: list[dict], tools=None, template_vars=None) -> str:
         return "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
 
     def prompt_tokens(self, req: GenerationRequest) -> list[int] | None:

@@ -29,7 +29,10 @@ class Backend(Protocol):
 
     def detokenize(self, tokens: list[int]) -> str: ...
 
-    def render_chat(self, messages: list[dict], tools: list[dict] | None = None) -> str: ...
+    def render_chat(self, messages: list[dict], tools: list[dict] | None = None, template_vars: dict | None = None) -> str:
+        """The prompt for `messages`; `template_vars` reach the template as HF's template kwargs do
+        (`enable_thinking`)."""
+        ...
 
     def prompt_tokens(self, req: GenerationRequest) -> list[int] | None:
         """The token ids the engine will process for `req`; None where the backend cannot say

@@ -88,7 +88,7 @@ class LocalBackend:
         return BackendError(f"{self.engine_label} could not load '{self.model_name}': {exc}")
 
     # -- the caller's side ---------------------------------------------------------------
-    def render_chat(self, messages: list[dict], tools: list[dict] | None = None) -> str:
+    def render_chat(self, messages: list[dict], tools: list[dict] | None = None, template_vars: dict | None = None) -> str:
         self._refuse_embedding_model()
         if self._template is None:
             self._template = resolve_template(
@@ -100,7 +100,7 @@ class LocalBackend:
             )
         if self.info.system_prompt and not any(m.get("role") == "system" for m in messages if isinstance(m, dict)):
             messages = [{"role": "system", "content": self.info.system_prompt}, *messages]  # the model's own
-        return self._template.render(messages, add_generation_prompt=True, tools=tools)
+        return self._template.render(messages, add_generation_prompt=True, tools=tools, **(template_vars or {}))
 
     def prompt_tokens(self, req: GenerationRequest) -> list[int]:
         """The token ids the engine will process for `req`."""

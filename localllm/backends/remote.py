@@ -140,7 +140,7 @@ class RemoteBackend:
         return next((e for e in entries if e.get("id") == self.options.model), None), kind
 
     # -- the Backend interface -----------------------------------------------------------
-    def render_chat(self, messages: list[dict], tools: list[dict] | None = None) -> str:
+    def render_chat(self, messages: list[dict], tools: list[dict] | None = None, template_vars: dict | None = None) -> str:
         """A plain transcript, for logs and displays: the upstream renders `messages` with its own template."""
         lines = [f"{m.get('role', 'user')}: {m.get('content') or ''}" for m in messages]
         return "\n".join(lines + ["assistant:"])

@@ -250,12 +250,17 @@ def _read_prompt(given: str | None) -> str | None:
 
 def _complete_once(backend: Backend, prompt: str, params: SamplingParams, *, raw: bool, show_stats: bool) -> int:
     from localllm.backends.llamacpp import new_request_id
-    from localllm.cli.console import format_stats, stdout_writer, stream_to
+    from localllm.cli.console import ThoughtsFirst, format_stats, stdout_writer, stream_to
+    from localllm.core.reasoning import ReplyReasoning
 
     messages = None if raw else [{"role": "user", "content": prompt}]
     text = prompt if raw else backend.render_chat(messages)
+    thoughts = None if raw else ReplyReasoning.of(backend.info.chat_template, text, params).stream()
+    writer = ThoughtsFirst(thoughts) if thoughts is not None else stdout_writer()
     request = GenerationRequest(new_request_id(), text, params, templated=not raw, messages=messages)
-    finish = stream_to(backend, request, stdout_writer())
+    finish = stream_to(backend, request, writer)
+    if isinstance(writer, ThoughtsFirst):
+        writer.finish()  # a reasoning model's thoughts went out dimmed before the answer
     print(flush=True)
     if show_stats:
         print(format_stats(finish), file=sys.stderr)

@@ -8,8 +8,10 @@ import sys
 from typing import Callable, TextIO
 
 from localllm.backends.base import Backend
-
+from localllm.core.reasoning import ReasoningStream, Split
 from localllm.core.requests import FinishEvent, GenerationRequest, TokenEvent
+
+DIM, RESET = "\x1b[2m", "\x1b[0m"
 
 
 def stream_to(backend: Backend, request: GenerationRequest, write: Callable[[str], None]) -> FinishEvent:
@@ -53,6 +55,39 @@ def stdout_writer(out: TextIO = sys.stdout) -> Callable[[str], None]:
         out.flush()
 
     return write
+
+
+class ThoughtsFirst:
+    """Writes a reasoning model's reply: its thoughts dimmed (plain when not a terminal), a blank line, the answer.
+
+    `answer` collects the answer alone: that is what goes back into the conversation.
+    """
+
+    def __init__(self, thoughts: ReasoningStream, out: TextIO = sys.stdout) -> None:
+        self.thoughts = thoughts
+        self.out = out
+        self.dim = out.isatty()
+        self.answer: list[str] = []
+        self._thought = False  # some thought was written
+        self._answered = False
+
+    def __call__(self, text: str) -> None:
+        self._write(self.thoughts.feed(text))
+
+    def finish(self) -> None:
+        self._write(self.thoughts.flush())
+
+    def _write(self, split: Split) -> None:
+        if split.reasoning:
+            self._thought = True
+            self.out.write(f"{DIM}{split.reasoning}{RESET}" if self.dim else split.reasoning)
+        if split.answer:
+            if self._thought and not self._answered:
+                self.out.write("\n\n")
+            self._answered = True
+            self.answer.append(split.answer)
+            self.out.write(split.answer)
+        self.out.flush()
 
 
 def format_stats(event: FinishEvent) -> str:

@@ -13,9 +13,10 @@ import sys
 
 from localllm.backends.base import Backend
 
+from localllm.core.reasoning import ReplyReasoning
 from localllm.core.requests import GenerationRequest, SamplingParams
 from localllm.backends.chat_fit import ChatTooLong, fit_chat
-from localllm.cli.console import format_stats, stdout_writer, stream_to
+from localllm.cli.console import ThoughtsFirst, format_stats, stdout_writer, stream_to
 
 HELP = """commands:
   /bye            leave (Ctrl+D too)
@@ -89,13 +90,18 @@ def line_chat(
                 print(f"({fitted.notice})", file=sys.stderr)
             chat, prompt, templated = fitted.messages, fitted.prompt, True
         reply: list[str] = []
+        thoughts = ReplyReasoning.of(backend.info.chat_template, prompt).stream() if templated else None
 
         def write(text: str) -> None:
             reply.append(text)
             stdout_writer()(text)
 
+        writer = ThoughtsFirst(thoughts) if thoughts is not None else write
         request = GenerationRequest(new_request_id(), prompt, params, templated=templated, messages=chat)
-        finish = stream_to(backend, request, write)
+        finish = stream_to(backend, request, writer)
+        if isinstance(writer, ThoughtsFirst):
+            writer.finish()
+            reply = writer.answer  # the thoughts are shown, not carried into the next turn
         print(flush=True)
         if finish.reason == "abort":
             print("[stopped]", file=sys.stderr)

@@ -165,9 +165,24 @@ def tool_use_id(call: ToolCall) -> str:
     return "toolu_" + call.id.removeprefix("call_")
 
 
-def content_blocks(text: str | None, calls: list[ToolCall]) -> list[dict[str, Any]]:
-    blocks: list[dict[str, Any]] = [{"type": "text", "text": text}] if text else []
+def content_blocks(text: str | None, calls: list[ToolCall], thinking: str = "") -> list[dict[str, Any]]:
+    blocks: list[dict[str, Any]] = [thinking_block(thinking)] if thinking else []
+    if text:
+        blocks.append({"type": "text", "text": text})
     return blocks + [tool_use_block(c) for c in calls]
+
+
+def thinking_block(thinking: str) -> dict[str, Any]:
+    """A reasoning model's thoughts; unsigned (the signature is empty): nothing here can vouch for them."""
+    return {"type": "thinking", "thinking": thinking, "signature": ""}
+
+
+def think_choice(thinking: dict[str, Any] | None) -> bool | None:
+    """The request's `thinking` as on (enabled, adaptive), off (disabled) or unsaid."""
+    kind = (thinking or {}).get("type")
+    if kind is None:
+        return None
+    return kind != "disabled"
 
 
 def stop_reason(finish: FinishEvent, has_calls: bool) -> tuple[str, str | None]:

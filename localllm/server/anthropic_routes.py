@@ -9,8 +9,10 @@ run is aborted when the client goes away. Only the shapes differ
 (errors.py). Keys come as `x-api-key` (auth.py); `anthropic-version` and
 `anthropic-beta` headers are accepted and not needed.
 
-`thinking` is accepted and ignored, with a log line: reasoning blocks are not
-produced yet. `output_config.format` (structured output) is a grammar, as
+A reasoning model's thoughts come back as a `thinking` block (streamed as
+`thinking_delta`s) before the text; `thinking: {type: "disabled"}` turns
+thinking off where the template can (`enable_thinking`). Asking a model that
+does not reason to think is accepted and logged as ignored. `output_config.format` (structured output) is a grammar, as
 `response_format` is on OpenAI's route.
 """
 
@@ -23,6 +25,7 @@ from typing import Any, AsyncIterator
 from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
+from localllm.core.reasoning import ReplyReasoning, template_reasons, thinking_switch
 from localllm.core.requests import GenerationRequest, TokenEvent
 from localllm.server import anthropic_messages as shapes
 from localllm.server.anthropic_schemas import CountTokensRequest, MessagesRequest
@@ -47,11 +50,10 @@ def _state(request: Request) -> ServerState:
 @router.post("/v1/messages")
 async def create_message(body: MessagesRequest, request: Request) -> Response:
     state = _state(request)
-    _note_thinking(body)
     lease = await state.registry.acquire(body.model)
     try:
         check_message_count(len(body.messages), lease.model.n_ctx)
-        generation, plan = await off_loop(_prepare, body, lease.backend, lease.model.n_ctx)
+        generation, plan, reasoning = await off_loop(_prepare, body, lease.backend, lease.model.n_ctx)
         run = await start_run(lease, generation, state.metrics)
     except BaseException:
         lease.release()
@@ -59,7 +61,7 @@ async def create_message(body: MessagesRequest, request: Request) -> Response:
     mid = shapes.message_id(generation.request_id)
     if body.stream:
         prompt_tokens = len(generation.prompt) if isinstance(generation.prompt, list) else 0
-        events = guarded(_stream(run, mid, body.model, plan, prompt_tokens), _stream_error)
+        events = guarded(_stream(run, mid, body.model, plan, reasoning, prompt_tokens), _stream_error)
         return EventStreamResponse(events, "text/event-stream", run.close)
     try:
         tokens, finish = await collect(run, request)
@@ -67,7 +69,8 @@ async def create_message(body: MessagesRequest, request: Request) -> Response:
         return Response(status_code=499)  # nobody is listening; the request was aborted
     if finish.reason == "error":
         raise APIError(500, finish.error or "the engine failed")
-    text = "".join(t.text for t in tokens)
+    split = reasoning.split("".join(t.text for t in tokens))
+    text = split.answer
     content, calls = plan.parse(text) if plan else (text, [])
     reason, sequence = shapes.stop_reason(finish, bool(calls))
     message = {
@@ -75,7 +78,7 @@ async def create_message(body: MessagesRequest, request: Request) -> Response:
         "type": "message",
         "role": "assistant",
         "model": body.model,
-        "content": shapes.content_blocks(content, calls),
+        "content": shapes.content_blocks(content, calls, split.reasoning),
         "stop_reason": reason,
         "stop_sequence": sequence,
         "usage": shapes.usage(finish),
@@ -87,7 +90,6 @@ async def create_message(body: MessagesRequest, request: Request) -> Response:
 async def count_tokens(body: CountTokensRequest, request: Request) -> dict[str, Any]:
     """The prompt's tokens as the model would see them: the real template over the real tokenizer."""
     state = _state(request)
-    _note_thinking(body)
     lease = await state.registry.acquire(body.model)
     try:
         check_message_count(len(body.messages), lease.model.n_ctx)
@@ -96,9 +98,13 @@ async def count_tokens(body: CountTokensRequest, request: Request) -> dict[str, 
         lease.release()
 
 
-def _note_thinking(body: CountTokensRequest) -> None:
-    if body.thinking and body.thinking.get("type") not in (None, "disabled"):
-        log.warning("request for model '%s' asks for 'thinking': ignored, this server does not produce thinking blocks yet", body.model)
+def _template_vars(body: CountTokensRequest, template: str | None) -> dict[str, bool]:
+    """`thinking` as the template's `enable_thinking`; for a model that does not reason, a log line."""
+    think = shapes.think_choice(body.thinking)
+    if think and not template_reasons(template):
+        log.warning("request for model '%s' asks for 'thinking': ignored, the model does not reason", body.model)
+        think = None
+    return thinking_switch(template, think, body.model)
 
 
 def _templated(body: CountTokensRequest, backend: Any, n_ctx: int | None) -> tuple[str, list[dict[str, Any]], ToolPlan | None]:
@@ -108,11 +114,12 @@ def _templated(body: CountTokensRequest, backend: Any, n_ctx: int | None) -> tup
     plan = drop_optional_tools(shapes.tool_plan(body.tools, body.tool_choice, backend.info.chat_template), body.model)
     if plan is not None:
         messages = plan.prepare_messages(messages)
-    prompt = backend.render_chat(messages, tools=plan.template_tools() if plan else None)
+    template_vars = _template_vars(body, backend.info.chat_template)
+    prompt = backend.render_chat(messages, tools=plan.template_tools() if plan else None, template_vars=template_vars)
     return prompt, messages, plan
 
 
-def _prepare(body: MessagesRequest, backend: Any, n_ctx: int | None) -> tuple[GenerationRequest, ToolPlan | None]:
+def _prepare(body: MessagesRequest, backend: Any, n_ctx: int | None) -> tuple[GenerationRequest, ToolPlan | None, ReplyReasoning]:
     params = shapes.sampling(body)  # cheap refusals before templating
     prompt, messages, plan = _templated(body, backend, n_ctx)
     output_format = body.output_config.format if body.output_config else None
@@ -123,7 +130,7 @@ def _prepare(body: MessagesRequest, backend: Any, n_ctx: int | None) -> tuple[Ge
     elif output_format is not None:
         params.grammar = schema_grammar(output_format.schema_, "output_config.format.schema")
     generation = GenerationRequest(new_id(), prompt, params, templated=True, messages=messages)
-    return backend.prepare(generation), plan
+    return backend.prepare(generation), plan, ReplyReasoning.of(backend.info.chat_template, prompt, params)
 
 
 def _count(body: CountTokensRequest, backend: Any, n_ctx: int | None) -> int:
@@ -134,7 +141,9 @@ def _count(body: CountTokensRequest, backend: Any, n_ctx: int | None) -> int:
     return len(tokens)
 
 
-async def _stream(run: Run, mid: str, model: str, plan: ToolPlan | None, prompt_tokens: int) -> AsyncIterator[bytes]:
+async def _stream(
+    run: Run, mid: str, model: str, plan: ToolPlan | None, reasoning: ReplyReasoning, prompt_tokens: int
+) -> AsyncIterator[bytes]:
     """Anthropic's event sequence: message_start, ping, content blocks, message_delta, message_stop."""
     start_usage = {"input_tokens": prompt_tokens, "output_tokens": 0}
     message = {"id": mid, "type": "message", "role": "assistant", "model": model, "content": [], "stop_reason": None, "stop_sequence": None, "usage": start_usage}
@@ -142,14 +151,30 @@ async def _stream(run: Run, mid: str, model: str, plan: ToolPlan | None, prompt_
     yield shapes.sse("ping", {})
     blocks = _Blocks()
     tool_stream = plan.stream() if plan else None
+    thoughts = reasoning.stream()
+
+    def pieces(text: str, *, final: bool = False) -> list[bytes]:
+        """Event lines for a piece of reply text: thoughts to the thinking block, the rest to text."""
+        answer = text
+        lines: list[bytes] = []
+        if thoughts is not None:
+            split = thoughts.flush() if final else thoughts.feed(text)
+            lines += blocks.thinking(split.reasoning)
+            answer = split.answer
+        if answer:
+            lines += blocks.text(tool_stream.feed(answer) if tool_stream else answer)
+        return lines
+
     async for event in run.events():
         if isinstance(event, TokenEvent):
-            for line in blocks.text(tool_stream.feed(event.text) if tool_stream else event.text):
+            for line in pieces(event.text):
                 yield line
             continue
         if event.reason == "error":
             yield _stream_error(event.error or "the engine failed")
             return
+        for line in pieces("", final=True):
+            yield line
         calls = []
         if tool_stream:
             rest, calls = tool_stream.finish()
@@ -171,11 +196,24 @@ class _Blocks:
     def __init__(self) -> None:
         self.index = -1
         self.open_text = False
+        self.open_thinking = False
+
+    def thinking(self, text: str) -> list[bytes]:
+        """Thoughts come first, so their block opens before any text block."""
+        if not text:
+            return []
+        lines = []
+        if not self.open_thinking:
+            self.index += 1
+            self.open_thinking = True
+            lines.append(shapes.sse("content_block_start", {"index": self.index, "content_block": {"type": "thinking", "thinking": "", "signature": ""}}))
+        lines.append(shapes.sse("content_block_delta", {"index": self.index, "delta": {"type": "thinking_delta", "thinking": text}}))
+        return lines
 
     def text(self, text: str) -> list[bytes]:
         if not text:
             return []
-        lines = []
+        lines = self.close() if self.open_thinking else []
         if not self.open_text:
             self.index += 1
             self.open_text = True
@@ -195,6 +233,13 @@ class _Blocks:
         return lines
 
     def close(self) -> list[bytes]:
+        """End the open block; a thinking block ends with its (empty) signature, as Anthropic's do."""
+        if self.open_thinking:
+            self.open_thinking = False
+            return [
+                shapes.sse("content_block_delta", {"index": self.index, "delta": {"type": "signature_delta", "signature": ""}}),
+                shapes.sse("content_block_stop", {"index": self.index}),
+            ]
         if not self.open_text:
             return []
         self.open_text = False

@@ -54,7 +54,7 @@ class CountTokensRequest(BaseModel):
     system: str | list[dict[str, Any]] | None = None
     tools: list[AnthropicTool] | None = None
     tool_choice: AnthropicToolChoice | None = None
-    # Extended thinking: accepted; reasoning blocks are not produced yet (see anthropic_routes.py).
+    # Extended thinking: {type: enabled|disabled} turns a reasoning template's thinking on or off.
     thinking: dict[str, Any] | None = None
 
 

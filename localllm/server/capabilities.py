@@ -29,10 +29,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import re
 
 from localllm.core.chat_template import builtin_template
 from localllm.core.modelinfo import ModelInfo
+from localllm.core.reasoning import template_reasons
 from localllm.server.errors import APIError
 from localllm.server.tools import ToolPlan, template_tool_format
 
@@ -41,7 +41,6 @@ log = logging.getLogger("localllm.server")
 # End-of-turn tokens a template may close a reply with; the engines end a reply on them
 # (llama.cpp counts them among a vocabulary's end-of-generation tokens).
 _TURN_ENDS = ("<end_of_turn>", "<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>", "<|endoftext|>")
-_THINKING = re.compile(r"<think>|\benable_thinking\b")
 
 
 def used_template(info: ModelInfo) -> str:
@@ -62,10 +61,6 @@ def supports_tools(template: str | None) -> bool:
     return template_tool_format(template)[1]
 
 
-def supports_thinking(template: str | None) -> bool:
-    return bool(template and _THINKING.search(template))
-
-
 def capabilities(info: ModelInfo) -> list[str]:
     """Ollama's capability names for a model, in Ollama's order."""
     if info.is_embedding_model:
@@ -74,7 +69,7 @@ def capabilities(info: ModelInfo) -> list[str]:
     found = ["completion"]
     if supports_tools(template):
         found.append("tools")
-    if supports_thinking(template):
+    if template_reasons(template):
         found.append("thinking")
     return found
 

@@ -21,6 +21,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
 from localllm import __version__
+from localllm.core.reasoning import ReplyReasoning, thinking_switch
 from localllm.core.requests import FinishEvent, GenerationRequest, SamplingParams, TokenEvent
 from localllm.core.errors import BadRequest, LocalLLMError
 from localllm.server.capabilities import capabilities, refuse_unsupported_tools, stop_tokens, used_template
@@ -227,6 +228,7 @@ class _Reply:
     started: float
     model: str
     logprobs: bool
+    reasoning: ReplyReasoning
 
 
 @router.post("/api/generate")
@@ -239,7 +241,6 @@ async def generate(body: OllamaGenerateRequest, request: Request) -> Response:
         raise APIError(400, f"model '{body.model}' does not support images")
     if body.context:
         raise APIError(400, "'context' is not supported by this server; send the conversation to /api/chat")
-    _refuse_thinking(body.model, body.think)
     keep_alive = _keep_alive(body.keep_alive)
     params, n_ctx = _options(await with_model_parameters(state.registry, body.model, body.options), body.model)
     started = time.perf_counter()
@@ -252,17 +253,19 @@ async def generate(body: OllamaGenerateRequest, request: Request) -> Response:
             lease.keep_alive_s = keep_alive
         check_prompt_chars(text_chars([body.prompt, body.system]), lease.model.n_ctx, "prompt")
         _logprobs(params, body.logprobs, body.top_logprobs)
-        generation = await off_loop(_prepare_generate, body, params, lease.backend)
+        generation, reasoning = await off_loop(_prepare_generate, body, params, lease.backend)
         run = await start_run(lease, generation, state.metrics)
     except BaseException:
         lease.release()
         raise
-    reply = _Reply(lease, run, None, started, body.model, bool(body.logprobs))
+    reply = _Reply(lease, run, None, started, body.model, bool(body.logprobs), reasoning)
     return await _respond(reply, request, body.stream is not False, "response")
 
 
-def _prepare_generate(body: OllamaGenerateRequest, params: SamplingParams, backend: Any) -> GenerationRequest:
+def _prepare_generate(body: OllamaGenerateRequest, params: SamplingParams, backend: Any) -> tuple[GenerationRequest, ReplyReasoning]:
     """Template, grammar and tokens for /api/generate: model work, run off the event loop."""
+    template = backend.info.chat_template
+    template_vars = thinking_switch(template, _think(body.think), body.model)
     messages = None
     if body.raw:
         prompt, templated = body.prompt, False
@@ -270,15 +273,15 @@ def _prepare_generate(body: OllamaGenerateRequest, params: SamplingParams, backe
         messages = ([{"role": "system", "content": body.system}] if body.system else []) + [
             {"role": "user", "content": body.prompt}
         ]
-        prompt, templated = backend.render_chat(messages), True
+        prompt, templated = backend.render_chat(messages, template_vars=template_vars), True
     _format(params, body.format, None)
-    return backend.prepare(GenerationRequest(new_id(), prompt, params, templated=templated, messages=messages))
+    reasoning = ReplyReasoning.of(template, prompt, params) if templated else ReplyReasoning()
+    return backend.prepare(GenerationRequest(new_id(), prompt, params, templated=templated, messages=messages)), reasoning
 
 
 @router.post("/api/chat")
 async def chat(body: OllamaChatRequest, request: Request) -> Response:
     state = _state(request)
-    _refuse_thinking(body.model, body.think)
     keep_alive = _keep_alive(body.keep_alive)
     params, n_ctx = _options(await with_model_parameters(state.registry, body.model, body.options), body.model)
     started = time.perf_counter()
@@ -295,17 +298,20 @@ async def chat(body: OllamaChatRequest, request: Request) -> Response:
         check_message_count(len(body.messages), lease.model.n_ctx)
         check_prompt_chars(text_chars(m.content for m in body.messages), lease.model.n_ctx, "messages")
         _logprobs(params, body.logprobs, body.top_logprobs)
-        generation, tools = await off_loop(_prepare_chat, body, params, lease.backend)
+        generation, tools, reasoning = await off_loop(_prepare_chat, body, params, lease.backend)
         run = await start_run(lease, generation, state.metrics)
     except BaseException:
         lease.release()
         raise
-    reply = _Reply(lease, run, tools, started, body.model, bool(body.logprobs))
+    reply = _Reply(lease, run, tools, started, body.model, bool(body.logprobs), reasoning)
     return await _respond(reply, request, body.stream is not False, "message")
 
 
-def _prepare_chat(body: OllamaChatRequest, params: SamplingParams, backend: Any) -> tuple[GenerationRequest, ToolPlan | None]:
+def _prepare_chat(
+    body: OllamaChatRequest, params: SamplingParams, backend: Any
+) -> tuple[GenerationRequest, ToolPlan | None, ReplyReasoning]:
     """Tools, template, grammar and tokens for /api/chat: model work, run off the event loop."""
+    template_vars = thinking_switch(backend.info.chat_template, _think(body.think), body.model)
     tools = plan_tools(
         [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None,
         "auto",
@@ -316,10 +322,10 @@ def _prepare_chat(body: OllamaChatRequest, params: SamplingParams, backend: Any)
     messages = [_chat_message(m) for m in body.messages]
     if tools is not None:
         messages = tools.prepare_messages(messages)
-    prompt = backend.render_chat(messages, tools=tools.template_tools() if tools else None)
+    prompt = backend.render_chat(messages, tools=tools.template_tools() if tools else None, template_vars=template_vars)
     _format(params, body.format, tools)
     generation = GenerationRequest(new_id(), prompt, params, templated=True, messages=messages)
-    return backend.prepare(generation), tools
+    return backend.prepare(generation), tools, ReplyReasoning.of(backend.info.chat_template, prompt, params)
 
 
 def _chat_message(message: Any) -> dict[str, Any]:
@@ -340,9 +346,10 @@ async def _respond(reply: _Reply, request: Request, stream: bool, kind: str) -> 
         return Response(status_code=499)
     if finish.reason == "error":
         raise APIError(500, finish.error or "the engine failed")
-    text = "".join(t.text for t in tokens)
+    split = reply.reasoning.split("".join(t.text for t in tokens))
+    text = split.answer
     content, calls = reply.tools.parse(text, cut=finish.reason == "length") if reply.tools else (text, [])
-    body = _head(reply.model, kind, content or "", _whole(calls))
+    body = _head(reply.model, kind, content or "", _whole(calls), thinking=split.reasoning)
     body.update(_final_stats(reply, finish))
     if reply.logprobs:
         body["logprobs"] = _ollama_logprobs(tokens)
@@ -351,11 +358,16 @@ async def _respond(reply: _Reply, request: Request, stream: bool, kind: str) -> 
 
 async def _stream(reply: _Reply, kind: str) -> AsyncIterator[bytes]:
     tool_stream = reply.tools.stream() if reply.tools else None
+    thoughts = reply.reasoning.stream()
     async for event in reply.run.events():
         if isinstance(event, TokenEvent):
-            text = tool_stream.feed(event.text) if tool_stream else event.text
-            if text or (reply.logprobs and event.logprobs):
-                line = _head(reply.model, kind, text, [], done=False)
+            answer, thinking = event.text, ""
+            if thoughts is not None:
+                split = thoughts.feed(event.text)
+                answer, thinking = split.answer, split.reasoning
+            text = tool_stream.feed(answer) if tool_stream and answer else ("" if tool_stream else answer)
+            if text or thinking or (reply.logprobs and event.logprobs):
+                line = _head(reply.model, kind, text, [], done=False, thinking=thinking)
                 if reply.logprobs and event.logprobs:
                     line["logprobs"] = _ollama_logprobs([event])
                 yield _ndjson(line)
@@ -363,6 +375,11 @@ async def _stream(reply: _Reply, kind: str) -> AsyncIterator[bytes]:
         if event.reason == "error":
             yield _ndjson({"error": event.error or "the engine failed"})
             return
+        if thoughts is not None:
+            split = thoughts.flush()
+            answer = tool_stream.feed(split.answer) if tool_stream and split.answer else ("" if tool_stream else split.answer)
+            if answer or split.reasoning:
+                yield _ndjson(_head(reply.model, kind, answer, [], done=False, thinking=split.reasoning))
         if tool_stream:
             rest, calls = tool_stream.finish(cut=event.reason == "length")
             calls = _whole(calls)
@@ -378,15 +395,19 @@ def _whole(calls: list[ToolCall]) -> list[ToolCall]:
     return [c for c in calls if c.complete]
 
 
-def _head(model: str, kind: str, text: str, calls: list, *, done: bool = True) -> dict[str, Any]:
+def _head(model: str, kind: str, text: str, calls: list, *, done: bool = True, thinking: str = "") -> dict[str, Any]:
     head: dict[str, Any] = {"model": model, "created_at": _now()}
     if kind == "message":
         message: dict[str, Any] = {"role": "assistant", "content": text}
+        if thinking:
+            message["thinking"] = thinking
         if calls:
             message["tool_calls"] = [c.ollama() for c in calls]
         head["message"] = message
     else:
         head["response"] = text
+        if thinking:
+            head["thinking"] = thinking
     head["done"] = done
     return head
 
@@ -426,9 +447,11 @@ async def _load_or_unload(state: ServerState, model: str, keep_alive: Any, n_ctx
     return JSONResponse(reply)
 
 
-def _refuse_thinking(model: str, think: Any) -> None:
-    if think not in (None, False, "", "false"):
-        raise APIError(400, f"model '{model}' does not support thinking")
+def _think(value: bool | str | None) -> bool | None:
+    """Ollama's `think`: a boolean, or a level ("low", "medium", "high") that means on."""
+    if value is None or isinstance(value, bool):
+        return value
+    return value.strip().lower() not in ("", "false", "none")
 
 
 def _keep_alive(value: Any) -> Any:

@@ -21,6 +21,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
 from localllm import __version__
+from localllm.core.reasoning import ReasoningStream, ReplyReasoning
 from localllm.core.requests import FinishEvent, GenerationRequest, SamplingParams, TokenEvent
 from localllm.server.capabilities import drop_optional_tools
 from localllm.server.errors import APIError
@@ -105,7 +106,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         n_ctx = leases[0].model.n_ctx
         check_message_count(len(body.messages), n_ctx)
         check_prompt_chars(text_chars(m.content for m in body.messages), n_ctx, "messages")
-        generation, plan = await off_loop(_prepare_chat, body, leases[0].backend)
+        generation, plan, reasoning = await off_loop(_prepare_chat, body, leases[0].backend)
         for lease, choice in zip(leases, _choices(generation, len(leases))):
             runs.append(await start_run(lease, choice, state.metrics))
     except BaseException:
@@ -116,9 +117,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     meta = _Meta(f"chatcmpl-{generation.request_id}", body.model, int(time.time()), _fingerprint(leases[0]))
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        body_lines = guarded(_chat_stream(runs, meta, plan, include_usage), _sse_error)
+        body_lines = guarded(_chat_stream(runs, meta, plan, reasoning, include_usage), _sse_error)
         return EventStreamResponse(body_lines, "text/event-stream", lambda: close_all(runs))
-    return await _chat_reply(runs, request, meta, plan, bool(body.logprobs))
+    return await _chat_reply(runs, request, meta, plan, reasoning, bool(body.logprobs))
 
 
 async def _acquire(state: ServerState, model: str, n: int) -> list[Lease]:
@@ -145,7 +146,7 @@ def _choices(generation: GenerationRequest, n: int) -> list[GenerationRequest]:
     return copies
 
 
-def _prepare_chat(body: ChatCompletionRequest, backend: Any) -> tuple[GenerationRequest, ToolPlan | None]:
+def _prepare_chat(body: ChatCompletionRequest, backend: Any) -> tuple[GenerationRequest, ToolPlan | None, ReplyReasoning]:
     """Tools, template, grammar and tokens for a chat request: model work, run off the event loop."""
     plan = plan_tools(
         [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None,
@@ -157,13 +158,28 @@ def _prepare_chat(body: ChatCompletionRequest, backend: Any) -> tuple[Generation
     messages = [_message_dict(i, m) for i, m in enumerate(body.messages)]
     if plan is not None:
         messages = plan.prepare_messages(messages)
-    prompt = backend.render_chat(messages, tools=plan.template_tools() if plan else None)
+    template_vars = _template_vars(body)
+    prompt = backend.render_chat(messages, tools=plan.template_tools() if plan else None, template_vars=template_vars)
     params = _sampling(body, body.max_completion_tokens or body.max_tokens)
     if body.logprobs:
         params.logprobs = body.top_logprobs or 0
     _constrain(params, body, plan)
     generation = GenerationRequest(new_id(), prompt, params, templated=True, messages=messages)
-    return backend.prepare(generation), plan
+    return backend.prepare(generation), plan, ReplyReasoning.of(backend.info.chat_template, prompt, params)
+
+
+_TEMPLATE_OWN_VARS = ("messages", "tools", "add_generation_prompt")
+
+
+def _template_vars(body: ChatCompletionRequest) -> dict[str, Any]:
+    """`chat_template_kwargs` for the template (the chat and tools stay ours), and `reasoning_effort` "none"/"minimal" as thinking off."""
+    extra = dict(body.chat_template_kwargs or {})
+    for name in _TEMPLATE_OWN_VARS:
+        if name in extra:
+            raise APIError(400, f"'chat_template_kwargs.{name}' is set by the server", param=f"chat_template_kwargs.{name}")
+    if body.reasoning_effort in ("none", "minimal"):
+        extra.setdefault("enable_thinking", False)
+    return extra
 
 
 def _message_dict(index: int, message: ChatMessage) -> dict[str, Any]:
@@ -207,7 +223,9 @@ def _constrain(params: SamplingParams, body: ChatCompletionRequest, plan: ToolPl
     params.grammar = schema_grammar(fmt.json_schema.schema_, "response_format.json_schema.schema")
 
 
-async def _chat_reply(runs: list[Run], request: Request, meta: "_Meta", plan: ToolPlan | None, logprobs: bool) -> Response:
+async def _chat_reply(
+    runs: list[Run], request: Request, meta: "_Meta", plan: ToolPlan | None, reasoning: ReplyReasoning, logprobs: bool
+) -> Response:
     try:
         results = await collect_all(runs, request)
     except ClientGone:
@@ -215,9 +233,12 @@ async def _chat_reply(runs: list[Run], request: Request, meta: "_Meta", plan: To
     choices = []
     for index, (tokens, finish) in enumerate(results):
         _raise_on_engine_error(finish)
-        text = "".join(t.text for t in tokens)
+        split = reasoning.split("".join(t.text for t in tokens))
+        text = split.answer
         content, calls = plan.parse(text, cut=finish.reason == "length") if plan else (text, [])
         message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None, "annotations": []}
+        if reasoning.reasons:
+            message["reasoning_content"] = split.reasoning or None
         reason = _finish_reason(finish)
         if calls:
             message["tool_calls"] = [c.openai() for c in calls]
@@ -239,7 +260,9 @@ def _tool_finish_reason(calls: list[ToolCall]) -> str:
     return "tool_calls" if all(c.complete for c in calls) else "length"
 
 
-async def _chat_stream(runs: list[Run], meta: "_Meta", plan: ToolPlan | None, include_usage: bool) -> AsyncIterator[bytes]:
+async def _chat_stream(
+    runs: list[Run], meta: "_Meta", plan: ToolPlan | None, reasoning: ReplyReasoning, include_usage: bool
+) -> AsyncIterator[bytes]:
     head = meta.head("chat.completion.chunk")
     extra = {"usage": None} if include_usage else {}
 
@@ -248,6 +271,15 @@ async def _chat_stream(runs: list[Run], meta: "_Meta", plan: ToolPlan | None, in
         return _sse({**head, "choices": [choice], **extra})
 
     tool_streams = [plan.stream() if plan else None for _ in runs]
+    thought_streams = [reasoning.stream() for _ in runs]
+
+    def answer_and_thoughts(index: int, text: str, *, final: bool = False) -> tuple[str, dict[str, Any]]:
+        """A piece of reply text as (answer text for the tool parser, reasoning delta)."""
+        thoughts: ReasoningStream | None = thought_streams[index]
+        if thoughts is None:
+            return text, {}
+        split = thoughts.flush() if final else thoughts.feed(text)
+        return split.answer, ({"reasoning_content": split.reasoning} if split.reasoning else {})
     finishes: list[FinishEvent] = []
     for index in range(len(runs)):
         yield chunk(index, {"role": "assistant", "content": "", "refusal": None})
@@ -255,7 +287,10 @@ async def _chat_stream(runs: list[Run], meta: "_Meta", plan: ToolPlan | None, in
         async for index, event in events:
             tool_stream = tool_streams[index]
             if isinstance(event, TokenEvent):
-                text = tool_stream.feed(event.text) if tool_stream else event.text
+                answer, thought = answer_and_thoughts(index, event.text)
+                if thought:
+                    yield chunk(index, thought)
+                text = tool_stream.feed(answer) if tool_stream else answer
                 lp = {"content": _chat_logprobs([event]), "refusal": None} if event.logprobs else None
                 if text or lp:
                     yield chunk(index, {"content": text}, logprobs=lp)
@@ -264,6 +299,13 @@ async def _chat_stream(runs: list[Run], meta: "_Meta", plan: ToolPlan | None, in
                 yield _sse({"error": _stream_error(event)})
                 return
             reason = _finish_reason(event)
+            answer, thought = answer_and_thoughts(index, "", final=True)
+            if thought:
+                yield chunk(index, thought)
+            if tool_stream:
+                answer = tool_stream.feed(answer) if answer else ""
+            if answer:
+                yield chunk(index, {"content": answer})
             if tool_stream:
                 rest, calls = tool_stream.finish(cut=event.reason == "length")
                 if rest:

@@ -223,6 +223,15 @@ def text_part(text: str) -> dict[str, Any]:
     return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
 
 
+def reasoning_item(rid: str, text: str, status: str) -> dict[str, Any]:
+    """A reasoning model's thoughts, whole (as `content`), with no summary: nothing here writes one."""
+    return {"id": rid, "type": "reasoning", "status": status, "summary": [], "content": [reasoning_part(text)]}
+
+
+def reasoning_part(text: str) -> dict[str, Any]:
+    return {"type": "reasoning_text", "text": text}
+
+
 def call_item(call: ToolCall, fid: str) -> dict[str, Any]:
     arguments = call.openai()["function"]["arguments"]
     status = "completed" if call.complete else "incomplete"
@@ -250,13 +259,13 @@ def status_of(finish: FinishEvent) -> tuple[str, dict[str, str] | None]:
     return "completed", None
 
 
-def usage(finish: FinishEvent) -> dict[str, Any]:
+def usage(finish: FinishEvent, reasoning_tokens: int = 0) -> dict[str, Any]:
     u = finish.usage
     return {
         "input_tokens": u.prompt_tokens,
         "input_tokens_details": {"cached_tokens": min(u.cached_prompt_tokens, u.prompt_tokens)},
         "output_tokens": u.completion_tokens,
-        "output_tokens_details": {"reasoning_tokens": 0},
+        "output_tokens_details": {"reasoning_tokens": reasoning_tokens},
         "total_tokens": u.prompt_tokens + u.completion_tokens,
     }
 

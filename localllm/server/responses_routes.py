@@ -13,6 +13,11 @@ the newest 1,000 per server process), so `previous_response_id` continues a
 conversation server-side: the stored chain's input and output are replayed as
 chat messages before the new input. As at OpenAI, the earlier `instructions`
 are not carried over, and tools are sent again with each request.
+
+A reasoning model's thoughts are a `reasoning` item (its text in `content`,
+streamed as `response.reasoning_text.delta`) before the message item;
+`reasoning.effort` "none" or "minimal" turns thinking off where the template
+takes `enable_thinking`. Thoughts are not replayed in later turns.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from typing import Any, AsyncIterator, Literal
 from fastapi import APIRouter, Query, Request
 from starlette.responses import JSONResponse, Response
 
+from localllm.core.reasoning import ReasoningStream, ReplyReasoning, thinking_switch
 from localllm.core.requests import FinishEvent, GenerationRequest, TokenEvent
 from localllm.server import responses_items as items
 from localllm.server.capabilities import drop_optional_tools
@@ -57,14 +63,14 @@ async def create_response(body: ResponsesRequest, request: Request) -> Response:
     lease = await state.registry.acquire(body.model)
     try:
         check_message_count(len(history) + (1 if isinstance(body.input, str) else len(body.input)), lease.model.n_ctx, "input")
-        generation, plan, own = await off_loop(_prepare, body, history, lease.backend, lease.model.n_ctx)
+        generation, plan, own, reasoning = await off_loop(_prepare, body, history, lease.backend, lease.model.n_ctx)
         run = await start_run(lease, generation, state.metrics)
     except BaseException:
         lease.release()
         raise
     reply = _Reply(body, state.responses, (*history, *own))
     if body.stream:
-        return EventStreamResponse(guarded(_stream(run, reply, plan), reply.error_event), "text/event-stream", run.close)
+        return EventStreamResponse(guarded(_stream(run, reply, plan, reasoning.stream()), reply.error_event), "text/event-stream", run.close)
     try:
         tokens, finish = await collect(run, request)
     except ClientGone:
@@ -73,10 +79,13 @@ async def create_response(body: ResponsesRequest, request: Request) -> Response:
         raise APIError(500, finish.error or "the engine failed", code="engine_error")
     if finish.reason == "abort":
         raise APIError(503, _STOPPED, code="server_stopping")
-    text = "".join(t.text for t in tokens)
+    split = reasoning.split("".join(t.text for t in tokens))
+    text = split.answer
     content, calls = plan.parse(text, cut=finish.reason == "length") if plan else (text, [])
     status, _ = items.status_of(finish)
-    output = [items.message_item(items.item_id("msg"), content, status)] if content else []
+    thought_status = "completed" if text else status  # an answer followed: the thoughts ended
+    output = [items.reasoning_item(items.item_id("rs"), split.reasoning, thought_status)] if split.reasoning else []
+    output += [items.message_item(items.item_id("msg"), content, status)] if content else []
     output += [items.call_item(call, items.item_id("fc")) for call in reply.allowed(calls)]
     return JSONResponse(reply.finished(output, finish))
 
@@ -144,8 +153,8 @@ def _not_found(response_id: str) -> APIError:
 
 def _prepare(
     body: ResponsesRequest, history: tuple[dict[str, Any], ...], backend: Any, n_ctx: int | None
-) -> tuple[GenerationRequest, ToolPlan | None, list[dict[str, Any]]]:
-    """(generation, tool plan, this input as chat messages): model work, run off the event loop."""
+) -> tuple[GenerationRequest, ToolPlan | None, list[dict[str, Any]], ReplyReasoning]:
+    """(generation, tool plan, this input as chat messages, how to read thoughts): model work, run off the event loop."""
     params = sampling_params(body.max_output_tokens, body.temperature, body.top_p)  # cheap refusals first
     own = items.input_messages(body)
     messages = items.name_tool_results([*history, *own])
@@ -156,9 +165,11 @@ def _prepare(
     if plan is not None:
         messages = plan.prepare_messages(messages)
     items.constrain(params, body, plan)
-    prompt = backend.render_chat(messages, tools=plan.template_tools() if plan else None)
+    effort = (body.reasoning or {}).get("effort")
+    template_vars = thinking_switch(backend.info.chat_template, False if effort in ("none", "minimal") else None, body.model)
+    prompt = backend.render_chat(messages, tools=plan.template_tools() if plan else None, template_vars=template_vars)
     generation = GenerationRequest(new_id(), prompt, params, templated=True, messages=messages)
-    return backend.prepare(generation), plan, own
+    return backend.prepare(generation), plan, own, ReplyReasoning.of(backend.info.chat_template, prompt, params)
 
 
 class _Reply:
@@ -170,6 +181,7 @@ class _Reply:
         self.conversation = conversation
         self.object = items.response_object(body, items.item_id("resp"), int(time.time()))
         self.numbers = itertools.count()
+        self.opened = 0  # output items opened so far: the next one's output_index
 
     def event(self, kind: str, /, **data: Any) -> bytes:
         return items.sse(kind, data, next(self.numbers))
@@ -195,28 +207,54 @@ class _Reply:
         return self.object
 
 
-async def _stream(run: Run, reply: _Reply, plan: ToolPlan | None) -> AsyncIterator[bytes]:
+async def _stream(run: Run, reply: _Reply, plan: ToolPlan | None, thoughts: ReasoningStream | None) -> AsyncIterator[bytes]:
     """The spec's event sequence, from response.created to response.completed (or .incomplete)."""
     yield reply.event("response.created", response=reply.object)
     yield reply.event("response.in_progress", response=reply.object)
-    message = _MessageItem(reply)
+    thinking = _TextItem(reply, "reasoning")
+    message = _TextItem(reply, "message")
     tool_stream = plan.stream() if plan else None
+
+    def pieces(text: str, *, final: bool = False) -> list[bytes]:
+        """Events for a piece of reply text: thoughts to the reasoning item, the rest to the message."""
+        lines: list[bytes] = []
+        if thoughts is not None:
+            split = thoughts.flush() if final else thoughts.feed(text)
+            lines += thinking.delta(split.reasoning)
+            text = split.answer
+        if text:
+            answer = tool_stream.feed(text) if tool_stream else text
+            if answer and thinking.item is not None and not thinking.closed:
+                lines += thinking.close("completed")
+            lines += message.delta(answer)
+        return lines
+
     async for event in run.events():
         if isinstance(event, TokenEvent):
-            for line in message.delta(tool_stream.feed(event.text) if tool_stream else event.text):
+            for line in pieces(event.text):
                 yield line
             continue
         if event.reason in ("error", "abort"):
             message_text = (event.error or "the engine failed") if event.reason == "error" else _STOPPED
             yield reply.event("response.failed", response=reply.failed(message_text))
             return
+        status, _ = items.status_of(event)
+        for line in pieces("", final=True):
+            yield line
         calls: list[ToolCall] = []
         if tool_stream:
             rest, calls = tool_stream.finish(cut=event.reason == "length")
+            if rest and thinking.item is not None and not thinking.closed:
+                for line in thinking.close("completed"):
+                    yield line
             for line in message.delta(rest):
                 yield line
-        status, _ = items.status_of(event)
         output = []
+        if thinking.item is not None:
+            if not thinking.closed:  # cut while thinking
+                for line in thinking.close(status):
+                    yield line
+            output.append(thinking.item)
         if message.item is not None:
             for line in message.close(status):
                 yield line
@@ -234,36 +272,55 @@ async def _stream(run: Run, reply: _Reply, plan: ToolPlan | None) -> AsyncIterat
         return
 
 
-class _MessageItem:
-    """The reply's text as one `message` item (output index 0), opened when its first text arrives."""
+class _TextItem:
+    """The reply's thoughts (a `reasoning` item) or its text (a `message` item), opened when its first text arrives."""
 
-    def __init__(self, reply: _Reply) -> None:
+    def __init__(self, reply: _Reply, kind: Literal["reasoning", "message"]) -> None:
         self.reply = reply
+        self.kind = kind
         self.item: dict[str, Any] | None = None
+        self.index = 0
         self.text = ""
+        self.closed = False
 
     def delta(self, text: str) -> list[bytes]:
         if not text:
             return []
         lines = []
         if self.item is None:
-            self.item = {"id": items.item_id("msg"), "type": "message", "status": "in_progress", "role": "assistant", "content": []}
-            lines.append(self.reply.event("response.output_item.added", output_index=0, item=self.item))
-            lines.append(self.reply.event("response.content_part.added", **self._where(), part=items.text_part("")))
+            self.index = self.reply.opened
+            self.reply.opened += 1
+            if self.kind == "message":
+                self.item = {"id": items.item_id("msg"), "type": "message", "status": "in_progress", "role": "assistant", "content": []}
+            else:
+                self.item = {"id": items.item_id("rs"), "type": "reasoning", "status": "in_progress", "summary": [], "content": []}
+            lines.append(self.reply.event("response.output_item.added", output_index=self.index, item=self.item))
+            lines.append(self.reply.event("response.content_part.added", **self._where(), part=self._part("")))
         self.text += text
-        lines.append(self.reply.event("response.output_text.delta", **self._where(), delta=text, logprobs=[]))
+        if self.kind == "message":
+            lines.append(self.reply.event("response.output_text.delta", **self._where(), delta=text, logprobs=[]))
+        else:
+            lines.append(self.reply.event("response.reasoning_text.delta", **self._where(), delta=text))
         return lines
 
     def close(self, status: str) -> list[bytes]:
         assert self.item is not None
-        self.item = items.message_item(self.item["id"], self.text, status)
-        part = self.item["content"][0]
+        self.closed = True
+        if self.kind == "message":
+            self.item = items.message_item(self.item["id"], self.text, status)
+            done = self.reply.event("response.output_text.done", **self._where(), text=self.text, logprobs=[])
+        else:
+            self.item = items.reasoning_item(self.item["id"], self.text, status)
+            done = self.reply.event("response.reasoning_text.done", **self._where(), text=self.text)
         return [
-            self.reply.event("response.output_text.done", **self._where(), text=self.text, logprobs=[]),
-            self.reply.event("response.content_part.done", **self._where(), part=part),
-            self.reply.event("response.output_item.done", output_index=0, item=self.item),
+            done,
+            self.reply.event("response.content_part.done", **self._where(), part=self.item["content"][0]),
+            self.reply.event("response.output_item.done", output_index=self.index, item=self.item),
         ]
+
+    def _part(self, text: str) -> dict[str, Any]:
+        return items.text_part(text) if self.kind == "message" else items.reasoning_part(text)
 
     def _where(self) -> dict[str, Any]:
         assert self.item is not None
-        return {"item_id": self.item["id"], "output_index": 0, "content_index": 0}
+        return {"item_id": self.item["id"], "output_index": self.index, "content_index": 0}

@@ -68,7 +68,7 @@ class ResponsesRequest(BaseModel):
     prompt_cache_key: str | None = None
     prompt_cache_retention: str | None = None
     service_tier: str | None = None
-    reasoning: dict[str, Any] | None = None  # our models do not reason on request: nothing to apply
+    reasoning: dict[str, Any] | None = None  # effort "none"/"minimal" turns a switchable template's thinking off
     include: list[str] | None = None  # checked item by item (responses_items.check_refused)
     truncation: str | None = None  # only "disabled", the default
     top_logprobs: int | None = Field(default=None, ge=0, le=20)  # only 0

@@ -30,7 +30,8 @@ CREATE TABLE IF NOT EXISTS messages (
     role TEXT NOT NULL,
     content TEXT NOT NULL,
     stats TEXT,
-    stopped INTEGER NOT NULL DEFAULT 0
+    stopped INTEGER NOT NULL DEFAULT 0,
+    reasoning TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS messages_by_conversation ON messages(conversation_id, id);
 """
@@ -81,6 +82,7 @@ class Message:
     stats: dict | None = None  # ttft_s, completion_tokens, tokens_per_s, reason
     stopped: bool = False
     id: int | None = None
+    reasoning: str = ""  # a reasoning model's thoughts before the answer (shown folded, never sent back)
 
 
 @dataclass
@@ -98,6 +100,10 @@ class ConversationStore:
         self.db = sqlite3.connect(path)
         self.db.execute("PRAGMA foreign_keys = ON")
         self.db.executescript(SCHEMA)
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(messages)")}
+        if "reasoning" not in columns:  # a file written before replies kept their thoughts
+            with self.db:
+                self.db.execute("ALTER TABLE messages ADD COLUMN reasoning TEXT NOT NULL DEFAULT ''")
 
     def close(self) -> None:
         self.db.close()
@@ -133,17 +139,20 @@ class ConversationStore:
 
     def messages(self, conversation_id: int) -> list[Message]:
         rows = self.db.execute(
-            "SELECT id, role, content, stats, stopped FROM messages WHERE conversation_id = ? ORDER BY id",
+            "SELECT id, role, content, stats, stopped, reasoning FROM messages WHERE conversation_id = ? ORDER BY id",
             (conversation_id,),
         ).fetchall()
-        return [Message(role, content, json.loads(stats) if stats else None, bool(stopped), mid) for mid, role, content, stats, stopped in rows]
+        return [
+            Message(role, content, json.loads(stats) if stats else None, bool(stopped), mid, reasoning)
+            for mid, role, content, stats, stopped, reasoning in rows
+        ]
 
     def add_message(self, conversation_id: int, message: Message) -> Message:
         with self.db:
             cur = self.db.execute(
-                "INSERT INTO messages (conversation_id, role, content, stats, stopped) VALUES (?, ?, ?, ?, ?)",
+                "INSERT INTO messages (conversation_id, role, content, stats, stopped, reasoning) VALUES (?, ?, ?, ?, ?, ?)",
                 (conversation_id, message.role, message.content,
-                 json.dumps(message.stats) if message.stats else None, int(message.stopped)),
+                 json.dumps(message.stats) if message.stats else None, int(message.stopped), message.reasoning),
             )
             self._touch(conversation_id)
         message.id = cur.lastrowid

@@ -18,6 +18,7 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import Screen
 from textual.widgets import Footer, Header, Input, Label, ListItem, ListView, Static
 
+from localllm.core.reasoning import ReplyReasoning
 from localllm.core.requests import FinishEvent, GenerationRequest, TokenEvent
 from localllm.backends.chat_fit import ChatTooLong, FittedChat, fit_chat
 from localllm.core.errors import LocalLLMError
@@ -249,6 +250,7 @@ class ChatScreen(Screen):
     async def stream_reply(self, view: MessageView, request_id: str) -> None:
         assert self.conversation is not None
         conversation, text, stats, stopped, quitting = self.conversation, "", None, False, False
+        thoughts = ""
         painter: ReplyPainter | None = None
         discarded = False  # no reply at all: its view goes
         try:
@@ -261,15 +263,31 @@ class ChatScreen(Screen):
             self.say_what_was_dropped(fitted, view)
             generated = 0
             self.show_meter(fitted.prompt_tokens, fitted.context)
-            painter = ReplyPainter(view.body, lambda: self.show_meter(fitted.prompt_tokens, fitted.context, generated))
+            # stand-ins for a backend may carry no model facts: no template, no thoughts
+            splitter = ReplyReasoning.of(getattr(backend.info, "chat_template", None), fitted.prompt).stream()
+
+            def frame() -> None:
+                self.show_meter(fitted.prompt_tokens, fitted.context, generated)
+                if thoughts != view.message.reasoning:
+                    view.show_thoughts(thoughts)
+
+            painter = ReplyPainter(view.body, frame)
             started = time.perf_counter()
             request = GenerationRequest(request_id, fitted.prompt, s.request_params(), templated=True, messages=fitted.messages)
             async for event in backend.generate(request):
                 if isinstance(event, TokenEvent):
-                    text += event.text
+                    answer = event.text
+                    if splitter is not None:
+                        split = splitter.feed(event.text)
+                        thoughts, answer = thoughts + split.reasoning, split.answer
+                    text += answer
                     generated += len(event.token_ids)
-                    painter.add(event.text)
+                    painter.add(answer)
                 elif isinstance(event, FinishEvent):
+                    if splitter is not None:
+                        split = splitter.flush()
+                        thoughts, text = thoughts + split.reasoning, text + split.answer
+                        painter.add(split.answer)
                     stopped = event.reason == "abort"
                     stats = _stats(event, started)
                     generated = event.usage.completion_tokens
@@ -277,6 +295,7 @@ class ChatScreen(Screen):
                         self.notify(event.error or "generation failed", severity="error", timeout=8)
             await painter.close()
             await view.body.update(text)  # one clean render of the whole reply once it is complete
+            view.show_thoughts(thoughts)
         except ChatTooLong as exc:
             stopped = discarded = True
             self.give_back_last_message(view, str(exc))

@@ -1,10 +1,10 @@
-"""One chat message: who said it, the Markdown body, and for replies the timing figures."""
+"""One chat message: who said it, the Markdown body, and for replies the thoughts (collapsed) and timing figures."""
 
 from __future__ import annotations
 
 from textual.app import ComposeResult
 from textual.containers import Vertical
-from textual.widgets import Markdown, Static
+from textual.widgets import Collapsible, Markdown, Static
 
 from localllm.tui.conversations import Message
 
@@ -36,12 +36,24 @@ class MessageView(Vertical):
 
     def compose(self) -> ComposeResult:
         yield Static("You" if self.message.role == "user" else "Assistant", classes="role")
+        if self.message.role == "assistant":
+            # A reasoning model's thoughts, folded away above the answer; hidden until there are some.
+            thoughts = Collapsible(Static(self.message.reasoning, markup=False, classes="thoughts-text"), title="Thoughts", classes="thoughts")
+            thoughts.display = bool(self.message.reasoning)
+            yield thoughts
         yield Markdown(self.message.content, classes="body")
         yield Static(stats_line(self.message.stats, self.message.stopped), classes="stats")
 
     @property
     def body(self) -> Markdown:
         return self.query_one(".body", Markdown)
+
+    def show_thoughts(self, text: str) -> None:
+        """The thoughts so far (the block stays as the user left it, folded or open)."""
+        self.message.reasoning = text
+        thoughts = self.query_one(".thoughts", Collapsible)
+        thoughts.display = bool(text)
+        thoughts.query_one(".thoughts-text", Static).update(text)
 
     def show_stats(self, stats: dict | None, stopped: bool) -> None:
         self.message.stats, self.message.stopped = stats, stopped
