@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from localllm.core.context_checks import context_size
 from localllm.core.errors import BadRequest
 
 from localllm.core.model_config import ModelConfig
@@ -35,7 +36,6 @@ from .models import build_model
 from .scheduler import Scheduled
 
 CPU_DEFAULT_RAM_SHARE = 0.25
-DEFAULT_CONTEXT = 4096
 
 
 @dataclass
@@ -62,7 +62,7 @@ class ModelRunner:
         self.block_size = options.block_size
         in_memory = isinstance(model_path, LoadedWeights)
         self.config: ModelConfig = model_path.config if in_memory else load_config(model_path)
-        options.max_model_len = _context(options.max_model_len, self.config.max_position)
+        options.max_model_len = context_size(options.max_model_len, self.config.max_position)
         self.dtype_bytes = torch.tensor([], dtype=self.dtype).element_size()
         self.kv_groups: list[KVGroup] = kv_groups(self.config, options.max_model_len, self.block_size)
         self.workspace = Workspace()  # gather buffers, reused by every layer and step
@@ -297,16 +297,6 @@ def decode_kernel_available() -> bool:
     except ImportError:
         return False
     return decode_kernel_supported()
-
-
-def _context(requested: int, trained: int) -> int:
-    if not requested:
-        return min(DEFAULT_CONTEXT, trained)
-    if requested < 16:
-        raise BadRequest(f"context size must be at least 16 tokens (got {requested})")
-    if requested > trained:
-        raise BadRequest(f"context size {requested} is larger than the {trained} tokens the model was trained for")
-    return requested
 
 
 def _available_ram() -> int:

@@ -23,6 +23,7 @@ from localllm.backends.grammar import check_grammar
 from localllm.backends.llamacpp_embedder import EmbedJob, embed_context_size
 from localllm.backends.llamacpp_engine import EngineConfig, LlamaCppEngine
 from localllm.backends.local import LocalBackend
+from localllm.core.context_checks import context_size
 from localllm.core.errors import BadRequest
 from localllm.core.requests import GenerationRequest
 from localllm.core.speculation import SpeculationOptions
@@ -30,7 +31,6 @@ from localllm.core.hardware import default_threads
 from localllm.core.modelinfo import ModelInfo
 from localllm.engine_kit.llama_glue import route_llama_logs
 
-DEFAULT_CONTEXT = 4096
 DEFAULT_BATCH = 512
 DEFAULT_PARALLEL = 4  # slots when nobody chose (the fit plan will choose later)
 DEFAULT_PREFILL_CHUNK = 128  # prompt tokens per step while others generate: ~0.4 s on 2 CPU cores
@@ -56,7 +56,7 @@ class LlamaCppBackend(LocalBackend):
     def __init__(self, model_name: str, info: ModelInfo, options: LlamaCppOptions | None = None) -> None:
         super().__init__(model_name, info)
         self.options = options or LlamaCppOptions()
-        self.n_ctx = _context_size(self.options.n_ctx, info)
+        self.n_ctx = context_size(self.options.n_ctx, info.context_length)
         self.n_parallel = _check_slots(self.options)
         self._engine = LlamaCppEngine(
             EngineConfig(
@@ -159,17 +159,6 @@ class LlamaCppBackend(LocalBackend):
 
     def _unload(self) -> None:
         self._engine.unload()
-
-
-def _context_size(requested: int | None, info: ModelInfo) -> int:
-    trained = info.context_length or DEFAULT_CONTEXT
-    if requested is None:
-        return min(DEFAULT_CONTEXT, trained)
-    if requested < 16:
-        raise BadRequest(f"context size must be at least 16 tokens (got {requested})")
-    if requested > trained:
-        raise BadRequest(f"context size {requested} is larger than the {trained} tokens the model was trained for")
-    return requested
 
 
 def _check_slots(options: LlamaCppOptions) -> int:

@@ -1,4 +1,4 @@
-"""Whether a prompt fits a context, and how much room it leaves: one rule for every engine.
+"""The context an engine opens with, whether a prompt fits it, and how much room it leaves: one rule for every engine.
 
 The local backends check a request before it queues; the native engine checks
 again when a request is added to it directly (tests, benchmarks). A prompt
@@ -9,6 +9,22 @@ past the context, it is cut to what the prompt leaves.
 from __future__ import annotations
 
 from localllm.core.errors import BadRequest, PromptTooLong
+
+DEFAULT_CONTEXT = 4096  # tokens, when nobody asks for a context size (capped by the model's trained context)
+MIN_CONTEXT = 16
+
+
+def context_size(requested: int | None, trained: int | None) -> int:
+    """The context an engine opens with: the one asked for, within what the model was trained
+    for; without a request, DEFAULT_CONTEXT or the trained context if that is smaller."""
+    trained = trained or DEFAULT_CONTEXT
+    if not requested:
+        return min(DEFAULT_CONTEXT, trained)
+    if requested < MIN_CONTEXT:
+        raise BadRequest(f"context size must be at least {MIN_CONTEXT} tokens (got {requested})")
+    if requested > trained:
+        raise BadRequest(f"context size {requested} is larger than the {trained} tokens the model was trained for")
+    return requested
 
 
 def check_prompt(prompt_tokens: int, context: int) -> None:
