@@ -99,11 +99,11 @@ def hf_model(spec: dict, dtype: torch.dtype, seed: int = 0):
     return model.eval(), config.to_dict()
 
 
-def engine_from(model, config: dict, *, dtype: str, max_model_len: int, max_num_seqs: int, ignore_eos: bool = True,
+def engine_from(model, config: dict, *, dtype: str, n_ctx: int, max_num_seqs: int, ignore_eos: bool = True,
                 **extra) -> LLMEngine:
     """The native engine on the same weights (the state dict's tensors, shared, not copied where unfused)."""
     weights = from_state_dict(config, dict(model.state_dict()))
-    options = EngineOptions(device=DEVICE.type, dtype=dtype, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+    options = EngineOptions(device=DEVICE.type, dtype=dtype, n_ctx=n_ctx, max_num_seqs=max_num_seqs,
                             load_tokenizer=False, **extra)
     engine = LLMEngine(weights, options)
     if ignore_eos:
@@ -205,7 +205,7 @@ def correctness() -> None:
             ref_logits = model(torch.tensor([prompts[0]], device=DEVICE)).logits[0].float()
             ref_tokens = model.generate(torch.tensor([prompts[0]], device=DEVICE), max_new_tokens=32,
                                         do_sample=False)[0, len(prompts[0]):].tolist()
-        engine = engine_from(model, config, dtype="float32", max_model_len=256, max_num_seqs=8, block_size=4,
+        engine = engine_from(model, config, dtype="float32", n_ctx=256, max_num_seqs=8, block_size=4,
                              ignore_eos=False, kv_cache_bytes=64 * 2**20)
         logits = engine.prompt_logits(prompts[0]).float()
         rel = float(((logits - ref_logits).norm(dim=-1) / ref_logits.norm(dim=-1)).max())  # NaN stays NaN
@@ -271,7 +271,7 @@ def batch1(bandwidth_gbps: float) -> None:
 
 def _batch1_decode(model, config: dict, prompt: list[int], n_new: int, *, runs: int) -> tuple[float, float, bool]:
     """A fresh engine's (tokens/s decoding n_new tokens alone, median of `runs`; graph forward ms; graphs used)."""
-    engine = engine_from(model, config, dtype="bfloat16", max_model_len=4096, max_num_seqs=64)
+    engine = engine_from(model, config, dtype="bfloat16", n_ctx=4096, max_num_seqs=64)
     greedy = SamplingParams(temperature=0, max_tokens=n_new)
     engine.generate([prompt], SamplingParams(temperature=0, max_tokens=8))
     rates = []
@@ -326,7 +326,7 @@ def concurrent(skip_7b: bool) -> None:
         torch.cuda.empty_cache()
         weights = from_state_dict(config, sd)
         del sd
-        options = EngineOptions(device="cuda", dtype="bfloat16", max_model_len=2048, max_num_seqs=n_req, load_tokenizer=False)
+        options = EngineOptions(device="cuda", dtype="bfloat16", n_ctx=2048, max_num_seqs=n_req, load_tokenizer=False)
         engine = LLMEngine(weights, options)
         engine.eos_ids = set()
         greedy = SamplingParams(temperature=0, max_tokens=n_new)
@@ -357,7 +357,7 @@ def memory() -> None:
         weights = from_state_dict(config, sd)
         del sd
         predicted = predict_native_vram(weights.config, "cuda", ctx, parallel=1, max_num_seqs=1)
-        options = EngineOptions(device="cuda", dtype="bfloat16", max_model_len=ctx, max_num_seqs=1,
+        options = EngineOptions(device="cuda", dtype="bfloat16", n_ctx=ctx, max_num_seqs=1,
                                 load_tokenizer=False, kv_cache_bytes=predicted.kv_bytes)
         engine = LLMEngine(weights, options)
         del weights

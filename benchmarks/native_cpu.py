@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"starter: {gguf}; torch {torch.__version__}, {args.threads} threads, float32", flush=True)
 
     start = time.perf_counter()
-    engine = LLMEngine(gguf, EngineOptions(device="cpu", threads=args.threads, max_model_len=2048, max_num_seqs=16))
+    engine = LLMEngine(gguf, EngineOptions(device="cpu", threads=args.threads, n_ctx=2048, max_num_seqs=16))
     print(f"native engine load: {time.perf_counter() - start:.1f} s "
           f"({engine.blocks.num_blocks} blocks of {engine.blocks.block_size} tokens)", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     c = engine.config
     every_layer = 2 * c.n_layers * c.n_kv_heads * c.head_dim * 4
     contexts = (1024, 4096, 8192)
-    long_engine = LLMEngine(gguf, EngineOptions(device="cpu", threads=args.threads, max_model_len=max(contexts) + 64,
+    long_engine = LLMEngine(gguf, EngineOptions(device="cpu", threads=args.threads, n_ctx=max(contexts) + 64,
                                                 max_num_seqs=1, load_tokenizer=False))
     groups = ", ".join(f"{len(g.layers)} layers {'window ' + str(g.window) if g.window else 'global'}: "
                        f"{g.num_blocks} blocks" for g in long_engine.runner.kv_groups)

@@ -36,7 +36,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class EngineOptions:
     device: str | None = None  # None: cuda when available, else cpu
     dtype: str | None = None  # None: float32 on CPU, bfloat16 on CUDA
-    max_model_len: int | None = None  # None: min(4096, the model's trained context)
+    n_ctx: int | None = None  # None: min(4096, the model's trained context)
     max_num_seqs: int = 16
     max_num_batched_tokens: int | None = None  # None: 256 on CPU, 8192 on CUDA
     block_size: int = 16
@@ -81,7 +81,7 @@ class LLMEngine:
         self.tokenizer: Tokenizer | None = load_tokenizer(model_path, verbose=o.verbose) if o.load_tokenizer else None
         self.runner = _make_runner(model_path, o, device, DTYPES[dtype_name])
         self.config = self.runner.config
-        self.max_model_len = self.runner.options.max_model_len
+        self.n_ctx = self.runner.options.n_ctx
         groups = self.runner.kv_groups  # one pool, or a second for sliding-window layers (core/kv_sizing.py)
         self.blocks = BlockManager(
             [g.num_blocks for g in groups], o.block_size, prefix_caching=o.prefix_caching, windows=[g.window for g in groups]
@@ -98,10 +98,10 @@ class LLMEngine:
     def add_request(self, request_id: str, prompt: list[int], params: SamplingParams) -> Sequence:
         if request_id in self.sequences:
             raise BadRequest(f"request id '{request_id}' is already in use")
-        check_prompt(len(prompt), self.max_model_len)
+        check_prompt(len(prompt), self.n_ctx)
         if max(prompt) >= self.config.vocab_size or min(prompt) < 0:
             raise BadRequest("the prompt holds token ids outside the vocabulary")
-        limit = generation_limit(len(prompt), self.max_model_len, params.max_tokens)
+        limit = generation_limit(len(prompt), self.n_ctx, params.max_tokens)
         seq = Sequence(request_id, prompt, params, limit)
         self.sequences[request_id] = seq
         self.scheduler.add(seq)
@@ -273,7 +273,7 @@ def _make_runner(path: Path | LoadedWeights, o: EngineOptions, device: str, dtyp
         device=device,
         dtype=dtype,
         block_size=o.block_size,
-        max_model_len=o.max_model_len or 0,
+        n_ctx=o.n_ctx or 0,
         max_num_seqs=o.max_num_seqs,
         max_num_batched_tokens=max(budget, o.max_num_seqs),
         kv_cache_bytes=o.kv_cache_bytes,
@@ -308,7 +308,7 @@ def _draft_engine(path: Path | str, target: LLMEngine) -> LLMEngine:
             EngineOptions(
                 device=str(target.runner.device),
                 dtype=next(name for name, dtype in DTYPES.items() if dtype == target.runner.dtype),
-                max_model_len=target.max_model_len,
+                n_ctx=target.n_ctx,
                 max_num_seqs=o.max_num_seqs,
                 max_num_batched_tokens=target.scheduler.max_num_batched_tokens,
                 block_size=o.block_size,

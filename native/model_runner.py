@@ -43,7 +43,7 @@ class RunnerOptions:
     device: str = "cpu"
     dtype: torch.dtype = torch.float32
     block_size: int = 16
-    max_model_len: int = 0  # 0: min(DEFAULT_CONTEXT, the model's trained context)
+    n_ctx: int = 0  # 0: min(DEFAULT_CONTEXT, the model's trained context)
     max_num_seqs: int = 16
     max_num_batched_tokens: int = 256
     kv_cache_bytes: int | None = None  # CPU: the budget; CUDA: at most this; None: the default policy above
@@ -62,9 +62,9 @@ class ModelRunner:
         self.block_size = options.block_size
         in_memory = isinstance(model_path, LoadedWeights)
         self.config: ModelConfig = model_path.config if in_memory else load_config(model_path)
-        options.max_model_len = context_size(options.max_model_len, self.config.max_position)
+        options.n_ctx = context_size(options.n_ctx, self.config.max_position)
         self.dtype_bytes = torch.tensor([], dtype=self.dtype).element_size()
-        self.kv_groups: list[KVGroup] = kv_groups(self.config, options.max_model_len, self.block_size)
+        self.kv_groups: list[KVGroup] = kv_groups(self.config, options.n_ctx, self.block_size)
         self.workspace = Workspace()  # gather buffers, reused by every layer and step
         on_cpu = self.device.type == "cpu"
         if on_cpu:  # a budget that cannot hold one context fails before seconds of loading
@@ -90,7 +90,7 @@ class ModelRunner:
             self.graphs = DecodeGraphs(
                 self.model,
                 max_batch=options.max_num_seqs,
-                max_blocks=self.blocks_for_tokens(options.max_model_len),
+                max_blocks=self.blocks_for_tokens(options.n_ctx),
                 block_size=self.block_size,
                 scratch_blocks=self.scratch_blocks,
                 device=self.device,
@@ -115,7 +115,7 @@ class ModelRunner:
         o = self.options
         shape = dict(
             block_size=self.block_size,
-            max_model_len=o.max_model_len,
+            n_ctx=o.n_ctx,
             max_num_seqs=o.max_num_seqs,
             max_num_batched_tokens=o.max_num_batched_tokens,
         )
@@ -161,7 +161,7 @@ class ModelRunner:
         o = self.options
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
-        n_tokens = min(o.max_num_batched_tokens, o.max_model_len)
+        n_tokens = min(o.max_num_batched_tokens, o.n_ctx)
         self._allocate_cache(self.blocks_for_tokens(n_tokens))
         self._profile_step(n_tokens)
         torch.cuda.synchronize(self.device)
@@ -179,7 +179,7 @@ class ModelRunner:
         # the cache in place; then only a prompt chunk over a cached prefix gathers (one context).
         c = self.config
         gathered_seqs = 1 if self.decode_kernel else o.max_num_seqs
-        gather = 2 * gathered_seqs * o.max_model_len * c.n_kv_heads * c.head_dim * self.dtype_bytes
+        gather = 2 * gathered_seqs * o.n_ctx * c.n_kv_heads * c.head_dim * self.dtype_bytes
         scratch = sum(self.group_block_bytes)
         return int(total * o.gpu_memory_utilization - used_elsewhere - peak - gather - scratch)
 
@@ -225,8 +225,8 @@ class ModelRunner:
         for item in step:
             seq, start = item.seq, item.seq.num_computed
             end = start + item.n_tokens
-            if end > self.options.max_model_len:
-                raise BadRequest(f"sequence {seq.request_id} would pass the context of {self.options.max_model_len}")
+            if end > self.options.n_ctx:
+                raise BadRequest(f"sequence {seq.request_id} would pass the context of {self.options.n_ctx}")
             sliding = seq.block_tables[1] if grouped else None
             spans.append(SeqSpan(len(ids), item.n_tokens, end, seq.block_table, sliding))
             ids.extend(seq.token_ids[start:end])

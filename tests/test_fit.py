@@ -268,7 +268,7 @@ def test_native_sliding_layers_keep_a_window_per_sequence_plus_one_step():
 
 def test_native_windows_agree_with_the_engine():
     group = KVGroup(list(range(15)), 512)
-    engine = demand(group, block_size=16, max_model_len=8192, max_num_seqs=4, max_num_batched_tokens=256)
+    engine = demand(group, block_size=16, n_ctx=8192, max_num_seqs=4, max_num_batched_tokens=256)
     sliding = [i % 6 != 5 for i in range(18)]
     shape = NativeShape(262_144, 640, 2048, 18, 4, 1, 256, 512, tuple(sliding), True, 268_000_000)
     assert kv_pool_blocks(shape, context=8192, parallel=4, step_tokens=256)[1] == (15, engine)

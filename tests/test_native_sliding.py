@@ -71,7 +71,7 @@ def test_budget_split_gives_the_sliding_pool_its_demand_and_the_rest_to_the_glob
     starter = _starter_shape()
     groups = kv_groups(starter, 32768, 16)
     sizes = [group_block_bytes(g, starter, 16, 4) for g in groups]
-    shape = dict(block_size=16, max_model_len=32768, max_num_seqs=4, max_num_batched_tokens=256)
+    shape = dict(block_size=16, n_ctx=32768, max_num_seqs=4, max_num_batched_tokens=256)
     counts = split_budget(groups, 2**30, sizes, **shape)
     assert counts[1] == 4 * (33 + 1) + 16  # four decoding windows, a block each for alignment, one chunk
     assert counts[0] == (2**30 - counts[1] * sizes[1]) // sizes[0]

@@ -30,7 +30,7 @@ THREADS = 1  # shared machines: one thread stays predictable (see test_native_st
 
 @pytest.fixture(scope="module")
 def engine(smollm2_gguf):
-    e = LLMEngine(smollm2_gguf, EngineOptions(device="cpu", threads=THREADS, max_model_len=512, max_num_seqs=2))
+    e = LLMEngine(smollm2_gguf, EngineOptions(device="cpu", threads=THREADS, n_ctx=512, max_num_seqs=2))
     yield e
     e.close()
 

@@ -228,7 +228,7 @@ def test_speculative_guesses_never_preempt_and_fit_a_small_pool(tiny):
     """A pool with room for little more than the sequences themselves: guesses are skipped, not forced."""
     block = 4 * 2 * 3 * 2 * 16 * 4  # tokens per block x K,V x layers x kv heads x head dim x float32
     params = SamplingParams(temperature=0, max_tokens=30)
-    small = dict(max_model_len=64, kv_cache_bytes=40 * block)
+    small = dict(n_ctx=64, kv_cache_bytes=40 * block)
     expected = engine(tiny["llama"], **small).generate(prompts(), params)
     spec = engine(tiny["llama"], ngram(k=8), **small)
     assert spec.generate(prompts(), params) == expected
@@ -380,7 +380,7 @@ COPY_PROMPT = f"Original text:\n\n{PARAGRAPH}\n\nThe same text, copied word for 
 
 @pytest.fixture(scope="module")
 def starter(starter_gguf):
-    e = LLMEngine(starter_gguf, EngineOptions(device="cpu", threads=1, max_model_len=512, max_num_seqs=4))
+    e = LLMEngine(starter_gguf, EngineOptions(device="cpu", threads=1, n_ctx=512, max_num_seqs=4))
     yield e
     e.close()
 

@@ -95,7 +95,7 @@ class NativeBackend(LocalBackend):
             EngineOptions(
                 device=o.device,
                 dtype=o.dtype,
-                max_model_len=o.n_ctx,
+                n_ctx=o.n_ctx,
                 max_num_seqs=o.max_num_seqs,
                 kv_cache_bytes=o.kv_cache_bytes,
                 threads=o.n_threads or default_threads(),
@@ -104,7 +104,7 @@ class NativeBackend(LocalBackend):
             ),
         )
         self._tokenizer = self._engine.tokenizer
-        self.n_ctx = self._engine.max_model_len
+        self.n_ctx = self._engine.n_ctx
         self._publish_stats()
 
     def _load_failure(self, exc: BaseException) -> BaseException:

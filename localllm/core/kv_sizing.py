@@ -67,12 +67,12 @@ def window_blocks(window: int, block_size: int, n_tokens: int) -> int:
     return cdiv(window + n_tokens - 2, block_size) + 1
 
 
-def kv_groups(shape: KVShape, max_model_len: int, block_size: int) -> list[KVGroup]:
+def kv_groups(shape: KVShape, n_ctx: int, block_size: int) -> list[KVGroup]:
     """The groups for this model and context: sliding layers apart only when that can save memory."""
     every = list(range(shape.n_layers))
     window = shape.sliding_window
     sliding = [i for i in every if window and shape.sliding_layers[i]]
-    if not sliding or window_blocks(window, block_size, 1) >= cdiv(max_model_len, block_size):
+    if not sliding or window_blocks(window, block_size, 1) >= cdiv(n_ctx, block_size):
         return [KVGroup(every, None)]  # no window, or none shorter than the context: nothing ever leaves
     full = [i for i in every if not shape.sliding_layers[i]]
     if not full:
@@ -85,21 +85,21 @@ def group_block_bytes(group: KVGroup, shape: KVShape, block_size: int, dtype_byt
     return 2 * len(group.layers) * block_size * shape.n_kv_heads * shape.head_dim * dtype_bytes
 
 
-def demand(group: KVGroup, *, block_size: int, max_model_len: int, max_num_seqs: int, max_num_batched_tokens: int) -> int:
+def demand(group: KVGroup, *, block_size: int, n_ctx: int, max_num_seqs: int, max_num_batched_tokens: int) -> int:
     """Blocks the group can hold at once when max_num_seqs sequences run at the full context."""
-    full = max_num_seqs * cdiv(max_model_len, block_size)
+    full = max_num_seqs * cdiv(n_ctx, block_size)
     if group.window is None:
         return full
     windows = max_num_seqs * (window_blocks(group.window, block_size, 1) + 1) + cdiv(max_num_batched_tokens, block_size)
     return min(full, windows)
 
 
-def minimum(group: KVGroup, *, block_size: int, max_model_len: int, max_num_batched_tokens: int) -> int:
+def minimum(group: KVGroup, *, block_size: int, n_ctx: int, max_num_batched_tokens: int) -> int:
     """Blocks one sequence at the full context needs to progress alone (a whole prompt chunk included)."""
-    full = cdiv(max_model_len, block_size)
+    full = cdiv(n_ctx, block_size)
     if group.window is None:
         return full
-    return min(full, window_blocks(group.window, block_size, min(max_num_batched_tokens, max_model_len)))
+    return min(full, window_blocks(group.window, block_size, min(max_num_batched_tokens, n_ctx)))
 
 
 def split_budget(
@@ -108,12 +108,12 @@ def split_budget(
     block_bytes: list[int],
     *,
     block_size: int,
-    max_model_len: int,
+    n_ctx: int,
     max_num_seqs: int,
     max_num_batched_tokens: int,
 ) -> list[int]:
     """Blocks per group from a byte budget (see the module docstring). Raises DoesNotFit."""
-    shape = dict(block_size=block_size, max_model_len=max_model_len, max_num_batched_tokens=max_num_batched_tokens)
+    shape = dict(block_size=block_size, n_ctx=n_ctx, max_num_batched_tokens=max_num_batched_tokens)
     needs = [demand(g, max_num_seqs=max_num_seqs, **shape) for g in groups]
     floors = [minimum(g, **shape) for g in groups]
     total = sum(n * b for n, b in zip(needs, block_bytes))
@@ -125,9 +125,9 @@ def split_budget(
     if any(c < f for c, f in zip(counts, floors)):
         need = sum(f * b for f, b in zip(floors, block_bytes))
         if len(groups) == 1 and groups[0].window is None:
-            held = f"holds {counts[0] * block_size} tokens, fewer than one context of {max_model_len}"
+            held = f"holds {counts[0] * block_size} tokens, fewer than one context of {n_ctx}"
         else:
-            held = f"cannot hold one context of {max_model_len} tokens ({need / 2**20:.0f} MiB with sliding windows)"
+            held = f"cannot hold one context of {n_ctx} tokens ({need / 2**20:.0f} MiB with sliding windows)"
         raise DoesNotFit(
             f"the KV cache budget ({budget / 2**20:.0f} MiB) {held}; give it more memory or lower the context"
         )

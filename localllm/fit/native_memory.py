@@ -125,7 +125,7 @@ def kv_pool_blocks(shape: NativeShape, *, context: int, parallel: int, step_toke
 
 
 def _pools(shape: NativeShape, context: int, parallel: int, step_tokens: int, block_size: int) -> list[tuple[KVGroup, int]]:
-    demand_of = dict(block_size=block_size, max_model_len=context, max_num_seqs=parallel, max_num_batched_tokens=step_tokens)
+    demand_of = dict(block_size=block_size, n_ctx=context, max_num_seqs=parallel, max_num_batched_tokens=step_tokens)
     return [(group, demand(group, **demand_of)) for group in kv_groups(shape, context, block_size)]
 
 
