@@ -23,20 +23,17 @@ and checks the guesses after the decode (`Speculation.verify`); the engine
 runs the rows and keeps the slots' caches (llamacpp_slots.py).
 
 When it pays: on a CPU each extra row costs a share of a step (the output
-layer is computed for every row with logits: on the starter, a step of 6
-rows costs 2.8 of one row, benchmarks/llamacpp_row_cost.py), so a long run of
-guesses pays only when most are kept. Each request therefore sizes its own
+layer is computed for every row with logits; benchmarks/llamacpp_row_cost.py
+and docs/MEASUREMENTS.md), so a long run of guesses pays only when most are kept. Each request therefore sizes its own
 guesses (the settings are `SpeculationOptions.llamacpp`): it starts with
 `start_tokens`, asks for 2k + 1 after a step that kept all k, and for
 2 x kept + 1 after a rejection (copying grows to `most_tokens` guesses a step;
 a story that repeats itself now and then settles at one to three). A
-request that has kept under half its guesses after 4 checks stops guessing:
-with the costs above, one guess a step pays from about 40% kept, three from
-about 55%. Beside other generating sequences a step is already wide and a
-row costs nearly its full share, so there a request guesses only while it
-keeps nearly everything (`min_acceptance_beside_others`, after its first 4
-checks): 4 copies of a sampled story keeping 85% of their guesses ran at
-0.83x of plain, 4 copying requests keeping all of them at 1.41x. Nobody
+request that keeps too few of its guesses stops guessing (the row costs set
+where one guess, or three, pay for themselves). Beside other generating
+sequences a step is already wide and a row costs nearly its full share, so
+there a request guesses only while it keeps nearly everything
+(`min_acceptance_beside_others`, after its first checks). Nobody
 guesses while more than `max_generating` sequences generate.
 """
 

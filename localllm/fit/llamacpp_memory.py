@@ -31,8 +31,8 @@ The parts, as llama.cpp's own log names them (llama-cpp-python 0.3.36):
   the CUDA context on every GPU and the CUDA libraries in RAM.
 
 Calibrated on the starter at contexts 2,048, 8,192 and 32,768 with
-full-context prompts (benchmarks/fit_accuracy.py: +1.5 to +3.4% over the
-measured peak); the constants below say where each number came from.
+full-context prompts (benchmarks/fit_accuracy.py prints the prediction against
+the measured peak); the constants below say where each number came from.
 """
 
 from __future__ import annotations
