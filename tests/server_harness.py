@@ -16,6 +16,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import httpx
 
@@ -110,6 +111,13 @@ def start_server(
 # -- GGUF copies -----------------------------------------------------------------------
 
 GGUF_UINT32, GGUF_STRING = 4, 8
+
+
+def served(server: Server) -> Iterator[Server]:
+    """A server fixture's life: yield the server, stop it, and check that no request broke it (its log holds no traceback)."""
+    yield server
+    server.stop()
+    assert "Traceback" not in server.log_text(), server.log_text()
 
 
 def _gguf_string(text: str) -> bytes:

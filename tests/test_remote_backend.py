@@ -23,7 +23,7 @@ import httpx
 import openai
 import pytest
 
-from server_harness import make_store, start_server
+from server_harness import make_store, start_server, served
 
 from localllm.core.requests import FinishEvent, GenerationRequest, SamplingParams, TokenEvent
 from localllm.backends.select import LoadOptions, open_backend
@@ -57,9 +57,7 @@ def upstream(tmp_path_factory, starter_gguf):
     home = tmp_path_factory.mktemp("upstream-home")
     make_store(home, {"starter": starter_gguf})
     srv = start_server(home, "starter", "--ctx", "1024", "--threads", "1", "--api-key", UPSTREAM_KEY)
-    yield srv
-    srv.stop()
-    assert "Traceback" not in srv.log_text(), srv.log_text()
+    yield from served(srv)
 
 
 @pytest.fixture(scope="module")
@@ -113,9 +111,7 @@ timeout_s = 1
         srv = start_server(home, "--ctx", "1024", "--threads", "1", "--api-key", HOP_KEY, "--max-loaded", "4")
     finally:
         del os.environ[KEY_ENV]
-    yield srv
-    srv.stop()
-    assert "Traceback" not in srv.log_text(), srv.log_text()
+    yield from served(srv)
 
 
 @pytest.fixture(scope="module")

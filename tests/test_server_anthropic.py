@@ -15,7 +15,7 @@ import anthropic
 import httpx
 import pytest
 
-from server_harness import make_store, start_server
+from server_harness import make_store, start_server, served
 
 KEY = "anthropic-test-key"
 MODEL = "smollm2"
@@ -38,9 +38,7 @@ def server(tmp_path_factory, smollm2_gguf):
     home = tmp_path_factory.mktemp("anthropic-home")
     make_store(home, {MODEL: smollm2_gguf})
     srv = start_server(home, MODEL, "--api-key", KEY, "--ctx", "2048", "--threads", "2")
-    yield srv
-    srv.stop()
-    assert "Traceback" not in srv.log_text(), srv.log_text()  # no request broke the server
+    yield from served(srv)
 
 
 @pytest.fixture(scope="module")

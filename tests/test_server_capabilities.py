@@ -17,7 +17,7 @@ import openai
 import pytest
 
 from localllm.core.chat_template import builtin_template
-from server_harness import TOOL_TEMPLATE, WEATHER_TOOL, copy_with_string_key, copy_with_uint32_key, make_store, start_server
+from server_harness import TOOL_TEMPLATE, WEATHER_TOOL, copy_with_string_key, copy_with_uint32_key, make_store, start_server, served
 
 POOLING_LAST = 3
 QUESTION = [{"role": "user", "content": "What is the weather in Paris?"}]
@@ -43,9 +43,7 @@ def server(tmp_path_factory, starter_gguf):
     embed_copy = copy_with_uint32_key(starter_gguf, files / "starter-embed.gguf", "gemma3.pooling_type", POOLING_LAST)
     make_store(home, {"starter": starter_gguf, "starter-tools": tools_copy, "starter-embed": embed_copy})
     srv = start_server(home, "starter", "--ctx", "1024", "--max-loaded", "2", "--threads", "1")
-    yield srv
-    srv.stop()
-    assert "Traceback" not in srv.log_text(), srv.log_text()
+    yield from served(srv)
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ import pytest
 from pydantic import BaseModel, Field
 
 from localllm.server.json_schema_prep import MAX_REF_DEPTH
-from server_harness import TOOL_TEMPLATE, WEATHER_TOOL, copy_with_string_key, make_store, start_server
+from server_harness import TOOL_TEMPLATE, WEATHER_TOOL, copy_with_string_key, make_store, start_server, served
 
 
 class Address(BaseModel):
@@ -52,9 +52,7 @@ def server(tmp_path_factory, starter_gguf):
     tools_copy = copy_with_string_key(starter_gguf, files / "starter-tools.gguf", "tokenizer.chat_template", TOOL_TEMPLATE)
     make_store(home, {"starter": starter_gguf, "starter-tools": tools_copy})
     srv = start_server(home, "starter", "--ctx", "2048", "--max-loaded", "2", "--parallel", "4", "--threads", "1")
-    yield srv
-    srv.stop()
-    assert "Traceback" not in srv.log_text(), srv.log_text()
+    yield from served(srv)
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ import ollama
 import openai
 import pytest
 
-from server_harness import ROOT, copy_with_string_key, make_store, start_server
+from server_harness import ROOT, copy_with_string_key, make_store, start_server, served
 
 APP = "http://app.example"
 EVIL = "http://evil.example"
@@ -83,9 +83,7 @@ def server(tmp_path_factory, starter_gguf, slow_gguf, hub_probe):
         "--max-body", BIG_BODY, "--cors-origin", APP, "--allowed-host", PROXY,
         env={"HF_ENDPOINT": hub_probe.url, "HF_HUB_DISABLE_TELEMETRY": "1"},
     )
-    yield srv
-    srv.stop()
-    assert "Traceback" not in srv.log_text(), srv.log_text()
+    yield from served(srv)
 
 
 def port(server) -> str:

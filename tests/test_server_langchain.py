@@ -14,7 +14,7 @@ import pytest
 from langchain_ollama import OllamaEmbeddings
 from langchain_openai import OpenAIEmbeddings
 
-from server_harness import make_store, start_server
+from server_harness import make_store, start_server, served
 
 CAT, KITTEN, TAX = "The cat sat on the mat.", "A kitten rested on the rug.", "Quarterly tax filings are due in April."
 KEY = "unused"  # the server runs without a key; the clients insist on one
@@ -26,9 +26,7 @@ def server(tmp_path_factory, starter_gguf):
     home = tmp_path_factory.mktemp("langchain-home")
     make_store(home, {"starter": starter_gguf})
     srv = start_server(home, "starter", "--ctx", "1024", "--threads", "1")
-    yield srv
-    srv.stop()
-    assert "Traceback" not in srv.log_text(), srv.log_text()
+    yield from served(srv)
 
 
 def cosine(a, b) -> float:

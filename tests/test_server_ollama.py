@@ -13,7 +13,7 @@ import httpx
 import ollama
 import pytest
 
-from server_harness import make_store, start_server
+from server_harness import make_store, start_server, served
 
 FRANCE = "The capital of France is"
 
@@ -23,9 +23,7 @@ def server(tmp_path_factory, starter_gguf):
     home = tmp_path_factory.mktemp("ollama-home")
     make_store(home, {"starter": starter_gguf, "starter-b": starter_gguf, "starter-c": starter_gguf})
     srv = start_server(home, "starter", "--ctx", "1024", "--max-loaded", "2", "--threads", "1")
-    yield srv
-    srv.stop()
-    assert "Traceback" not in srv.log_text(), srv.log_text()
+    yield from served(srv)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import httpx
 import ollama
 import pytest
 
-from server_harness import make_store, start_server
+from server_harness import make_store, start_server, served
 
 
 @pytest.fixture(scope="module")
@@ -25,9 +25,7 @@ def home(tmp_path_factory):
 def server(home, starter_gguf):
     make_store(home, {"starter": starter_gguf})
     srv = start_server(home, "--ctx", "512", "--max-loaded", "2", "--threads", "1")
-    yield srv
-    srv.stop()
-    assert "Traceback" not in srv.log_text(), srv.log_text()
+    yield from served(srv)
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ import ollama
 import openai
 import pytest
 
-from server_harness import copy_with_string_key, make_store, start_server
+from server_harness import copy_with_string_key, make_store, start_server, served
 
 # Gemma turns with Qwen3's thinking switch, written for these tests.
 THINK_TEMPLATE = r"""{{- bos_token -}}
@@ -66,9 +66,7 @@ def home(tmp_path_factory, starter_gguf):
 @pytest.fixture(scope="module")
 def server(home):
     srv = start_server(home, "thinker", "--ctx", "1024", "--max-loaded", "2", "--threads", "2")
-    yield srv
-    srv.stop()
-    assert "Traceback" not in srv.log_text(), srv.log_text()
+    yield from served(srv)
 
 
 def no_tags(*texts: str | None) -> bool:

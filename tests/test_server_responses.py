@@ -17,7 +17,7 @@ import pytest
 from pydantic import BaseModel, Field
 
 from localllm.server.responses_store import ResponseStore, StoredResponse
-from server_harness import TOOL_TEMPLATE, copy_with_string_key, make_store, start_server
+from server_harness import TOOL_TEMPLATE, copy_with_string_key, make_store, start_server, served
 
 MODEL = "starter-tools"
 WEATHER_TOOL = {
@@ -50,9 +50,7 @@ def server(tmp_path_factory, starter_gguf):
     tools_copy = copy_with_string_key(starter_gguf, files / "starter-tools.gguf", "tokenizer.chat_template", TOOL_TEMPLATE)
     make_store(home, {MODEL: tools_copy})
     srv = start_server(home, MODEL, "--ctx", "2048", "--threads", "2")
-    yield srv
-    srv.stop()
-    assert "Traceback" not in srv.log_text(), srv.log_text()
+    yield from served(srv)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import pytest
 import schemathesis
 from schemathesis import GenerationMode
 
-from server_harness import make_store, start_server
+from server_harness import make_store, start_server, served
 
 MAX_EXAMPLES = 10
 GENERATION_PATHS = {
@@ -38,9 +38,7 @@ def server(tmp_path_factory, starter_gguf):
     home = tmp_path_factory.mktemp("schemathesis-home")
     make_store(home, {"starter": starter_gguf})
     srv = start_server(home, "starter", "--ctx", "256", "--max-queue", "256", "--threads", "1")
-    yield srv
-    srv.stop()
-    assert "Traceback" not in srv.log_text(), srv.log_text()
+    yield from served(srv)
 
 
 def cheap(path: str, body):

@@ -18,7 +18,7 @@ import ollama
 import openai
 import pytest
 
-from server_harness import ROOT, make_store, start_server
+from server_harness import ROOT, make_store, start_server, served
 
 KEY = "s3cret-key"
 ORIGIN = "http://app.example"
@@ -33,9 +33,7 @@ def server(tmp_path_factory, starter_gguf):
         home, "--api-key", KEY, "--cors-origin", ORIGIN, "--max-body", "64KiB", "--parallel", "1", "--max-queue", "1", "--ctx", "512",
         "--threads", "1",
     )
-    yield srv
-    srv.stop()
-    assert "Traceback" not in srv.log_text(), srv.log_text()
+    yield from served(srv)
 
 
 def serve_cli(home, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
