@@ -21,7 +21,7 @@ from localllm.core.config import Paths, paths
 from localllm.core.errors import BadRequest
 from localllm.core.modelinfo import read_model_info
 from localllm.store.own_files import is_own_file, not_a_link
-from localllm.store.store import Manifest, ModelStore, added_now
+from localllm.store.store import Manifest, ModelStore
 
 _DIGEST = re.compile(r"sha256[:-]([0-9a-f]{64})")
 
@@ -118,15 +118,6 @@ class BlobStore:
         os.replace(blob, target)
         fsync_dir(folder)
         info.path = target
-        manifest = Manifest(
-            name=name,
-            source=f"upload:sha256:{hex_digest}",
-            file=str(target.relative_to(store.paths.models)),
-            sha256=hex_digest,
-            size=target.stat().st_size,
-            format=info.format,
-            added=added_now(),
-            info=info.to_dict(),
-            **{key: value for key, value in overrides.items() if value is not None},  # type: ignore[arg-type]
-        )
+        manifest = store.manifest_for(name, source=f"upload:sha256:{hex_digest}", file=target, sha256=hex_digest,
+                                      info=info, **overrides)
         return store.replace_with(manifest)

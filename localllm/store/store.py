@@ -159,8 +159,14 @@ class ModelStore:
 
     def add(self, name: str, *, source: str, file: Path, sha256: str) -> Manifest:
         """Record a complete, verified file as an installed model."""
-        info = read_model_info(file)
-        manifest = Manifest(
+        return self.save(self.manifest_for(name, source=source, file=file, sha256=sha256))
+
+    def manifest_for(self, name: str, *, source: str, file: Path, sha256: str, info: ModelInfo | None = None,
+                     **overrides: object) -> Manifest:
+        """The manifest of a complete, verified file in the store (its header read unless `info` is given);
+        `overrides` are a created model's own template, system, parameters and license."""
+        info = info or read_model_info(file)
+        return Manifest(
             name=name,
             source=source,
             file=str(file.relative_to(self.paths.models)),
@@ -169,8 +175,8 @@ class ModelStore:
             format=info.format,
             added=added_now(),
             info=info.to_dict(),
+            **{key: value for key, value in overrides.items() if value is not None},  # type: ignore[arg-type]
         )
-        return self.save(manifest)
 
     def save(self, manifest: Manifest) -> Manifest:
         """Write a manifest (atomically): the moment a model becomes installed."""
