@@ -90,3 +90,38 @@ def test_admission_beside_running_sequences_leaves_the_watermark_free():
     assert [item.seq for item in sched.schedule()] == [first]
     assert sched.waiting[0] is second
     assert not blocks.allocate(second, keep_free=[1]) and blocks.allocate(second)
+
+
+# -- --parallel reaches the native engine's sequence limit ---------------------------------------
+
+
+def _served(starter_gguf, *flags: str):
+    """The backend `localllm serve starter FLAGS` opens, through the server's registry (cmd_serve's settings)."""
+    from localllm.cli.loading import load_options
+    from localllm.cli.parser import build_parser
+    from localllm.server.registry import ModelRegistry
+    from localllm.server.settings import DEFAULT_PARALLEL, ServerSettings
+    from localllm.store.store import ResolvedModel
+
+    args = build_parser().parse_args(["serve", "--threads", "1", *flags])
+    settings = ServerSettings(parallel=DEFAULT_PARALLEL if args.parallel is None else args.parallel, load=load_options(args))
+    return ModelRegistry(settings)._open_backend(ResolvedModel("starter", starter_gguf), None)
+
+
+@pytest.mark.parametrize("flags, expected", [(["--parallel", "32"], 32), ([], 16)])
+def test_native_engine_runs_as_many_sequences_as_parallel_says_and_its_own_default_otherwise(starter_gguf, flags, expected):
+    backend = _served(starter_gguf, "--backend", "native", "--ctx", "256", *flags)
+    try:
+        assert backend.name == "native"
+        assert backend._engine.scheduler.max_num_seqs == expected
+    finally:
+        backend.close()
+
+
+@pytest.mark.parametrize("flags, expected", [(["--parallel", "8"], 8), ([], 4)])
+def test_llamacpp_slots_still_follow_parallel(starter_gguf, flags, expected):
+    backend = _served(starter_gguf, "--backend", "llamacpp", "--ctx", "1024", *flags)
+    try:
+        assert backend.name == "llamacpp" and backend.n_parallel == expected
+    finally:
+        backend.close()

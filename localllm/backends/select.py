@@ -32,6 +32,7 @@ class LoadOptions:
     kv_cache_bytes: int | None = None  # native engine: memory for its KV cache (None: its default)
     speculation: SpeculationOptions = field(default_factory=SpeculationOptions)  # its draft: a name or a path
     n_parallel: int | None = None  # llama.cpp: requests decoded together, sharing n_ctx (None: its default)
+    max_num_seqs: int | None = None  # native engine: sequences batched together, an explicit --parallel (None: its default)
     remote_url: str | None = None  # remote backend: the upstream's OpenAI base URL, e.g. http://host:8000/v1
     remote_api_key: str | None = None
     remote_timeout_s: float | None = None  # remote backend: longest wait for the upstream (None: its default)
@@ -111,6 +112,8 @@ def _open_native(model: ResolvedModel, info, options: LoadOptions, draft: ModelI
         verbose=options.verbose,
         speculation=_with_draft_file(options.speculation, draft),
     )
+    if options.max_num_seqs is not None:
+        native_options.max_num_seqs = options.max_num_seqs
     return NativeBackend(model.name, info, native_options)
 
 

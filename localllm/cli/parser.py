@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--keep-alive", default="5m", help="unload a model after this long unused (5m, 1h, 0, -1 for never)")
     p.add_argument("--max-loaded", type=_number(int, "--max-loaded", 1), default=1, help="models in memory at once (default 1)")
-    p.add_argument("--parallel", type=_number(int, "--parallel", 1), default=None, help="requests a model runs at once, sharing its context (default 4)")
+    p.add_argument("--parallel", type=_number(int, "--parallel", 1), default=None, help="requests a model runs at once (default: 4 llama.cpp slots sharing the context; 16 on the native engine)")
     p.add_argument("--max-queue", type=_number(int, "--max-queue", 0), default=None, help="requests that may wait; more get 429 (default 64)")
     p.add_argument("--max-body", type=_size("--max-body"), default="8MiB", help=f"largest request body ({SIZE_HELP}; default 8MiB)")
     _add_load_flags(p)
