@@ -258,12 +258,17 @@ class LLMEngine:
         }
 
     def close(self) -> None:
+        """Let go of the draft, the tokenizer, and the model with its KV pools and CUDA graphs (their memory is freed)."""
         if self.speculator is not None:
             self.speculator.close()
             self.speculator = None
         if self.tokenizer is not None:
             self.tokenizer.close()
             self.tokenizer = None
+        self.sequences.clear()
+        if self.runner is not None:
+            self.runner.close()
+            self.runner = None
 
 
 def _make_runner(path: Path | LoadedWeights, o: EngineOptions, device: str, dtype: torch.dtype) -> ModelRunner:

@@ -19,6 +19,7 @@ between the pools; each pool has its own scratch block.
 
 from __future__ import annotations
 
+import gc
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -205,6 +206,26 @@ class ModelRunner:
         hidden = self.model(ids, torch.arange(n_tokens, device=self.device), batch)
         rows = self.options.max_logit_rows or self.options.max_num_seqs
         self.model.compute_logits(hidden[:rows] if rows <= n_tokens else hidden.new_zeros(rows, hidden.shape[-1]))
+
+    def close(self) -> None:
+        """Drop the model, the KV pools, the CUDA graphs and the workspace; on CUDA hand the memory back.
+
+        An unloaded model must free its device memory even while something still
+        holds this runner (a backend object, an engine): PyTorch's caching allocator
+        keeps freed blocks for itself until empty_cache, and modules and captured
+        graphs form reference cycles that only a collection breaks.
+        """
+        if self.graphs is not None:
+            for graph in self.graphs.graphs.values():
+                graph.reset()  # its private memory pool goes with it
+        self.graphs = None
+        self.kv_caches = []
+        self.kv_cache = None
+        self.model = None
+        self.workspace = Workspace()
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     # -- a step ----------------------------------------------------------------------
     @torch.inference_mode()

@@ -125,3 +125,56 @@ def test_llamacpp_slots_still_follow_parallel(starter_gguf, flags, expected):
         assert backend.name == "llamacpp" and backend.n_parallel == expected
     finally:
         backend.close()
+
+
+# -- closing a native backend lets go of the model and its cache ---------------------------------
+
+
+def _device_refs(backend) -> list:
+    """Weak references to what holds device memory: the embedding table and every KV pool."""
+    import weakref
+
+    runner = backend._engine.runner
+    return [weakref.ref(runner.model.embed_tokens.weight), *(weakref.ref(c) for c in runner.kv_caches)]
+
+
+def _all_dead(refs: list) -> bool:
+    import gc
+
+    gc.collect()
+    return all(r() is None for r in refs)
+
+
+def test_closing_a_native_backend_frees_its_weights_and_cache_while_the_backend_object_lives(starter_gguf):
+    from localllm.backends.native import NativeBackend, NativeOptions
+    from localllm.core.modelinfo import read_model_info
+
+    backend = NativeBackend("starter", read_model_info(starter_gguf), NativeOptions(n_ctx=256, n_threads=1, max_num_seqs=2))
+    refs = _device_refs(backend)
+    assert not _all_dead(refs)
+    backend.close()
+    assert _all_dead(refs)  # `backend` is still referenced here, as a server's stale lease may keep it
+
+
+def test_unloading_from_the_server_registry_frees_the_model(starter_gguf):
+    """The server's way: a front end holds the model, lets go, and the registry unloads it."""
+    import asyncio
+
+    from localllm.backends.select import LoadOptions
+    from localllm.server.registry import ModelRegistry
+    from localllm.server.settings import ServerSettings
+    from localllm.store.store import ResolvedModel
+
+    registry = ModelRegistry(ServerSettings(load=LoadOptions(backend="native", n_ctx=256, n_threads=1)))
+
+    async def hold_and_let_go():
+        lease = await registry.hold(ResolvedModel("starter", starter_gguf))
+        refs = _device_refs(lease.backend)
+        assert lease.backend.name == "native" and not _all_dead(refs)
+        await registry.let_go(lease)
+        assert registry.loaded() == []
+        return lease, refs
+
+    lease, refs = asyncio.run(hold_and_let_go())
+    assert _all_dead(refs)  # the lease (and through it the backend) is still alive
+    assert lease.backend._closed

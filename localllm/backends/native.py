@@ -115,8 +115,10 @@ class NativeBackend(LocalBackend):
         return super()._load_failure(exc)
 
     def _unload(self) -> None:
-        if self._engine is not None:
-            self._engine.close()
+        """Close the engine and forget it: a closed backend that is still referenced holds no model memory."""
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            engine.close()
 
     def _run(self) -> None:
         inbox = self._control.inbox
