@@ -1,7 +1,9 @@
 """A draft model as a proposer: a small model with the target's tokenizer guesses k tokens.
 
 The draft is a second engine (its own weights, runner and paged KV pool; the
-target builds it, engine.make_speculator, so this module imports no engine),
+target builds it, engine.make_speculator, so this module imports no engine;
+on a GPU before the target's pool is sized, so that one budget covers both
+pools: model_runner.share_gpu),
 driven directly here rather than through its scheduler: for every target
 sequence that speculates it keeps a mirror sequence with the same tokens.
 Before guessing, the mirror catches up with what the target verified since

@@ -67,7 +67,10 @@ class EngineCounters:
 
 
 class LLMEngine:
-    def __init__(self, model_path: Path | str | LoadedWeights, options: EngineOptions | None = None) -> None:
+    def __init__(
+        self, model_path: Path | str | LoadedWeights, options: EngineOptions | None = None, *,
+        shares_gpu_with: ModelRunner | None = None,  # a draft's target, waiting to size both pools (model_runner.share_gpu)
+    ) -> None:
         o = options or EngineOptions()
         if not isinstance(model_path, LoadedWeights):
             model_path = Path(model_path)
@@ -79,9 +82,11 @@ class LLMEngine:
         if dtype_name not in DTYPES:
             raise BadRequest(f"dtype must be one of {', '.join(DTYPES)}")
         self.tokenizer: Tokenizer | None = load_tokenizer(model_path, verbose=o.verbose) if o.load_tokenizer else None
-        self.runner = _make_runner(model_path, o, device, DTYPES[dtype_name])
+        self.runner = _make_runner(model_path, o, device, DTYPES[dtype_name], shares_gpu_with)
         self.config = self.runner.config
         self.n_ctx = self.runner.options.n_ctx
+        # A draft on the GPU loads before our pool is sized, so one budget is split between both.
+        draft = _draft_engine(o.speculation.validate().draft, self) if self.runner.awaits_partner else None
         groups = self.runner.kv_groups  # one pool, or a second for sliding-window layers (core/kv_sizing.py)
         self.blocks = BlockManager(
             [g.num_blocks for g in groups], o.block_size, prefix_caching=o.prefix_caching, windows=[g.window for g in groups]
@@ -92,7 +97,7 @@ class LLMEngine:
         self.eos_ids = set(self.config.eos_token_ids) | (self.tokenizer.eog_ids if self.tokenizer else set())
         self.sequences: dict[str, Sequence] = {}
         self.counters = EngineCounters()
-        self.speculator = make_speculator(o.speculation, self)
+        self.speculator = make_speculator(o.speculation, self, draft)
 
     # -- requests ----------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: list[int], params: SamplingParams) -> Sequence:
@@ -271,7 +276,9 @@ class LLMEngine:
             self.runner = None
 
 
-def _make_runner(path: Path | LoadedWeights, o: EngineOptions, device: str, dtype: torch.dtype) -> ModelRunner:
+def _make_runner(
+    path: Path | LoadedWeights, o: EngineOptions, device: str, dtype: torch.dtype, partner: ModelRunner | None = None
+) -> ModelRunner:
     on_gpu = device.startswith("cuda")
     budget = o.max_num_batched_tokens or (8192 if on_gpu else 256)
     runner_options = RunnerOptions(
@@ -284,23 +291,26 @@ def _make_runner(path: Path | LoadedWeights, o: EngineOptions, device: str, dtyp
         kv_cache_bytes=o.kv_cache_bytes,
         gpu_memory_utilization=o.gpu_memory_utilization,
         pack_output=o.pack_output,
+        defer_cache=on_gpu and o.speculation is not None and o.speculation.method == "draft",
     )
     if o.speculation is not None and o.speculation.enabled:  # each sequence checks its guesses too
         runner_options.max_logit_rows = min(o.max_num_seqs * (1 + o.speculation.native_num_tokens),
                                             runner_options.max_num_batched_tokens)
-    return ModelRunner(path, runner_options)
+    return ModelRunner(path, runner_options, partner=partner)
 
 
-def make_speculator(options: SpeculationOptions | None, engine: LLMEngine) -> Speculator | None:
+def make_speculator(
+    options: SpeculationOptions | None, engine: LLMEngine, draft: LLMEngine | None = None
+) -> Speculator | None:
     """The engine's speculator for `options` (None when off). Here both proposers are known:
-    a draft model runs as a second LLMEngine that this module builds."""
+    a draft model runs as a second LLMEngine that this module builds (or built already: `draft`)."""
     if options is None or not options.enabled:
         return None
     options.validate()
     if options.method == "ngram":
         proposer: Proposer = NgramProposer(options.ngram_min, options.ngram_max)
     else:
-        proposer = DraftModelProposer(_draft_engine(options.draft, engine), engine)
+        proposer = DraftModelProposer(draft or _draft_engine(options.draft, engine), engine)
     return Speculator(options, proposer, engine.blocks)
 
 
@@ -315,13 +325,14 @@ def _draft_engine(path: Path | str, target: LLMEngine) -> LLMEngine:
                 dtype=next(name for name, dtype in DTYPES.items() if dtype == target.runner.dtype),
                 n_ctx=target.n_ctx,
                 max_num_seqs=o.max_num_seqs,
-                max_num_batched_tokens=target.scheduler.max_num_batched_tokens,
+                max_num_batched_tokens=target.runner.options.max_num_batched_tokens,
                 block_size=o.block_size,
                 prefix_caching=False,  # mirrors hold guesses; nothing of theirs is worth sharing
                 pack_output=o.pack_output,
                 load_tokenizer=target.tokenizer is not None,
                 verbose=o.verbose,
             ),
+            shares_gpu_with=target.runner if target.runner.awaits_partner else None,
         )
     except BadRequest as exc:
         raise BadRequest(f"the draft model cannot run beside the target: {exc}") from None

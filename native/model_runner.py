@@ -9,9 +9,17 @@ Sizing the pool:
 - CPU: from a RAM budget (an option; by default a quarter of the memory
   available now, but no more than max_num_seqs full contexts need). CPU pages
   are only touched when written, so an unused pool costs address space, not RAM.
-- CUDA: from measured memory. A profiling pass runs the largest step the
-  scheduler can produce with a minimal cache, measures the activation peak,
-  and gives the cache what is left of `gpu_memory_utilization` of the device.
+- CUDA: from measured memory. A profiling pass runs the worst step the
+  scheduler can produce, a full prompt chunk at the end of the longest
+  context (its prefill mask, chunk x context, and the gathered keys grow with
+  both), measures the activation peak, and gives the cache what is left of
+  `gpu_memory_utilization` of the device.
+- A draft model on the same GPU (speculative decoding) is planned with its
+  target: the target measures but waits, the draft loads and measures, and
+  one budget is split between both pools in proportion to what each could
+  use (`share_gpu`), so both hold the same number of tokens. Sized one after
+  the other, the draft would find the target's pool already in the share and
+  get a negative budget.
 When contexts can outgrow a sliding window, the sliding layers get a pool of
 their own (a second KV group, see localllm/core/kv_sizing.py) and the budget is split
 between the pools; each pool has its own scratch block.
@@ -27,7 +35,7 @@ from pathlib import Path
 import torch
 
 from localllm.core.context_checks import context_size
-from localllm.core.errors import BadRequest
+from localllm.core.errors import BadRequest, DoesNotFit
 
 from localllm.core.model_config import ModelConfig
 from localllm.core.kv_sizing import KVGroup, demand_bytes, group_block_bytes, kv_groups, split_budget
@@ -52,11 +60,30 @@ class RunnerOptions:
     pack_output: bool = True  # CPU: reorder the output projection for oneDNN (faster; a second copy if tied)
     cuda_graphs: bool = True  # CUDA: replay captured graphs for decode steps (needs the decode kernel)
     max_logit_rows: int = 0  # most rows a step computes logits for (speculation checks k + 1 a sequence); 0: max_num_seqs
+    defer_cache: bool = False  # CUDA: measure, then wait for a partner (a draft) to size both pools (share_gpu)
+
+
+@dataclass
+class CudaMemory:
+    """One model's side of a GPU, from its profiling pass (bytes)."""
+
+    total: int  # the device's memory
+    used_elsewhere: int  # other processes, the CUDA context, the allocator's slack
+    weights: int  # what this model keeps allocated: its weights and buffers
+    activation_peak: int  # the worst step's transient peak above that (the profiling pool not counted)
+    fixed: int  # allocated later beside its pool: the gather workspace and the scratch blocks
+    kv_demand: int  # KV bytes its sequences could use at once (demand_bytes): the split's weight
 
 
 class ModelRunner:
-    def __init__(self, model_path: Path | LoadedWeights, options: RunnerOptions) -> None:
-        """`model_path` is a file or folder, or weights already in memory (random-weight benchmarks)."""
+    def __init__(
+        self, model_path: Path | LoadedWeights, options: RunnerOptions, *, partner: ModelRunner | None = None
+    ) -> None:
+        """`model_path` is a file or folder, or weights already in memory (random-weight benchmarks).
+
+        `partner`: a runner on the same GPU that measured with defer_cache and waits (the target of this
+        draft); both pools are then sized together (share_gpu).
+        """
         self.options = options
         self.device = torch.device(options.device)
         self.dtype = options.dtype
@@ -68,6 +95,9 @@ class ModelRunner:
         self.kv_groups: list[KVGroup] = kv_groups(self.config, options.n_ctx, self.block_size)
         self.workspace = Workspace()  # gather buffers, reused by every layer and step
         on_cpu = self.device.type == "cpu"
+        self._allocated_before = 0 if on_cpu else torch.cuda.memory_allocated(self.device)  # other models' weights
+        self.graphs = None
+        self.awaits_partner = False  # CUDA with defer_cache: measured, the pool not yet sized
         if on_cpu:  # a budget that cannot hold one context fails before seconds of loading
             self.num_blocks = self._plan_blocks()
         loaded = model_path if in_memory else load_weights(model_path)
@@ -81,10 +111,23 @@ class ModelRunner:
         self.decode_kernel = not on_cpu and decode_kernel_available()
         if self.decode_kernel:
             self._verify_fusions()
-        if not on_cpu:  # measured, so only now
-            self.num_blocks = self._plan_blocks()
+        if on_cpu:
+            self.allocate()
+        else:  # measured, so only now
+            self.memory = self._measure_cuda()
+            self.awaits_partner = options.defer_cache and partner is None
+            if partner is not None:
+                share_gpu([partner, self])
+            elif not self.awaits_partner:
+                share_gpu([self])
+
+    def allocate(self, cuda_budget: int | None = None) -> None:
+        """Size the pools (CUDA: from `cuda_budget`, see share_gpu), allocate them, capture the decode graphs."""
+        options = self.options
+        if self.device.type == "cuda":
+            self.num_blocks = self._plan_blocks(cuda_budget)
+            self.awaits_partner = False
         self._allocate_cache()
-        self.graphs = None
         if self.decode_kernel and options.cuda_graphs:
             from .cuda_graphs import DecodeGraphs
 
@@ -111,7 +154,7 @@ class ModelRunner:
     def kv_cache_bytes(self) -> int:
         return sum(g.num_blocks * b for g, b in zip(self.kv_groups, self.group_block_bytes))
 
-    def _plan_blocks(self) -> int:
+    def _plan_blocks(self, cuda_budget: int | None = None) -> int:
         """Blocks of every KV group (set on self.kv_groups); returns the first group's."""
         o = self.options
         shape = dict(
@@ -122,7 +165,7 @@ class ModelRunner:
         )
         sizes = self.group_block_bytes
         if self.device.type == "cuda":  # what is free, or less when a budget is given (a plan, a shared GPU)
-            budget = self._cuda_budget()
+            budget = max(0, cuda_budget or 0)
             if o.kv_cache_bytes is not None:
                 budget = min(budget, o.kv_cache_bytes)
         elif o.kv_cache_bytes is not None:
@@ -157,32 +200,50 @@ class ModelRunner:
         self.kv_cache = self.kv_caches[0]
         self._zeroed_blocks = [0 if self.device.type == "cpu" else n + 1 for n in counts]
 
-    def _cuda_budget(self) -> int:
-        """Bytes for the cache: what the largest step leaves of the allowed share of the device."""
+    def _measure_cuda(self) -> CudaMemory:
+        """Run the worst step on a small pool and measure what it needs beside the pool."""
         o = self.options
         torch.cuda.empty_cache()
+        weights = torch.cuda.memory_allocated(self.device) - self._allocated_before
         torch.cuda.reset_peak_memory_stats(self.device)
-        n_tokens = min(o.max_num_batched_tokens, o.n_ctx)
-        self._allocate_cache(self.blocks_for_tokens(n_tokens))
-        self._profile_step(n_tokens)
+        before = torch.cuda.memory_allocated(self.device)
+        n_tokens, context = profile_shape(o.n_ctx, o.max_num_batched_tokens)
+        self._allocate_cache(self.blocks_for_tokens(n_tokens) + 1)
+        pool = sum(c.numel() * c.element_size() for c in self.kv_caches)
+        try:
+            self._profile_step()
+        except torch.cuda.OutOfMemoryError:
+            raise DoesNotFit(
+                f"the GPU has no room for a prompt chunk of {n_tokens} tokens at a context of {context}; lower the context"
+            ) from None
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)
-        self.kv_cache = None
-        self.kv_caches = []
-        for attn in self.model.attention_layers():
-            attn.k_cache = attn.v_cache = None
+        self._drop_cache()
         torch.cuda.empty_cache()
         current = torch.cuda.memory_allocated(self.device)
         free, total = torch.cuda.mem_get_info(self.device)
-        used_elsewhere = total - free - current  # other processes, the CUDA context, the allocator's slack
         # The reference attention gathers a decode batch's keys and values into a workspace:
         # at worst every sequence at full length, one layer at a time. The decode kernel reads
         # the cache in place; then only a prompt chunk over a cached prefix gathers (one context).
         c = self.config
         gathered_seqs = 1 if self.decode_kernel else o.max_num_seqs
         gather = 2 * gathered_seqs * o.n_ctx * c.n_kv_heads * c.head_dim * self.dtype_bytes
-        scratch = sum(self.group_block_bytes)
-        return int(total * o.gpu_memory_utilization - used_elsewhere - peak - gather - scratch)
+        shape = dict(block_size=self.block_size, n_ctx=o.n_ctx, max_num_seqs=o.max_num_seqs,
+                     max_num_batched_tokens=o.max_num_batched_tokens)
+        return CudaMemory(
+            total=total,
+            used_elsewhere=total - free - current,  # other processes, the CUDA context, the allocator's slack
+            weights=weights,
+            activation_peak=max(0, peak - before - pool),
+            fixed=gather + sum(self.group_block_bytes),  # the workspace and one scratch block per group
+            kv_demand=demand_bytes(self.kv_groups, self.group_block_bytes, **shape),
+        )
+
+    def _drop_cache(self) -> None:
+        self.kv_cache = None
+        self.kv_caches = []
+        for attn in self.model.attention_layers():
+            attn.k_cache = attn.v_cache = None
 
     def _verify_fusions(self) -> None:
         """The fused kernels, checked once at this model's shapes; the separate ones if they fail (one line on stderr)."""
@@ -196,16 +257,27 @@ class ModelRunner:
         return -(-n_tokens // self.block_size)
 
     @torch.inference_mode()
-    def _profile_step(self, n_tokens: int) -> None:
-        """One prompt chunk of `n_tokens` plus logits for the most rows a step samples from."""
-        table = list(range(self.blocks_for_tokens(n_tokens)))
-        span = SeqSpan(0, n_tokens, n_tokens, table)
-        slots = torch.arange(n_tokens, device=self.device)
-        batch = AttentionBatch([span], slots, self.block_size, self.device)
+    def _profile_step(self) -> AttentionBatch:
+        """The worst step (profile_shape), plus logits for the most rows a step samples.
+
+        Its context is spread over the pool allocated now (at least one block more
+        than the chunk needs): the table wraps around, so the chunk's own slots are
+        distinct while the keys before it read blocks again. The contents do not
+        matter, only the shapes. Returns the batch, whose views hold the masks the
+        step built (tests look at them).
+        """
+        n_tokens, context = profile_shape(self.options.n_ctx, self.options.max_num_batched_tokens)
+        bs, pool = self.block_size, self.scratch_block  # blocks allocated, the scratch block aside
+        table = [i % pool for i in range(self.blocks_for_tokens(context))]
+        span = SeqSpan(0, n_tokens, context, table)
+        positions = range(context - n_tokens, context)
+        slots = torch.tensor([table[p // bs] * bs + p % bs for p in positions], dtype=torch.int64, device=self.device)
+        batch = AttentionBatch([span], slots, bs, self.device)
         ids = torch.zeros(n_tokens, dtype=torch.int64, device=self.device)
-        hidden = self.model(ids, torch.arange(n_tokens, device=self.device), batch)
+        hidden = self.model(ids, torch.arange(context - n_tokens, context, device=self.device), batch)
         rows = self.options.max_logit_rows or self.options.max_num_seqs
         self.model.compute_logits(hidden[:rows] if rows <= n_tokens else hidden.new_zeros(rows, hidden.shape[-1]))
+        return batch
 
     def close(self) -> None:
         """Drop the model, the KV pools, the CUDA graphs and the workspace; on CUDA hand the memory back.
@@ -305,6 +377,60 @@ class ModelRunner:
         if highest >= self._zeroed_blocks[group]:
             self.kv_caches[group][:, :, self._zeroed_blocks[group] : highest + 1].zero_()
             self._zeroed_blocks[group] = highest + 1
+
+
+def profile_shape(n_ctx: int, max_num_batched_tokens: int) -> tuple[int, int]:
+    """(new tokens, context) of the step that needs the most memory besides the pool.
+
+    A prompt chunk attends to everything before it, so its prefill mask is
+    chunk x context booleans (repeated per query head sharing a KV head, and
+    turned into a float bias by attention), and its gathered keys and values
+    span the context: both are largest for a full chunk ending at the last
+    position. The chunks of one step together never exceed that.
+    """
+    return min(max_num_batched_tokens, n_ctx), n_ctx
+
+
+def share_gpu(runners: list[ModelRunner]) -> None:
+    """Size and allocate the pools of the models on one GPU (a target, then its draft) from one budget."""
+    latest = runners[-1].memory  # measured last: it sees every model's weights in place
+    budgets = shared_kv_budgets(
+        latest.total,
+        runners[0].options.gpu_memory_utilization,
+        latest.used_elsewhere,
+        weights=[r.memory.weights for r in runners],
+        activation_peaks=[r.memory.activation_peak for r in runners],
+        fixed=[r.memory.fixed for r in runners],
+        demands=[r.memory.kv_demand for r in runners],
+    )
+    for runner, budget in zip(runners, budgets):
+        runner.allocate(budget)
+
+
+def shared_kv_budgets(
+    total: int,
+    utilization: float,
+    used_elsewhere: int,
+    *,
+    weights: list[int],
+    activation_peaks: list[int],
+    fixed: list[int],
+    demands: list[int],
+) -> list[int]:
+    """KV bytes for each model sharing a GPU: what `utilization` of it leaves, split in proportion to demand.
+
+    The models run one after the other (a draft guesses, then the target
+    checks), so only the largest activation peak is ever needed at once; the
+    allocator reuses the memory of one's step for the other's. Splitting by
+    demand gives every model the same share of what its sequences could use:
+    a draft mirrors the target's sequences, so both hold as many tokens.
+    Never negative: a model with 0 is refused by split_budget with a clear message.
+    """
+    room = int(total * utilization) - used_elsewhere - sum(weights) - max(activation_peaks) - sum(fixed)
+    if room <= 0:
+        return [0] * len(weights)
+    wanted = sum(demands)
+    return [room * d // wanted if wanted else room // len(demands) for d in demands]
 
 
 def decode_kernel_available() -> bool:

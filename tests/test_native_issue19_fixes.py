@@ -178,3 +178,85 @@ def test_unloading_from_the_server_registry_frees_the_model(starter_gguf):
     lease, refs = asyncio.run(hold_and_let_go())
     assert _all_dead(refs)  # the lease (and through it the backend) is still alive
     assert lease.backend._closed
+
+
+# -- the CUDA memory plan: the worst prefill step, and a draft's share planned with the target's -----
+
+GiB, MiB = 2**30, 2**20
+
+
+def _budget_case():
+    """A 24 GiB card, an 8B target (bf16) and a 1B draft, both for 16 sequences of 8192 tokens."""
+    token_bytes = {"target": 2 * 32 * 8 * 128 * 2, "draft": 2 * 16 * 8 * 64 * 2}  # K and V x layers x kv heads x dim x bf16
+    return dict(
+        total=24 * GiB,
+        utilization=0.90,
+        used_elsewhere=600 * MiB,  # the CUDA context and the desktop
+        weights=[15 * GiB, 2 * GiB + 500 * MiB],
+        activation_peaks=[1 * GiB, 300 * MiB],
+        fixed=[130 * MiB, 20 * MiB],
+        demands=[16 * 8192 * token_bytes["target"], 16 * 8192 * token_bytes["draft"]],
+    )
+
+
+def test_a_draft_sized_after_its_target_is_left_nothing():
+    """The bug, in the planner's own arithmetic: sized one after the other, the draft finds the target's
+    weights and its whole pool already in the share, so its budget was negative (now 0: a clear refusal)."""
+    from native.model_runner import shared_kv_budgets
+
+    c = _budget_case()
+    target_alone = shared_kv_budgets(
+        c["total"], c["utilization"], c["used_elsewhere"], weights=c["weights"][:1],
+        activation_peaks=c["activation_peaks"][:1], fixed=c["fixed"][:1], demands=c["demands"][:1],
+    )[0]
+    assert target_alone > 0
+    draft_after = shared_kv_budgets(
+        c["total"], c["utilization"], c["used_elsewhere"], weights=[c["weights"][0] + target_alone + c["fixed"][0] + c["weights"][1]],
+        activation_peaks=c["activation_peaks"][1:], fixed=c["fixed"][1:], demands=c["demands"][1:],
+    )[0]
+    assert draft_after == 0
+
+
+def test_a_target_and_its_draft_share_one_budget_within_the_utilization():
+    from native.model_runner import shared_kv_budgets
+
+    c = _budget_case()
+    target_kv, draft_kv = shared_kv_budgets(
+        c["total"], c["utilization"], c["used_elsewhere"], weights=c["weights"], activation_peaks=c["activation_peaks"],
+        fixed=c["fixed"], demands=c["demands"],
+    )
+    assert target_kv > 0 and draft_kv > 0
+    used = c["used_elsewhere"] + sum(c["weights"]) + max(c["activation_peaks"]) + sum(c["fixed"]) + target_kv + draft_kv
+    assert used <= c["total"] * c["utilization"]
+    assert c["total"] * c["utilization"] - used < 2  # nothing of the share is left unplanned but rounding
+    # the same share of what each could use, so both pools hold as many tokens
+    assert target_kv / c["demands"][0] == pytest.approx(draft_kv / c["demands"][1], rel=1e-9)
+
+
+def test_a_budget_with_no_room_is_zero_for_every_model_never_negative():
+    from native.model_runner import shared_kv_budgets
+
+    assert shared_kv_budgets(8 * GiB, 0.9, 0, weights=[7 * GiB, 1 * GiB], activation_peaks=[GiB, GiB], fixed=[0, 0],
+                             demands=[1, 1]) == [0, 0]
+
+
+def test_the_profile_runs_a_full_prompt_chunk_against_the_longest_context(tmp_path):
+    """The profiling pass (what the CUDA budget is measured on) builds the largest prefill mask a step can:
+    chunk x context, not the chunk against itself."""
+    from builders import save_tiny, tiny_config
+    from native.model_runner import ModelRunner, RunnerOptions, profile_shape
+
+    assert profile_shape(4096, 8192) == (4096, 4096)
+    assert profile_shape(32768, 8192) == (8192, 32768)
+    folder = save_tiny(tiny_config("llama"), tmp_path / "llama")
+    runner = ModelRunner(folder, RunnerOptions(device="cpu", n_ctx=256, max_num_batched_tokens=64, kv_cache_bytes=8 * MiB))
+    runner._allocate_cache(runner.blocks_for_tokens(64) + 1)  # the profiling pool: the chunk's blocks and one more
+    for cache in runner.kv_caches:
+        cache.zero_()
+    batch = runner._profile_step()
+    masks = [mask for _, _, mask in batch._prefill_views.values()]
+    assert masks and max(m.numel() for m in masks) == 64 * 256
+    ((ids, _, _),) = batch._prefill_views.values()
+    assert ids.numel() == runner.blocks_for_tokens(256)  # and it gathered a whole context's keys
+    slots = batch.slot_mapping.tolist()
+    assert len(set(slots)) == 64 and max(slots) < runner.scratch_block * runner.block_size  # the small pool, no clash
