@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from localllm.core.context_checks import check_prompt, generation_limit
-from localllm.core.errors import BadRequest
+from localllm.core.errors import BadRequest, DoesNotFit
 from localllm.core.requests import SamplingParams
 from localllm.core.speculation import SpeculationOptions
 
@@ -336,3 +336,5 @@ def _draft_engine(path: Path | str, target: LLMEngine) -> LLMEngine:
         )
     except BadRequest as exc:
         raise BadRequest(f"the draft model cannot run beside the target: {exc}") from None
+    except DoesNotFit as exc:  # on a GPU both pools come from one budget: they do not fit together
+        raise DoesNotFit(f"the draft model does not fit beside the target: {exc}") from None
