@@ -108,6 +108,8 @@ def plan_fit(
     if wishes.backend == "llamacpp":
         if info.format != "gguf":
             raise BadRequest(f"llama.cpp runs GGUF files only; this model is {info.format}")
+        if wishes.weights != "auto":
+            raise BadRequest(f"--weights {wishes.weights} is for the native engine; llama.cpp runs the GGUF's own quant")
         plan = _llamacpp(info, hw, wishes, settings, quant_sizes)
         candidate = _llamacpp_candidate(info, hw, plan, wishes, auto=True)
         return _chosen(candidate, [candidate], hw, wishes)
