@@ -129,6 +129,9 @@ def test_a_16_bit_checkpoint_is_never_requantized_for_the_user():
     auto = {c.weights for c in plan.candidates if c.auto}
     assert auto == {"bfloat16"} and plan.weights == "bfloat16"
     assert {"int4", "int8", "fp8"} <= {c.weights for c in plan.candidates}  # listed, for --weights
+    int4 = by_key(plan)["native", "int4"]
+    assert int4.fits and int4.decode_tok_s > plan.decode_tok_s  # faster, and still not chosen: the reasons say so
+    assert "would be faster" in plan.reasons[1] and "requantizes" in plan.reasons[1] and "--weights int4" in plan.reasons[1]
     asked = plan_fit(hf, named(machine(ram_gib=64, vram_gib=80, cc="9.0"), H100), Wishes(weights="int4"))
     assert (asked.backend, asked.weights) == ("native", "int4")
 

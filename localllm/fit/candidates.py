@@ -21,7 +21,7 @@ one request at a time, predicted throughput for many (speed.py).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from localllm.core.hardware import Hardware
 from localllm.core.modelinfo import ModelInfo
@@ -38,7 +38,7 @@ FP8_MIN_COMPUTE_CAPABILITY = 8.9
 class Candidate:
     backend: str  # "llamacpp" | "native"
     weights: str  # a GGUF quant name for llama.cpp; a native weight format
-    plan: object  # its planner.Plan (memory, context, reasons)
+    plan: object = field(compare=False, repr=False)  # its planner.Plan (memory, context, reasons)
     speed: SpeedModel
     auto: bool  # whether the automatic choice may pick it
     parallel: int
@@ -115,6 +115,18 @@ def choose(candidates: list[Candidate]) -> Candidate | None:
         return None
     longest = max(c.plan.context_length for c in fitting)
     return max((c for c in fitting if c.plan.context_length == longest), key=Candidate.metric)
+
+
+def ask_for(candidate: Candidate, chosen: Candidate) -> str:
+    """Why the automatic choice passes a candidate by, and the flags that pick it."""
+    if candidate.backend == "llamacpp":
+        return "--backend llamacpp"
+    flags = f"--backend native --weights {candidate.weights}"
+    if chosen.backend == "llamacpp" and candidate.plan.device == "cpu":
+        return f"the native engine runs a GGUF on the CPU only when asked ({flags})"
+    if candidate.weights in ("int4", "int8", "fp8"):
+        return f"{candidate.weights} requantizes the file's weights to fewer bits ({flags})"
+    return f"not the native engine's automatic format here ({flags})"
 
 
 def runner_up(candidates: list[Candidate], chosen: Candidate) -> Candidate | None:

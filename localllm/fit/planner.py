@@ -25,7 +25,7 @@ from typing import Callable
 from localllm.core.errors import BadRequest
 from localllm.fit import machine
 from localllm.fit.candidates import (
-    Candidate, auto_formats, choose, llamacpp_speed, native_formats, native_speed, runner_up,
+    Candidate, ask_for, auto_formats, choose, llamacpp_speed, native_formats, native_speed, runner_up,
 )
 from localllm.fit.llamacpp_memory import LLAMACPP_SWA_FULL, LlamaCppMemory, llamacpp_memory
 from localllm.fit.native_memory import LOAD_WORKING_BYTES, WEIGHT_FORMATS, NativeMemory, NativeShape, native_memory
@@ -74,7 +74,7 @@ class Plan:
     weights: str = ""  # llama.cpp: the GGUF's quant; native: its weight format (candidates.py)
     decode_tok_s: float = 0.0  # predicted: one request at a time
     throughput_tok_s: float = 0.0  # predicted: `parallel` requests together, all their tokens
-    candidates: list[Candidate] = field(default_factory=list)  # every way it could run here, this plan's among them
+    candidates: list[Candidate] = field(default_factory=list, compare=False, repr=False)  # every way it could run here, this plan's among them
 
     def to_dict(self) -> dict:
         """The JSON shape of `localllm fit --json`: exactly JSON_KEYS."""
@@ -155,7 +155,12 @@ def _chosen(chosen: Candidate, candidates: list[Candidate], hw: Hardware, wishes
 
 
 def _choice_reason(chosen: Candidate, other: Candidate | None, wishes: Wishes) -> str:
-    if other is None:
+    if other is None or not other.auto:
+        if other is not None and other.metric() > chosen.metric():
+            return (
+                f"{chosen.label}: {chosen.metric():,.0f} tok/s predicted; {other.label} would be faster "
+                f"({other.metric():,.0f} tok/s) but is not chosen for you: {ask_for(other, chosen)}"
+            )
         return f"{chosen.label}: the only way to run it {'as asked' if wishes.backend != 'auto' else 'here'}"
     if wishes.parallel == 1:
         return (

@@ -35,7 +35,7 @@ def speed(plan: Plan) -> str:
     line = f"{chosen.label}, {said(chosen)} predicted"
     other = runner_up(plan.candidates, chosen)
     if other is not None:
-        line += f"; runner-up {other.label}, {said(other)}"
+        line += f"; runner-up {other.label}, {said(other)}" + ("" if other.auto else " if asked for")
     return line
 
 
