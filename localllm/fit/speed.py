@@ -35,8 +35,8 @@ class Efficiency:
 # (backend, "cpu" | "gpu", weight format or "*")
 EFFICIENCY: dict[tuple[str, str, str], Efficiency] = {
     ("llamacpp", "cpu", "*"): Efficiency(
-        0.36, 0.36, 0.0,
-        "measured: the starter's decode on 2 busy cores reads its 0.26 GB a token at 0.36 of the copy bandwidth "
+        0.44, 0.36, 0.0,
+        "measured: the starter's decode on 2 shared cores reads its 0.25 GB a token at 0.44 of the copy bandwidth "
         "(benchmarks/decode_prediction.py); 8 rows a step cost 3.5 steps of one (benchmarks/llamacpp_row_cost.py)",
     ),
     ("llamacpp", "gpu", "*"): Efficiency(
@@ -46,17 +46,17 @@ EFFICIENCY: dict[tuple[str, str, str], Efficiency] = {
         "batched throughput at 64 requests about 2x below a vLLM-like engine, as published comparisons report 2-3x",
     ),
     ("native", "cpu", "float32"): Efficiency(
-        0.26, 0.17, 0.0,
-        "measured: the starter's decode on 2 busy cores reads its 1.07 GB a token at 0.26 of the copy bandwidth "
+        0.41, 0.17, 0.0,
+        "measured: the starter's decode on 2 shared cores reads its 1.07 GB a token at 0.41 of the copy bandwidth "
         "(benchmarks/decode_prediction.py); 16 sequences a step cost 3.6 steps of one (benchmarks/native_cpu.py)",
     ),
     ("native", "cpu", "bfloat16"): Efficiency(
-        0.13, 0.17, 0.0,
-        "measured: the starter's bfloat16 decode on 2 busy cores reads its 0.54 GB a token at 0.13 of the copy "
-        "bandwidth (benchmarks/decode_prediction.py; no faster than float32 yet); the batch cost is float32's",
+        0.26, 0.17, 0.0,
+        "measured: the starter's bfloat16 decode on 2 shared cores reads its 0.54 GB a token at 0.26 of the copy "
+        "bandwidth (benchmarks/decode_prediction.py; 1.3x float32's speed); the batch cost is float32's, a guess",
     ),
     ("native", "cpu", "*"): Efficiency(
-        0.26, 0.17, 0.0, "a guess: float32's measured figures; the quantized CPU kernels are not measured yet",
+        0.41, 0.17, 0.0, "a guess: float32's measured figures; the quantized CPU kernels are not measured yet",
     ),
     ("native", "gpu", "bfloat16"): Efficiency(
         0.48, 0.0, 0.50,
