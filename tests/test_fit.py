@@ -24,7 +24,9 @@ from localllm.fit.llamacpp_memory import (
 )
 from localllm.fit.machine import RECENT_COMPUTE_CAPABILITY
 from localllm.core.kv_sizing import KVGroup, demand, window_blocks
-from localllm.fit.native_memory import NativeShape, kv_pool_blocks, native_memory
+from localllm.fit.native_memory import (
+    LOAD_WORKING_BYTES, TORCH_CPU_RUNTIME_BYTES, NativeShape, kv_pool_blocks, native_memory, weight_bytes,
+)
 from localllm.fit.settings import FitSettings
 from localllm.core.units import GIB, MIB, parse_size
 from localllm.core.hardware import GPU, Hardware, LlamaCppSupport
@@ -173,19 +175,21 @@ def test_a_12_gib_card_runs_the_8b_entirely_on_llama_cpp():
     assert any("native engine" in r and "bar" in r for r in plan.reasons)  # 12 GiB is below its 16 GiB bar
 
 
-def test_a_24_gib_ampere_card_runs_the_8b_on_the_native_engine_in_bf16():
-    plan = plan_fit(EIGHT_B, machine(ram_gib=64, vram_gib=24, cc="8.6"))
-    assert (plan.fits, plan.backend, plan.device) == (True, "native", "cuda:0")
-    assert plan.vram_parts["weights"] == 8_030_000_000 * 2
-    assert "bf16" in plan.reasons[0]
-    # loading a GGUF builds every weight in float32 in RAM first: the file plus 4 bytes a parameter
-    assert plan.ram_bytes >= EIGHT_B.size_bytes + 8_030_000_000 * 4
+def test_a_24_gib_ampere_card_plans_the_native_engine_in_bf16_with_only_a_working_buffer_of_ram():
+    plan = plan_fit(EIGHT_B, machine(ram_gib=64, vram_gib=24, cc="8.6"), Wishes(backend="native", weights="bfloat16"))
+    assert (plan.fits, plan.backend, plan.device, plan.weights) == (True, "native", "cuda:0", "bfloat16")
+    assert plan.vram_parts["weights"] == weight_bytes(EIGHT_B, "bfloat16")
+    assert "bfloat16" in plan.reasons[0]
+    # the loader streams slices to the GPU: torch, the CUDA libraries and its working buffer, never the weights
+    assert plan.ram_bytes == LOAD_WORKING_BYTES + TORCH_CPU_RUNTIME_BYTES + CUDA_HOST_BYTES
 
 
-def test_without_ram_to_load_it_the_native_engine_gives_way_to_llama_cpp():
-    plan = plan_fit(EIGHT_B, machine(ram_gib=32, vram_gib=24, cc="8.6"))
-    assert plan.backend == "llamacpp" and plan.n_gpu_layers == 33
-    assert "rather than the native engine" in plan.reasons[1] and "of RAM" in plan.reasons[1]
+def test_where_no_native_format_fits_the_reason_says_why_not_native():
+    plan = plan_fit(SEVENTY_B, machine(ram_gib=128, vram_gib=24, cc="8.6", gpus=2))
+    assert plan.backend == "llamacpp" and plan.n_gpu_layers == 81
+    assert "rather than the native engine" in plan.reasons[1] and "does not fit" in plan.reasons[1]
+    natives = [c for c in plan.candidates if c.backend == "native"]
+    assert natives and not any(c.fits for c in natives)  # 70B even in int4 is more than one 24 GiB card
 
 
 def test_below_compute_capability_8_it_is_llama_cpp_even_with_room():
@@ -245,6 +249,7 @@ def test_plan_json_has_exactly_the_issue_keys():
     assert list(plan_fit(ONE_B, machine()).to_dict()) == [
         "fits", "backend", "n_gpu_layers", "context_length", "parallel",
         "kv_bytes", "ram_bytes", "vram_bytes", "reasons", "alternatives",
+        "weights", "decode_tok_s", "throughput_tok_s", "candidates",
     ]
     assert JSON_KEYS == tuple(plan_fit(ONE_B, machine()).to_dict())
 

@@ -31,7 +31,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from builders import zero_llama_shards  # noqa: E402
 from hub_emulator import HubEmulator, split_gguf  # noqa: E402
 
-KEYS = ["fits", "backend", "n_gpu_layers", "context_length", "parallel", "kv_bytes", "ram_bytes", "vram_bytes", "reasons", "alternatives"]
+KEYS = [
+    "fits", "backend", "n_gpu_layers", "context_length", "parallel", "kv_bytes", "ram_bytes", "vram_bytes", "reasons",
+    "alternatives", "weights", "decode_tok_s", "throughput_tok_s", "candidates",
+]
 QWEN_REPO = "Qwen/Qwen2.5-0.5B-Instruct-GGUF"  # the catalog's repository for qwen2.5:0.5b
 
 
@@ -95,6 +98,36 @@ def test_fit_json_has_the_issue_keys_and_exit_0_when_it_fits(tmp_path, starter_g
     assert plan["context_length"] == 8192  # capped at 8192 below the trained 32768
     assert plan["kv_bytes"] == 18 * 8192 * 256 * 2 * 2  # every layer at the full context (llama.cpp's full window cache)
     assert any("sliding-window" in r for r in plan["reasons"])
+
+
+def test_fit_json_predicts_the_starters_decode_speed_on_this_cpu_for_every_candidate(tmp_path, starter_gguf):
+    result = localllm(tmp_path, "fit", str(starter_gguf), "--json", "--vram", "0", "--parallel", "4")
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert (plan["backend"], plan["weights"]) == ("llamacpp", "Q4_K_M")
+    candidates = {(c["backend"], c["weights"]): c for c in plan["candidates"]}
+    llama = candidates["llamacpp", "Q4_K_M"]
+    assert llama["fits"] and llama["auto"] and llama["decode_tok_s"] == plan["decode_tok_s"] > 0
+    assert llama["throughput_tok_s"] == plan["throughput_tok_s"] > plan["decode_tok_s"]  # 4 requests batched in a step
+    assert plan["throughput_tok_s"] < 4 * plan["decode_tok_s"]  # ...but each adds its own compute on the CPU
+    assert {w for b, w in candidates if b == "native"} == {"float32", "bfloat16", "int8", "int4", "fp8"}
+    for c in plan["candidates"]:
+        assert c["parallel"] == 4 and c["decode_tok_s"] > 0 and c["read_bytes_per_token"] > 0
+        assert c["backend"] == "llamacpp" or (c["device"] == "cpu" and not c["auto"])  # a GGUF on the CPU: llama.cpp
+    # fewer bytes a token, faster: float32 reads twice bfloat16's bytes
+    assert candidates["native", "float32"]["read_bytes_per_token"] > 1.9 * candidates["native", "bfloat16"]["read_bytes_per_token"]
+    assert any(r.startswith("predicted decode") and "measured" in r for r in plan["reasons"])
+    text = localllm(tmp_path, "fit", str(starter_gguf), "--vram", "0")
+    speed = next(line for line in text.stdout.splitlines() if line.startswith("speed"))
+    assert "llama.cpp Q4_K_M" in speed and "tok/s predicted; runner-up native" in speed
+
+
+def test_fit_on_a_named_hypothetical_card_uses_its_bandwidth(tmp_path, starter_gguf):
+    args = ["fit", str(starter_gguf), "--vram", "24GiB", "--ram", "32GiB", "--json"]
+    unknown = json.loads(localllm(tmp_path, *args).stdout)
+    rtx = json.loads(localllm(tmp_path, *args, "--gpu-name", "RTX 4090").stdout)
+    assert any("spec sheet" in r and "RTX 4090" in r for r in rtx["reasons"])
+    assert rtx["decode_tok_s"] > unknown["decode_tok_s"]  # 1,008 GB/s against the default's 300
 
 
 def test_fit_on_a_hypothetical_12_gib_card(tmp_path, starter_gguf):

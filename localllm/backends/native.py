@@ -45,6 +45,7 @@ class NativeOptions:
     max_num_seqs: int = 16  # requests batched together
     device: str | None = None  # None: CUDA when available
     dtype: str | None = None  # None: float32 on CPU, bfloat16 on CUDA
+    weights: str = "auto"  # "auto" | "float32" | "bfloat16" | "int8" | "int4" | "fp8": how linear weights are stored
     verbose: bool = False
     speculation: SpeculationOptions | None = None  # native/speculative.py; None: off (a draft is its file's path)
 

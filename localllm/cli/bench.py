@@ -71,6 +71,8 @@ class LevelReport:
     aggregate_tok_s: float
     wall_s: float
     first_error: str | None = None
+    predicted_request_tok_s: float | None = None  # the fit plan's prediction (in-process runs only)
+    predicted_aggregate_tok_s: float | None = None
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -172,13 +174,19 @@ async def run_bench(cfg: BenchConfig) -> list[LevelReport]:
 
 
 def format_table(reports: list[LevelReport]) -> str:
+    predicted = any(r.predicted_request_tok_s is not None for r in reports)
     head = f"{'conc':>4} {'reqs':>5} {'err':>4} {'TTFT p50':>9} {'TTFT p95':>9} {'ITL p50':>8} {'ITL p95':>8} {'req tok/s':>9} {'total tok/s':>11}"
+    if predicted:
+        head += f" {'predicted req':>13} {'predicted total':>15}"
     lines = [head]
     for r in reports:
-        lines.append(
+        line = (
             f"{r.concurrency:>4} {r.requests:>5} {r.errors:>4} {r.ttft_p50_s * 1000:>7.0f}ms {r.ttft_p95_s * 1000:>7.0f}ms "
             f"{r.itl_p50_s * 1000:>6.1f}ms {r.itl_p95_s * 1000:>6.1f}ms {r.request_tok_s_p50:>9.1f} {r.aggregate_tok_s:>11.1f}"
         )
+        if predicted:
+            line += f" {r.predicted_request_tok_s or 0:>13.1f} {r.predicted_aggregate_tok_s or 0:>15.1f}"
+        lines.append(line)
     errors = [r.first_error for r in reports if r.first_error]
     if errors:
         lines.append(f"first error: {errors[0]}")

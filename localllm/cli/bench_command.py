@@ -5,6 +5,10 @@ loopback port, with the load flags given, one slot per concurrent request of
 the largest level) and measures it through HTTP like any other server. With
 --url it measures that server directly; with --url and --backend remote, ours
 runs in front of it, so the difference is what our hop costs.
+
+In process, each level also shows what the fit planner predicted for the
+engine it chose (localllm/fit/speed.py): one request's decode tok/s and all
+requests' together, beside the measured ones, so a prediction can be checked.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         requests=args.requests,
         api_key=api_key,
     ).validate()
+    prediction = predict(args, model) if server is not None else None
     try:
         if not args.json:
             where = "in-process" if server is not None else url
@@ -55,6 +60,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     finally:
         if server is not None:
             server.stop()
+    if prediction is not None:
+        label, speed = prediction
+        for r in reports:
+            total = speed.throughput_tok_s(r.concurrency)
+            r.predicted_request_tok_s = round(total / r.concurrency, 1)  # each of the requests decoding together
+            r.predicted_aggregate_tok_s = round(total, 1)
+        if not args.json:
+            print(f"predicted by the fit plan for {label}: {speed.decode_tok_s():.1f} tok/s for one request "
+                  f"({speed.read_bytes / 1e9:.2f} GB read a token)", file=sys.stderr)
     if args.plot:
         plot(reports, args.plot, f"{model}: {cfg.max_tokens}-token answers")
     if args.json:
@@ -64,12 +78,45 @@ def cmd_bench(args: argparse.Namespace) -> int:
             "in_process": server is not None,
             "prompt_tokens": cfg.prompt_tokens,
             "max_tokens": cfg.max_tokens,
+            "predicted_for": prediction[0] if prediction else None,
             "levels": to_json(reports),
         })
     else:
         print(format_table(reports))
     failed_everywhere = all(r.errors == r.requests for r in reports)
     return EXIT_ERROR if failed_everywhere else EXIT_OK
+
+
+def predict(args: argparse.Namespace, model: str):
+    """(label, SpeedModel) of the engine the fit plan picks for `model` with these flags; None when it cannot say.
+
+    The plan is made for one request at a time (as loading makes it), on this
+    machine with the thread count asked for, so the CPU's bandwidth is measured
+    with as many threads as the engine uses.
+    """
+    from dataclasses import replace
+
+    from localllm.cli.loading import load_options
+    from localllm.core.errors import LocalLLMError
+    from localllm.fit.machine import probe
+    from localllm.fit.planner import Wishes, plan_fit
+    from localllm.fit.settings import FitSettings
+    from localllm.store.bundled import resolve_installing
+    from localllm.store.store import ModelStore
+
+    options = load_options(args)
+    if options.backend == "remote":
+        return None
+    try:
+        info = resolve_installing(ModelStore(), model, allow_paths=True).info()
+        hw = probe()
+        if options.n_threads:
+            hw = replace(hw, physical_cores=options.n_threads)
+        plan = plan_fit(info, hw, Wishes(options.n_ctx, 1, options.backend, options.weights), FitSettings.from_env())
+    except (LocalLLMError, OSError, ValueError):
+        return None
+    chosen = next((c for c in plan.candidates if c.plan is plan), None)
+    return (chosen.label, chosen.speed) if chosen is not None else None
 
 
 def require_matplotlib() -> None:

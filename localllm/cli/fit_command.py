@@ -22,7 +22,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     from localllm.cli.output import EXIT_ERROR, EXIT_OK, print_json
 
     settings = FitSettings.from_env()
-    hw = hypothetical(probe(), HardwareWishes(args.vram, args.ram, args.gpus, args.compute_capability))
+    hw = hypothetical(probe(), HardwareWishes(args.vram, args.ram, args.gpus, args.compute_capability, args.gpu_name))
     name, info, sizes, notes = target(args.model, hw, settings)
     plan = plan_fit(info, hw, Wishes(args.ctx, args.parallel, args.backend), settings, quant_sizes=sizes)
     plan.reasons[:0] = notes

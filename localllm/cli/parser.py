@@ -161,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ram", type=_size("--ram"), help=f"plan for this much RAM available to the model, e.g. 16GiB ({SIZE_HELP})")
     p.add_argument("--gpus", type=_number(int, "--gpus", 0), help="plan for this many GPUs")
     p.add_argument("--compute-capability", help="plan for GPUs of this CUDA compute capability (default with --vram: 8.9)")
+    p.add_argument("--gpu-name", help="plan for GPUs of this model, e.g. 'RTX 4090' (its memory bandwidth predicts the speed)")
 
     p = sub.add_parser(
         "bench", help="load-test an OpenAI-compatible server: TTFT, inter-token latency and tok/s by concurrency",

@@ -1,4 +1,4 @@
-"""`run`, `chat` and `serve` follow the plan: backend, GPU layers, context (and a CPU KV budget) come from it.
+"""`run`, `chat` and `serve` follow the plan: backend, weight format, GPU layers, context (and a CPU KV budget) come from it.
 
 A backend named with --backend is planned for as asked, and refused (with the
 plan's reasons) when it cannot fit; so is `auto` when nothing fits, rather
@@ -40,10 +40,13 @@ def follow_plan(
     """LoadOptions with the planner's choices filled in where the user left them open; raises DoesNotFit."""
     hardware = hardware or probe()
     settings = FitSettings.from_env()
-    plan = plan_fit(info, hardware, Wishes(options.n_ctx, parallel, options.backend), settings)
+    asked_weights = getattr(options, "weights", "auto")
+    plan = plan_fit(info, hardware, Wishes(options.n_ctx, parallel, options.backend, asked_weights), settings)
     if not plan.fits:
         raise DoesNotFit(refusal(name, plan, options.backend))
     chosen = replace(options, backend=plan.backend, n_ctx=options.n_ctx or plan.context_length * plan.parallel)
+    if plan.backend == "native" and hasattr(options, "weights"):
+        chosen = replace(chosen, weights=plan.weights)  # the format the plan's memory and speed are for
     if draft is not None:
         draft_plan = plan_draft(draft, plan, hardware, settings, chosen.n_ctx)
         if not draft_plan.fits:

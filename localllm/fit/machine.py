@@ -29,10 +29,11 @@ class HardwareWishes:
     ram: int | None = None  # bytes of RAM available to the model
     gpus: int | None = None  # how many GPUs (0: none)
     compute_capability: str | None = None  # "8.6"
+    gpu_name: str | None = None  # "RTX 4090": its bandwidth from the spec table (bandwidth.py)
 
     @property
     def any(self) -> bool:
-        return any(v is not None for v in (self.vram, self.ram, self.gpus, self.compute_capability))
+        return any(v is not None for v in (self.vram, self.ram, self.gpus, self.compute_capability, self.gpu_name))
 
 
 def check_compute_capability(text: str) -> str:
@@ -56,19 +57,20 @@ def hypothetical(hw: Hardware, wishes: HardwareWishes) -> Hardware:
         if wishes.vram < 0:
             raise BadRequest("--vram must be 0 (no GPU) or a size such as 12GiB")
         count = wishes.gpus or 1
+        name = wishes.gpu_name or f"{HYPOTHETICAL} GPU"
         hw.gpus = [
-            GPU(i, f"{HYPOTHETICAL} GPU", wishes.vram, wishes.vram, cc or RECENT_COMPUTE_CAPABILITY, None, HYPOTHETICAL)
+            GPU(i, name, wishes.vram, wishes.vram, cc or RECENT_COMPUTE_CAPABILITY, None, HYPOTHETICAL)
             for i in range(count)
         ]
         _assume_cuda_builds(hw)
         return hw
-    if wishes.gpus is not None or cc is not None:
+    if wishes.gpus is not None or cc is not None or wishes.gpu_name is not None:
         if not hw.gpus:
             raise BadRequest("no GPU was found here: give --vram SIZE to plan for one")
         first = hw.gpus[0]
         count = wishes.gpus or len(hw.gpus)
         hw.gpus = [
-            GPU(i, first.name, first.vram_total_bytes, first.vram_free_bytes, cc or first.compute_capability, first.driver, HYPOTHETICAL)
+            GPU(i, wishes.gpu_name or first.name, first.vram_total_bytes, first.vram_free_bytes, cc or first.compute_capability, first.driver, HYPOTHETICAL)
             for i in range(count)
         ]
         _assume_cuda_builds(hw)

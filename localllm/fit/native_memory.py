@@ -1,9 +1,11 @@
 """What the native engine (native/) takes on its device, part by part.
 
-- Weights at the engine's dtype (float32 on the CPU, bfloat16 on CUDA),
-  whatever the file's quantization; norms stay float32. On the CPU the output
-  projection gets a oneDNN-ordered copy (layers/linear.py): kept beside a
-  tied embedding table, replacing an untied head once it is made.
+- Weights in the plan's weight format (`weight_bytes`: float32, bfloat16,
+  int8, int4 or fp8 linear weights, the output projection included); norms
+  stay float32. Without a format, the engine's dtype (float32 on the CPU,
+  bfloat16 on CUDA). On the CPU a float32 output projection gets a
+  oneDNN-ordered copy (layers/linear.py): kept beside a tied embedding table,
+  replacing an untied head once it is made.
 - The KV cache: the block pool the planner sizes and hands to the engine
   (`kv_cache_bytes`). Global layers hold the whole context; sliding-window
   layers, which keep a pool of their own, hold a decoding window per sequence
@@ -38,6 +40,20 @@ CPU_ALLOCATOR_OVERHEAD = 0.08  # of the float32 weights, kept by the allocator a
 TORCH_CUDA_CONTEXT_BYTES = 640 * MIB  # the CUDA context with torch's kernels: measured 527 MiB on an H200 before use
 CUDA_GRAPH_BYTES = 64 * MIB  # the private pool of the captured decode graphs
 RUNTIME_WORKSPACE_BYTES = 96 * MIB  # cuBLAS workspaces and allocator rounding: measured 50-90 MiB on an H200
+# The streaming loader's host working buffer beside what stays resident: native/loader.py's
+# LOAD_WORKING_BYTES (8 slices of 4 MiB on its branch; to be imported from there once it lands).
+LOAD_WORKING_BYTES = 32 * MIB
+
+WEIGHT_FORMATS = ("float32", "bfloat16", "int8", "int4", "fp8")
+INT4_GROUP = 32  # int4 values per scale and zero, along the input dimension
+# Bytes a linear weight takes per value, and per output row or per group, as the packed kernels hold
+# them (native/quant/): int4 two values a byte plus a bfloat16 scale and zero per group of 32 (the
+# int4pack kernels take scales_and_zeros in bfloat16; QuantValues' float32 copies live only while
+# loading); int8 one byte plus a bfloat16 scale per row (_weight_int8pack_mm scales in the
+# activations' dtype); fp8 one byte plus a float32 scale per row (torch._scaled_mm's scales).
+_VALUE_BYTES = {"float32": 4.0, "bfloat16": 2.0, "int8": 1.0, "int4": 0.5, "fp8": 1.0}
+_ROW_BYTES = {"int8": 2, "fp8": 4}
+_GROUP_BYTES = {"int4": 2 * 2}
 
 
 @dataclass(frozen=True)
@@ -93,6 +109,75 @@ class NativeShape:
             tie_embeddings=bool(config.tie_embeddings),
             parameters=config.n_layers * per_layer + embeddings + h,
         )
+
+
+@dataclass(frozen=True)
+class WeightParts:
+    """Bytes of a model's weights in one format, by what reads them."""
+
+    linear: int  # every layer's projections
+    output: int  # the output projection (for a tied float table: the table itself)
+    embedding: int  # a separate embedding table: untied, or a tied table kept apart from a quantized output
+    other: int  # norms and biases, float32
+
+    @property
+    def total(self) -> int:
+        return self.linear + self.output + self.embedding + self.other
+
+    @property
+    def read_per_token(self) -> int:
+        """What one decode step reads: all but the embedding table, of which it gathers one row a token."""
+        return self.linear + self.output + self.other
+
+
+def _shape(config: Any) -> NativeShape:
+    if isinstance(config, NativeShape):
+        return config
+    if isinstance(config, ModelInfo):
+        return NativeShape.from_info(config)
+    return NativeShape.from_config(config)
+
+
+def _matrix_bytes(rows: int, cols: int, weights: str) -> int:
+    values = int(rows * cols * _VALUE_BYTES[weights])
+    groups = rows * -(-cols // INT4_GROUP) * _GROUP_BYTES[weights] if weights in _GROUP_BYTES else 0
+    return values + rows * _ROW_BYTES.get(weights, 0) + groups
+
+
+def weight_parts(config: Any, weights: str) -> WeightParts:
+    """`weight_bytes` by part; config: a native ModelConfig, a NativeShape or a ModelInfo."""
+    if weights not in WEIGHT_FORMATS:
+        raise ValueError(f"weight format {weights!r} is not one of {', '.join(WEIGHT_FORMATS)}")
+    shape = _shape(config)
+    h, q, kv = shape.hidden_size, shape.n_heads * shape.head_dim, shape.n_kv_heads * shape.head_dim
+    ffn = shape.intermediate_size
+    matrices = [(q + 2 * kv, h), (h, q), (2 * ffn, h), (h, ffn)]  # fused QKV, O, fused gate/up, down
+    linear = shape.n_layers * sum(_matrix_bytes(n, k, weights) for n, k in matrices)
+    linear_params = shape.n_layers * sum(n * k for n, k in matrices)
+    table_params = shape.vocab_size * h * (1 if shape.tie_embeddings else 2)
+    other = max(0, shape.parameters - linear_params - table_params) * 4
+    output = _matrix_bytes(shape.vocab_size, h, weights)
+    quantized = weights not in ("float32", "bfloat16")
+    # a tied float table serves both ends; a quantized output is packed in its kernel's tiled layout,
+    # so the embedding lookup keeps its own copy (QuantEmbedding) in the same format
+    embedding = output if (quantized or not shape.tie_embeddings) else 0
+    return WeightParts(linear, output, embedding, other)
+
+
+def weight_bytes(config: Any, weights: str) -> int:
+    """Bytes the native engine's weights take in `weights` ("float32", "bfloat16", "int8", "int4", "fp8").
+
+    Every linear weight, the output projection included, is stored in that
+    format (see _VALUE_BYTES for the scales each format keeps); norms stay
+    float32. A quantized model keeps its embedding table in the same format
+    (a tied one twice: the output's packed copy and the lookup's own).
+    """
+    return weight_parts(config, weights).total
+
+
+def compute_dtype_bytes(weights: str) -> int:
+    """The dtype activations and the KV cache use: float32 for float32 weights, else bfloat16."""
+    return 4 if weights == "float32" else 2
 
 
 @dataclass
@@ -184,15 +269,19 @@ def native_memory(
     block_size: int = BLOCK_SIZE,
     pack_output: bool = True,
     file_bytes: int = 0,
+    weights: str | None = None,
 ) -> NativeMemory:
     """Memory of the native engine on `device` ("cpu" or "cuda") for `parallel` sequences of `context` tokens.
 
     file_bytes: the model file's size. On the CPU loading leaves about that
     much behind (file pages still mapped, freed dequantization buffers the C
-    allocator keeps), beside an allocator overhead on the weights.
+    allocator keeps), beside an allocator overhead on the weights (both
+    measured with the loader that built whole tensors; the streaming loader's
+    working buffer is charged on top until it is measured again).
+    weights: the weight format (weight_bytes); None: the engine's dtype, every parameter at its size.
     """
     cuda = device.startswith("cuda")
-    d = dtype_bytes or (2 if cuda else 4)
+    d = dtype_bytes or (compute_dtype_bytes(weights) if weights else (2 if cuda else 4))
     step = step_tokens or (CUDA_STEP_TOKENS if cuda else CPU_STEP_TOKENS)
     pools = [(blocks, group_block_bytes(group, shape, block_size, d)) for group, blocks in _pools(shape, context, parallel, step, block_size)]
     planned_kv = sum(blocks * size for blocks, size in pools)
@@ -201,8 +290,8 @@ def native_memory(
 
     mem = NativeMemory("cuda" if cuda else "cpu", d, context, parallel, kv)
     parts = mem.parts
-    parts["weights"] = shape.parameters * d
-    if not cuda and pack_output and d == 4:  # kept beside a tied embedding; beside an untied head while packing
+    parts["weights"] = weight_bytes(shape, weights) if weights else shape.parameters * d
+    if not cuda and pack_output and d == 4 and weights in (None, "float32"):  # kept beside a tied embedding; beside an untied head while packing
         parts["packed output copy"] = shape.vocab_size * shape.hidden_size * 4
     parts["KV cache"] = kv + scratch
     parts["activations"] = activation_bytes(
@@ -216,7 +305,7 @@ def native_memory(
         mem.outside_allocator = ("CUDA context",)
     else:
         parts["torch runtime"] = TORCH_CPU_RUNTIME_BYTES
-        parts["loading leftovers"] = file_bytes + int(CPU_ALLOCATOR_OVERHEAD * parts["weights"])
+        parts["loading leftovers"] = file_bytes + int(CPU_ALLOCATOR_OVERHEAD * parts["weights"]) + LOAD_WORKING_BYTES
     return mem
 
 
@@ -230,6 +319,7 @@ def predict_native_vram(
     step_tokens: int | None = None,
     kv_cache_bytes: int | None = None,
     dtype_bytes: int | None = None,
+    weights: str | None = None,
 ) -> NativeMemory:
     """Predicted memory of the native engine for a native ModelConfig (or NativeShape / ModelInfo).
 
@@ -238,14 +328,8 @@ def predict_native_vram(
     torch.cuda.max_memory_allocated() with result.allocated_bytes; result.parts
     says where each byte was expected.
     """
-    if isinstance(config, NativeShape):
-        shape = config
-    elif isinstance(config, ModelInfo):
-        shape = NativeShape.from_info(config)
-    else:
-        shape = NativeShape.from_config(config)
     return native_memory(
-        shape,
+        _shape(config),
         device=device,
         context=context,
         parallel=parallel,
@@ -253,4 +337,5 @@ def predict_native_vram(
         step_tokens=step_tokens,
         max_num_seqs=max_num_seqs,
         kv_cache_bytes=kv_cache_bytes,
+        weights=weights,
     )

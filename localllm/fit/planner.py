@@ -1,11 +1,16 @@
-"""The fit planner: ModelInfo x Hardware x wishes -> Plan (backend, GPU layers, context), with reasons.
+"""The fit planner: ModelInfo x Hardware x wishes -> Plan (backend, weights, GPU layers, context), with reasons.
 
 Policy:
-- The native engine when a CUDA GPU with compute capability >= 8.0 and at
-  least 16 GiB (FitSettings) holds the whole model in bf16 plus the KV cache
-  for the context; Hugging Face folders always run there (llama.cpp reads GGUF
-  only), on the CPU when no such GPU exists.
-- Otherwise llama.cpp with as many layers on the GPU as fit.
+- Every way the model could run here is a candidate (candidates.py): llama.cpp
+  with the GGUF's quant, with as many layers on the GPU as fit; the native
+  engine in each weight format, on a CUDA GPU with compute capability >= 8.0
+  and at least 16 GiB (FitSettings), else on the CPU. Hugging Face folders
+  run on the native engine only (llama.cpp reads GGUF only).
+- Each candidate is planned for memory, and its decode speed predicted from
+  the bytes a token reads and the device's bandwidth (speed.py, bandwidth.py).
+- The plan is the fastest candidate the automatic choice may take that fits
+  at the largest context: fastest for one request at a time with --parallel
+  1, the highest throughput for many.
 - Without an asked-for context, the largest multiple of 256 up to the trained
   context, capped at 8192, that fits.
 Every number comes from localllm/fit/llamacpp_memory.py and native_memory.py;
@@ -19,8 +24,11 @@ from typing import Callable
 
 from localllm.core.errors import BadRequest
 from localllm.fit import machine
+from localllm.fit.candidates import (
+    Candidate, ask_for, auto_formats, choose, llamacpp_speed, native_formats, native_speed, runner_up,
+)
 from localllm.fit.llamacpp_memory import LLAMACPP_SWA_FULL, LlamaCppMemory, llamacpp_memory
-from localllm.fit.native_memory import NativeMemory, NativeShape, native_memory
+from localllm.fit.native_memory import LOAD_WORKING_BYTES, WEIGHT_FORMATS, NativeMemory, NativeShape, native_memory
 from localllm.fit.quants import smaller_quants
 from localllm.fit.settings import FitSettings
 from localllm.core.units import gib
@@ -32,6 +40,7 @@ NATIVE_ARCHITECTURES = {"llama", "mistral", "qwen2", "qwen3", "gemma3"}  # local
 JSON_KEYS = (
     "fits", "backend", "n_gpu_layers", "context_length", "parallel",
     "kv_bytes", "ram_bytes", "vram_bytes", "reasons", "alternatives",
+    "weights", "decode_tok_s", "throughput_tok_s", "candidates",
 )
 
 
@@ -42,6 +51,7 @@ class Wishes:
     context: int | None = None
     parallel: int = 1
     backend: str = "auto"
+    weights: str = "auto"  # the native engine's weight format; another than "auto" means the native engine
 
 
 @dataclass
@@ -61,10 +71,18 @@ class Plan:
     vram_parts: dict[str, int] = field(default_factory=dict)
     ram_usable: int = 0
     vram_usable: int = 0
+    weights: str = ""  # llama.cpp: the GGUF's quant; native: its weight format (candidates.py)
+    decode_tok_s: float = 0.0  # predicted: one request at a time
+    throughput_tok_s: float = 0.0  # predicted: `parallel` requests together, all their tokens
+    candidates: list[Candidate] = field(default_factory=list, compare=False, repr=False)  # every way it could run here, this plan's among them
 
     def to_dict(self) -> dict:
         """The JSON shape of `localllm fit --json`: exactly JSON_KEYS."""
-        return {key: getattr(self, key) for key in JSON_KEYS}
+        out = {key: getattr(self, key) for key in JSON_KEYS}
+        out["decode_tok_s"] = round(self.decode_tok_s, 1)
+        out["throughput_tok_s"] = round(self.throughput_tok_s, 1)
+        out["candidates"] = [c.to_dict() for c in self.candidates]
+        return out
 
 
 def native_supports(info: ModelInfo) -> bool:
@@ -90,21 +108,107 @@ def plan_fit(
     if wishes.backend == "llamacpp":
         if info.format != "gguf":
             raise BadRequest(f"llama.cpp runs GGUF files only; this model is {info.format}")
-        return _llamacpp(info, hw, wishes, settings, quant_sizes)
-    if wishes.backend == "native" or info.format != "gguf":
+        if wishes.weights != "auto":
+            raise BadRequest(f"--weights {wishes.weights} is for the native engine; llama.cpp runs the GGUF's own quant")
+        plan = _llamacpp(info, hw, wishes, settings, quant_sizes)
+        candidate = _llamacpp_candidate(info, hw, plan, wishes, auto=True)
+        return _chosen(candidate, [candidate], hw, wishes)
+    if wishes.backend == "native" or info.format != "gguf" or wishes.weights != "auto":
         if not native_supports(info):
             raise BadRequest(_native_unsupported(info))
-        return _native(info, hw, wishes, settings, forced=wishes.backend == "native")
+        candidates = _native_candidates(info, hw, wishes, settings, forced=wishes.backend == "native")
+        chosen = choose(candidates) or _fallback(candidates)
+        if not chosen.fits and info.format == "gguf" and wishes.backend == "native":
+            chosen.plan.alternatives.append("llama.cpp runs the quantized weights in less memory: --backend llamacpp")
+        return _chosen(chosen, candidates, hw, wishes)
+    llama = _llamacpp_candidate(info, hw, _llamacpp(info, hw, wishes, settings, quant_sizes), wishes, auto=True)
     gpu = machine.native_gpu(hw, settings)
-    native = None
-    if gpu is not None and native_supports(info):
-        native = _native(info, hw, wishes, settings, forced=False)
-        full_context = wishes.context is not None or native.context_length == context_candidates(info, settings)[0]
-        if native.fits and native.device.startswith("cuda") and full_context:
-            return native  # a shorter context than the automatic one leaves the choice to llama.cpp
-    plan = _llamacpp(info, hw, wishes, settings, quant_sizes)
-    plan.reasons.insert(1, _why_not_native(info, hw, settings, gpu, native))
+    natives = _native_candidates(info, hw, wishes, settings, forced=False) if native_supports(info) else []
+    if gpu is None:
+        for c in natives:  # on the CPU only when asked: it lacks llama.cpp's grammars and embeddings
+            c.auto = False
+    candidates = [llama, *natives]
+    chosen = choose(candidates) or llama
+    plan = _chosen(chosen, candidates, hw, wishes)
+    if chosen is llama:
+        native_auto = [c for c in natives if c.auto]
+        best = choose(native_auto) or (native_auto[0] if native_auto else None)
+        if best is None or not best.fits or best.plan.context_length < llama.plan.context_length:
+            plan.reasons[1] = _why_not_native(info, hw, settings, gpu, best.plan if best else None)
     return plan
+
+
+def _fallback(candidates: list[Candidate]) -> Candidate:
+    """When no automatic candidate fits: the first automatic one, to say why."""
+    return next(c for c in candidates if c.auto)
+
+
+def _chosen(chosen: Candidate, candidates: list[Candidate], hw: Hardware, wishes: Wishes) -> Plan:
+    """The chosen candidate's plan, with the candidates, its predicted speed and the reasons for the choice."""
+    plan = chosen.plan
+    plan.weights = chosen.weights
+    plan.decode_tok_s = chosen.decode_tok_s
+    plan.throughput_tok_s = chosen.throughput_tok_s
+    plan.candidates = candidates
+    plan.reasons[1:1] = [_choice_reason(chosen, runner_up(candidates, chosen), wishes), _speed_reason(chosen)]
+    return plan
+
+
+def _choice_reason(chosen: Candidate, other: Candidate | None, wishes: Wishes) -> str:
+    if other is None or not other.auto:
+        if other is not None and other.metric() > chosen.metric():
+            return (
+                f"{chosen.label}: {chosen.metric():,.0f} tok/s predicted; {other.label} would be faster "
+                f"({other.metric():,.0f} tok/s) but is not chosen for you: {ask_for(other, chosen)}"
+            )
+        return f"{chosen.label}: the only way to run it {'as asked' if wishes.backend != 'auto' else 'here'}"
+    if wishes.parallel == 1:
+        return (
+            f"{chosen.label}: {chosen.decode_tok_s:,.0f} tok/s predicted vs {other.label} {other.decode_tok_s:,.0f} tok/s "
+            f"for one request at a time (a token reads {_gb(chosen.speed.read_bytes)} against {_gb(other.speed.read_bytes)})"
+        )
+    return (
+        f"{chosen.label}: {chosen.throughput_tok_s:,.0f} tok/s predicted for {wishes.parallel} parallel requests vs "
+        f"{other.label} {other.throughput_tok_s:,.0f} tok/s (a step reads the weights once for all of them; "
+        f"one request alone: {chosen.decode_tok_s:,.0f} vs {other.decode_tok_s:,.0f} tok/s)"
+    )
+
+
+def _speed_reason(chosen: Candidate) -> str:
+    parts = "; ".join(
+        f"{_gb(s.weight_bytes + s.kv_bytes)} at {s.device.describe()} x {s.efficiency.bandwidth:.2f} "
+        f"({'measured' if s.efficiency.source.startswith('measured') else 'a guess'})"
+        for s in chosen.speed.shares
+    )
+    return f"predicted decode {chosen.decode_tok_s:,.1f} tok/s: a token reads {parts} (KV at half the context)"
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def _llamacpp_candidate(info: ModelInfo, hw: Hardware, plan: Plan, wishes: Wishes, *, auto: bool) -> Candidate:
+    return Candidate("llamacpp", info.quantization or "gguf", plan, llamacpp_speed(info, plan, hw), auto, wishes.parallel)
+
+
+def _native_candidates(info: ModelInfo, hw: Hardware, wishes: Wishes, settings: FitSettings, *, forced: bool) -> list[Candidate]:
+    """The native engine in every weight format its device runs; the automatic ones (or the asked one) first."""
+    gpu = machine.native_gpu(hw, settings) or (machine.cuda_gpu(hw) if forced else None)
+    formats = native_formats(gpu is not None, gpu.compute_capability if gpu else None)
+    if wishes.weights != "auto":
+        if wishes.weights not in WEIGHT_FORMATS:
+            raise BadRequest(f"--weights is one of auto, {', '.join(WEIGHT_FORMATS)}; not '{wishes.weights}'")
+        if wishes.weights not in formats:
+            raise BadRequest(f"the native engine cannot run {wishes.weights} weights on {_gpu_name(gpu) if gpu else 'the CPU'}")
+        automatic = [wishes.weights]
+    else:
+        automatic = auto_formats(info, hw, gpu is not None)
+    ordered = automatic + [f for f in formats if f not in automatic]
+    out = []
+    for weights in ordered:
+        plan = _native(info, hw, wishes, settings, forced=forced, weights=weights)
+        out.append(Candidate("native", weights, plan, native_speed(info, plan, weights, hw), weights in automatic, wishes.parallel))
+    return out
 
 
 def _check(info: ModelInfo, wishes: Wishes) -> None:
@@ -319,8 +423,8 @@ def _llamacpp_alternatives(
 # -- the native engine ----------------------------------------------------------------
 
 
-def _native(info: ModelInfo, hw: Hardware, wishes: Wishes, settings: FitSettings, *, forced: bool) -> Plan:
-    """The native engine: on the GPU that meets its bar (or, forced, any CUDA GPU), else on the CPU."""
+def _native(info: ModelInfo, hw: Hardware, wishes: Wishes, settings: FitSettings, *, forced: bool, weights: str) -> Plan:
+    """The native engine with `weights`: on the GPU that meets its bar (or, forced, any CUDA GPU), else on the CPU."""
     shape = NativeShape.from_info(info)
     gpu = machine.native_gpu(hw, settings) or (machine.cuda_gpu(hw) if forced else None)
     ram_usable = machine.usable_ram(hw, settings)
@@ -328,7 +432,9 @@ def _native(info: ModelInfo, hw: Hardware, wishes: Wishes, settings: FitSettings
     device = f"cuda:{gpu.index}" if gpu else "cpu"
 
     def attempt(context: int) -> Plan:
-        mem = native_memory(shape, device=device, context=context, parallel=wishes.parallel, file_bytes=info.size_bytes)
+        mem = native_memory(
+            shape, device=device, context=context, parallel=wishes.parallel, file_bytes=info.size_bytes, weights=weights,
+        )
         ram = native_ram(info, mem)
         vram = mem.total_bytes if gpu else 0
         fits = ram <= ram_usable and vram <= vram_usable
@@ -345,50 +451,52 @@ def _native(info: ModelInfo, hw: Hardware, wishes: Wishes, settings: FitSettings
         return plan
 
     plan, automatic = _search(info, wishes, settings, attempt)
-    plan.reasons = _native_reasons(info, hw, plan, settings, gpu, automatic)
+    plan.reasons = _native_reasons(info, hw, plan, settings, gpu, automatic, weights)
     if not plan.fits:
         smaller = [c for c in context_candidates(info, settings) if c < plan.context_length]
         for c in smaller:
             if attempt(c).fits:
                 plan.alternatives.append(f"context {c} fits")
                 break
-        if info.format == "gguf" and wishes.backend == "native":
-            plan.alternatives.append("llama.cpp runs the quantized weights in less memory: --backend llamacpp")
     return plan
 
 
 def native_ram(info: ModelInfo, mem: NativeMemory) -> int:
-    """The process's RAM for the native engine: on the CPU everything; on CUDA the load, which passes through RAM.
+    """The process's RAM for the native engine: on the CPU everything; on CUDA the runtime and the load's buffer.
 
-    Loading reads the file (GGUF: memory-mapped) and builds every weight on the
-    CPU first (GGUF weights dequantized to float32) before moving them.
+    The loader streams: it reads, dequantizes and places a slice of rows at a
+    time on the device, handing the file's mapped pages back as it goes, so
+    the host holds only its working buffer (LOAD_WORKING_BYTES) beside torch
+    and the CUDA libraries, never the weights.
     """
     if mem.device == "cpu":
         return mem.total_bytes  # loading builds the weights where they stay; its leftovers are a part
-    loaded_dtype = 4 if info.format == "gguf" else 2  # safetensors come at their own (mostly 16-bit) dtype
-    loading = info.size_bytes + info.parameters * loaded_dtype
     from localllm.fit.llamacpp_memory import CUDA_HOST_BYTES
     from localllm.fit.native_memory import TORCH_CPU_RUNTIME_BYTES
 
-    return loading + TORCH_CPU_RUNTIME_BYTES + CUDA_HOST_BYTES
+    return LOAD_WORKING_BYTES + TORCH_CPU_RUNTIME_BYTES + CUDA_HOST_BYTES
 
 
-def _native_reasons(info: ModelInfo, hw: Hardware, plan: Plan, settings: FitSettings, gpu: GPU | None, automatic: bool) -> list[str]:
+def _native_reasons(
+    info: ModelInfo, hw: Hardware, plan: Plan, settings: FitSettings, gpu: GPU | None, automatic: bool, weights: str
+) -> list[str]:
     reasons = []
+    held = f"{weights} weights ({gib(plan.vram_parts.get('weights', 0) or plan.ram_parts.get('weights', 0))})"
     if gpu:
         reasons.append(
-            f"the native engine on {_gpu_name(gpu)}: it holds the whole model in bf16 "
-            f"({gib(plan.vram_parts.get('weights', 0))}) plus the KV cache for the context"
+            f"the native engine on {_gpu_name(gpu)}: it holds the whole model in {held} plus the KV cache for the context"
             if plan.fits
-            else f"the native engine on {_gpu_name(gpu)} needs the whole model in bf16 ({gib(plan.vram_parts.get('weights', 0))}) plus its KV cache"
+            else f"the native engine on {_gpu_name(gpu)} needs the whole model in {held} plus its KV cache"
         )
     else:
         why = "this model is a Hugging Face folder, which llama.cpp cannot read" if info.format != "gguf" else "as asked"
-        reasons.append(f"the native engine on the CPU in float32 ({why}; no CUDA GPU for it here)")
+        reasons.append(f"the native engine on the CPU with {held} ({why}; no CUDA GPU for it here)")
     reasons.append(_context_reason(info, plan, settings, automatic))
     if gpu:
-        dtype = "dequantized to float32" if info.format == "gguf" else "at the file's dtype"
-        reasons.append(f"loading builds every weight in RAM first ({dtype}) before moving it to the GPU: {gib(plan.ram_bytes)} of RAM")
+        reasons.append(
+            f"loading streams the weights to the GPU a slice at a time: {gib(plan.ram_bytes)} of RAM "
+            f"(torch, the CUDA libraries and a {gib(LOAD_WORKING_BYTES)} working buffer)"
+        )
     if info.sliding_window and info.sliding_window_layers:
         reasons.append(
             "the native engine keeps only the window's blocks for the sliding-window layers, so the KV cache is "

@@ -21,6 +21,24 @@ def verdict(plan: Plan) -> str:
     return f"{word}: {plan.backend}, {where}, context {plan.context_length}{seqs}"
 
 
+def speed(plan: Plan) -> str:
+    """The chosen plan's predicted speed and, briefly, the runner-up's."""
+    from localllm.fit.candidates import runner_up
+
+    chosen = next((c for c in plan.candidates if c.plan is plan), None)
+    if chosen is None:
+        return f"{plan.decode_tok_s:,.1f} tok/s predicted"
+    def said(c) -> str:
+        if plan.parallel > 1:
+            return f"{c.throughput_tok_s:,.0f} tok/s for {plan.parallel} requests ({c.decode_tok_s:,.1f} alone)"
+        return f"{c.decode_tok_s:,.1f} tok/s"
+    line = f"{chosen.label}, {said(chosen)} predicted"
+    other = runner_up(plan.candidates, chosen)
+    if other is not None:
+        line += f"; runner-up {other.label}, {said(other)}" + ("" if other.auto else " if asked for")
+    return line
+
+
 def badge(plan: Plan) -> str:
     """A few characters for a table cell (the TUI's FIT column)."""
     if not plan.fits:
@@ -37,6 +55,7 @@ def text(plan: Plan, info: ModelInfo, name: str, hw: Hardware) -> str:
         f"model    {name} ({info.quantization}, {human_count(info.parameters)} parameters, {gib(info.size_bytes)})",
         f"machine  {_machine(hw)}",
         f"verdict  {verdict(plan)}",
+        *([f"speed    {speed(plan)}"] if plan.candidates else []),
         "",
     ]
     parts = list(dict.fromkeys([*plan.ram_parts, *plan.vram_parts]))
