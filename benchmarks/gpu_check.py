@@ -221,9 +221,11 @@ def engine_from(model, config: dict, *, dtype: str, n_ctx: int, max_num_seqs: in
                      max_num_seqs=max_num_seqs, ignore_eos=ignore_eos, **extra)
 
 
-def engine_on(weights: LoadedWeights, *, n_ctx: int, max_num_seqs: int, ignore_eos: bool = True, **extra) -> LLMEngine:
+def engine_on(source: LoadedWeights | Path, *, n_ctx: int, max_num_seqs: int, ignore_eos: bool = True,
+              **extra) -> LLMEngine:
+    """The engine on weights in memory or a model file; `extra` are EngineOptions' (dtype, weights, ...)."""
     options = EngineOptions(device=DEVICE.type, n_ctx=n_ctx, max_num_seqs=max_num_seqs, load_tokenizer=False, **extra)
-    engine = LLMEngine(weights, options)
+    engine = LLMEngine(source, options)
     if ignore_eos:
         engine.eos_ids = set()  # random weights: decode the requested length whatever comes out
     return engine
