@@ -906,8 +906,9 @@ def main() -> int:
     parser.add_argument("--formats-8b", default="int4", help="weight formats section 7 sets against bfloat16")
     parser.add_argument("--loader-formats", default="auto,bfloat16", help="weight formats section 8 loads with")
     parser.add_argument("--loader-dir", help="where section 8 writes its GGUF (default: the temporary folder)")
-    parser.add_argument("--budget-s", type=float, default=530.0,
-                        help="skip a section whose estimate would end past this many seconds (default %(default)s)")
+    parser.add_argument("--budget-s", type=float,
+                        help="skip a section whose estimate would end past this many seconds (default 530; "
+                             "none with --tiny)")
     parser.add_argument("--json", type=Path, help="also write the figures here (after every section)")
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu only with --tiny: a dry run")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes and short runs: check the script runs")
@@ -916,7 +917,7 @@ def main() -> int:
     args = parser.parse_args()
     global JSON_PATH, DEVICE, TINY, CARD, BUDGET_S
     JSON_PATH, DEVICE, TINY = args.json, torch.device(args.device), args.tiny
-    BUDGET_S = float("inf") if TINY else args.budget_s
+    BUDGET_S = args.budget_s if args.budget_s is not None else float("inf") if TINY else 530.0
     if args.load_worker:
         return load_worker(args.load_worker, args.load_format)
     if DEVICE.type == "cuda" and not torch.cuda.is_available():
