@@ -1,6 +1,7 @@
 """The native engine on the CPU against transformers, on the starter model in float32.
 
-    .venv/bin/python benchmarks/native_cpu.py [--threads N] [--rounds R] [--batch-rounds R]
+    .venv/bin/python benchmarks/native_cpu.py [--threads N] [--rounds R] [--batch-rounds R] [--sections a,b,c,d]
+    .venv/bin/python benchmarks/native_cpu.py --weights-compare      # only (d), about 4 minutes
 
 Prints:
 (a) single-stream decode tokens/s: the native engine vs transformers `generate`
@@ -14,9 +15,19 @@ Prints:
     context (sliding layers give back the blocks their window has left), while
     decoding and at the peak of its chunked prefill, against 2 x layers x
     kv_heads x head_dim x dtype bytes (every layer keeping every token) and what
-    transformers' cache holds after the 1k prompt.
+    transformers' cache holds after the 1k prompt;
+(d) weight formats: the native engine alone, built with --weights float32,
+    bfloat16, int8 and int4 (same KV budget, same threads), each in a process
+    of its own so its peak RSS (VmHWM, loading included) is its own. Single-stream
+    greedy decode tokens/s in interleaved rounds (medians), peak RSS, and the
+    issue's targets: int4 decodes >= 2x float32 with <= 0.6x its peak RSS. Then the
+    cost of quantizing: the same few hundred tokens of fixed text run through
+    each (teacher-forced), and each format's next-token distributions compared
+    with float32's at every position: mean KL divergence and top-1 agreement.
+    Where EngineOptions has no `weights` yet, float32 and bfloat16 come from
+    `dtype` and int8/int4 are skipped with one line.
 
-Both sides run in this one process with the same torch thread count. transformers
+In (a)-(c) both sides run in this one process with the same torch thread count. transformers
 loads the same weights: the GGUF is dequantized by the native loader (shown
 bit-identical to transformers' own GGUF load by the tests) and saved as a
 safetensors folder, which transformers reads in seconds rather than a minute.
@@ -27,8 +38,12 @@ from __future__ import annotations
 import native  # noqa: F401  (first: it sets OpenMP's wait policy before torch loads)
 
 import argparse
+import dataclasses
+import json
+import os
 import random
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -45,6 +60,35 @@ TEXT = (
     "fields turn gold, the farmers bring in the harvest, and the market square fills with apples, "
     "cheese and bread. Travellers stop at the inn by the crossroads to rest their horses and trade news "
     "from the cities in the north, where the great cathedral has stood for six hundred years. "
+)
+
+
+# (d) scores the formats on this: varied prose, no paragraph repeated (a repeated text is copied, which
+# any format predicts alike and would flatter the agreement).
+SCORING_TEXT = (
+    "Every spring the lighthouse keeper repainted the railings, although the salt undid his work by August. "
+    "He kept a ledger of passing ships, their flags and the hour they rounded the point, and in forty years "
+    "he had missed only the winter his daughter was born. Visitors asked whether he was lonely; he answered "
+    "that the gulls argued enough for a whole village.\n\n"
+    "To bake a simple loaf, mix five hundred grams of flour with ten grams of salt, seven grams of dried "
+    "yeast and about three hundred and fifty millilitres of warm water. Knead for ten minutes until the "
+    "dough is smooth, leave it covered until it has doubled, shape it, let it rise again, and bake it in a "
+    "hot oven for thirty-five minutes. A hollow sound when the base is tapped means it is done.\n\n"
+    "The committee met on Tuesday to discuss the budget for the new library wing. Three members argued that "
+    "the reading room should face north for even light; two preferred the garden view to the south. After "
+    "an hour they agreed to ask the architect for both drawings and to vote again in March.\n\n"
+    "Copper conducts heat and electricity better than almost any other metal, which is why it lines the "
+    "bottoms of good saucepans and runs through the walls of nearly every house. It turns green in damp air "
+    "as a thin layer of carbonate forms, and that layer protects the metal beneath from further decay.\n\n"
+    "Dear Mrs Alvarez, thank you for your letter of the twelfth. The parcel you describe left our warehouse "
+    "on the ninth and should have reached you within four working days. We have asked the carrier to trace "
+    "it and will write again as soon as we hear; if it cannot be found we will send a replacement at once.\n\n"
+    "In the old story the fox promised the crow a song in return for the cheese, and the crow, flattered, "
+    "opened her beak to sing. The cheese fell, the fox caught it, and he trotted off remarking that a voice "
+    "so fine deserved a wiser head. Children have been told the tale for two thousand years.\n\n"
+    "The train from the coast was late again, held outside the junction while a freight service crossed. "
+    "Passengers checked their watches, a student finished an essay on her knees, and an old man told anyone "
+    "who would listen about the steam engines he had fired as a boy, when the line still ran to the quarry."
 )
 
 
@@ -197,6 +241,169 @@ def hf_kv_bytes(model, prompt: list[int]) -> int:
         total += layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
     return total
 
+# -- (d) weight formats, one process each --------------------------------------------------------
+
+FORMATS = ("float32", "bfloat16", "int8", "int4")
+REPLY = "@@ "  # a worker's answers start with this (a library may print on stdout too)
+
+
+def has_weights_option() -> bool:
+    return any(f.name == "weights" for f in dataclasses.fields(EngineOptions))
+
+
+def format_options(fmt: str, threads: int, kv_bytes: int) -> EngineOptions:
+    """The engine for one weight format; where `weights` has not landed, float32/bfloat16 through `dtype`."""
+    common = dict(device="cpu", threads=threads, n_ctx=2048, max_num_seqs=16, kv_cache_bytes=kv_bytes)
+    if has_weights_option():
+        return EngineOptions(weights=fmt, **common)
+    return EngineOptions(dtype=fmt, **common)
+
+
+def proc_status(field: str) -> int:
+    """A size from /proc/self/status (VmHWM: peak resident set, VmRSS: now), in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def worker(fmt: str, threads: int, kv_bytes: int, decode_tokens: int) -> int:
+    """One format in this process: load, then answer the coordinator's commands on stdin, one per line."""
+    def reply(**values) -> None:
+        print(REPLY + json.dumps(values), flush=True)
+
+    torch.set_num_threads(threads)
+    start = time.perf_counter()
+    engine = LLMEngine(starter_path(), format_options(fmt, threads, kv_bytes))
+    load_s = time.perf_counter() - start
+    tokens = engine.tokenizer.encode(TEXT * 12, add_bos=False, special=False)
+    bos = engine.tokenizer.bos_id
+    prompt = [bos] + tokens[:31]  # as in (a)
+    reply(ready=True, load_s=load_s, rss=proc_status("VmRSS"), hwm=proc_status("VmHWM"))
+    for line in sys.stdin:
+        command, *rest = line.split()
+        if command == "decode":
+            reply(rate=native_decode_rate(engine, prompt, decode_tokens))
+        elif command == "memory":
+            reply(rss=proc_status("VmRSS"), hwm=proc_status("VmHWM"))
+        elif command == "logits":  # teacher-forced: every position of the scoring text, saved for the coordinator
+            n = int(rest[1])
+            scored = [bos] + engine.tokenizer.encode(SCORING_TEXT, add_bos=False, special=False)[: n - 1]
+            logits = engine.prompt_logits(scored, chunk=128).float()
+            torch.save(logits, rest[0])
+            reply(positions=len(scored))
+        elif command == "quit":
+            break
+    engine.close()
+    return 0
+
+
+class Worker:
+    """The coordinator's handle on one format's process."""
+
+    def __init__(self, fmt: str, args) -> None:
+        self.fmt = fmt
+        command = [sys.executable, str(Path(__file__).resolve()), "--worker", fmt, "--threads", str(args.threads),
+                   "--kv-bytes", str(args.kv_bytes), "--decode-tokens", str(args.decode_tokens)]
+        self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+    def ask(self, command: str | None = None) -> dict:
+        if command is not None:
+            self.proc.stdin.write(command + "\n")
+            self.proc.stdin.flush()
+        for line in self.proc.stdout:
+            if line.startswith(REPLY):
+                return json.loads(line[len(REPLY):])
+        raise RuntimeError(f"the {self.fmt} worker ended (exit {self.proc.wait()}); its error is above")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write("quit\n")
+                self.proc.stdin.flush()
+            except BrokenPipeError:
+                pass
+        self.proc.wait()
+
+
+@torch.inference_mode()
+def compare_distributions(reference: torch.Tensor, other: torch.Tensor, rows: int = 32) -> tuple[float, float, float, int]:
+    """(mean KL(reference || other) in nats, its 95th percentile, top-1 agreement, positions compared)."""
+    kls, agree = [], []
+    for i in range(0, reference.shape[0], rows):
+        ref, oth = reference[i : i + rows].float(), other[i : i + rows].float()
+        keep = ~(ref.isnan().any(-1) | oth.isnan().any(-1))  # a row served by the prefix cache has no logits
+        ref, oth = ref[keep], oth[keep]
+        log_p, log_q = torch.log_softmax(ref, -1), torch.log_softmax(oth, -1)
+        kls.append((log_p.exp() * (log_p - log_q)).sum(-1))
+        agree.append(ref.argmax(-1) == oth.argmax(-1))
+    kl, same = torch.cat(kls), torch.cat(agree)
+    return float(kl.mean()), float(kl.quantile(0.95)), float(same.float().mean()), int(kl.numel())
+
+
+def weights_compare(args) -> None:
+    formats = [f.strip() for f in args.formats.split(",") if f.strip()]
+    print(f"\n(d) weight formats {', '.join(formats)}: one process each, {args.threads} threads, KV budget "
+          f"{args.kv_bytes / 2**20:.0f} MiB each, {args.decode_tokens} greedy tokens, {args.weights_rounds} "
+          f"interleaved rounds", flush=True)
+    if not has_weights_option():
+        quantized = [f for f in formats if f not in ("float32", "bfloat16")]
+        formats = [f for f in formats if f in ("float32", "bfloat16")]
+        if quantized:
+            print(f"  skipped {', '.join(quantized)}: EngineOptions has no `weights` field yet "
+                  f"(float32 and bfloat16 come from `dtype`)", flush=True)
+    workers: dict[str, Worker] = {}
+    loaded: dict[str, dict] = {}
+    try:
+        for fmt in formats:  # one at a time, so load times do not share the cores
+            workers[fmt] = Worker(fmt, args)
+            loaded[fmt] = workers[fmt].ask()
+            print(f"  {fmt:9s} loaded in {loaded[fmt]['load_s']:.1f} s; RSS {loaded[fmt]['rss'] / 2**20:,.0f} MiB, "
+                  f"peak so far {loaded[fmt]['hwm'] / 2**20:,.0f} MiB", flush=True)
+        rates: dict[str, list[float]] = {fmt: [] for fmt in formats}
+        for r in range(args.weights_rounds):
+            order = formats[r % len(formats):] + formats[: r % len(formats)]  # who goes first rotates
+            for fmt in order:
+                rates[fmt].append(workers[fmt].ask("decode")["rate"])
+            print("  round " + str(r + 1) + ": " + ", ".join(f"{f} {rates[f][-1]:.1f}" for f in formats) + " tok/s",
+                  flush=True)
+        memory = {fmt: workers[fmt].ask("memory") for fmt in formats}
+        decode = {fmt: statistics.median(rates[fmt]) for fmt in formats}
+        print("  format     decode tok/s (median)   peak RSS (VmHWM)   RSS after decoding   load s")
+        for fmt in formats:
+            print(f"  {fmt:9s}  {decode[fmt]:20.2f}   {memory[fmt]['hwm'] / 2**20:12,.0f} MiB   "
+                  f"{memory[fmt]['rss'] / 2**20:14,.0f} MiB   {loaded[fmt]['load_s']:6.1f}")
+        base = "float32"
+        if base in formats:
+            for fmt in formats:
+                if fmt == base:
+                    continue
+                speed, peak = decode[fmt] / decode[base], memory[fmt]["hwm"] / memory[base]["hwm"]
+                goal = "  (targets: decode >= 2x, peak RSS <= 0.6x)" if fmt == "int4" else ""
+                print(f"  {fmt}/float32: decode {speed:.2f}x, peak RSS {peak:.2f}x{goal}", flush=True)
+
+        if base not in formats or len(formats) < 2:
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            files = {}
+            for fmt in formats:
+                files[fmt] = Path(tmp) / f"{fmt}.pt"
+                answer = workers[fmt].ask(f"logits {files[fmt]} {args.score_tokens}")
+            print(f"\n  quantizing's cost: next-token distributions against float32 over {answer['positions']} "
+                  f"positions of fixed text (teacher-forced)", flush=True)
+            reference = torch.load(files[base], mmap=True)
+            for fmt in formats:
+                if fmt == base:
+                    continue
+                kl, kl95, top1, n = compare_distributions(reference, torch.load(files[fmt], mmap=True))
+                print(f"  {fmt:9s} mean KL {kl:.4f} nats (95th percentile {kl95:.4f}), top-1 agreement {top1:.1%} "
+                      f"({n} positions)", flush=True)
+    finally:
+        for w in workers.values():
+            w.close()
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -204,10 +411,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds for (a)")
     parser.add_argument("--batch-rounds", type=int, default=1, help="interleaved rounds for (b)")
     parser.add_argument("--decode-tokens", type=int, default=64)
+    parser.add_argument("--sections", default="a,b,c,d", help="which of (a)-(d) to run (default: all)")
+    parser.add_argument("--weights-compare", action="store_true", help="only (d), the weight formats")
+    parser.add_argument("--formats", default=",".join(FORMATS), help="weight formats for (d)")
+    parser.add_argument("--weights-rounds", type=int, default=3, help="interleaved rounds for (d)")
+    parser.add_argument("--kv-bytes", type=int, default=128 * 2**20, help="KV budget of every engine in (d)")
+    parser.add_argument("--score-tokens", type=int, default=384, help="positions of fixed text scored in (d)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # (d) runs each format as `--worker FORMAT`
     args = parser.parse_args(argv)
+    if args.worker:
+        return worker(args.worker, args.threads, args.kv_bytes, args.decode_tokens)
+    sections = {"d"} if args.weights_compare else {x.strip() for x in args.sections.split(",")}
     torch.set_num_threads(args.threads)
+    print(f"starter: {starter_path()}; torch {torch.__version__}, {args.threads} threads", flush=True)
+    if sections & {"a", "b", "c"}:
+        against_transformers(args, sections)
+    if "d" in sections:
+        weights_compare(args)
+    return 0
+
+
+def against_transformers(args, sections: set[str]) -> None:
+    """(a)-(c): the float32 engine and transformers, in this process."""
     gguf = starter_path()
-    print(f"starter: {gguf}; torch {torch.__version__}, {args.threads} threads, float32", flush=True)
 
     start = time.perf_counter()
     engine = LLMEngine(gguf, EngineOptions(device="cpu", threads=args.threads, n_ctx=2048, max_num_seqs=16))
@@ -226,6 +452,17 @@ def main(argv: list[str] | None = None) -> int:
     ours = engine.prompt_logits(prompt, last=1)[-1]
     print(f"check: last-position logits relative difference {float((ours - ref).norm() / ref.norm()):.2e}", flush=True)
 
+    if "a" in sections:
+        single_stream(args, engine, model, prompt)
+    if "b" in sections:
+        sixteen_at_once(args, engine, model, tokens, bos)
+    text = engine.tokenizer.encode(TEXT * 100, add_bos=False, special=False)
+    engine.close()
+    if "c" in sections:
+        kv_per_token(args, gguf, engine.config, model, text, bos)
+
+
+def single_stream(args, engine: LLMEngine, model, prompt: list[int]) -> None:
     print(f"\n(a) single stream, {len(prompt)}-token prompt, {args.decode_tokens} greedy tokens", flush=True)
     native_rates, hf_rates = [], []
     for r in range(args.rounds):
@@ -235,6 +472,8 @@ def main(argv: list[str] | None = None) -> int:
     a_native, a_hf = statistics.median(native_rates), statistics.median(hf_rates)
     print(f"  median: native {a_native:.2f} tok/s, transformers {a_hf:.2f} tok/s -> {a_native / a_hf:.2f}x")
 
+
+def sixteen_at_once(args, engine: LLMEngine, model, tokens: list[int], bos: int) -> None:
     requests = workload(tokens, bos)
     wanted = sum(out for _, out in requests)
     prompt_tokens = sum(len(p) for p, _ in requests)
@@ -261,9 +500,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{work['hf16']} (of 16): at equal arithmetic speed the ratio would be about "
           f"{min(work['hf8'], work['hf16']) / work['native']:.2f}x")
 
-    text = engine.tokenizer.encode(TEXT * 100, add_bos=False, special=False)
-    engine.close()
-    c = engine.config
+
+def kv_per_token(args, gguf: Path, c, model, text: list[int], bos: int) -> None:
     every_layer = 2 * c.n_layers * c.n_kv_heads * c.head_dim * 4
     contexts = (1024, 4096, 8192)
     long_engine = LLMEngine(gguf, EngineOptions(device="cpu", threads=args.threads, n_ctx=max(contexts) + 64,
@@ -280,7 +518,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {n:7,}  {decoding / n:13,.0f} B  {peak / n:34,.0f} B  {hf:>12}  ({time.perf_counter() - start:.0f} s)",
               flush=True)
     long_engine.close()
-    return 0
 
 
 if __name__ == "__main__":
