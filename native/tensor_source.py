@@ -38,6 +38,7 @@ SLICE_BYTES = 4 << 20  # float32 bytes of one dequantized slice
 # slice in the destination dtype, with room to spare. tests/test_native_loader.py
 # measures a whole load against it.
 LOAD_WORKING_BYTES = 8 * SLICE_BYTES
+_FOLIO_LOOKBACK = 4 << 20  # see GGUFSource._drop_pages
 
 
 class TensorSource:
@@ -186,6 +187,7 @@ class GGUFSource(TensorSource):
             offset, n_bytes = info.offset + r0 * row_bytes, (r1 - r0) * row_bytes
             yield r0, self._values(name, offset, n_bytes, (r1 - r0, *shape[1:]), (r1 - r0) // unit if heads else None)
             self._drop_pages(offset, n_bytes)
+        self._drop_pages(info.offset, info.n_bytes)
 
     def _values(self, name: str, offset: int, n_bytes: int, shape: tuple[int, ...], heads: int | None) -> torch.Tensor:
         raw = torch.from_numpy(self._bytes[offset : offset + n_bytes])
@@ -197,12 +199,18 @@ class GGUFSource(TensorSource):
         return values
 
     def _drop_pages(self, offset: int, n_bytes: int) -> None:
-        """Hand the file's pages back: the kernel rereads them if they are needed again."""
+        """Hand the file's pages back: the kernel rereads them if they are needed again.
+
+        A fault maps a whole folio of the page cache (up to 2 MB, aligned), so the pages just
+        before `offset`, dropped with the previous slice, may be mapped again: they go too.
+        """
         if not hasattr(mmap, "MADV_DONTNEED"):
             return
-        start = offset - offset % mmap.PAGESIZE
+        start = max(0, offset - _FOLIO_LOOKBACK)
+        start -= start % mmap.PAGESIZE
+        end = min(len(self._map), offset + n_bytes + _FOLIO_LOOKBACK)
         try:
-            self._map.madvise(mmap.MADV_DONTNEED, start, offset + n_bytes - start)
+            self._map.madvise(mmap.MADV_DONTNEED, start, end - start)
         except (OSError, ValueError):
             pass
 
