@@ -12,8 +12,6 @@ matrix are stacked row by row before packing.
 
 from __future__ import annotations
 
-from dataclasses import fields, replace
-
 import torch
 from torch import nn
 
@@ -26,12 +24,16 @@ class Placer:
     """Puts a source's tensors into modules. `weights` is a concrete format (not "auto"); None or a
     float format stores linear weights as `dtype` parameters."""
 
-    def __init__(self, source: TensorSource, dtype: torch.dtype, device: torch.device, weights: str | None) -> None:
+    def __init__(self, source: TensorSource, dtype: torch.dtype, device: torch.device, weights: str | None,
+                 *, dequantized: bool = False) -> None:
+        """`dequantized`: quantize as `weights` says, then store the values dequantized as `dtype` parameters
+        (a float model of the very same quantized values: the reference the kernels are checked against)."""
         self.source = source
         self.dtype = dtype
         self.device = torch.device(device)
         self.weights = weights
         self.quantized = weights in QUANTIZED_FORMATS
+        self.dequantized = dequantized and self.quantized
 
     # -- float parameters ---------------------------------------------------------------
     def tensor(self, names: list[str], dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -58,7 +60,9 @@ class Placer:
     def linear(self, module: nn.Module, prefixes: list[str]) -> None:
         """A Linear from the tensors `prefix.weight` (and `prefix.bias`), fused in the order given."""
         weights = [p + ".weight" for p in prefixes]
-        if self.quantized:
+        if self.dequantized:
+            self.dequantized_parameter(module, "weight", self.quant_values(weights))
+        elif self.quantized:
             module.set_quantized(self.quant_weight(weights))
         else:
             self.parameter(module, "weight", weights)
@@ -71,9 +75,13 @@ class Placer:
         from .quant import concat_rows
 
         parts = [self._quant_values_of(name) for name in names]
-        if len({p.group for p in parts}) > 1:  # kept blocks and requantized rows disagree: requantize all
-            parts = [self._requantized(name) for name in names]
         return parts[0] if len(parts) == 1 else concat_rows(parts)
+
+    def dequantized_parameter(self, module: nn.Module, attr: str, values) -> None:
+        from .quant import dequantize
+
+        w = dequantize(values).to(device=self.device, dtype=self.dtype)
+        setattr(module, attr, nn.Parameter(w, requires_grad=False))
 
     def quant_weight(self, names: list[str]):
         from .quant import QuantWeight
@@ -81,7 +89,8 @@ class Placer:
         return QuantWeight.pack(self.quant_values(names), self.device)
 
     def _quant_values_of(self, name: str):
-        from .quant import from_gguf_blocks
+        """The file's own blocks where they convert exactly, else its dequantized slices requantized."""
+        from .quant import from_gguf_blocks, take_rows
 
         raw = self.source.raw(name)
         if raw is not None:
@@ -93,35 +102,21 @@ class Placer:
         return self._requantized(name)
 
     def _requantized(self, name: str):
-        """Requantized from the dequantized values, a slice at a time, into one set of rows."""
-        from .quant import from_float
+        """Requantized a slice at a time into one set of rows allocated once: never the whole tensor in float."""
+        from .quant import QuantValues, from_float
 
         total = self.source.shape(name)[0]
-        stacked = None
+        out = None
         for r0, rows in self.source.slices(name):
             part = from_float(rows.float(), self.weights)
-            if stacked is None:
-                stacked = _empty_rows_like(part, total)
-            _put_rows(stacked, r0, part)
-        return stacked
+            if out is None:
+                def empty(t: torch.Tensor | None) -> torch.Tensor | None:
+                    return None if t is None else torch.empty((total, *t.shape[1:]), dtype=t.dtype)
 
-
-def take_rows(values, order: torch.Tensor):
-    """QuantValues with their rows reordered (every per-row field; exact)."""
-    return replace(values, **{f.name: getattr(values, f.name)[order] for f in fields(values)
-                              if isinstance(getattr(values, f.name), torch.Tensor)})
-
-
-def _row_fields(values) -> list[str]:
-    return [f.name for f in fields(values) if isinstance(getattr(values, f.name), torch.Tensor)]
-
-
-def _empty_rows_like(part, total: int):
-    return replace(part, **{name: torch.empty((total, *getattr(part, name).shape[1:]), dtype=getattr(part, name).dtype)
-                            for name in _row_fields(part)})
-
-
-def _put_rows(stacked, r0: int, part) -> None:
-    for name in _row_fields(part):
-        src = getattr(part, name)
-        getattr(stacked, name)[r0 : r0 + src.shape[0]].copy_(src)
+                out = QuantValues(part.fmt, empty(part.q), empty(part.scales), empty(part.zeros), part.group)
+            r1 = r0 + part.q.shape[0]
+            out.q[r0:r1] = part.q
+            out.scales[r0:r1] = part.scales
+            if part.zeros is not None:
+                out.zeros[r0:r1] = part.zeros
+        return out

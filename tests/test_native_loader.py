@@ -24,7 +24,7 @@ from localllm.core.errors import BadModelFile, BadRequest
 from native import tensor_source
 from native.engine import EngineOptions, LLMEngine
 from native.gguf_dequant import dequantize
-from native.loader import load_weights, resolve_weights
+from native.loader import load_config, load_weights, load_working_bytes, resolve_weights
 from native.tensor_source import LOAD_WORKING_BYTES
 
 REPO = Path(__file__).resolve().parent.parent
@@ -49,12 +49,12 @@ engine = LLMEngine(Path(sys.argv[1]), EngineOptions(device="cpu", weights=sys.ar
                                                    max_num_seqs=1, threads=1, pack_output=False))
 peak, after = status("VmHWM:"), status("VmRSS:")
 model = engine.runner.model
-resident = sum(p.numel() * p.element_size() for p in model.parameters())
-for extra in (model.quant_embedding, model.quant_output):
-    resident += getattr(extra, "nbytes", 0)
-for module in model.modules():
-    resident += getattr(getattr(module, "quantized", None), "nbytes", 0)
-print(json.dumps({"peak": peak - before, "after": after - before, "resident": resident}))
+held = list(model.parameters())  # and the quantized weights' tensors (a tied table's may share storage)
+for packed in [model.quant_output] + [getattr(m, "quantized", None) for m in model.modules()]:
+    if packed is not None:
+        held += packed.tensors() if hasattr(packed, "tensors") else [t for t in (packed.q, packed.scales, packed.zeros) if t is not None]
+storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in held}
+print(json.dumps({"peak": peak - before, "after": after - before, "resident": sum(storages.values())}))
 """
 
 
@@ -65,15 +65,33 @@ def _measure(path: Path, weights: str) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the kernel's high-water mark")
+needs_proc = pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the kernel's high-water mark")
+EMBEDDING_F32 = 262_144 * 640 * 4  # what the old loader held for the starter's table alone
+
+
+def _report(weights: str, m: dict, working: int) -> None:
+    print(f"{weights}: peak {m['peak'] / MB:.0f} MB over the start, resident weights {m['resident'] / MB:.0f} MB, "
+          f"after {m['after'] / MB:.0f} MB; working allowance {working / MB:.0f} MB")
+
+
+@needs_proc
 def test_loading_the_starter_needs_its_weights_plus_a_small_working_buffer(starter_gguf):
     m = _measure(starter_gguf, "bfloat16")
-    embedding_f32 = 262_144 * 640 * 4  # what the old loader held for the table alone
-    print(f"bfloat16: peak {m['peak'] / MB:.0f} MB over the start, resident weights {m['resident'] / MB:.0f} MB, "
-          f"after {m['after'] / MB:.0f} MB; working buffer {LOAD_WORKING_BYTES / MB:.0f} MB")
+    _report("bfloat16", m, LOAD_WORKING_BYTES)
     assert m["resident"] > 500 * MB  # bfloat16 weights of 268M parameters (and the norms in float32)
     assert m["peak"] <= m["resident"] + LOAD_WORKING_BYTES + MARGIN
-    assert m["peak"] - m["resident"] < embedding_f32 / 4
+    assert m["peak"] - m["resident"] < EMBEDDING_F32 / 4
+
+
+@needs_proc
+def test_an_int4_load_peaks_at_its_weights_plus_the_largest_table_unpacked(starter_gguf):
+    """int4 holds one matrix's unpacked values while packing it (the table: a byte per value plus scales)."""
+    working = load_working_bytes(load_config(starter_gguf), "int4")
+    m = _measure(starter_gguf, "int4")
+    _report("int4", m, working)
+    assert m["resident"] < 320 * MB  # 4-bit table (gathered and multiplied: two packings) and layers
+    assert m["peak"] <= m["resident"] + working + MARGIN
+    assert m["peak"] < EMBEDDING_F32  # less than the old loader's float32 table alone
 
 
 def test_slices_equal_the_whole_tensor_dequantized(starter_gguf, monkeypatch):

@@ -103,17 +103,12 @@ class CausalLM(nn.Module):
         self.lm_head = None if config.tie_embeddings else Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary: dict[str, Rotary] = {}
         self.packed_output: PackedOutput | None = None
-        self.quant_embedding = None  # a QuantEmbedding when a tied table is stored quantized
-        self.quant_output = None  # then the output projection is a QuantWeight of the same table
-        self.compute_dtype = torch.float32
+        self.quant_output = None  # a QuantWeight of the table when a tied table is stored quantized
 
     # -- running ---------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
         """Hidden states (T, hidden) after the final norm, for T new tokens."""
-        if self.quant_embedding is not None:
-            x = self.quant_embedding(input_ids, self.compute_dtype)
-        else:
-            x = F.embedding(input_ids, self.embed_tokens.weight)
+        x = self.embed_tokens(input_ids)
         if self.config.embed_scale is not None:
             x = x * torch.tensor(self.config.embed_scale, dtype=x.dtype)
         rope = {key: r.cos_sin(positions, x.dtype) for key, r in self.rotary.items()}
@@ -163,24 +158,25 @@ class CausalLM(nn.Module):
 
     # -- loading -----------------------------------------------------------------------
     def load_weights(self, source: TensorSource, dtype: torch.dtype, device: torch.device,
-                     weights: str | None = None) -> None:
+                     weights: str | None = None, *, dequantized: bool = False) -> None:
         """Fill every parameter from the source's HF-named tensors, each allocated once where it lives.
 
         `weights` is the storage format of the linear weights (see loader.WEIGHT_FORMATS; not "auto"):
         None or a float format keeps them as `dtype` parameters; int8/int4/fp8 packs them as
         QuantWeights (the output projection too: a tied table becomes a QuantEmbedding for the
-        input and a QuantWeight for the output). Norms stay float32.
+        input and a QuantWeight for the output). Norms stay float32. `dequantized` stores those very
+        quantized values as `dtype` parameters instead: the float reference of a quantized model.
         """
-        place = Placer(source, dtype, device, weights)
-        self.compute_dtype = dtype
+        place = Placer(source, dtype, device, weights, dequantized=dequantized)
         c = self.config
-        if place.quantized and c.tie_embeddings:
+        if place.dequantized and c.tie_embeddings:
+            place.dequantized_parameter(self.embed_tokens, "weight", place.quant_values(["model.embed_tokens.weight"]))
+        elif place.quantized and c.tie_embeddings:
             from ..quant import QuantEmbedding, QuantWeight
 
             table = place.quant_values(["model.embed_tokens.weight"])
-            self.quant_embedding = QuantEmbedding.from_values(table, place.device)
+            self.embed_tokens.set_quantized(QuantEmbedding.from_values(table, place.device), dtype)
             self.quant_output = QuantWeight.pack(table, place.device)
-            self.embed_tokens.weight = None
             del table
         else:
             place.parameter(self.embed_tokens, "weight", ["model.embed_tokens.weight"])
