@@ -24,7 +24,8 @@ from localllm.core.errors import BadModelFile, BadRequest
 from native import tensor_source
 from native.engine import EngineOptions, LLMEngine
 from native.gguf_dequant import dequantize
-from native.loader import load_config, load_weights, load_working_bytes, resolve_weights
+from native.loader import (dominant_linear_type, load_config, load_weights, load_working_bytes, resolve_precision,
+                           resolve_weights)
 from native.tensor_source import LOAD_WORKING_BYTES
 
 REPO = Path(__file__).resolve().parent.parent
@@ -161,6 +162,16 @@ def test_weight_format_choices():
     assert resolve_weights("auto", "cpu", "Q4_K") == ("bfloat16" if fast_bf16 else "float32")
     with pytest.raises(BadRequest, match="weights must be one of"):
         resolve_weights("int3", "cpu", None)
+
+
+def test_auto_on_cuda_keeps_the_files_own_bits_only_where_they_dominate(starter_gguf):
+    """The starter's layers are mostly Q5_0 (no kernel keeps 5-bit blocks): CUDA would run it in bfloat16."""
+    source = load_weights(starter_gguf).tensors
+    assert dominant_linear_type(source) == "Q5_0"
+    assert resolve_precision("auto", None, "cuda", source) == ("bfloat16", torch.bfloat16)
+    assert resolve_precision("auto", torch.float16, "cuda", source) == ("float16", torch.float16)
+    assert resolve_precision("int4", None, "cuda", source) == ("int4", torch.bfloat16)
+    source.close()
 
 
 def test_a_dtype_that_contradicts_the_weights_is_refused(starter_gguf):

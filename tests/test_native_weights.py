@@ -143,6 +143,20 @@ def test_tiny_llama_quantized_equals_a_float_model_of_the_same_values(q4_0_llama
     assert _rel(quantized.prompt_logits(prompt), reference.prompt_logits(prompt)) < TOLERANCE[fmt]
 
 
+def test_hf_folder_weights_are_requantized_slice_by_slice(tmp_path, monkeypatch):
+    """A safetensors folder has no blocks to keep: every matrix is requantized from slices of a few rows."""
+    pytest.importorskip("transformers")
+    from builders import save_tiny, tiny_config
+    from native import tensor_source
+
+    folder = save_tiny(tiny_config("qwen2", intermediate_size=128, tie_word_embeddings=True), tmp_path / "qwen2")
+    monkeypatch.setattr(tensor_source, "SLICE_BYTES", 1024)  # four rows of 64 float32 values
+    quantized, reference = _quantized_and_reference(folder, "int4", **TINY)
+    assert quantized.runner.model.quant_output is not None  # tied: the table quantized for both uses
+    prompt = torch.randint(3, 128, (24,), generator=torch.Generator().manual_seed(1)).tolist()
+    assert _rel(quantized.prompt_logits(prompt), reference.prompt_logits(prompt)) < TOLERANCE["int4"]
+
+
 def test_cli_runs_the_starter_with_int4_weights(starter_gguf, tmp_path):
     """`localllm run --weights int4` picks the native engine and prints what the int4 engine generates."""
     engine = LLMEngine(starter_gguf, EngineOptions(device="cpu", weights="int4", threads=2, n_ctx=256, max_num_seqs=1))
