@@ -34,34 +34,12 @@ MB = 2**20
 # first use, the allocator's slack, the header's Python objects (measured: about 45 MB on the starter).
 MARGIN = 64 * MB
 
-PROBE = r"""
-import json, sys
-import native
-import torch
-from pathlib import Path
-from native.engine import EngineOptions, LLMEngine
-
-def status(key):
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
-
-before = status("VmRSS:")
-engine = LLMEngine(Path(sys.argv[1]), EngineOptions(device="cpu", weights=sys.argv[2], load_tokenizer=False, n_ctx=64,
-                                                   max_num_seqs=1, threads=1, pack_output=False))
-peak, after = status("VmHWM:"), status("VmRSS:")
-model = engine.runner.model
-held = list(model.parameters())  # and the quantized weights' tensors (a tied table's may share storage)
-for packed in [model.quant_output] + [getattr(m, "quantized", None) for m in model.modules()]:
-    if packed is not None:
-        held += packed.tensors() if hasattr(packed, "tensors") else [t for t in (packed.q, packed.scales, packed.zeros) if t is not None]
-storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in held}
-print(json.dumps({"peak": peak - before, "after": after - before, "resident": sum(storages.values())}))
-"""
+BENCHMARK = REPO / "benchmarks" / "loader_memory.py"  # its probe loads in a fresh process and reads /proc
 
 
 def _measure(path: Path, weights: str) -> dict:
-    result = subprocess.run([sys.executable, "-c", PROBE, str(path), weights], capture_output=True, text=True,
-                            cwd=REPO, timeout=600)
+    result = subprocess.run([sys.executable, str(BENCHMARK), "--probe", str(path), "--weights", weights],
+                            capture_output=True, text=True, cwd=REPO, timeout=600)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout.strip().splitlines()[-1])
 

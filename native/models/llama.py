@@ -13,7 +13,6 @@ are fused into single matrices here.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from localllm.core.errors import BadModelFile
