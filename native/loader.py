@@ -291,6 +291,8 @@ def _hf_config(folder: Path, *, has_lm_head: bool) -> ModelConfig:
     """config.json, plus the end-of-generation ids generation_config.json adds (chat models list several)."""
     raw = read_hf_config(folder)
     method = unsupported_quantization(raw)
+    if method is None and (folder / "quantize_config.json").is_file():  # AutoGPTQ's older layout
+        method = "gptq"
     if method is not None:
         raise BadModelFile(f"{folder.name} is quantized with {method}, which the native engine does not read")
     config = from_hf(raw, has_lm_head=has_lm_head)

@@ -177,6 +177,12 @@ def test_a_quantized_hf_folder_is_refused_naming_its_method(awq_folder):
     pytest.importorskip("transformers")
     with pytest.raises(BadModelFile, match="quantized with awq, which the native engine does not read"):
         LLMEngine(awq_folder, EngineOptions(device="cpu"))
+    config = json.loads((awq_folder / "config.json").read_text())
+    del config["quantization_config"]
+    (awq_folder / "config.json").write_text(json.dumps(config))
+    (awq_folder / "quantize_config.json").write_text(json.dumps({"bits": 4, "group_size": 128}))
+    with pytest.raises(BadModelFile, match="quantized with gptq"):
+        LLMEngine(awq_folder, EngineOptions(device="cpu"))
 
 
 def _localllm(home: Path, *args: str) -> subprocess.CompletedProcess:
