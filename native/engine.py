@@ -35,7 +35,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 @dataclass
 class EngineOptions:
     device: str | None = None  # None: cuda when available, else cpu
-    dtype: str | None = None  # None: float32 on CPU, bfloat16 on CUDA
+    dtype: str | None = None  # compute dtype; None: what `weights` implies (with "auto" a float format in it)
+    weights: str = "auto"  # linear weights: auto|float32|bfloat16|int8|int4|fp8 (loader.resolve_precision)
     n_ctx: int | None = None  # None: min(4096, the model's trained context)
     max_num_seqs: int = 16
     max_num_batched_tokens: int | None = None  # None: 256 on CPU, 8192 on CUDA
@@ -78,11 +79,10 @@ class LLMEngine:
         if o.threads:
             torch.set_num_threads(o.threads)
         device = o.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype_name = o.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
-        if dtype_name not in DTYPES:
+        if o.dtype is not None and o.dtype not in DTYPES:
             raise BadRequest(f"dtype must be one of {', '.join(DTYPES)}")
         self.tokenizer: Tokenizer | None = load_tokenizer(model_path, verbose=o.verbose) if o.load_tokenizer else None
-        self.runner = _make_runner(model_path, o, device, DTYPES[dtype_name], shares_gpu_with)
+        self.runner = _make_runner(model_path, o, device, DTYPES[o.dtype] if o.dtype else None, shares_gpu_with)
         self.config = self.runner.config
         self.n_ctx = self.runner.options.n_ctx
         # A draft on the GPU loads before our pool is sized, so one budget is split between both.
@@ -277,13 +277,15 @@ class LLMEngine:
 
 
 def _make_runner(
-    path: Path | LoadedWeights, o: EngineOptions, device: str, dtype: torch.dtype, partner: ModelRunner | None = None
+    path: Path | LoadedWeights, o: EngineOptions, device: str, dtype: torch.dtype | None,
+    partner: ModelRunner | None = None,
 ) -> ModelRunner:
     on_gpu = device.startswith("cuda")
     budget = o.max_num_batched_tokens or (8192 if on_gpu else 256)
     runner_options = RunnerOptions(
         device=device,
         dtype=dtype,
+        weights=o.weights,
         block_size=o.block_size,
         n_ctx=o.n_ctx or 0,
         max_num_seqs=o.max_num_seqs,

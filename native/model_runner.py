@@ -40,7 +40,7 @@ from localllm.core.errors import BadRequest, DoesNotFit
 from localllm.core.model_config import ModelConfig
 from localllm.core.kv_sizing import KVGroup, demand_bytes, group_block_bytes, kv_groups, split_budget
 from .layers.attention import AttentionBatch, DecodeMeta, SeqSpan, Workspace
-from .loader import LoadedWeights, load_config, load_weights
+from .loader import LoadedWeights, load_weights, resolve_precision
 from .models import build_model
 from .scheduler import Scheduled
 
@@ -50,7 +50,8 @@ CPU_DEFAULT_RAM_SHARE = 0.25
 @dataclass
 class RunnerOptions:
     device: str = "cpu"
-    dtype: torch.dtype = torch.float32
+    dtype: torch.dtype | None = torch.float32  # compute dtype; None: the one `weights` implies
+    weights: str = "auto"  # how linear weights are stored (loader.WEIGHT_FORMATS); "auto" is resolved at load
     block_size: int = 16
     n_ctx: int = 0  # 0: min(DEFAULT_CONTEXT, the model's trained context)
     max_num_seqs: int = 16
@@ -86,10 +87,11 @@ class ModelRunner:
         """
         self.options = options
         self.device = torch.device(options.device)
-        self.dtype = options.dtype
         self.block_size = options.block_size
-        in_memory = isinstance(model_path, LoadedWeights)
-        self.config: ModelConfig = model_path.config if in_memory else load_config(model_path)
+        loaded = model_path if isinstance(model_path, LoadedWeights) else load_weights(model_path)  # headers only
+        self.config: ModelConfig = loaded.config
+        self.weights, self.dtype = resolve_precision(options.weights, options.dtype, self.device, loaded.tensors)
+        options.weights, options.dtype = self.weights, self.dtype
         options.n_ctx = context_size(options.n_ctx, self.config.max_position)
         self.dtype_bytes = torch.tensor([], dtype=self.dtype).element_size()
         self.kv_groups: list[KVGroup] = kv_groups(self.config, options.n_ctx, self.block_size)
@@ -100,11 +102,10 @@ class ModelRunner:
         self.awaits_partner = False  # CUDA with defer_cache: measured, the pool not yet sized
         if on_cpu:  # a budget that cannot hold one context fails before seconds of loading
             self.num_blocks = self._plan_blocks()
-        loaded = model_path if in_memory else load_weights(model_path)
-        self.config = loaded.config
         self.weights_source = loaded.source
         self.model = build_model(self.config)
-        self.model.load_weights(loaded.tensors, self.dtype, self.device)
+        self.model.load_weights(loaded.tensors, self.dtype, self.device, self.weights)  # streamed, a slice at a time
+        loaded.tensors.close()
         self.model.eval()
         if on_cpu and options.pack_output:
             self.model.pack_output_for_cpu(options.max_num_seqs)

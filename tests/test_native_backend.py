@@ -31,7 +31,7 @@ TEXT = "The river runs past the old mill, under the stone bridge and through the
 
 @pytest.fixture(scope="module")
 def backend(starter_gguf):
-    b = NativeBackend("starter", read_model_info(starter_gguf), NativeOptions(n_ctx=1024, n_threads=1, max_num_seqs=8))
+    b = NativeBackend("starter", read_model_info(starter_gguf), NativeOptions(n_ctx=1024, n_threads=1, max_num_seqs=8, weights="float32"))
     yield b
     b.close()
 

@@ -35,7 +35,7 @@ def test_engine_from_a_state_dict_matches_transformers():
         reference_tokens = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)[0, 21:].tolist()
     weights = from_state_dict(config.to_dict(), dict(model.state_dict()))
     assert weights.source == "memory" and not weights.config.tie_embeddings and weights.config.qkv_bias
-    engine = LLMEngine(weights, EngineOptions(device="cpu", load_tokenizer=False, block_size=4, max_num_seqs=2, threads=2))
+    engine = LLMEngine(weights, EngineOptions(device="cpu", load_tokenizer=False, block_size=4, max_num_seqs=2, threads=2, weights="float32"))
     logits = engine.prompt_logits(prompt)
     worst = max(float((logits[i] - reference[i]).norm() / reference[i].norm()) for i in range(len(prompt)))
     assert worst < 1e-4

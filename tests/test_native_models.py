@@ -60,7 +60,7 @@ def _prompt(seed: int = 0) -> list[int]:
 
 
 def _engine(path: Path) -> LLMEngine:
-    return LLMEngine(path, EngineOptions(device="cpu", load_tokenizer=False, block_size=4, max_num_seqs=4, threads=2))
+    return LLMEngine(path, EngineOptions(device="cpu", load_tokenizer=False, block_size=4, max_num_seqs=4, threads=2, weights="float32"))
 
 
 def _reference(folder: Path, prompt: list[int]):
@@ -94,7 +94,7 @@ def test_chunked_prefill_equals_whole_prompt(tiny_models, arch):
     prompt = _prompt(1)
     engine = LLMEngine(
         tiny_models[arch],
-        EngineOptions(device="cpu", load_tokenizer=False, block_size=4, threads=2, prefix_caching=False),
+        EngineOptions(device="cpu", load_tokenizer=False, block_size=4, threads=2, prefix_caching=False, weights="float32"),
     )
     whole = engine.prompt_logits(prompt)
     chunked = engine.prompt_logits(prompt, chunk=7)

@@ -188,7 +188,8 @@ def _prompt(seed: int, n: int = PROMPT_LEN) -> list[int]:
 
 
 def _engine(path: Path, **options) -> LLMEngine:
-    defaults = dict(device="cpu", load_tokenizer=False, block_size=BS, max_num_seqs=4, max_num_batched_tokens=16, threads=2)
+    defaults = dict(device="cpu", load_tokenizer=False, block_size=BS, max_num_seqs=4, max_num_batched_tokens=16, threads=2,
+                    weights="float32")
     return LLMEngine(path, EngineOptions(**{**defaults, **options}))
 
 

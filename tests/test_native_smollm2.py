@@ -30,7 +30,7 @@ THREADS = 1  # shared machines: one thread stays predictable (see test_native_st
 
 @pytest.fixture(scope="module")
 def engine(smollm2_gguf):
-    e = LLMEngine(smollm2_gguf, EngineOptions(device="cpu", threads=THREADS, n_ctx=512, max_num_seqs=2))
+    e = LLMEngine(smollm2_gguf, EngineOptions(device="cpu", threads=THREADS, n_ctx=512, max_num_seqs=2, weights="float32"))
     yield e
     e.close()
 
@@ -83,7 +83,7 @@ def test_greedy_tokens_through_the_chat_template_match_transformers(engine, sky_
 def test_a_greedy_chat_turn_on_the_native_engine_answers(smollm2_gguf):
     from localllm.backends.native import NativeBackend, NativeOptions
 
-    backend = NativeBackend(DEFAULT_CHAT_MODEL, read_model_info(smollm2_gguf), NativeOptions(n_ctx=512, n_threads=THREADS, max_num_seqs=1))
+    backend = NativeBackend(DEFAULT_CHAT_MODEL, read_model_info(smollm2_gguf), NativeOptions(n_ctx=512, n_threads=THREADS, max_num_seqs=1, weights="float32"))
     try:
         assert_answers(chat_turn(backend))
     finally:

@@ -59,7 +59,8 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
 
 
 def engine(path: Path, spec: SpeculationOptions | None = None, **kw) -> LLMEngine:
-    options = dict(device="cpu", load_tokenizer=False, block_size=4, max_num_seqs=8, threads=1, speculation=spec)
+    options = dict(device="cpu", load_tokenizer=False, block_size=4, max_num_seqs=8, threads=1, speculation=spec,
+                   weights="float32")
     return LLMEngine(path, EngineOptions(**{**options, **kw}))
 
 
@@ -380,7 +381,7 @@ COPY_PROMPT = f"Original text:\n\n{PARAGRAPH}\n\nThe same text, copied word for 
 
 @pytest.fixture(scope="module")
 def starter(starter_gguf):
-    e = LLMEngine(starter_gguf, EngineOptions(device="cpu", threads=1, n_ctx=512, max_num_seqs=4))
+    e = LLMEngine(starter_gguf, EngineOptions(device="cpu", threads=1, n_ctx=512, max_num_seqs=4, weights="float32"))
     yield e
     e.close()
 
@@ -433,7 +434,7 @@ def test_speculative_backend_streams_plain_tokens_and_reports_acceptance(starter
 
     prompt, expected = starter_copy
     backend = NativeBackend(
-        "starter", read_model_info(starter_gguf), NativeOptions(n_ctx=512, n_threads=1, max_num_seqs=4, speculation=SpeculationOptions("ngram"))
+        "starter", read_model_info(starter_gguf), NativeOptions(n_ctx=512, n_threads=1, max_num_seqs=4, speculation=SpeculationOptions("ngram"), weights="float32")
     )
 
     async def run():

@@ -85,7 +85,7 @@ THREADS = 1
 
 @pytest.fixture(scope="module")
 def engine(starter_gguf):
-    e = LLMEngine(starter_gguf, EngineOptions(device="cpu", threads=THREADS, n_ctx=1024, max_num_seqs=8))
+    e = LLMEngine(starter_gguf, EngineOptions(device="cpu", threads=THREADS, n_ctx=1024, max_num_seqs=8, weights="float32"))
     yield e
     e.close()
 
@@ -143,7 +143,7 @@ def test_batching_does_not_change_what_a_request_generates(engine, eight_prompts
 def test_prefix_cache_hit_gives_the_cold_logits(starter_gguf, engine):
     system = engine.tokenizer.encode(PARAGRAPH * 3, add_bos=True, special=False)
     question = system + engine.tokenizer.encode(" Where does the baker work?", add_bos=False, special=False)
-    cold = LLMEngine(starter_gguf, EngineOptions(device="cpu", threads=THREADS, n_ctx=512, prefix_caching=False))
+    cold = LLMEngine(starter_gguf, EngineOptions(device="cpu", threads=THREADS, n_ctx=512, prefix_caching=False, weights="float32"))
     short = SamplingParams(temperature=0, max_tokens=8)
     try:
         expected = cold.prompt_logits(question, last=1)[-1]
@@ -164,7 +164,7 @@ def test_pool_too_small_preempts_and_still_gives_every_request_its_tokens(starte
     block = 16 * 2 * 18 * 256 * 4  # tokens per block x K and V x layers x kv heads x head_dim x float32
     small = LLMEngine(
         starter_gguf,
-        EngineOptions(device="cpu", threads=THREADS, n_ctx=128, max_num_seqs=8, kv_cache_bytes=10 * block),
+        EngineOptions(device="cpu", threads=THREADS, n_ctx=128, max_num_seqs=8, kv_cache_bytes=10 * block, weights="float32"),
     )
     try:
         assert small.blocks.num_blocks == 10  # 160 tokens for eight requests of 20 to 69 tokens

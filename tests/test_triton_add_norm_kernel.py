@@ -154,7 +154,7 @@ def test_models_give_the_same_logits_with_the_add_norm_kernel_forced_on_and_off(
     model, config = tiny_model(arch)
     weights = from_state_dict(config.to_dict(), dict(model.state_dict()))
     engine = LLMEngine(weights, EngineOptions(device="cpu", load_tokenizer=False, block_size=4, max_num_seqs=1,
-                                              threads=1, prefix_caching=False))
+                                              threads=1, prefix_caching=False, weights="float32"))
     prompt = torch.randint(3, 128, (12,), generator=torch.Generator().manual_seed(0)).tolist()
     calls = []
     real = fused.add_rms_norm

@@ -149,7 +149,7 @@ def test_engine_with_a_sliding_pool_decodes_through_the_kernels_as_through_the_r
     for choice in ("reference", "triton"):
         monkeypatch.setenv("LOCALLLM_NATIVE_ATTENTION", choice)
         engine = LLMEngine(tmp_path, EngineOptions(device="cpu", load_tokenizer=False, block_size=4, max_num_seqs=2,
-                                                   max_num_batched_tokens=16, threads=1))
+                                                   max_num_batched_tokens=16, threads=1, weights="float32"))
         assert [g.window for g in engine.runner.kv_groups] == [None, 8]
         for i, p in enumerate(prompts):
             engine.add_request(str(i), p, params)

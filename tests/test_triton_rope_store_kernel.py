@@ -145,7 +145,7 @@ def _engine(arch: str, monkeypatch):
     model, config = tiny_model(arch)
     weights = from_state_dict(config.to_dict(), dict(model.state_dict()))
     engine = LLMEngine(weights, EngineOptions(device="cpu", load_tokenizer=False, block_size=4, max_num_seqs=2,
-                                              max_num_batched_tokens=16, threads=1, prefix_caching=False))
+                                              max_num_batched_tokens=16, threads=1, prefix_caching=False, weights="float32"))
     # The runner describes decode-only steps by a DecodeMeta where the decode kernel runs, which on
     # its own it decides only on CUDA: told so here, its steps take the GPU's path (without graphs).
     engine.runner.decode_kernel = True

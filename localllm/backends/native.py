@@ -44,8 +44,8 @@ class NativeOptions:
     kv_cache_bytes: int | None = None  # CPU KV cache budget; None: the engine's default
     max_num_seqs: int = 16  # requests batched together
     device: str | None = None  # None: CUDA when available
-    dtype: str | None = None  # None: float32 on CPU, bfloat16 on CUDA
-    weights: str = "auto"  # "auto" | "float32" | "bfloat16" | "int8" | "int4" | "fp8": how linear weights are stored
+    dtype: str | None = None  # compute dtype; None: what `weights` implies
+    weights: str = "auto"  # linear weights: auto|float32|bfloat16|int8|int4|fp8 (core/weight_formats.py)
     verbose: bool = False
     speculation: SpeculationOptions | None = None  # native/speculative.py; None: off (a draft is its file's path)
 
@@ -96,6 +96,7 @@ class NativeBackend(LocalBackend):
             EngineOptions(
                 device=o.device,
                 dtype=o.dtype,
+                weights=o.weights,
                 n_ctx=o.n_ctx,
                 max_num_seqs=o.max_num_seqs,
                 kv_cache_bytes=o.kv_cache_bytes,

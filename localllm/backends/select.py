@@ -16,6 +16,7 @@ from localllm.backends.base import Backend
 from localllm.core.errors import BadRequest
 from localllm.core.modelinfo import ModelInfo
 from localllm.core.speculation import SpeculationOptions
+from localllm.core.weight_formats import WEIGHT_FORMATS
 from localllm.backends.remotes import RemoteModel
 from localllm.store.store import ResolvedModel
 
@@ -30,6 +31,7 @@ class LoadOptions:
     n_gpu_layers: int = 0
     verbose: bool = False
     kv_cache_bytes: int | None = None  # native engine: memory for its KV cache (None: its default)
+    weights: str = "auto"  # native engine: how linear weights are stored (core/weight_formats.py)
     speculation: SpeculationOptions = field(default_factory=SpeculationOptions)  # its draft: a name or a path
     n_parallel: int | None = None  # llama.cpp: requests decoded together, sharing n_ctx (None: its default)
     max_num_seqs: int | None = None  # native engine: sequences batched together, an explicit --parallel (None: its default)
@@ -50,6 +52,7 @@ def open_backend(model: ResolvedModel, options: LoadOptions | None = None) -> Ba
     options = options or LoadOptions()
     if options.backend not in BACKENDS:
         raise BadRequest(f"unknown backend '{options.backend}'; choose one of: {', '.join(BACKENDS)}")
+    options = _weights_choice(options)
     if options.backend == "remote" or isinstance(model, RemoteModel):
         if options.speculation.enabled:
             raise BadRequest("speculative decoding runs in a local engine; a remote model is decoded by its upstream")
@@ -78,6 +81,20 @@ def open_backend(model: ResolvedModel, options: LoadOptions | None = None) -> Ba
     if options.n_parallel is not None:
         llama_options.n_parallel = options.n_parallel
     return LlamaCppBackend(model.name, info, llama_options)
+
+
+def _weights_choice(options: LoadOptions) -> LoadOptions:
+    """--weights picks the native engine's storage; llama.cpp runs the file's own quantization."""
+    if options.weights not in WEIGHT_FORMATS:
+        raise BadRequest(f"--weights must be one of {', '.join(WEIGHT_FORMATS)}, got '{options.weights}'")
+    if options.weights == "auto":
+        return options
+    if options.backend == "llamacpp":
+        raise BadRequest(f"--weights {options.weights} is for the native engine; llama.cpp runs the file's own "
+                         "quantization (drop --weights, or use --backend native)")
+    if options.backend == "remote":
+        raise BadRequest(f"--weights {options.weights} is for the native engine; a remote model is stored by its upstream")
+    return replace(options, backend="native") if options.backend == "auto" else options
 
 
 def _llamacpp_speculation(speculation: SpeculationOptions, draft: ModelInfo | None) -> SpeculationOptions | None:
@@ -110,6 +127,7 @@ def _open_native(model: ResolvedModel, info, options: LoadOptions, draft: ModelI
         n_ctx=options.n_ctx,
         n_threads=options.n_threads,
         kv_cache_bytes=options.kv_cache_bytes,
+        weights=options.weights,
         verbose=options.verbose,
         speculation=_with_draft_file(options.speculation, draft),
         weights=options.weights,

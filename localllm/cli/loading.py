@@ -53,6 +53,7 @@ def load_options(args: argparse.Namespace) -> LoadOptions:
         verbose=args.verbose,
         kv_cache_bytes=args.kv_cache,
         max_num_seqs=getattr(args, "parallel", None),  # only when given: the native engine keeps its own default
+        weights=args.weights,
         speculation=SpeculationOptions.from_flags(args.speculative, args.draft, args.num_speculative_tokens),
         remote_url=getattr(args, "url", None),
         remote_api_key=getattr(args, "remote_api_key", None) or env_secret("LOCALLLM_REMOTE_API_KEY"),

@@ -17,6 +17,7 @@ from localllm.cli.output import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAG
 from localllm.core.errors import BadRequest, LocalLLMError
 from localllm.core.units import SIZE_HELP, parse_size
 from localllm.core.speculation import METHODS as SPECULATION_METHODS
+from localllm.core.weight_formats import WEIGHT_FORMATS
 from localllm.store.store import DEFAULT_CHAT_MODEL
 
 
@@ -56,6 +57,11 @@ def _add_load_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verbose", action="store_true", help="show llama.cpp's own log")
     p.add_argument(
         "--kv-cache", type=_size("--kv-cache"), help=f"native engine: memory for its KV cache, e.g. 2GiB ({SIZE_HELP}; default: up to 1/4 of free RAM)"
+    )
+    p.add_argument(
+        "--weights", choices=list(WEIGHT_FORMATS), default="auto",
+        help="native engine: how linear weights are stored; int4/int8/fp8 compute in bfloat16 "
+        "(default auto: the file's own 4/8 bits on CUDA, else bfloat16 where the CPU runs it fast, else float32)",
     )
     p.add_argument(
         "--speculative", choices=list(SPECULATION_METHODS), default=None,

@@ -13,13 +13,22 @@ row and big prompt chunks take the usual way.
 projection (262,144 x 640 for the starter). oneDNN with the weight reordered
 once into its blocked layout beats MKL on it at every row count measured. The
 price is a second copy of that matrix when it is tied to the embedding.
+
+`set_quantized` swaps a module's float weight for a quantized one
+(native/quant): the forward then runs the quantized kernel (or gathers
+quantized rows) and the float parameter is dropped, so its memory is freed.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from native.quant import QuantEmbedding, QuantWeight
 
 META = torch.device("meta")
 FEW_ROWS = 128
@@ -63,17 +72,50 @@ def empty_parameter(*shape: int) -> nn.Parameter:
 class Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
         super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
         self.weight = empty_parameter(out_features, in_features)
         self.bias = empty_parameter(out_features) if bias else None
+        self.quantized: QuantWeight | None = None
+
+    def set_quantized(self, qw: "QuantWeight") -> None:
+        """Run `qw` from now on and drop the float weight (the bias, if any, stays)."""
+        if (qw.out_features, qw.in_features) != (self.out_features, self.in_features):
+            raise ValueError(
+                f"a {qw.out_features} x {qw.in_features} quantized weight cannot replace a "
+                f"{self.out_features} x {self.in_features} one"
+            )
+        self.quantized = qw
+        self.weight = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quantized is not None:
+            y = self.quantized(x)
+            return y + self.bias.to(y.dtype) if self.bias is not None else y
         return linear(x, self.weight, self.bias)
 
 
 class Embedding(nn.Module):
     def __init__(self, num_embeddings: int, dim: int) -> None:
         super().__init__()
+        self.num_embeddings = num_embeddings
+        self.dim = dim
         self.weight = empty_parameter(num_embeddings, dim)
+        self.quantized: QuantEmbedding | None = None
+        self.quantized_dtype = torch.bfloat16
+
+    def set_quantized(self, table: "QuantEmbedding", dtype: torch.dtype = torch.bfloat16) -> None:
+        """Gather rows from `table` (returned in `dtype`) from now on and drop the float weight."""
+        if (table.num_embeddings, table.dim) != (self.num_embeddings, self.dim):
+            raise ValueError(
+                f"a {table.num_embeddings} x {table.dim} quantized table cannot replace a "
+                f"{self.num_embeddings} x {self.dim} one"
+            )
+        self.quantized = table
+        self.quantized_dtype = dtype
+        self.weight = None
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.quantized is not None:
+            return self.quantized(ids, self.quantized_dtype)
         return F.embedding(ids, self.weight)

@@ -13,7 +13,6 @@ are fused into single matrices here.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from localllm.core.errors import BadModelFile
@@ -24,6 +23,8 @@ from ..layers.mlp import GatedMLP
 from ..layers.norm import RMSNorm
 from ..layers.linear import Embedding, Linear, PackedOutput, linear
 from ..layers.rotary import Rotary, apply_rotary
+from ..placement import Placer
+from ..tensor_source import TensorSource
 
 
 class SelfAttention(nn.Module):
@@ -101,11 +102,12 @@ class CausalLM(nn.Module):
         self.lm_head = None if config.tie_embeddings else Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary: dict[str, Rotary] = {}
         self.packed_output: PackedOutput | None = None
+        self.quant_output = None  # a QuantWeight of the table when a tied table is stored quantized
 
     # -- running ---------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
         """Hidden states (T, hidden) after the final norm, for T new tokens."""
-        x = F.embedding(input_ids, self.embed_tokens.weight)
+        x = self.embed_tokens(input_ids)
         if self.config.embed_scale is not None:
             x = x * torch.tensor(self.config.embed_scale, dtype=x.dtype)
         rope = {key: r.cos_sin(positions, x.dtype) for key, r in self.rotary.items()}
@@ -118,6 +120,10 @@ class CausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.packed_output is not None:
             logits = self.packed_output(hidden)
+        elif self.quant_output is not None:
+            logits = self.quant_output(hidden).float()
+        elif self.lm_head is not None:
+            logits = self.lm_head(hidden).float()  # its float weight, or its quantized kernel
         else:
             logits = linear(hidden, self.output_weight).float()
         cap = self.config.final_logit_softcap
@@ -139,6 +145,8 @@ class CausalLM(nn.Module):
         A tied projection keeps the embedding table as it is (a second copy);
         an untied one is replaced by its packed form.
         """
+        if self.quant_output is not None or (self.lm_head is not None and getattr(self.lm_head, "weight", None) is None):
+            return False  # quantized: oneDNN's packing is for float32 weights only
         self.packed_output = PackedOutput.pack(self.output_weight, batch_hint)
         if self.packed_output is not None and not self.config.tie_embeddings:
             self.lm_head = None
@@ -148,50 +156,47 @@ class CausalLM(nn.Module):
         return [layer.self_attn for layer in self.layers]
 
     # -- loading -----------------------------------------------------------------------
-    def load_weights(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device) -> None:
-        """Fill every parameter from HF-named tensors (consumed from the dict as they are used)."""
-        from ..loader import take
+    def load_weights(self, source: TensorSource, dtype: torch.dtype, device: torch.device,
+                     weights: str | None = None, *, dequantized: bool = False) -> None:
+        """Fill every parameter from the source's HF-named tensors, each allocated once where it lives.
 
-        def put(module: nn.Module, attr: str, value: torch.Tensor) -> None:
-            setattr(module, attr, nn.Parameter(value, requires_grad=False))
+        `weights` is the storage format of the linear weights (see loader.WEIGHT_FORMATS; not "auto"):
+        None or a float format keeps them as `dtype` parameters; int8/int4/fp8 packs them as
+        QuantWeights (the output projection too: a tied table becomes a QuantEmbedding for the
+        input and a QuantWeight for the output). Norms stay float32. `dequantized` stores those very
+        quantized values as `dtype` parameters instead: the float reference of a quantized model.
+        """
+        place = Placer(source, dtype, device, weights, dequantized=dequantized)
+        c = self.config
+        if place.dequantized and c.tie_embeddings:
+            place.dequantized_parameter(self.embed_tokens, "weight", place.quant_values(["model.embed_tokens.weight"]))
+        elif place.quantized and c.tie_embeddings:
+            from ..quant import QuantEmbedding, QuantWeight
 
-        def get(name: str) -> torch.Tensor:
-            return take(tensors, name, dtype=dtype, device=device)
-
-        def norm(module: RMSNorm, name: str) -> None:
-            w = take(tensors, name, dtype=torch.float32, device=device)
-            put(module, "weight", w + self.norm_offset if self.norm_offset else w)
-
-        put(self.embed_tokens, "weight", get("model.embed_tokens.weight"))
+            table = place.quant_values(["model.embed_tokens.weight"])
+            self.embed_tokens.set_quantized(QuantEmbedding.from_values(table, place.device), dtype)
+            self.quant_output = QuantWeight.pack(table, place.device)
+            del table
+        else:
+            place.parameter(self.embed_tokens, "weight", ["model.embed_tokens.weight"])
         if self.lm_head is not None:
-            put(self.lm_head, "weight", get("lm_head.weight"))
-        tensors.pop("lm_head.weight", None)  # a tied checkpoint may still carry a copy
-        norm(self.norm, "model.norm.weight")
+            place.linear(self.lm_head, ["lm_head"])
+        place.norm(self.norm, "model.norm.weight", self.norm_offset)
         for i, layer in enumerate(self.layers):
             p = f"model.layers.{i}."
             attn = layer.self_attn
-            put(attn.qkv_proj, "weight", torch.cat([get(p + f"self_attn.{x}_proj.weight") for x in "qkv"]))
-            if attn.qkv_proj.bias is not None:
-                put(attn.qkv_proj, "bias", torch.cat([get(p + f"self_attn.{x}_proj.bias") for x in "qkv"]))
-            put(attn.o_proj, "weight", get(p + "self_attn.o_proj.weight"))
-            if attn.o_proj.bias is not None:
-                put(attn.o_proj, "bias", get(p + "self_attn.o_proj.bias"))
+            place.linear(attn.qkv_proj, [p + f"self_attn.{x}_proj" for x in "qkv"])
+            place.linear(attn.o_proj, [p + "self_attn.o_proj"])
             if attn.q_norm is not None:
-                norm(attn.q_norm, p + "self_attn.q_norm.weight")
-                norm(attn.k_norm, p + "self_attn.k_norm.weight")
-            mlp = layer.mlp
-            put(mlp.gate_up_proj, "weight", torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")]))
-            if mlp.gate_up_proj.bias is not None:
-                put(mlp.gate_up_proj, "bias", torch.cat([get(p + "mlp.gate_proj.bias"), get(p + "mlp.up_proj.bias")]))
-            put(mlp.down_proj, "weight", get(p + "mlp.down_proj.weight"))
-            if mlp.down_proj.bias is not None:
-                put(mlp.down_proj, "bias", get(p + "mlp.down_proj.bias"))
+                place.norm(attn.q_norm, p + "self_attn.q_norm.weight", self.norm_offset)
+                place.norm(attn.k_norm, p + "self_attn.k_norm.weight", self.norm_offset)
+            place.linear(layer.mlp.gate_up_proj, [p + "mlp.gate_proj", p + "mlp.up_proj"])
+            place.linear(layer.mlp.down_proj, [p + "mlp.down_proj"])
             for name in self.layer_norm_names:
-                norm(getattr(layer, name), p + f"{name}.weight")
+                place.norm(getattr(layer, name), p + f"{name}.weight", self.norm_offset)
         for name, param in self.named_parameters():
             if param.is_meta:
                 raise BadModelFile(f"the model file gave no weight for {name}")
-        c = self.config
         self.rotary = {"global": Rotary(c.rope, c.head_dim, device)}
         if c.rope_local is not None:
             self.rotary["local"] = Rotary(c.rope_local, c.head_dim, device)
