@@ -24,9 +24,10 @@ import torch
 
 from localllm.core.errors import BadModelFile, BadRequest, ModelNotFound
 
-from localllm.core.weight_formats import QUANTIZED_FORMATS, WEIGHT_FORMATS
+from localllm.core import weight_formats as formats
+from localllm.core.weight_formats import LOAD_WORKING_BYTES, WEIGHT_FORMATS
 from localllm.core.model_config import ModelConfig, from_gguf, from_hf, read_hf_config, safetensors_files
-from .tensor_source import LOAD_WORKING_BYTES, GGUFSource, MemorySource, SafetensorsSource, TensorSource
+from .tensor_source import GGUFSource, MemorySource, SafetensorsSource, TensorSource
 
 __all__ = ["LOAD_WORKING_BYTES", "LoadedWeights", "load_weights", "load_config", "from_state_dict", "load_working_bytes"]
 
@@ -118,24 +119,11 @@ def resolve_precision(weights: str, dtype: torch.dtype | None, device: torch.dev
     return weights, wanted
 
 
-INT4_GROUP = 32  # native/quant's int4 group: a scale and a zero (float32) per 32 values
-RAW_BYTES_PER_VALUE = 0.625  # Q4_1, the largest 4-bit block kept as it is (its bytes are mapped while converted)
-
-
 def load_working_bytes(config: ModelConfig, weights: str) -> int:
-    """Host bytes a load needs beyond the weights that stay resident (what the fit planner charges).
-
-    Float formats: LOAD_WORKING_BYTES, a few slices. Quantized formats also hold the unpacked values
-    (a byte per value, plus int4's scales and zeros) of the largest matrix while it is packed: the
-    embedding/output table, or a fused gate/up whose parts and stack coexist.
-    """
-    if weights not in QUANTIZED_FORMATS:
-        return LOAD_WORKING_BYTES
-    per_value = 1 + (8 / INT4_GROUP if weights == "int4" else 0)
+    """Host bytes loading `config` in `weights` needs beyond the resident weights (core/weight_formats.py)."""
     c = config
-    table = c.vocab_size * c.hidden_size
     fused = max((c.n_heads + 2 * c.n_kv_heads) * c.head_dim, 2 * c.intermediate_size) * c.hidden_size
-    return LOAD_WORKING_BYTES + int(max(table * (per_value + RAW_BYTES_PER_VALUE), 2 * fused * per_value))
+    return formats.load_working_bytes(weights, table_values=c.vocab_size * c.hidden_size, largest_fused_values=fused)
 
 
 def dominant_linear_type(tensors: TensorSource) -> str | None:

@@ -5,7 +5,7 @@ transformers' conventions, but never holds them: `read_into` dequantizes a
 few MB of rows, converts them to the destination's dtype, copies them into
 the destination (which may be a slice of a fused matrix, on any device) and
 drops them before the next slice. So loading needs the weights that stay
-resident plus a small working buffer (`LOAD_WORKING_BYTES`), never a whole
+resident plus a small working buffer (`core.weight_formats.LOAD_WORKING_BYTES`, 8 slices), never a whole
 float32 copy of a tensor: the starter's tied embedding table alone is 671 MB
 in float32.
 
@@ -37,7 +37,6 @@ SLICE_BYTES = 4 << 20  # float32 bytes of one dequantized slice
 # the dequantizers' temporaries (about three slices for the K-quants) and the
 # slice in the destination dtype, with room to spare. tests/test_native_loader.py
 # measures a whole load against it.
-LOAD_WORKING_BYTES = 8 * SLICE_BYTES
 _FOLIO_LOOKBACK = 4 << 20  # see GGUFSource._drop_pages
 
 

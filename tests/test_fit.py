@@ -25,10 +25,11 @@ from localllm.fit.llamacpp_memory import (
 from localllm.fit.machine import RECENT_COMPUTE_CAPABILITY
 from localllm.core.kv_sizing import KVGroup, demand, window_blocks
 from localllm.fit.native_memory import (
-    LOAD_WORKING_BYTES, TORCH_CPU_RUNTIME_BYTES, NativeShape, kv_pool_blocks, native_memory, weight_bytes,
+    TORCH_CPU_RUNTIME_BYTES, NativeShape, kv_pool_blocks, native_memory, weight_bytes,
 )
 from localllm.fit.settings import FitSettings
 from localllm.core.units import GIB, MIB, parse_size
+from localllm.core.weight_formats import LOAD_WORKING_BYTES
 from localllm.core.hardware import GPU, Hardware, LlamaCppSupport
 from localllm.core.modelinfo import ModelInfo
 

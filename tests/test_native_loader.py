@@ -2,7 +2,7 @@
 
 A load allocates each parameter once and fills it a slice of rows at a time,
 so the host's peak is the resident weights plus a small working buffer
-(native.tensor_source.LOAD_WORKING_BYTES); the old loader held every tensor
+(localllm.core.weight_formats.LOAD_WORKING_BYTES); the old loader held every tensor
 in float32 at once (the starter's embedding table alone is 671 MB so). The
 peak is measured in a fresh process, from the kernel's own high-water mark.
 """
@@ -26,7 +26,7 @@ from native.engine import EngineOptions, LLMEngine
 from native.gguf_dequant import dequantize
 from native.loader import (dominant_linear_type, load_config, load_weights, load_working_bytes, resolve_precision,
                            resolve_weights)
-from native.tensor_source import LOAD_WORKING_BYTES
+from localllm.core.weight_formats import LOAD_WORKING_BYTES
 
 REPO = Path(__file__).resolve().parent.parent
 MB = 2**20

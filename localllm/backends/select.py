@@ -38,7 +38,6 @@ class LoadOptions:
     remote_url: str | None = None  # remote backend: the upstream's OpenAI base URL, e.g. http://host:8000/v1
     remote_api_key: str | None = None
     remote_timeout_s: float | None = None  # remote backend: longest wait for the upstream (None: its default)
-    weights: str = "auto"  # native engine: its weight format; the fit plan fills in the one it chose
 
 
 def with_n_ctx(options: LoadOptions, n_ctx: int | None) -> LoadOptions:
@@ -130,12 +129,9 @@ def _open_native(model: ResolvedModel, info, options: LoadOptions, draft: ModelI
         weights=options.weights,
         verbose=options.verbose,
         speculation=_with_draft_file(options.speculation, draft),
-        weights=options.weights,
     )
     if options.max_num_seqs is not None:
         native_options.max_num_seqs = options.max_num_seqs
-    if options.weights in ("float32", "bfloat16"):  # the compute dtype follows the weights (the KV budget was planned so)
-        native_options.dtype = options.weights
     return NativeBackend(model.name, info, native_options)
 
 

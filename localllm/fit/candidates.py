@@ -93,9 +93,9 @@ def cpu_auto_format(hw: Hardware) -> str:
 
 
 def native_formats(cuda: bool, compute_capability: str | None) -> list[str]:
-    """Weight formats the native engine can run on the device (fp8 on CUDA needs compute capability 8.9)."""
+    """Weight formats the native engine runs at speed on the device: fp8 only on CUDA with compute capability 8.9."""
     formats = ["float32", "bfloat16", "int8", "int4"]
-    if not cuda or _cc(compute_capability) >= FP8_MIN_COMPUTE_CAPABILITY:
+    if cuda and _cc(compute_capability) >= FP8_MIN_COMPUTE_CAPABILITY:  # the CPU runs fp8 only as a test path (seconds a step)
         formats.append("fp8")
     return formats
 

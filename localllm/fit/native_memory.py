@@ -30,6 +30,7 @@ from typing import Any
 from localllm.core.kv_sizing import KVGroup, demand, group_block_bytes, kv_groups
 from localllm.core.modelinfo import ModelInfo
 from localllm.core.units import MIB
+from localllm.core.weight_formats import STORED_FORMATS, load_working_bytes
 
 BLOCK_SIZE = 16
 MAX_NUM_SEQS = 16  # the engine's default batch of sequences (NativeOptions.max_num_seqs)
@@ -40,11 +41,7 @@ CPU_ALLOCATOR_OVERHEAD = 0.08  # of the float32 weights, kept by the allocator a
 TORCH_CUDA_CONTEXT_BYTES = 640 * MIB  # the CUDA context with torch's kernels: measured 527 MiB on an H200 before use
 CUDA_GRAPH_BYTES = 64 * MIB  # the private pool of the captured decode graphs
 RUNTIME_WORKSPACE_BYTES = 96 * MIB  # cuBLAS workspaces and allocator rounding: measured 50-90 MiB on an H200
-# The streaming loader's host working buffer beside what stays resident: native/loader.py's
-# LOAD_WORKING_BYTES (8 slices of 4 MiB on its branch; to be imported from there once it lands).
-LOAD_WORKING_BYTES = 32 * MIB
-
-WEIGHT_FORMATS = ("float32", "bfloat16", "int8", "int4", "fp8")
+WEIGHT_FORMATS = STORED_FORMATS
 INT4_GROUP = 32  # int4 values per scale and zero, along the input dimension
 # Bytes a linear weight takes per value, and per output row or per group, as the packed kernels hold
 # them (native/quant/): int4 two values a byte plus a bfloat16 scale and zero per group of 32 (the
@@ -189,6 +186,7 @@ class NativeMemory:
     kv_bytes: int  # the pool budget to hand to the engine (scratch blocks not included)
     parts: dict[str, int] = field(default_factory=dict)
     outside_allocator: tuple[str, ...] = ()  # parts torch's allocator does not count
+    loading_buffer: int = 0  # host bytes the streaming loader works in beside the resident weights
 
     @property
     def total_bytes(self) -> int:
@@ -289,6 +287,10 @@ def native_memory(
     scratch = sum(size for _, size in pools)
 
     mem = NativeMemory("cuda" if cuda else "cpu", d, context, parallel, kv)
+    fused = max(shape.n_heads * shape.head_dim + 2 * shape.n_kv_heads * shape.head_dim, 2 * shape.intermediate_size)
+    mem.loading_buffer = load_working_bytes(
+        weights or "float32", table_values=shape.vocab_size * shape.hidden_size, largest_fused_values=fused * shape.hidden_size
+    )
     parts = mem.parts
     parts["weights"] = weight_bytes(shape, weights) if weights else shape.parameters * d
     if not cuda and pack_output and d == 4 and weights in (None, "float32"):  # kept beside a tied embedding; beside an untied head while packing
@@ -305,7 +307,7 @@ def native_memory(
         mem.outside_allocator = ("CUDA context",)
     else:
         parts["torch runtime"] = TORCH_CPU_RUNTIME_BYTES
-        parts["loading leftovers"] = file_bytes + int(CPU_ALLOCATOR_OVERHEAD * parts["weights"]) + LOAD_WORKING_BYTES
+        parts["loading leftovers"] = file_bytes + int(CPU_ALLOCATOR_OVERHEAD * parts["weights"]) + mem.loading_buffer
     return mem
 
 

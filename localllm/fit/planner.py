@@ -28,7 +28,7 @@ from localllm.fit.candidates import (
     Candidate, ask_for, auto_formats, choose, llamacpp_speed, native_formats, native_speed, runner_up,
 )
 from localllm.fit.llamacpp_memory import LLAMACPP_SWA_FULL, LlamaCppMemory, llamacpp_memory
-from localllm.fit.native_memory import LOAD_WORKING_BYTES, WEIGHT_FORMATS, NativeMemory, NativeShape, native_memory
+from localllm.fit.native_memory import WEIGHT_FORMATS, NativeMemory, NativeShape, native_memory
 from localllm.fit.quants import smaller_quants
 from localllm.fit.settings import FitSettings
 from localllm.core.units import gib
@@ -466,7 +466,7 @@ def native_ram(info: ModelInfo, mem: NativeMemory) -> int:
 
     The loader streams: it reads, dequantizes and places a slice of rows at a
     time on the device, handing the file's mapped pages back as it goes, so
-    the host holds only its working buffer (LOAD_WORKING_BYTES) beside torch
+    the host holds only its working buffer (mem.loading_buffer) beside torch
     and the CUDA libraries, never the weights.
     """
     if mem.device == "cpu":
@@ -474,7 +474,7 @@ def native_ram(info: ModelInfo, mem: NativeMemory) -> int:
     from localllm.fit.llamacpp_memory import CUDA_HOST_BYTES
     from localllm.fit.native_memory import TORCH_CPU_RUNTIME_BYTES
 
-    return LOAD_WORKING_BYTES + TORCH_CPU_RUNTIME_BYTES + CUDA_HOST_BYTES
+    return mem.loading_buffer + TORCH_CPU_RUNTIME_BYTES + CUDA_HOST_BYTES
 
 
 def _native_reasons(
@@ -495,7 +495,7 @@ def _native_reasons(
     if gpu:
         reasons.append(
             f"loading streams the weights to the GPU a slice at a time: {gib(plan.ram_bytes)} of RAM "
-            f"(torch, the CUDA libraries and a {gib(LOAD_WORKING_BYTES)} working buffer)"
+            "(torch, the CUDA libraries and the loader's working buffer)"
         )
     if info.sliding_window and info.sliding_window_layers:
         reasons.append(
