@@ -82,17 +82,27 @@ class Settings:
         return cls(temperature, top_k, top_p, min_p, seed, position, max_k=max(drawing, default=1))
 
 
-def apply_penalties(logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:
+@dataclass
+class Penalised:
+    """The tokens each penalised row's window holds, with their logits after the penalties."""
+
+    rows: torch.Tensor  # (P,) int64: which rows of the batch
+    ids: torch.Tensor  # (P, W) int64: the window (padding repeats the row's first token)
+    values: torch.Tensor  # (P, W) float32: the penalised logit of each id (equal for repeats of one id)
+    first: torch.Tensor  # (P, W) bool: the first occurrence of its id in the window (never padding)
+    ordered: torch.Tensor  # (P, W) int64: the window sorted, padding (= vocab) last
+
+
+def penalise(logits: torch.Tensor, rows: list[Row]) -> Penalised | None:
     """Repetition (divide positive logits, multiply negative ones), presence and frequency penalties.
 
-    Returns `logits` itself when no row has any; otherwise a copy with the
-    penalised rows changed. Counts come from sorting each window (padding
-    sorts last and counts nothing); every occurrence of a token writes the
-    same value, so repeated ids in the scatter agree.
+    Only the window's tokens change, so only they are computed; None when no
+    row has penalties. Counts come from the sorted window (binary search for
+    each id's run; padding sorts last and counts nothing).
     """
     chosen = [i for i, r in enumerate(rows) if has_penalties(r.params) and len(r.window) > 0]
     if not chosen:
-        return logits
+        return None
     vocab, width = logits.shape[-1], max(len(rows[i].window) for i in chosen)
     device = logits.device
     ids = to_device([list(rows[i].window) + [vocab] * (width - len(rows[i].window)) for i in chosen], torch.int64, device)
@@ -100,32 +110,73 @@ def apply_penalties(logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:
     which = to_device(chosen, torch.int64, device)
     repeat, presence, frequency = (k.unsqueeze(1) for k in knobs.unbind(1))
 
-    ordered = ids.sort(dim=1).values
-    counts = torch.searchsorted(ordered, ids, right=True) - torch.searchsorted(ordered, ids)
+    ordered, order = ids.sort(dim=1, stable=True)
+    start = torch.searchsorted(ordered, ids)
+    counts = torch.searchsorted(ordered, ids, right=True) - start
     padding = ids == vocab
-    ids = torch.where(padding, ids[:, :1], ids)  # padding repeats the row's first token, and its value below
-    flat = (which.unsqueeze(1) * vocab + ids).flatten()
-    out = logits.clone(memory_format=torch.contiguous_format)
-    picked = out.view(-1)[flat].view(ids.shape).float()
+    first = (order.gather(1, start) == torch.arange(width, device=device)) & ~padding  # the earliest of its run
+    ids = torch.where(padding, ids[:, :1], ids)
+    counts = torch.where(padding, counts[:, :1], counts)
+    picked = logits[which.unsqueeze(1), ids].float()  # (P, W): only the window's logits are read
     picked = torch.where(picked > 0, picked / repeat, picked * repeat)
-    picked = picked - counts.where(~padding, counts[:, :1]).to(picked.dtype) * frequency - presence
-    out.view(-1)[flat] = picked.to(out.dtype).flatten()
+    picked = picked - counts.to(picked.dtype) * frequency - presence
+    return Penalised(which, ids, picked, first, ordered)
+
+
+def apply_penalties(logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:
+    """The logits after penalties, as a new (R, vocab) tensor (`logits` itself when no row has any)."""
+    pen = penalise(logits, rows)
+    if pen is None:
+        return logits
+    out = logits.clone(memory_format=torch.contiguous_format)
+    flat = (pen.rows.unsqueeze(1) * logits.shape[-1] + pen.ids).flatten()
+    out.view(-1)[flat] = pen.values.to(out.dtype).flatten()  # repeats of an id write the same value
     return out
+
+
+def top_logits(logits: torch.Tensor, rows: list[Row], k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's k best logits after penalties, best first: values (R, k) float32 and ids (R, k) int64.
+
+    Penalties change at most W (the longest window) tokens of a row, so its
+    best k after them are among its best k + W before them and the window's
+    own tokens: take those, drop the window's ids from the first set and add
+    them back with their new values, then take the best k. No copy of the
+    logits is made unless k + W reaches the vocabulary.
+    """
+    pen = penalise(logits, rows)
+    vocab = logits.shape[-1]
+    if pen is None:
+        values, ids = torch.topk(logits, k, dim=-1)
+        return values.float(), ids
+    width = pen.ids.shape[1]
+    if k + width >= vocab:
+        values, ids = torch.topk(apply_penalties(logits, rows), k, dim=-1)
+        return values.float(), ids
+    values, ids = torch.topk(logits, k + width, dim=-1)
+    values = values.float()
+    old_values, old_ids = values.index_select(0, pen.rows), ids.index_select(0, pen.rows)
+    at = torch.searchsorted(pen.ordered, old_ids).clamp(max=width - 1)
+    in_window = pen.ordered.gather(1, at) == old_ids
+    merged_values = torch.cat([old_values.masked_fill(in_window, float("-inf")), pen.values.masked_fill(~pen.first, float("-inf"))], dim=1)
+    merged_ids = torch.cat([old_ids, pen.ids], dim=1)  # repeated ids only where the value is -inf
+    best = torch.topk(merged_values, k, dim=-1)
+    values = values[:, :k].index_copy(0, pen.rows, best.values)
+    ids = ids[:, :k].index_copy(0, pen.rows, merged_ids.gather(1, best.indices))
+    return values, ids
 
 
 @dataclass
 class Candidates:
     """What survives top-k, top-p and min-p in each row: the batch's best max_k, best first, and a mask."""
 
-    values: torch.Tensor  # (R, max_k) float32 logits, sorted descending
+    values: torch.Tensor  # (R, max_k) float32 logits after penalties, sorted descending
     ids: torch.Tensor  # (R, max_k) int64 token ids
     keep: torch.Tensor  # (R, max_k) bool; a prefix of each row, never empty
 
 
-def filter_candidates(logits: torch.Tensor, s: Settings) -> Candidates:
-    """Top-k, then top-p, then min-p, per row (each row's probabilities renormalised after the one before)."""
-    values, ids = torch.topk(logits, s.max_k, dim=-1)  # sorted, best first
-    values = values.float()
+def candidates(logits: torch.Tensor, rows: list[Row], s: Settings) -> Candidates:
+    """Penalties, then top-k, top-p and min-p, per row (each renormalising what the one before kept)."""
+    values, ids = top_logits(logits, rows, s.max_k)
     column = torch.arange(s.max_k, device=logits.device)
     first = column == 0  # at least one candidate always survives
     keep = column < s.top_k.unsqueeze(1)
@@ -161,17 +212,19 @@ def candidate_probs(c: Candidates, s: Settings) -> torch.Tensor:
 def dense_probs(c: Candidates, s: Settings, vocab: int) -> torch.Tensor:
     """The sampling distribution over the whole vocabulary: (R, vocab) float32."""
     probs = torch.zeros(c.ids.shape[0], vocab, dtype=torch.float32, device=c.ids.device)
-    return probs.scatter_(1, c.ids, candidate_probs(c, s))
+    return probs.scatter_add_(1, c.ids, candidate_probs(c, s))  # an id repeats only with probability 0
 
 
 def choose(logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:
     """The whole chain for every row: (R, vocab) logits -> (R,) int64 tokens, on the logits' device."""
-    logits = apply_penalties(logits, rows)
     greedy = [r.params.temperature == 0 for r in rows]
-    if all(greedy):
+    if all(greedy) and not any(has_penalties(r.params) for r in rows):
         return logits.argmax(dim=-1)
     s = Settings.of(rows, logits.shape[-1], logits.device)
-    tokens = draw(filter_candidates(logits, s), s)
-    if any(greedy):
-        tokens = torch.where(to_device(greedy, torch.bool, logits.device), logits.argmax(dim=-1), tokens)
+    c = candidates(logits, rows, s)
+    if all(greedy):
+        return c.ids[:, 0]
+    tokens = draw(c, s)
+    if any(greedy):  # the best after penalties
+        tokens = torch.where(to_device(greedy, torch.bool, logits.device), c.ids[:, 0], tokens)
     return tokens

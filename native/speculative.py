@@ -70,8 +70,8 @@ from .sampling_chain import (
     Settings,
     apply_penalties,
     candidate_probs,
+    candidates,
     dense_probs,
-    filter_candidates,
     make_row,
     to_device,
 )
@@ -278,9 +278,8 @@ def verify_rows(step: list[Scheduled]) -> list[int]:
 def distribution(logits: torch.Tensor, params: SamplingParams, history: list[int]) -> torch.Tensor:
     """The sampler's distribution over the whole vocabulary: penalties, top-k, top-p, min-p, temperature."""
     rows = [make_row(params, 0, history)]
-    logits = apply_penalties(logits.unsqueeze(0), rows)
     s = Settings.of(rows, logits.shape[-1], logits.device)
-    return dense_probs(filter_candidates(logits, s), s, logits.shape[-1])[0]
+    return dense_probs(candidates(logits.unsqueeze(0), rows, s), s, logits.shape[-1])[0]
 
 
 def greedy_token(logits: torch.Tensor, params: SamplingParams, history: list[int]) -> int:
@@ -330,7 +329,7 @@ def _rejection_checks(logits: torch.Tensor, rows: list[Row], sampled: list[tuple
     picked = logits.index_select(0, to_device(index, torch.int64, device))
     picked_rows = [rows[i] for i in index]
     s = Settings.of(picked_rows, logits.shape[-1], device)
-    c = filter_candidates(apply_penalties(picked, picked_rows), s)
+    c = candidates(picked, picked_rows, s)
     p = candidate_probs(c, s)
     q = torch.cat(qs).float()
     guess = to_device(guesses, torch.int64, device).unsqueeze(1)

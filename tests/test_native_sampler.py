@@ -19,7 +19,7 @@ import torch
 
 from localllm.core.requests import SamplingParams
 from native.sampler import SampleOutput, Sampler, sample
-from native.sampling_chain import Row, Settings, apply_penalties, filter_candidates, make_row
+from native.sampling_chain import Row, Settings, apply_penalties, candidates, make_row
 from native.sampling_rng import Stream, mix32, uniforms
 from native.sequence import Sequence
 
@@ -72,7 +72,7 @@ def seq(params: SamplingParams, generated: list[int] = (), name: str = "s") -> S
 def kept(logits: torch.Tensor, rows: list[Row]) -> list[list[int]]:
     """The candidate ids each row keeps after top-k, top-p and min-p, best first."""
     s = Settings.of(rows, logits.shape[-1], logits.device)
-    c = filter_candidates(logits, s)
+    c = candidates(logits, rows, s)
     return [ids[keep].tolist() for ids, keep in zip(c.ids, c.keep)]
 
 
@@ -132,15 +132,29 @@ FILTER_GRID = [
 ]
 
 
-def test_each_row_keeps_what_the_per_row_filter_keeps():
-    """96 rows, each with its own top-k/top-p/min-p, in one batch: the same candidates, in the same order."""
+@pytest.mark.parametrize("top_ks", [(0, 1, 5, 40, 300, 1000), (1, 5, 40)])
+def test_each_row_keeps_what_the_per_row_filter_keeps(top_ks):
+    """Rows, each with its own top-k/top-p/min-p, in one batch: the same candidates, in the same order.
+
+    Every other row also has penalties over a window of its own best tokens
+    (so they reorder the top). With top-k off somewhere the batch penalises a
+    copy of the logits; with small top-ks it merges the window into the best
+    k + 17 (the longest window) instead.
+    """
+    grid = [g for g in FILTER_GRID if g["top_k"] in top_ks]
     gen = torch.Generator().manual_seed(0)
     vocab = 300
-    logits = torch.randn(len(FILTER_GRID), vocab, generator=gen) * torch.linspace(0.5, 6, len(FILTER_GRID)).unsqueeze(1)
-    rows = [make_row(params(**g), 0, []) for g in FILTER_GRID]
+    logits = torch.randn(len(grid), vocab, generator=gen) * torch.linspace(0.5, 6, len(grid)).unsqueeze(1)
+    penalties = dict(repeat_penalty=1.8, presence_penalty=0.5, frequency_penalty=0.3)
+    rows = []
+    for i, g in enumerate(grid):
+        best = logits[i].topk(30).indices.tolist()
+        history = [best[j] for j in range(0, 30, 2)] + [best[0], best[2]] if i % 2 else []
+        rows.append(make_row(params(**g, **(penalties if i % 2 else {})), 0, history[: 1 + i % 17]))
     got = kept(logits, rows)
-    for i, g in enumerate(FILTER_GRID):
-        assert got[i] == reference_filter(logits[i], rows[i].params)[1].tolist(), g
+    for i, g in enumerate(grid):
+        ref = reference_filter(reference_penalties(logits[i], list(rows[i].window), rows[i].params), rows[i].params)
+        assert got[i] == ref[1].tolist(), (i, g)
     assert {len(ids) for ids in got} >= {1, 5, 40}  # the grid covers small and large candidate sets
 
 

@@ -337,6 +337,34 @@ def test_speculative_sampling_is_seeded_per_request(tiny):
     assert together == alone
 
 
+@pytest.mark.parametrize("proposer", ["ngram", "draft"])
+def test_speculative_logprobs_are_the_targets_log_softmax(tiny, sampling_case, proposer):
+    """Kept guesses, replacements and bonus tokens each carry the target's log-softmax at their position."""
+    if proposer == "ngram":
+        spec = ngram()
+    else:
+        spec = SpeculationOptions("draft", num_tokens=3, draft=tiny["draft"], native=NativeGuessing(min_acceptance=0.0))
+    e = engine(tiny["llama"], spec)
+    batch = [sampling_case[0]] * 6 + prompts()
+    outputs: dict[str, list] = {}
+    for i, prompt in enumerate(batch):
+        e.add_request(f"r{i}", prompt, SamplingParams(**{**vars(SAMPLED), "seed": i, "max_tokens": 30, "logprobs": 3}))
+        outputs[f"r{i}"] = []
+    while e.has_work():
+        for out in e.step():
+            outputs[out.request_id].append(out)
+    c = e.speculator.counters
+    assert 0 < c.accepted < c.proposed
+    plain = engine(tiny["llama"], prefix_caching=False)
+    for prompt, outs in zip(batch, outputs.values()):
+        tokens = [o.token for o in outs]
+        exact = torch.log_softmax(plain.prompt_logits(prompt + tokens[:-1], last=len(tokens)).double(), dim=-1)
+        for i, o in enumerate(outs):
+            assert o.logprobs.token == o.token
+            assert o.logprobs.logprob == pytest.approx(float(exact[i, o.token]), abs=1e-4)
+            assert [t for t, _ in o.logprobs.top] == exact[i].topk(3).indices.tolist()
+
+
 # -- auto-off ------------------------------------------------------------------------------------
 
 
