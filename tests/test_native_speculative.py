@@ -365,6 +365,30 @@ def test_speculative_logprobs_are_the_targets_log_softmax(tiny, sampling_case, p
             assert [t for t, _ in o.logprobs.top] == exact[i].topk(3).indices.tolist()
 
 
+def test_speculative_verification_reads_the_device_once_per_step(tiny, sampling_case, monkeypatch):
+    """Every position of every sequence (guesses or not, greedy or sampled) is drawn in one batched call."""
+    from test_native_sampler import ReadCounter
+
+    e = engine(tiny["llama"], ngram())
+    reads = ReadCounter(monkeypatch)
+    per_step: list[int] = []
+    verify = Speculator.verify
+
+    def counted(self, logits, samplers, sampler):
+        before = reads.count
+        result = verify(self, logits, samplers, sampler)
+        per_step.append(reads.count - before)
+        return result
+
+    monkeypatch.setattr(Speculator, "verify", counted)
+    batch = [sampling_case[0]] * 3 + prompts()
+    params = [SamplingParams(**{**vars(SAMPLED), "seed": i, "max_tokens": 20, "logprobs": 2}) for i in range(3)]
+    params += [SamplingParams(temperature=0, max_tokens=20, repeat_penalty=1.3)] * 3
+    e.generate(batch, params)
+    assert len(per_step) > 5 and set(per_step) == {1}
+    assert e.speculator.counters.proposed > 20  # steps with guesses among them
+
+
 # -- auto-off ------------------------------------------------------------------------------------
 
 
