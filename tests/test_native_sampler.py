@@ -392,6 +392,37 @@ def test_an_engine_step_converts_the_samplers_tensors_once(starter_engine, monke
     assert len(calls) == 5 and all(c == (0, 1) for c in calls), calls
 
 
+def test_the_chain_traces_as_one_graph_without_host_reads():
+    """What a CUDA graph needs: one traced graph (a host read that steers Python breaks it) of fixed shapes."""
+    gen = torch.Generator().manual_seed(8)
+    logits = torch.randn(4, 1000, generator=gen) * 3
+    rows = [
+        make_row(SamplingParams(seed=1, repeat_penalty=1.2, frequency_penalty=0.2, logprobs=2), 1, [1, 2, 3, 2]),
+        make_row(SamplingParams(temperature=0, presence_penalty=0.5), 2, [int(logits[1].argmax())]),
+        make_row(SamplingParams(top_k=7, top_p=0.5, min_p=0.1, logprobs=0), 3, [4]),
+        make_row(SamplingParams(temperature=1.4, top_k=0), 4, []),
+    ]
+
+    def step(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = sample(x, rows)
+        return out.tokens, out.logprobs.chosen, out.logprobs.top_ids
+
+    shapes: list = []
+
+    def backend(graph: torch.fx.GraphModule, example_inputs):
+        for node in graph.graph.nodes:
+            value = node.meta.get("example_value")
+            for t in value if isinstance(value, (tuple, list)) else [value]:
+                if isinstance(t, torch.Tensor):
+                    shapes.append(tuple(t.shape))
+        return graph.forward
+
+    traced = torch.compile(step, backend=backend, fullgraph=True, dynamic=False)
+    for got, want in zip(traced(logits), step(logits)):
+        assert torch.equal(got, want)
+    assert len(shapes) > 50 and all(isinstance(d, int) for shape in shapes for d in shape)  # no shape waits on values
+
+
 # -- the engine: a seeded request gives the same text in any batch ------------------------------------
 
 
