@@ -23,7 +23,7 @@ import torch
 
 from localllm.core.requests import SamplingParams
 
-from .sampling_rng import Stream, gumbels
+from .sampling_rng import Stream, gumbels, row_key
 
 
 @dataclass
@@ -63,9 +63,8 @@ class Settings:
     top_k: torch.Tensor  # int64, 1..vocab (0 and >= vocab mean the whole vocabulary)
     top_p: torch.Tensor  # float32
     min_p: torch.Tensor  # float32
-    seed: torch.Tensor  # int64
-    position: torch.Tensor  # int64
     max_k: int  # the largest top-k of the rows that draw (host-known: it fixes the shapes)
+    rows: list[Row]
 
     @classmethod
     def of(cls, rows: list[Row], vocab: int, device: torch.device) -> Settings:
@@ -75,11 +74,13 @@ class Settings:
             torch.float32,
             device,
         )
-        ints = to_device([[k, r.seed, r.position] for k, r in zip(ks, rows)], torch.int64, device)
         drawing = [k for k, r in zip(ks, rows) if r.params.temperature > 0]
         temperature, top_p, min_p = floats.unbind(1)
-        top_k, seed, position = ints.unbind(1)
-        return cls(temperature, top_k, top_p, min_p, seed, position, max_k=max(drawing, default=1))
+        return cls(temperature, to_device(ks, torch.int64, device), top_p, min_p, max(drawing, default=1), rows)
+
+    def keys(self, stream: Stream) -> torch.Tensor:
+        """Each row's random key for `stream` (sampling_rng.row_key): (R,) int64 on the settings' device."""
+        return to_device([row_key(r.seed, r.position, stream) for r in self.rows], torch.int64, self.top_k.device)
 
 
 @dataclass
@@ -199,7 +200,7 @@ def draw(c: Candidates, s: Settings, stream: Stream = Stream.DRAW) -> torch.Tens
     Gumbel-max with noise keyed by (seed, position, token id): the token does
     not depend on the row's batch, its place in it, or the batch's max_k.
     """
-    noise = gumbels(s.seed, s.position, c.ids, stream)
+    noise = gumbels(s.keys(stream), c.ids)
     pick = (tempered_logits(c, s) + noise).argmax(dim=-1, keepdim=True)
     return c.ids.gather(1, pick).squeeze(1)
 

@@ -9,11 +9,12 @@ candidate token id. A seeded request therefore draws the same tokens alone or
 in any batch, at any batch position, and speculative decoding can check a
 guess with exactly the number plain decoding would use there.
 
-The hash is Chris Wellons' "lowbias32" 32-bit mixer, written in int64 tensor
-ops that never leave int64's range (so it is exact on any device), applied in
-a chain: position, then the two halves of the seed, then the candidate id.
-It is a bijection of 32-bit values per key, so the candidates of one draw get
-distinct numbers. Nothing here reads a tensor back to the host.
+The hash is Chris Wellons' "lowbias32" 32-bit mixer, applied in a chain: a
+row's key from position, stream and the two halves of the seed (on the host,
+in Python: they are known there), then the candidate id with that key (on the
+device, in int64 tensor ops that never leave int64's range, so exact on any
+device). It is a bijection of 32-bit values per key, so the candidates of one
+draw get distinct numbers. Nothing here reads a tensor back to the host.
 """
 
 from __future__ import annotations
@@ -50,20 +51,29 @@ def mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def row_keys(seeds: torch.Tensor, positions: torch.Tensor, stream: Stream) -> torch.Tensor:
-    """One 32-bit key per row from its seed (< 2^63) and position: (R,) int64 each -> (R,) int64."""
-    key = mix32((positions & _MASK32) ^ int(stream))
-    key = mix32(key ^ (seeds & _MASK32))
-    return mix32(key ^ ((seeds >> 32) & _MASK32))
+def mix32_int(x: int) -> int:
+    """The same mixer on a Python int (row keys are made on the host, where seed and position are known)."""
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & _MASK32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & _MASK32
+    return x ^ (x >> 16)
 
 
-def uniforms(seeds: torch.Tensor, positions: torch.Tensor, ids: torch.Tensor, stream: Stream) -> torch.Tensor:
-    """U(0, 1) in float64 for each candidate: seeds, positions (R,) and ids (R, K) int64 -> (R, K), never 0 or 1."""
-    key = row_keys(seeds, positions, stream).unsqueeze(-1)
-    bits = mix32(mix32((ids & _MASK32) ^ key) ^ mix32(key ^ 0x9E3779B9))
+def row_key(seed: int, position: int, stream: Stream) -> int:
+    """A row's 32-bit key from its seed (< 2^64), the token's position and the stream."""
+    key = mix32_int((position & _MASK32) ^ int(stream))
+    key = mix32_int(key ^ (seed & _MASK32))
+    return mix32_int(key ^ ((seed >> 32) & _MASK32))
+
+
+def uniforms(keys: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """U(0, 1) in float64 per candidate: keys (R,) and ids (R, K) int64 -> (R, K), never exactly 0 or 1."""
+    key = keys.unsqueeze(-1)
+    bits = mix32((mix32((ids & _MASK32) ^ key) + key) & _MASK32)
     return (bits.double() + 0.5) * (1.0 / 2**32)
 
 
-def gumbels(seeds: torch.Tensor, positions: torch.Tensor, ids: torch.Tensor, stream: Stream) -> torch.Tensor:
+def gumbels(keys: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Standard Gumbel noise per candidate: argmax(log p + noise) is a draw from p (the Gumbel-max trick)."""
-    return -torch.log(-torch.log(uniforms(seeds, positions, ids, stream)))
+    return -torch.log(-torch.log(uniforms(keys, ids)))

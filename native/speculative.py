@@ -75,7 +75,7 @@ from .sampling_chain import (
     make_row,
     to_device,
 )
-from .sampling_rng import Stream, gumbels, uniforms
+from .sampling_rng import Stream, gumbels, row_key, uniforms
 from .scheduler import Scheduled
 from .sequence import Sequence
 
@@ -289,7 +289,7 @@ def greedy_token(logits: torch.Tensor, params: SamplingParams, history: list[int
 def draw_from(probs: torch.Tensor, seed: int, position: int, stream: Stream) -> int:
     """One token from a dense distribution (V,), keyed like the sampler's draws (a draft model's guesses)."""
     ids = torch.nonzero(probs).flatten().unsqueeze(0)
-    noise = gumbels(torch.tensor([seed], device=ids.device), torch.tensor([position], device=ids.device), ids, stream)
+    noise = gumbels(torch.tensor([row_key(seed, position, stream)], device=ids.device), ids)
     return int(ids[0, (probs[ids[0]].double().log() + noise[0]).argmax()])
 
 
@@ -334,11 +334,11 @@ def _rejection_checks(logits: torch.Tensor, rows: list[Row], sampled: list[tuple
     q = torch.cat(qs).float()
     guess = to_device(guesses, torch.int64, device).unsqueeze(1)
     p_guess = (p * (c.ids == guess)).sum(dim=1)
-    u = uniforms(s.seed, s.position, guess, Stream.ACCEPT).squeeze(1)
+    u = uniforms(s.keys(Stream.ACCEPT), guess).squeeze(1)
     kept = u * q.gather(1, guess).squeeze(1).double() < p_guess.double()
     residual = torch.clamp(p - q.gather(1, c.ids), min=0.0)
     residual = torch.where(residual.sum(dim=1, keepdim=True) > 0, residual, p)
-    noise = gumbels(s.seed, s.position, c.ids, Stream.RESIDUAL)
+    noise = gumbels(s.keys(Stream.RESIDUAL), c.ids)
     replacement = c.ids.gather(1, (residual.double().log() + noise).argmax(dim=1, keepdim=True))
     parts = [kept.double(), replacement.squeeze(1).double()]
     with_logprobs = any(r.params.logprobs is not None for r in picked_rows)

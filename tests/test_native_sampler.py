@@ -20,7 +20,7 @@ import torch
 from localllm.core.requests import SamplingParams
 from native.sampler import SampleOutput, Sampler, sample
 from native.sampling_chain import Row, Settings, apply_penalties, candidates, make_row
-from native.sampling_rng import Stream, mix32, uniforms
+from native.sampling_rng import Stream, mix32, mix32_int, row_key, uniforms
 from native.sequence import Sequence
 
 # -- the per-row reference (the sampler before batching) -------------------------------------
@@ -239,8 +239,8 @@ def test_the_random_numbers_are_uniform_and_the_mixer_is_a_bijection():
     x = torch.arange(1 << 16, dtype=torch.int64) * 65537  # spread over 32 bits
     assert mix32(x).unique().numel() == x.numel() and int(mix32(x).max()) < 2**32
     sample_in = torch.randint(0, 2**32, (1000,), generator=torch.Generator().manual_seed(3)).tolist() + [0, 2**32 - 1]
-    assert mix32(torch.tensor(sample_in)).tolist() == [python_lowbias32(v) for v in sample_in]
-    u = uniforms(torch.tensor([3]), torch.tensor([0]), torch.arange(100_000).unsqueeze(0), Stream.DRAW)[0]
+    assert mix32(torch.tensor(sample_in)).tolist() == [python_lowbias32(v) for v in sample_in] == list(map(mix32_int, sample_in))
+    u = uniforms(torch.tensor([row_key(3, 0, Stream.DRAW)]), torch.arange(100_000).unsqueeze(0))[0]
     counts = torch.histc(u.float(), bins=20, min=0, max=1)
     stat = float(((counts - 5000) ** 2 / 5000).sum())
     assert 0 < float(u.min()) and float(u.max()) < 1 and stat < chi_square_threshold(19)
