@@ -10,8 +10,8 @@ Before guessing, the mirror catches up with what the target verified since
 last time (tokens it had guessed and the target rejected are cut off, and
 the cache count with them), then runs k - 1 one-token steps, all mirrors in
 one batch per step, drawing each guess as the target's sampler would
-(greedy, or from the same filtered distribution, with the request's seed
-offset so the draft's draws are independent of the target's).
+(greedy, or from the same filtered distribution, with the request's seed on
+a stream of its own, so the draft's draws are independent of the target's).
 
 The draft must share the target's vocabulary: a token id has to mean the same
 text to both. Checked at load (vocabulary size, special tokens, and a sample
@@ -21,17 +21,14 @@ different sizes are allowed when the tokenizers agree.
 
 from __future__ import annotations
 
-import secrets
-
 import torch
 
 from localllm.core.errors import BadRequest
 
+from .sampling_rng import Stream
 from .scheduler import Scheduled
 from .sequence import Sequence
-from .speculative import Draft, distribution, greedy_token
-
-DRAFT_SEED_OFFSET = 2**32  # seeds are < 2^32, so the draft's stream never equals a target's
+from .speculative import Draft, distribution, draw_from, greedy_token
 
 
 class DraftModelProposer:
@@ -128,11 +125,7 @@ class DraftModelProposer:
         if params.temperature == 0:
             return greedy_token(logits, params, history), None
         q = distribution(logits, params, history)
-        if mirror.generator is None:
-            mirror.generator = torch.Generator(device=logits.device)
-            seed = params.seed if params.seed is not None else secrets.randbits(32)
-            mirror.generator.manual_seed(seed + DRAFT_SEED_OFFSET)
-        return int(torch.multinomial(q, 1, generator=mirror.generator)), q
+        return draw_from(q, mirror.seed, len(history), Stream.DRAFT), q  # its own stream: independent of the target's draws
 
     def _target_vocab(self, row: torch.Tensor) -> torch.Tensor:
         """The draft's logits over the target's ids: padding rows beyond either table never win."""

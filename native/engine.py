@@ -140,7 +140,8 @@ class LLMEngine:
             picks = self.speculator.verify(logits, samplers, self.sampler)
         else:
             logits = self.runner.run(scheduled)
-            tokens, logprobs = self.sampler(logits, [item.seq for item in samplers]) if samplers else ([], [])
+            # the sampler returns tensors; to_host is the step's one wait for the device
+            tokens, logprobs = self.sampler(logits, [item.seq for item in samplers]).to_host() if samplers else ([], [])
             picks = [([token], [lp]) for token, lp in zip(tokens, logprobs)]
         self.counters.steps += 1
         outputs: list[StepOutput] = []

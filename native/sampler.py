@@ -1,24 +1,24 @@
-"""Choosing each sequence's next token from its logits.
+"""Choosing every sequence's next token from its logits, for the whole batch at once.
 
-The order of operations is llama.cpp's sampler chain, so both backends treat
-the same SamplingParams alike: penalties (over the last `repeat_last_n`
-generated tokens), then greedy if the temperature is 0, else top-k, top-p,
-min-p, temperature, and a draw. Each request draws from its own generator,
-seeded from its seed, so its tokens do not depend on what else is in the batch.
+The chain (penalties, greedy or top-k, top-p, min-p, temperature and a draw)
+is sampling_chain.py; its random numbers are sampling_rng.py, keyed by the
+request's seed and the token's position, so a request's tokens do not depend
+on what else is in the batch. The Sampler returns tensors on the logits'
+device; the engine brings a step's tokens and logprobs to the host with one
+copy (`SampleOutput.to_host`), the step's only wait for the device.
 
 Log-probabilities are those of the model (log-softmax of the raw logits, before
-penalties and temperature), as the llama.cpp backend reports them.
+penalties and temperature), as the llama.cpp backend reports them: one
+log-softmax and one top-k over the rows that asked for them.
 """
 
 from __future__ import annotations
 
-import secrets
 from dataclasses import dataclass
 
 import torch
 
-from localllm.core.requests import SamplingParams
-
+from .sampling_chain import Row, choose, make_row, to_device
 from .sequence import Sequence
 
 
@@ -29,89 +29,79 @@ class TokenLogprobs:
     top: list[tuple[int, float]]  # the most likely tokens, best first
 
 
-def _plain_greedy(p: SamplingParams) -> bool:
-    return p.temperature == 0 and not _has_penalties(p)
+@dataclass
+class Logprobs:
+    """The model's log-probabilities for the rows that asked, still on the device."""
+
+    rows: list[int]  # which rows of the batch asked (host-known)
+    counts: list[int]  # how many alternatives each of them asked for
+    chosen: torch.Tensor  # (len(rows),) float32: the log-probability of the row's token
+    top_values: torch.Tensor  # (len(rows), max(counts)) float32, best first
+    top_ids: torch.Tensor  # (len(rows), max(counts)) int64
 
 
-def _has_penalties(p: SamplingParams) -> bool:
-    return p.repeat_last_n != 0 and (p.repeat_penalty != 1.0 or p.presence_penalty != 0 or p.frequency_penalty != 0)
+def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, rows: list[Row]) -> Logprobs | None:
+    """Log-softmax of the raw logits of the rows that asked, at their tokens, and their top alternatives."""
+    asked = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
+    if not asked:
+        return None
+    counts = [rows[i].params.logprobs for i in asked]
+    index = to_device(asked, torch.int64, logits.device) if len(asked) < len(rows) else None
+    picked = logits if index is None else logits.index_select(0, index)
+    logp = torch.log_softmax(picked.float(), dim=-1)
+    chosen = logp.gather(1, (tokens if index is None else tokens.index_select(0, index)).unsqueeze(1)).squeeze(1)
+    top = torch.topk(logp, max(counts), dim=-1)
+    return Logprobs(asked, counts, chosen, top.values, top.indices)
+
+
+@dataclass
+class SampleOutput:
+    """A step's choices, on the logits' device until `to_host`."""
+
+    tokens: torch.Tensor  # (R,) int64
+    logprobs: Logprobs | None
+
+    def to_host(self) -> tuple[list[int], list[TokenLogprobs | None]]:
+        """Tokens and logprobs as Python values, in one device-to-host copy.
+
+        Everything travels as float64 (token ids are far below 2^53, float32
+        log-probabilities widen exactly).
+        """
+        lp = self.logprobs
+        parts = [self.tokens.double()]
+        if lp is not None:
+            parts += [lp.chosen.double(), lp.top_values.double().flatten(), lp.top_ids.double().flatten()]
+        host = torch.cat(parts).tolist()  # the one wait for the device
+        n = len(self.tokens)
+        tokens = [int(t) for t in host[:n]]
+        out: list[TokenLogprobs | None] = [None] * n
+        if lp is not None:
+            width = lp.top_values.shape[1]
+            chosen = host[n : n + len(lp.rows)]
+            values = host[n + len(lp.rows) : n + len(lp.rows) * (1 + width)]
+            ids = host[n + len(lp.rows) * (1 + width) :]
+            for j, (row, count) in enumerate(zip(lp.rows, lp.counts)):
+                top = [(int(ids[j * width + a]), values[j * width + a]) for a in range(count)]
+                out[row] = TokenLogprobs(tokens[row], chosen[j], top)
+        return tokens, out
+
+
+def sample(logits: torch.Tensor, rows: list[Row]) -> SampleOutput:
+    """logits: (len(rows), vocab) -> each row's token and, where asked, logprobs; nothing leaves the device."""
+    tokens = choose(logits, rows)
+    return SampleOutput(tokens, logprobs_of(logits, tokens, rows))
+
+
+def row_of(seq: Sequence) -> Row:
+    """The row for a sequence's next token."""
+    return make_row(seq.params, seq.seed, seq.completion_ids)
 
 
 class Sampler:
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[TokenLogprobs | None]]:
-        """logits: (len(seqs), vocab) float32 -> one token per sequence, and logprobs where asked."""
-        if all(_plain_greedy(s.params) for s in seqs):
-            tokens = logits.argmax(dim=-1).tolist()
-        else:
-            tokens = [self._sample_one(logits[i], seq) for i, seq in enumerate(seqs)]
-        logprobs = [
-            _logprobs(logits[i], tokens[i], seq.params.logprobs) if seq.params.logprobs is not None else None
-            for i, seq in enumerate(seqs)
-        ]
-        return tokens, logprobs
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleOutput:
+        """logits: (len(seqs), vocab) -> one token per sequence, and logprobs where asked (tensors; see to_host)."""
+        return self.sample_rows(logits, [row_of(seq) for seq in seqs])
 
-    def _sample_one(self, logits: torch.Tensor, seq: Sequence) -> int:
-        return draw(logits, seq, seq.completion_ids)
-
-
-def draw(logits: torch.Tensor, seq: Sequence, history: list[int]) -> int:
-    """The token that follows `history` (the sequence's generated tokens): penalties, filters, one draw.
-
-    Speculative decoding checks guesses with this same draw, from the same
-    generator, so a request's sampled tokens are the ones plain decoding gives.
-    """
-    p = seq.params
-    if _has_penalties(p):
-        logits = apply_penalties(logits, history, p)
-    if p.temperature == 0:
-        return int(logits.argmax())
-    values, ids = filter_candidates(logits, p)
-    probs = torch.softmax(values / p.temperature, dim=-1)
-    pick = torch.multinomial(probs, 1, generator=request_generator(seq, logits.device))
-    return int(ids[pick])
-
-
-def request_generator(seq: Sequence, device: torch.device) -> torch.Generator:
-    """The request's own random generator, made on first use from its seed."""
-    if seq.generator is None:
-        seq.generator = torch.Generator(device=device)
-        seq.generator.manual_seed(seq.params.seed if seq.params.seed is not None else secrets.randbits(63))
-    return seq.generator
-
-
-def apply_penalties(logits: torch.Tensor, history: list[int], p: SamplingParams) -> torch.Tensor:
-    """Repetition (divide positive logits, multiply negative ones), presence and frequency penalties."""
-    window = history if p.repeat_last_n < 0 else history[len(history) - p.repeat_last_n :]
-    if not window:
-        return logits
-    ids, counts = torch.tensor(window, device=logits.device).unique(return_counts=True)
-    logits = logits.clone()
-    picked = logits[ids]
-    if p.repeat_penalty != 1.0:
-        picked = torch.where(picked > 0, picked / p.repeat_penalty, picked * p.repeat_penalty)
-    picked = picked - counts.to(picked.dtype) * p.frequency_penalty - p.presence_penalty
-    logits[ids] = picked
-    return logits
-
-
-def filter_candidates(logits: torch.Tensor, p: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k, then top-p, then min-p: the surviving logits (best first) and their token ids."""
-    k = p.top_k if 0 < p.top_k < logits.numel() else logits.numel()
-    values, ids = torch.topk(logits, k)  # sorted, best first
-    if p.top_p < 1.0:
-        probs = torch.softmax(values, dim=-1)
-        before = torch.cumsum(probs, dim=-1) - probs  # mass of the better candidates
-        keep = int((before < p.top_p).sum())  # the smallest prefix whose mass reaches top_p
-        values, ids = values[: max(keep, 1)], ids[: max(keep, 1)]
-    if p.min_p > 0:
-        probs = torch.softmax(values, dim=-1)
-        keep = int((probs >= p.min_p * probs[0]).sum())
-        values, ids = values[: max(keep, 1)], ids[: max(keep, 1)]
-    return values, ids
-
-
-def _logprobs(logits: torch.Tensor, token: int, n: int) -> TokenLogprobs:
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    top = torch.topk(logp, n) if n else None
-    pairs = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
-    return TokenLogprobs(token, float(logp[token]), pairs)
+    def sample_rows(self, logits: torch.Tensor, rows: list[Row]) -> SampleOutput:
+        """Rows described directly (speculative checks draw at several positions of one sequence)."""
+        return sample(logits, rows)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import secrets
 from enum import Enum
 
 from localllm.core.requests import SamplingParams
@@ -42,7 +43,8 @@ class Sequence:
         self.num_cached_prompt = -1  # prompt tokens found in the prefix cache at first admission
         self.num_preemptions = 0
         self.finish_reason: str | None = None
-        self.generator = None  # the sampler's per-request random generator, made on first use
+        # The key of the request's random numbers (sampling_rng.py): its own seed, or a random one for the request.
+        self.seed = params.seed if params.seed is not None else secrets.randbits(63)
         self.spec = None  # speculative decoding's record of this request (speculative.SpecState), made on first use
 
     @property

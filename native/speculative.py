@@ -12,8 +12,9 @@ too. Two ways to check:
 
 - Certain guesses (prompt lookup's; and any guess for a greedy request): at
   each position the model draws its token exactly as plain decoding would
-  (sampler.draw: penalties over the tokens before it, top-k, top-p, min-p,
-  temperature, one draw from the request's generator) and the guess is kept
+  (the sampler's chain: penalties over the tokens before it, top-k, top-p,
+  min-p, temperature, and a draw keyed by the request's seed and the token's
+  position, sampling_rng.py) and the guess is kept
   if it is that token. The output is plain decoding's, token for token, for
   greedy and for seeded sampled requests alike (up to rounding: the checking
   pass adds up the same logits in another order). For sampling this is
@@ -24,7 +25,12 @@ too. Two ways to check:
   every filter the sampler applies and q the draft's (drawn with the same
   filters), d is kept with probability min(1, p(d) / q(d)); a rejected guess
   is replaced by a draw from max(0, p - q), renormalised. Every token is
-  distributed as plain sampling's, though not the same draw for a seed.
+  distributed as plain sampling's, though not the same draw for a seed
+  (the bonus token after all guesses are kept is plain decoding's draw).
+
+Every position of every sequence in the step is checked in one batched
+sampler call, and the host reads the results once (once more when a draft
+model's sampled guesses need their acceptance tests).
 
 Rejected guesses roll back: the sequence's tokens and cache count shrink to
 what was verified (their K/V slots are overwritten by the next step's tokens),
@@ -58,16 +64,18 @@ from localllm.core.requests import SamplingParams
 from localllm.core.speculation import SpeculationOptions
 
 from localllm.engine_kit.ngram import lookup
-from .sampler import (
-    Sampler,
-    TokenLogprobs,
-    _has_penalties,
-    _logprobs,
+from .sampler import Sampler, TokenLogprobs
+from .sampling_chain import (
+    Row,
+    Settings,
     apply_penalties,
-    draw,
-    filter_candidates,
-    request_generator,
+    candidate_probs,
+    candidates,
+    dense_probs,
+    make_row,
+    to_device,
 )
+from .sampling_rng import Stream, gumbels, row_key, uniforms
 from .scheduler import Scheduled
 from .sequence import Sequence
 
@@ -191,40 +199,40 @@ class Speculator:
     def verify(self, logits: torch.Tensor, samplers: list[Scheduled], sampler: Sampler):
         """Logits of every sampling item (1 + n_draft rows each, in order) -> (tokens, logprobs) per item.
 
-        Items without guesses are sampled as in plain decoding. For the others,
-        the tokens are the kept guesses plus one more (laid out by verify_rows).
+        Each row is drawn as plain decoding would draw there, had the guesses
+        before it been kept (items without guesses are plain decoding). The
+        tokens are the kept guesses plus one more (laid out by verify_rows).
         """
-        results: list[tuple[list[int], list[TokenLogprobs | None]] | None] = [None] * len(samplers)
-        plain: list[int] = []
-        plain_rows: list[int] = []
-        offset = 0
-        for i, item in enumerate(samplers):
-            n = 1 + item.n_draft
-            if item.n_draft:
-                results[i] = self._verify_one(logits[offset : offset + n], item)
+        rows: list[Row] = []
+        starts: list[int] = []
+        for item in samplers:
+            seq = item.seq
+            history = seq.token_ids[seq.num_prompt_tokens : seq.num_tokens - item.n_draft]  # generated and verified
+            guesses = self._pending[id(seq)].tokens if item.n_draft else []
+            starts.append(len(rows))
+            rows += [make_row(seq.params, seq.seed, history + guesses[:i]) for i in range(len(guesses) + 1)]
+        tokens, logprobs = sampler.sample_rows(logits, rows).to_host()
+        sampled = [(item, start) for item, start in zip(samplers, starts) if self._is_sampled_check(item)]
+        checks = _rejection_checks(logits, rows, sampled, self._pending) if sampled else {}
+        results = []
+        for item, start in zip(samplers, starts):
+            n = item.n_draft
+            if not n:
+                results.append(([tokens[start]], [logprobs[start]]))
+                continue
+            seq, draft = item.seq, self._pending[id(item.seq)]
+            if id(seq) in checks:
+                kept = _resolve_sampled(draft.tokens, checks[id(seq)], tokens[start + n], logprobs[start : start + n + 1])
             else:
-                plain.append(i)
-                plain_rows.append(offset)
-            offset += n
-        if plain:
-            tokens, logprobs = sampler(logits[plain_rows], [samplers[i].seq for i in plain])
-            for i, token, lp in zip(plain, tokens, logprobs):
-                results[i] = ([token], [lp])
+                kept = _resolve_certain(draft.tokens, tokens[start : start + n + 1], logprobs[start : start + n + 1])
+            self._record(seq, proposed=len(draft.tokens), accepted=len(kept[0]) - 1)
+            results.append(kept)
         self._pending.clear()
         return results
 
-    def _verify_one(self, rows: torch.Tensor, item: Scheduled) -> tuple[list[int], list[TokenLogprobs | None]]:
-        seq = item.seq
-        draft = self._pending[id(seq)]
-        history = seq.token_ids[seq.num_prompt_tokens : seq.num_tokens - item.n_draft]  # generated and verified
-        if draft.probs is None or seq.params.temperature == 0:
-            tokens = _check_certain(rows, seq, draft.tokens, history)
-        else:
-            tokens = _check_sampled(rows, seq, draft, history)
-        n = seq.params.logprobs
-        logprobs = [_logprobs(rows[i], t, n) if n is not None else None for i, t in enumerate(tokens)]
-        self._record(seq, proposed=len(draft.tokens), accepted=len(tokens) - 1)
-        return tokens, logprobs
+    def _is_sampled_check(self, item: Scheduled) -> bool:
+        """A draft model's guesses for a sampled request: rejection sampling, not equality."""
+        return bool(item.n_draft) and self._pending[id(item.seq)].probs is not None and item.seq.params.temperature > 0
 
     def _record(self, seq: Sequence, *, proposed: int, accepted: int) -> None:
         s, o = seq.spec, self.options.native
@@ -269,56 +277,100 @@ def verify_rows(step: list[Scheduled]) -> list[int]:
 
 def distribution(logits: torch.Tensor, params: SamplingParams, history: list[int]) -> torch.Tensor:
     """The sampler's distribution over the whole vocabulary: penalties, top-k, top-p, min-p, temperature."""
-    if _has_penalties(params):
-        logits = apply_penalties(logits, history, params)
-    values, ids = filter_candidates(logits, params)
-    probs = torch.zeros(logits.shape[-1], dtype=torch.float32, device=logits.device)
-    probs[ids] = torch.softmax(values.float() / params.temperature, dim=-1)
-    return probs
+    rows = [make_row(params, 0, history)]
+    s = Settings.of(rows, logits.shape[-1], logits.device)
+    return dense_probs(candidates(logits.unsqueeze(0), rows, s), s, logits.shape[-1])[0]
 
 
 def greedy_token(logits: torch.Tensor, params: SamplingParams, history: list[int]) -> int:
-    if _has_penalties(params):
-        logits = apply_penalties(logits, history, params)
-    return int(logits.argmax())
+    return int(apply_penalties(logits.unsqueeze(0), [make_row(params, 0, history)]).argmax())
 
 
-def _check_certain(rows: torch.Tensor, seq: Sequence, guesses: list[int], history: list[int]) -> list[int]:
+def draw_from(probs: torch.Tensor, seed: int, position: int, stream: Stream) -> int:
+    """One token from a dense distribution (V,), keyed like the sampler's draws (a draft model's guesses)."""
+    ids = torch.nonzero(probs).flatten().unsqueeze(0)
+    noise = gumbels(torch.tensor([row_key(seed, position, stream)], device=ids.device), ids)
+    return int(ids[0, (probs[ids[0]].double().log() + noise[0]).argmax()])
+
+
+def _resolve_certain(guesses: list[int], draws: list[int], logprobs: list) -> tuple[list[int], list]:
     """Keep guesses while each is the token plain decoding draws there; then that token."""
-    if seq.params.temperature == 0 and not _has_penalties(seq.params):
-        choices = rows.argmax(dim=-1).tolist()  # one call for every position
-        tokens = []
-        for i, guess in enumerate(guesses):
-            tokens.append(choices[i])
-            if choices[i] != guess:
-                return tokens
-        return tokens + [choices[len(guesses)]]
-    tokens = []
-    for i in range(len(guesses) + 1):
-        token = draw(rows[i], seq, history + guesses[:i])  # penalties see the kept guesses before it
-        tokens.append(token)
-        if i == len(guesses) or token != guesses[i]:
-            return tokens
-    return tokens
-
-
-def _check_sampled(rows: torch.Tensor, seq: Sequence, draft: Draft, history: list[int]) -> list[int]:
-    """Rejection sampling against the draft's distributions: each token is distributed as the target's."""
-    gen = request_generator(seq, rows.device)
-    params, guesses, q = seq.params, draft.tokens, draft.probs
-    tokens: list[int] = []
     for i, guess in enumerate(guesses):
-        p = distribution(rows[i], params, history + guesses[:i])
-        q_i = q[i].to(p.device)
-        u = float(torch.rand(1, generator=gen, device=rows.device))
-        if u * float(q_i[guess]) < float(p[guess]):  # kept with probability min(1, p / q)
-            tokens.append(guess)
-            continue
-        residual = torch.clamp(p - q_i, min=0.0)
-        if float(residual.sum()) <= 0.0:  # only by rounding, where p and q agree
-            residual = p
-        tokens.append(int(torch.multinomial(residual, 1, generator=gen)))
-        return tokens
-    p = distribution(rows[len(guesses)], params, history + guesses)
-    tokens.append(int(torch.multinomial(p, 1, generator=gen)))  # every guess kept: a bonus token
-    return tokens
+        if draws[i] != guess:
+            return draws[: i + 1], logprobs[: i + 1]
+    return draws, logprobs
+
+
+@dataclass
+class _Checked:
+    """A sampled item's rejection tests, on the host: per guess, kept?, the replacement, and logprobs."""
+
+    kept: list[bool]
+    replacements: list[int]
+    guess_logprobs: list[float] | None
+    replacement_logprobs: list[float] | None
+
+
+def _rejection_checks(logits: torch.Tensor, rows: list[Row], sampled: list[tuple[Scheduled, int]], pending: dict) -> dict[int, _Checked]:
+    """Rejection sampling against the draft's distributions, all guesses of all items at once.
+
+    With p the target's filtered distribution at a guess and q the draft's, the
+    guess is kept when u * q(d) < p(d) (probability min(1, p / q)); the
+    replacement is a draw from max(0, p - q), renormalised (p itself where
+    rounding leaves nothing). The host reads the results once.
+    """
+    index, guesses, qs = [], [], []
+    for item, start in sampled:
+        draft = pending[id(item.seq)]
+        index += range(start, start + item.n_draft)
+        guesses += draft.tokens
+        qs.append(draft.probs.to(logits.device))
+    device = logits.device
+    picked = logits.index_select(0, to_device(index, torch.int64, device))
+    picked_rows = [rows[i] for i in index]
+    s = Settings.of(picked_rows, logits.shape[-1], device)
+    c = candidates(picked, picked_rows, s)
+    p = candidate_probs(c, s)
+    q = torch.cat(qs).float()
+    guess = to_device(guesses, torch.int64, device).unsqueeze(1)
+    p_guess = (p * (c.ids == guess)).sum(dim=1)
+    u = uniforms(s.keys(Stream.ACCEPT), guess).squeeze(1)
+    kept = u * q.gather(1, guess).squeeze(1).double() < p_guess.double()
+    residual = torch.clamp(p - q.gather(1, c.ids), min=0.0)
+    residual = torch.where(residual.sum(dim=1, keepdim=True) > 0, residual, p)
+    noise = gumbels(s.keys(Stream.RESIDUAL), c.ids)
+    replacement = c.ids.gather(1, (residual.double().log() + noise).argmax(dim=1, keepdim=True))
+    parts = [kept.double(), replacement.squeeze(1).double()]
+    with_logprobs = any(r.params.logprobs is not None for r in picked_rows)
+    if with_logprobs:
+        logp = torch.log_softmax(picked.float(), dim=-1)
+        parts += [logp.gather(1, guess).squeeze(1).double(), logp.gather(1, replacement).squeeze(1).double()]
+    host = torch.cat(parts).tolist()
+    n = len(index)
+    out: dict[int, _Checked] = {}
+    offset = 0
+    for item, _ in sampled:
+        k = item.n_draft
+        part = [host[j * n + offset : j * n + offset + k] for j in range(len(parts))]
+        out[id(item.seq)] = _Checked(
+            [bool(x) for x in part[0]], [int(x) for x in part[1]], part[2] if with_logprobs else None, part[3] if with_logprobs else None
+        )
+        offset += k
+    return out
+
+
+def _resolve_sampled(guesses: list[int], checked: _Checked, bonus: int, logprobs: list) -> tuple[list[int], list]:
+    """Kept guesses up to the first rejection and its replacement; all kept: plain decoding's bonus draw."""
+    tokens: list[int] = []
+    lps: list = []
+    for i, guess in enumerate(guesses):
+        token = guess if checked.kept[i] else checked.replacements[i]
+        tokens.append(token)
+        if logprobs[i] is not None:
+            value = checked.guess_logprobs[i] if checked.kept[i] else checked.replacement_logprobs[i]
+            lps.append(TokenLogprobs(token, value, logprobs[i].top))
+        else:
+            lps.append(None)
+        if not checked.kept[i]:
+            return tokens, lps
+    return tokens + [bonus], lps + [logprobs[len(guesses)]]

@@ -338,6 +338,58 @@ def test_speculative_sampling_is_seeded_per_request(tiny):
     assert together == alone
 
 
+@pytest.mark.parametrize("proposer", ["ngram", "draft"])
+def test_speculative_logprobs_are_the_targets_log_softmax(tiny, sampling_case, proposer):
+    """Kept guesses, replacements and bonus tokens each carry the target's log-softmax at their position."""
+    if proposer == "ngram":
+        spec = ngram()
+    else:
+        spec = SpeculationOptions("draft", num_tokens=3, draft=tiny["draft"], native=NativeGuessing(min_acceptance=0.0))
+    e = engine(tiny["llama"], spec)
+    batch = [sampling_case[0]] * 6 + prompts()
+    outputs: dict[str, list] = {}
+    for i, prompt in enumerate(batch):
+        e.add_request(f"r{i}", prompt, SamplingParams(**{**vars(SAMPLED), "seed": i, "max_tokens": 30, "logprobs": 3}))
+        outputs[f"r{i}"] = []
+    while e.has_work():
+        for out in e.step():
+            outputs[out.request_id].append(out)
+    c = e.speculator.counters
+    assert 0 < c.accepted < c.proposed
+    plain = engine(tiny["llama"], prefix_caching=False)
+    for prompt, outs in zip(batch, outputs.values()):
+        tokens = [o.token for o in outs]
+        exact = torch.log_softmax(plain.prompt_logits(prompt + tokens[:-1], last=len(tokens)).double(), dim=-1)
+        for i, o in enumerate(outs):
+            assert o.logprobs.token == o.token
+            assert o.logprobs.logprob == pytest.approx(float(exact[i, o.token]), abs=1e-4)
+            assert [t for t, _ in o.logprobs.top] == exact[i].topk(3).indices.tolist()
+
+
+def test_speculative_verification_reads_the_device_once_per_step(tiny, sampling_case, monkeypatch):
+    """Every position of every sequence (guesses or not, greedy or sampled) is drawn in one batched call."""
+    from test_native_sampler import ReadCounter
+
+    e = engine(tiny["llama"], ngram())
+    reads = ReadCounter(monkeypatch)
+    per_step: list[int] = []
+    verify = Speculator.verify
+
+    def counted(self, logits, samplers, sampler):
+        before = reads.count
+        result = verify(self, logits, samplers, sampler)
+        per_step.append(reads.count - before)
+        return result
+
+    monkeypatch.setattr(Speculator, "verify", counted)
+    batch = [sampling_case[0]] * 3 + prompts()
+    params = [SamplingParams(**{**vars(SAMPLED), "seed": i, "max_tokens": 20, "logprobs": 2}) for i in range(3)]
+    params += [SamplingParams(temperature=0, max_tokens=20, repeat_penalty=1.3)] * 3
+    e.generate(batch, params)
+    assert len(per_step) > 5 and set(per_step) == {1}
+    assert e.speculator.counters.proposed > 20  # steps with guesses among them
+
+
 # -- auto-off ------------------------------------------------------------------------------------
 
 
@@ -346,7 +398,8 @@ def test_speculative_turns_itself_off_when_guesses_keep_failing(tiny):
     spec = SpeculationOptions("ngram", num_tokens=4, ngram_min=1, ngram_max=2, native=NativeGuessing(min_acceptance=0.5, min_steps=4))
     e = engine(tiny["llama"], spec)
     random_prompt = torch.randint(3, TINY_VOCAB, (60,), generator=torch.Generator().manual_seed(9)).tolist()
-    seq = e.add_request("r", random_prompt, SamplingParams(temperature=1.0, seed=0, max_tokens=60))
+    # seed 1: its 60 draws hold no end-of-text token (the tiny vocabulary has 128), so the request runs to the end
+    seq = e.add_request("r", random_prompt, SamplingParams(temperature=1.0, seed=1, max_tokens=60))
     steps_when_off = None
     while e.has_work():
         e.step()
