@@ -85,6 +85,8 @@ def _ls_catalog(args: argparse.Namespace) -> int:
             "default_quant": e.default_quant,
             "gguf_repo": e.gguf_repo,
             "source_repo": e.source_repo,
+            "reasoning": e.reasoning,
+            "experts": e.experts,
             "installed": e.name in installed,
         }
         for e in default_catalog().entries
@@ -97,7 +99,7 @@ def _ls_catalog(args: argparse.Namespace) -> int:
         table.append(
             [
                 r["name"],
-                human_count(r["parameters"]),
+                human_count(r["parameters"]) + (" MoE" if r["experts"] else ""),
                 str(r["context_length"]),
                 r["license"],
                 r["gguf_repo"],

@@ -28,6 +28,7 @@ REQUIRED_FIELDS: dict[str, type] = {
     "heads": int,
     "kv_heads": int,
 }
+OPTIONAL_FIELDS = ("aliases", "kind", "reasoning", "experts")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*(:[a-z0-9][a-z0-9._-]*)?$")
 _REPO = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 _PARAMS = re.compile(r"^(\d+(?:\.\d+)?)([MB])$")
@@ -48,10 +49,17 @@ class CatalogEntry:
     kv_heads: int
     aliases: tuple[str, ...] = ()
     kind: str = "chat"
+    reasoning: bool = False  # thinks before answering (<think>...</think> or its own channels)
+    experts: int = 0  # experts per mixture-of-experts layer; 0: a dense model
 
     @property
     def is_embedding(self) -> bool:
         return self.kind == "embedding"
+
+    @property
+    def is_moe(self) -> bool:
+        """A mixture of experts: llama.cpp runs it, the native engine does not."""
+        return self.experts > 0
 
     @property
     def parameter_count(self) -> int:
@@ -121,7 +129,13 @@ def parse_catalog(text: str) -> Catalog:
         kind = raw.get("kind", "chat")
         if kind not in KINDS:
             raise ValueError(f"catalog: {label}: kind must be one of {', '.join(KINDS)}")
-        unknown = set(raw) - set(REQUIRED_FIELDS) - {"aliases", "kind"}
+        reasoning = raw.get("reasoning", False)
+        if not isinstance(reasoning, bool):
+            raise ValueError(f"catalog: {label}: reasoning must be true or false")
+        experts = raw.get("experts", 0)
+        if not isinstance(experts, int) or isinstance(experts, bool) or experts < 0 or experts == 1:
+            raise ValueError(f"catalog: {label}: experts must be 0 (dense) or the expert count of a mixture of experts")
+        unknown = set(raw) - set(REQUIRED_FIELDS) - set(OPTIONAL_FIELDS)
         if unknown:
             raise ValueError(f"catalog: {label}: unknown field(s) {', '.join(sorted(unknown))}")
         for name in (raw["name"], *aliases):
@@ -132,7 +146,12 @@ def parse_catalog(text: str) -> Catalog:
                 raise ValueError(f"catalog: {label}: {key} '{raw[key]}' is not ORG/REPO")
         if not _PARAMS.match(raw["parameters"]):
             raise ValueError(f"catalog: {label}: parameters '{raw['parameters']}' is not like 7.61B or 494M")
-        entries.append(CatalogEntry(**{k: raw[k] for k in REQUIRED_FIELDS}, aliases=tuple(aliases), kind=kind))
+        entries.append(
+            CatalogEntry(
+                **{k: raw[k] for k in REQUIRED_FIELDS},
+                aliases=tuple(aliases), kind=kind, reasoning=reasoning, experts=experts,
+            )
+        )
     if not entries:
         raise ValueError("catalog: no [[model]] entries")
     return Catalog(entries)
@@ -141,3 +160,13 @@ def parse_catalog(text: str) -> Catalog:
 @lru_cache(maxsize=1)
 def default_catalog() -> Catalog:
     return parse_catalog(catalog_text())
+
+
+def catalog_reasoning(name: str) -> bool | None:
+    """Whether the catalog entry a model was installed as (`NAME` or `NAME:QUANT`) reasons; None when
+    the name is no catalog entry's (a file, an hf: reference): then only its template can tell."""
+    try:
+        found = default_catalog().lookup(name)
+    except (OSError, ValueError):
+        return None
+    return found[0].reasoning if found is not None else None
