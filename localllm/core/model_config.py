@@ -112,6 +112,9 @@ def from_hf(cfg: dict[str, Any], *, has_lm_head: bool | None = None) -> ModelCon
     if cfg.get("model_type") == "gemma3" and isinstance(cfg.get("text_config"), dict):
         cfg = {**cfg["text_config"], "model_type": "gemma3_text"}  # the text half of the multimodal model
     model_type = cfg.get("model_type")
+    experts = cfg.get("num_experts") or cfg.get("num_local_experts")  # Qwen MoE; Mixtral and gpt-oss
+    if isinstance(experts, int) and experts > 0:
+        raise BadModelFile(moe_refusal(f"model type '{model_type}'", experts))
     if model_type not in HF_TYPES:
         supported = ", ".join(sorted(HF_TYPES))
         raise BadModelFile(f"model type '{model_type}' is not supported by the native engine (supported: {supported})")
@@ -237,9 +240,17 @@ def _rope_spec(p: dict[str, Any], default_theta: float) -> RopeSpec:
 # -- GGUF header ----------------------------------------------------------------
 
 
+def moe_refusal(what: str, experts: int) -> str:
+    """One line for a mixture of experts: the native engine runs dense models only; llama.cpp runs these."""
+    return f"{what} is a mixture of experts ({experts} experts), which the native engine does not run; use --backend llamacpp"
+
+
 def from_gguf(meta: dict[str, Any], tensor_names: set[str], vocab_size: int) -> ModelConfig:
     """ModelConfig from GGUF metadata; `tensor_names` answer what the header does not say."""
     arch = meta.get("general.architecture")
+    experts = meta.get(f"{arch}.expert_count")
+    if isinstance(experts, int) and experts > 0:
+        raise BadModelFile(moe_refusal(f"GGUF architecture '{arch}'", experts))
     if arch not in GGUF_ARCHS:
         supported = ", ".join(sorted(GGUF_ARCHS))
         raise BadModelFile(f"GGUF architecture '{arch}' is not supported by the native engine (supported: {supported})")

@@ -35,7 +35,7 @@ _LAYER = re.compile(r"blk\.(\d+)\.")
 # Per-layer lists are sized from block_count and tensor names, so both are capped: the deepest
 # published models have a few hundred layers.
 MAX_LAYERS = 4096
-LATER_FIELDS = ("intermediate_size", "layer_repack_bytes", "pooling_type", "system_prompt")  # cached manifests may predate these
+LATER_FIELDS = ("intermediate_size", "layer_repack_bytes", "pooling_type", "system_prompt", "expert_count", "reasoning")  # cached manifests may predate these
 
 # ggml types whose matrices llama.cpp's CPU backend repacks (x86 AVX2 and ARM both), and the
 # row multiple it needs; the copy lives in a CPU_REPACK buffer beside the mapped file.
@@ -91,11 +91,21 @@ class ModelInfo:
     # A system prompt the installed model carries (Ollama's Modelfile SYSTEM, kept in its
     # manifest): chats that send no system message get it. Never read from a file.
     system_prompt: str | None = None
+    # `{arch}.expert_count`: experts per layer of a mixture of experts (0: dense). llama.cpp runs
+    # them; the native engine does not, so the fit planner plans them for llama.cpp only.
+    expert_count: int = 0
+    # Whether the model reasons, where its catalog entry says so (None: not a catalog model; then
+    # its template tells, core/reasoning.py). Never read from a file.
+    reasoning: bool | None = None
 
     @property
     def is_embedding_model(self) -> bool:
         """A model made to embed (it pools its states into one vector), not to generate text."""
         return self.pooling_type in EMBEDDING_POOLING_TYPES
+
+    @property
+    def is_moe(self) -> bool:
+        return self.expert_count > 0
 
     @property
     def weight_bytes(self) -> int:
@@ -279,6 +289,7 @@ def _model_info(g: GGUFFile) -> ModelInfo:
         intermediate_size=_int(g, f"{arch}.feed_forward_length", 0),
         layer_repack_bytes=layer_repack,
         pooling_type=_int(g, f"{arch}.pooling_type", None),
+        expert_count=_int(g, f"{arch}.expert_count", 0),
     )
 
 

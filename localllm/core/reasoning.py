@@ -171,13 +171,20 @@ class ReplyReasoning:
         return split_reply(text, inside=self.inside) if self.reasons else Split(answer=text)
 
 
-def thinking_switch(template: str | None, think: bool | None, model_name: str) -> dict[str, bool]:
+def thinking_switch(
+    template: str | None, think: bool | None, model_name: str, reasons: bool | None = None
+) -> dict[str, bool]:
     """Template variables for a request's think on/off choice (`enable_thinking` where the template takes it).
 
-    Asking a model that cannot reason to think is refused, as Ollama refuses it.
+    `reasons`: the catalog's word that the model reasons (ModelInfo.reasoning). A request that
+    says nothing then gets thinking on, whatever the template would do unasked; a model the
+    catalog does not mark keeps its template's own default. Asking a model that cannot reason
+    to think is refused, as Ollama refuses it.
     """
-    if think and not template_reasons(template):
+    if think and not (template_reasons(template) or reasons):
         raise BadRequest(f"model '{model_name}' does not support thinking")
+    if think is None and reasons:
+        think = True
     if think is None or not template_switches_thinking(template):
         return {}
     return {"enable_thinking": bool(think)}

@@ -86,7 +86,8 @@ class Plan:
 
 
 def native_supports(info: ModelInfo) -> bool:
-    return info.architecture in NATIVE_ARCHITECTURES
+    """Whether the native engine runs the model: a dense model of an architecture it implements."""
+    return info.architecture in NATIVE_ARCHITECTURES and not info.is_moe
 
 
 def plan_fit(
@@ -228,6 +229,8 @@ def _check(info: ModelInfo, wishes: Wishes) -> None:
 
 
 def _native_unsupported(info: ModelInfo) -> str:
+    if info.is_moe:
+        return f"the native engine does not run a mixture of experts ({info.expert_count} experts)"
     return (
         f"the native engine does not run the {info.architecture} architecture "
         f"(it runs {', '.join(sorted(NATIVE_ARCHITECTURES))})"

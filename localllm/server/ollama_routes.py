@@ -265,7 +265,7 @@ async def generate(body: OllamaGenerateRequest, request: Request) -> Response:
 def _prepare_generate(body: OllamaGenerateRequest, params: SamplingParams, backend: Any) -> tuple[GenerationRequest, ReplyReasoning]:
     """Template, grammar and tokens for /api/generate: model work, run off the event loop."""
     template = backend.info.chat_template
-    template_vars = thinking_switch(template, _think(body.think), body.model)
+    template_vars = thinking_switch(template, _think(body.think), body.model, getattr(backend.info, "reasoning", None))
     messages = None
     if body.raw:
         prompt, templated = body.prompt, False
@@ -311,7 +311,7 @@ def _prepare_chat(
     body: OllamaChatRequest, params: SamplingParams, backend: Any
 ) -> tuple[GenerationRequest, ToolPlan | None, ReplyReasoning]:
     """Tools, template, grammar and tokens for /api/chat: model work, run off the event loop."""
-    template_vars = thinking_switch(backend.info.chat_template, _think(body.think), body.model)
+    template_vars = thinking_switch(backend.info.chat_template, _think(body.think), body.model, getattr(backend.info, "reasoning", None))
     tools = plan_tools(
         [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None,
         "auto",

@@ -31,6 +31,7 @@ from localllm.core.config import Paths, paths
 from localllm.core.errors import BadModelFile, BadRequest, ModelNotFound, ModelNotInstalled, UnsafeStorePath
 from localllm.core.modelinfo import ModelInfo, read_model_info
 from localllm.store.own_files import MAX_NAME_BYTES, check_model_name, check_path_text, is_own_file, not_a_link, open_file
+from localllm.store.catalog import catalog_reasoning
 from localllm.store.refs import parse_ref
 
 STARTER_NAME = "starter"  # Gemma 3 270M base, shipped as a Python package (store/bundled.py): tests and benchmarks
@@ -70,6 +71,7 @@ class ResolvedModel:
         """The file's facts, with the manifest's own template and system prompt over the file's."""
         info = self._file_info()
         if self.manifest is not None:
+            info.reasoning = catalog_reasoning(self.manifest.name)  # None: not a catalog model
             if self.manifest.template:
                 info.chat_template = self.manifest.template
             if self.manifest.system:
