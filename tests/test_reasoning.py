@@ -110,6 +110,19 @@ def test_thinking_switch() -> None:
     assert thinking_switch("{{ messages }}", False, "m") == {}
 
 
+def test_the_catalogs_reasoning_flag_is_the_default_for_think() -> None:
+    qwen = "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>{% endif %}"
+    assert thinking_switch(qwen, None, "m", reasons=True) == {"enable_thinking": True}
+    assert thinking_switch(qwen, False, "m", reasons=True) == {"enable_thinking": False}  # the request wins
+    assert thinking_switch(qwen, None, "m", reasons=False) == {}  # not marked: the template's own default
+    assert thinking_switch(qwen, None, "m", reasons=None) == {}
+    # gpt-oss reasons in its own channels, with no <think> in its template: asking it to think is no error
+    harmony = "<|start|>assistant<|channel|>analysis<|message|>"
+    assert thinking_switch(harmony, True, "gpt-oss:20b", reasons=True) == {}
+    with pytest.raises(BadRequest, match="does not support thinking"):
+        thinking_switch(harmony, True, "m", reasons=None)
+
+
 class _Terminal(io.StringIO):
     def isatty(self) -> bool:
         return True
