@@ -101,7 +101,7 @@ def test_the_planner_plans_a_mixture_of_experts_for_llama_cpp_only(tmp_path):
     assert plan.fits and plan.backend == "llamacpp"
     assert {c.backend for c in plan.candidates} == {"llamacpp"}  # a dense qwen3 here would list native ones
     assert any("mixture of experts" in r for r in plan.reasons)
-    with pytest.raises(BadRequest, match="does not run a mixture of experts"):
+    with pytest.raises(BadRequest, match=r"does not run a mixture of experts \(4 experts\); use --backend llamacpp"):
         plan_fit(info, gpu_machine(), Wishes(backend="native"))
 
 

@@ -116,7 +116,7 @@ def plan_fit(
         return _chosen(candidate, [candidate], hw, wishes)
     if wishes.backend == "native" or info.format != "gguf" or wishes.weights != "auto":
         if not native_supports(info):
-            raise BadRequest(_native_unsupported(info))
+            raise BadRequest(_native_unsupported(info) + ("; use --backend llamacpp" if info.is_moe else ""))
         candidates = _native_candidates(info, hw, wishes, settings, forced=wishes.backend == "native")
         chosen = choose(candidates) or _fallback(candidates)
         if not chosen.fits and info.format == "gguf" and wishes.backend == "native":
