@@ -52,3 +52,13 @@ def test_a_model_the_catalog_does_not_know_keeps_its_templates_default(oll):
 def test_think_false_still_wins_over_the_catalog(oll):
     reply = oll.chat(model=CATALOG_NAME, messages=MESSAGES, options=OPTIONS, think=False)
     assert not reply.message.thinking and reply.message.content
+
+
+def test_show_lists_thinking_for_a_catalog_reasoning_model_whose_template_has_no_think_tags(starter_gguf):
+    from localllm.core.modelinfo import read_model_info
+    from localllm.server.capabilities import capabilities
+
+    info = read_model_info(starter_gguf)  # Gemma's template: no <think>, no enable_thinking
+    assert "thinking" not in capabilities(info)
+    info.reasoning = True  # as ResolvedModel.info() sets it for an installed `gpt-oss:20b`
+    assert "thinking" in capabilities(info)

@@ -69,7 +69,7 @@ def capabilities(info: ModelInfo) -> list[str]:
     found = ["completion"]
     if supports_tools(template):
         found.append("tools")
-    if template_reasons(template):
+    if template_reasons(template) or info.reasoning:  # the catalog's word: gpt-oss reasons without <think> tags
         found.append("thinking")
     return found
 
