@@ -436,7 +436,7 @@ def against_transformers(args, sections: set[str]) -> None:
     gguf = starter_path()
 
     start = time.perf_counter()
-    engine = LLMEngine(gguf, EngineOptions(device="cpu", threads=args.threads, n_ctx=2048, max_num_seqs=16))
+    engine = LLMEngine(gguf, EngineOptions(device="cpu", weights="float32", threads=args.threads, n_ctx=2048, max_num_seqs=16))
     print(f"native engine load: {time.perf_counter() - start:.1f} s "
           f"({engine.blocks.num_blocks} blocks of {engine.blocks.block_size} tokens)", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -504,7 +504,7 @@ def sixteen_at_once(args, engine: LLMEngine, model, tokens: list[int], bos: int)
 def kv_per_token(args, gguf: Path, c, model, text: list[int], bos: int) -> None:
     every_layer = 2 * c.n_layers * c.n_kv_heads * c.head_dim * 4
     contexts = (1024, 4096, 8192)
-    long_engine = LLMEngine(gguf, EngineOptions(device="cpu", threads=args.threads, n_ctx=max(contexts) + 64,
+    long_engine = LLMEngine(gguf, EngineOptions(device="cpu", weights="float32", threads=args.threads, n_ctx=max(contexts) + 64,
                                                 max_num_seqs=1, load_tokenizer=False))
     groups = ", ".join(f"{len(g.layers)} layers {'window ' + str(g.window) if g.window else 'global'}: "
                        f"{g.num_blocks} blocks" for g in long_engine.runner.kv_groups)

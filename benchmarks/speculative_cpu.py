@@ -69,7 +69,7 @@ def main() -> int:
     args = ap.parse_args()
 
     path = starter_path()
-    base = dict(device="cpu", threads=args.threads, n_ctx=1024, max_num_seqs=4)
+    base = dict(device="cpu", weights="float32", threads=args.threads, n_ctx=1024, max_num_seqs=4)
     plain = LLMEngine(path, EngineOptions(**base))
     spec = LLMEngine(path, EngineOptions(**base, speculation=SpeculationOptions("ngram", num_tokens=args.k)))
     print(f"starter model, float32, {args.threads} threads, {args.tokens} tokens, k={args.k}, {args.rounds} rounds")
