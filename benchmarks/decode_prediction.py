@@ -5,7 +5,7 @@
 Each round, interleaved so that load from other programs hits every side alike:
 the CPU's copy bandwidth (localllm/fit/bandwidth.py's measurement, not cached),
 then single-stream greedy decode of T tokens with llama.cpp (llama-cpp-python,
-Q4_K_M) and with the native engine in float32 and in bfloat16. A side's
+Q4_K_M) and with the native engine in float32, bfloat16, int8 and int4 weights. A side's
 efficiency is (tokens/s x bytes a token reads) / copy bandwidth, the factor
 localllm/fit/speed.py multiplies the bandwidth by; medians over the rounds.
 The bytes a token reads are the fit planner's own figures (weights, KV at the
@@ -68,8 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     info = read_model_info(gguf)
     llm = llama_cpp.Llama(str(gguf), n_ctx=1024, n_threads=args.threads, verbose=False)
     engines = {
-        dtype: LLMEngine(gguf, EngineOptions(device="cpu", dtype=dtype, threads=args.threads, n_ctx=1024, max_num_seqs=1))
-        for dtype in ("float32", "bfloat16")
+        fmt: LLMEngine(gguf, EngineOptions(device="cpu", weights=fmt, threads=args.threads, n_ctx=1024, max_num_seqs=1))
+        for fmt in ("float32", "bfloat16", "int8", "int4")
     }
     prompt = engines["float32"].tokenizer.encode(PROMPT, add_bos=True, special=False)
     context = len(prompt) + args.tokens // 2  # the KV a token reads, on average over the run

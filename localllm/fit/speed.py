@@ -55,8 +55,19 @@ EFFICIENCY: dict[tuple[str, str, str], Efficiency] = {
         "measured: the starter's bfloat16 decode on 2 shared cores reads its 0.54 GB a token at 0.26 of the copy "
         "bandwidth (benchmarks/decode_prediction.py; 1.3x float32's speed); the batch cost is float32's, a guess",
     ),
+    ("native", "cpu", "int8"): Efficiency(
+        0.22, 0.17, 0.0,
+        "measured: the starter's int8 decode on 2 cores reads its 0.27 GB a token at 0.22 of the copy bandwidth "
+        "(benchmarks/decode_prediction.py, 2026-12-07: 27 tok/s, 2.0x float32); the batch cost is float32's, a guess",
+    ),
+    ("native", "cpu", "int4"): Efficiency(
+        0.20, 0.17, 0.0,
+        "measured: the starter's int4 decode on 2 cores reads its 0.17 GB a token at 0.20 of the copy bandwidth "
+        "(benchmarks/decode_prediction.py, 2026-12-07: 40 tok/s, 3.0x float32, as fast as llama.cpp's Q4_K_M there); "
+        "the batch cost is float32's, a guess",
+    ),
     ("native", "cpu", "*"): Efficiency(
-        0.41, 0.17, 0.0, "a guess: float32's measured figures; the quantized CPU kernels are not measured yet",
+        0.05, 0.17, 0.0, "a guess: fp8 runs on the CPU only as a test path (torch's CPU fp8 product is slow)",
     ),
     ("native", "gpu", "bfloat16"): Efficiency(
         0.48, 0.0, 0.50,
