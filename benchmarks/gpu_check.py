@@ -46,7 +46,10 @@ Sections (number: what; estimated seconds on an H100):
    random Q4_K blocks (Q6_K output, float32 norms: about Q4_K_M's 4.6 GB), then
    loaded in a fresh process per weight format (--loader-formats): seconds until
    the engine is ready, the host's peak resident memory (VmHWM, file pages
-   included) and peak anonymous memory (sampled), and GPU memory after loading.
+   included) and peak anonymous memory (sampled), and GPU memory after loading;
+9. the GPU memory plan (60 s): benchmarks/gpu_memory_check.py in a fresh process
+   (a draft's pool sized beside its target's, a prompt filling the context within
+   the planned share, memory given back on close); its checks print ok or FAIL.
 """
 
 from __future__ import annotations
@@ -898,9 +901,22 @@ def load_worker(path: str, fmt: str) -> int:
     return 0
 
 
+@section("9. the GPU memory plan: a draft beside its target, the worst prompt, close (benchmarks/gpu_memory_check.py)", 60)
+def memory_plan() -> None:
+    script = Path(__file__).with_name("gpu_memory_check.py")
+    argv = [sys.executable, str(script)] + (["--smoke"] if DEVICE.type == "cpu" else [])
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    for line in done.stdout.splitlines():
+        if line.strip():
+            figure(line.strip())
+    if done.returncode != 0:
+        print(done.stderr[-2000:], flush=True)
+        raise RuntimeError(f"gpu_memory_check.py exited {done.returncode}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sections", default="1,4,7,5,8,3,2,6",
+    parser.add_argument("--sections", default="1,4,7,5,8,9,3,2,6",
                         help="which sections, in this order (default: all, the issue's targets first)")
     parser.add_argument("--skip-7b", action="store_true", help="only the 1B shape in section 5 (saves ~90 s)")
     parser.add_argument("--formats-8b", default="int4", help="weight formats section 7 sets against bfloat16")
@@ -938,6 +954,7 @@ def main() -> int:
         "6": memory,
         "7": lambda: eight_b(split(args.formats_8b)),
         "8": lambda: loader(split(args.loader_formats), args.loader_dir),
+        "9": memory_plan,
     }
     for key in split(args.sections):
         run[key]()
