@@ -94,6 +94,7 @@ class HarmonyStream:
     _pending: str = field(init=False, default="")
     _shown: dict[str, bool] = field(init=False, default_factory=dict)  # kind -> something shown
     _started: bool = field(init=False, default=False)  # the current message has shown text
+    _arguments: str = field(init=False, default="")  # the current tool call's body so far
 
     def __post_init__(self) -> None:
         self._head = self.header or ""
@@ -119,17 +120,17 @@ class HarmonyStream:
                 break
             if self._fresh and self._state == _HEADER:
                 head = self._pending.lstrip()
-                if not head:
-                    break
-                if not (head.startswith("<|") or (head == "<" and not final)):
+                if not final and (not head or head == "<"):
+                    break  # blank space, or what may yet open a marker: wait
+                if not head.startswith("<|"):
                     self._state = _PLAIN  # not harmony: all answer
                     continue
                 self._fresh = False
             at, marker = _first_marker(self._pending)
             if marker is None:
-                keep = 0 if final else _partial_marker(self._pending)
+                keep = _partial_marker(self._pending)  # at the end, a marker cut short is dropped
                 self._text(self._pending[: len(self._pending) - keep], out)
-                self._pending = self._pending[len(self._pending) - keep :]
+                self._pending = "" if final else self._pending[len(self._pending) - keep :]
                 break
             self._text(self._pending[:at], out)
             self._pending = self._pending[at + len(marker) :]
@@ -168,7 +169,7 @@ class HarmonyStream:
 
     def _open_message(self, out: Split) -> None:
         self._message = _Header.parse(self._head)
-        self._head, self._state, self._started = "", _BODY, False
+        self._head, self._state, self._started, self._arguments = "", _BODY, False, ""
         if self._message.tool is not None:
             out.answer += self._separator("answer") + f'<tool_call>{{"name": {json.dumps(self._message.tool)}, "arguments": '
             self._shown["answer"] = True
@@ -177,12 +178,13 @@ class HarmonyStream:
     def _close_message(self, out: Split, *, finished: bool) -> None:
         if self._state != _BODY:
             return
-        if self._message.tool is not None and finished:
-            out.answer += "}</tool_call>"
+        if self._message.tool is not None and (finished or _whole_json(self._arguments)):
+            out.answer += "}</tool_call>"  # a call ended by the end of the reply (<|call|> is a stop token) is whole
         self._state = _HEADER
 
     def _emit(self, text: str, out: Split) -> None:
         if self._message.tool is not None:
+            self._arguments += text
             out.answer += text
             return
         kind = "reasoning" if self._message.channel == "analysis" else "answer"
@@ -202,6 +204,14 @@ class HarmonyStream:
     def _separator(self, kind: str) -> str:
         """A blank line between two messages of the same kind (two analysis messages, say)."""
         return "\n\n" if self._shown.get(kind) else ""
+
+
+def _whole_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _first_marker(text: str) -> tuple[int, str | None]:
