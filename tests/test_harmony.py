@@ -187,6 +187,28 @@ def test_harmony_is_told_from_the_template():
     assert not think.harmony and not isinstance(think.stream(), HarmonyStream)
 
 
+def test_the_engine_shows_a_marker_only_where_the_vocabulary_holds_it_as_one_control_token(starter_gguf):
+    """gpt-oss's markers are control tokens, which llama.cpp leaves out of the text by default; the engine
+    shows those a vocabulary holds as one token. Checked on the starter's own control token and a marker
+    that is ordinary text in its vocabulary."""
+    import llama_cpp
+    from llama_cpp import _internals
+
+    from localllm.engine_kit.llama_glue import single_tokens, token_piece
+
+    params = llama_cpp.llama_model_default_params()
+    params.vocab_only = True
+    model = _internals.LlamaModel(path_model=str(starter_gguf), params=params, verbose=False)
+    try:
+        ids = single_tokens(model, ("<start_of_turn>", "<|channel|>"))
+        assert len(ids) == 1  # <|channel|> is several ordinary tokens here
+        (control,) = ids
+        assert token_piece(llama_cpp, model.vocab, control) == b""
+        assert token_piece(llama_cpp, model.vocab, control, special=True) == b"<start_of_turn>"
+    finally:
+        model.close()
+
+
 # -- through a live server -----------------------------------------------------------------------
 
 MODEL = "harmony-starter"

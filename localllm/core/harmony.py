@@ -29,7 +29,7 @@ import json
 import re
 from dataclasses import dataclass, field
 
-from localllm.core.reasoning import Split  # reasoning.py imports this module only inside its functions
+from localllm.core.reply_parts import Split
 
 START, END, MESSAGE, CHANNEL = "<|start|>", "<|end|>", "<|message|>", "<|channel|>"
 CONSTRAIN, RETURN, CALL = "<|constrain|>", "<|return|>", "<|call|>"
@@ -234,8 +234,6 @@ def _partial_marker(text: str) -> int:
 
 def split_harmony(text: str, header: str | None = "assistant") -> Split:
     """A whole harmony reply's reasoning and answer (for replies that are not streamed)."""
-    from localllm.core.reasoning import Split
-
     stream = HarmonyStream(header=header)
     first, rest = stream.feed(text), stream.flush()
     return Split(first.reasoning + rest.reasoning, first.answer + rest.answer)

@@ -16,13 +16,11 @@ tag ever reaches a user.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from localllm.core.errors import BadRequest
+from localllm.core.harmony import HarmonyStream, prompt_header, split_harmony, template_is_harmony
+from localllm.core.reply_parts import Split
 from localllm.core.requests import SamplingParams
-
-if TYPE_CHECKING:
-    from localllm.core.harmony import HarmonyStream
 
 OPEN = "<think>"
 CLOSE = "</think>"
@@ -33,8 +31,6 @@ _BEFORE, _THINKING, _ANSWER = "before", "thinking", "answer"
 def template_reasons(template: str | None) -> bool:
     """True when a chat template is a reasoning model's: it writes or mentions the thinking tags,
     or writes harmony messages (gpt-oss), whose analysis channel is its thoughts."""
-    from localllm.core.harmony import template_is_harmony
-
     return bool(template) and (OPEN in template or "enable_thinking" in template or template_is_harmony(template))
 
 
@@ -47,17 +43,6 @@ def prompt_opens_thoughts(prompt: str) -> bool:
     """True when a rendered prompt ends inside a ``<think>`` block: the reply starts as reasoning."""
     tail = prompt.rstrip()
     return tail.endswith(OPEN)
-
-
-@dataclass
-class Split:
-    """Text that is safe to show now, by kind."""
-
-    reasoning: str = ""
-    answer: str = ""
-
-    def __bool__(self) -> bool:
-        return bool(self.reasoning or self.answer)
 
 
 @dataclass
@@ -171,8 +156,6 @@ class ReplyReasoning:
     def of(cls, template: str | None, prompt: str | list[int], params: SamplingParams | None = None) -> "ReplyReasoning":
         """A grammar that holds from the first token (JSON output, a forced tool call) leaves no
         room for thoughts: such a reply is all answer, even after a prompt that opened them."""
-        from localllm.core.harmony import prompt_header, template_is_harmony
-
         reasons = template_reasons(template)
         constrained = params is not None and params.grammar is not None and not params.grammar_triggers
         if template_is_harmony(template):  # a constrained reply has no markers: read as all answer
@@ -180,17 +163,13 @@ class ReplyReasoning:
         inside = reasons and not constrained and isinstance(prompt, str) and prompt_opens_thoughts(prompt)
         return cls(reasons, inside)
 
-    def stream(self) -> "ReasoningStream | HarmonyStream | None":
+    def stream(self) -> ReasoningStream | HarmonyStream | None:
         """A fresh splitter for one reply, or None for a model that does not reason."""
-        from localllm.core.harmony import HarmonyStream
-
         if self.harmony:
             return HarmonyStream(header=self.header)
         return ReasoningStream(inside=self.inside) if self.reasons else None
 
     def split(self, text: str) -> Split:
-        from localllm.core.harmony import split_harmony
-
         if self.harmony:
             return split_harmony(text, header=self.header)
         return split_reply(text, inside=self.inside) if self.reasons else Split(answer=text)
