@@ -134,9 +134,9 @@ def test_a_prompt_that_opened_the_final_body_streams_answer_from_the_first_token
     prompt = "<|start|>user<|message|>hi<|end|><|start|>assistant<|channel|>final<|message|>"
     header = prompt_header(prompt)
     assert header == "assistant<|channel|>final<|message|>"
-    stream = HarmonyStream(header=None)
-    stream.feed(header.replace("assistant", "", 1))  # as the prompt would have
-    assert stream.feed("Hi!").answer == "Hi!"
+    stream = HarmonyStream(header=header)
+    assert stream.feed("Hi").answer == "Hi" and stream.feed("!").answer == "!"
+    assert ReplyReasoning.of(HARMONY_TEMPLATE, prompt).split("Hi!<|return|>").answer == "Hi!"
 
 
 def test_prompt_header_is_what_the_prompt_left_open():

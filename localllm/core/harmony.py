@@ -97,15 +97,18 @@ class HarmonyStream:
     _arguments: str = field(init=False, default="")  # the current tool call's body so far
 
     def __post_init__(self) -> None:
-        self._head = self.header or ""
+        """Read what the prompt wrote of the reply (its output was the prompt's, so it is dropped)."""
+        self._fresh, self._pending = False, self.header or ""
+        self._scan(final=False)
+        self._fresh = self._state == _HEADER and MESSAGE not in (self.header or "")
 
     def feed(self, text: str) -> Split:
         self._pending += text
         return self._scan(final=False)
 
     def flush(self) -> Split:
-        """At the end of the reply: whatever was held back; a call still open stays open (the tool reader
-        reports it as cut)."""
+        """At the end of the reply: whatever was held back. A call whose arguments are whole JSON is
+        closed (its <|call|> is a stop token, never shown); one cut short stays open for the tool reader."""
         return self._scan(final=True)
 
     def _scan(self, *, final: bool) -> Split:
