@@ -174,7 +174,8 @@ class HarmonyStream:
         self._message = _Header.parse(self._head)
         self._head, self._state, self._started, self._arguments = "", _BODY, False, ""
         if self._message.tool is not None:
-            out.answer += self._separator("answer") + f'<tool_call>{{"name": {json.dumps(self._message.tool)}, "arguments": '
+            opening = f'<tool_call>{{"name": {json.dumps(self._message.tool)}, "arguments": '
+            out.answer += self._separator("answer") + opening
             self._shown["answer"] = True
             self._started = True
 
