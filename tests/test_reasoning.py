@@ -119,8 +119,9 @@ def test_the_catalogs_reasoning_flag_is_the_default_for_think() -> None:
     # gpt-oss reasons in its own channels, with no <think> in its template: asking it to think is no error
     harmony = "<|start|>assistant<|channel|>analysis<|message|>"
     assert thinking_switch(harmony, True, "gpt-oss:20b", reasons=True) == {}
+    assert thinking_switch(harmony, True, "m", reasons=None) == {}  # its analysis channel is its thoughts (core/harmony.py)
     with pytest.raises(BadRequest, match="does not support thinking"):
-        thinking_switch(harmony, True, "m", reasons=None)
+        thinking_switch("{{ messages }}", True, "m", reasons=None)
 
 
 class _Terminal(io.StringIO):

@@ -58,7 +58,8 @@ from localllm.backends.logprobs import top_logprobs
 from localllm.backends.textstream import TextStream
 from localllm.core.errors import BackendError
 from localllm.core.speculation import SpeculationOptions
-from localllm.engine_kit.llama_glue import token_piece
+from localllm.core.harmony import MARKERS as HARMONY_MARKERS
+from localllm.engine_kit.llama_glue import single_tokens, token_piece
 
 
 
@@ -116,6 +117,7 @@ class LlamaCppEngine:
         self.mem = llama_cpp.llama_get_memory(self.ctx.ctx)
         self.batch = StepBatch(llama_cpp, self.ctx, cfg.n_batch, self.control)
         self.n_vocab = self.model.n_vocab()
+        self.shown_controls = single_tokens(self.model, HARMONY_MARKERS)  # gpt-oss: its reader needs them
         spec = cfg.speculation
         if spec is not None and spec.enabled:
             guesser = make_guesser(
@@ -347,7 +349,7 @@ class LlamaCppEngine:
 
     def _piece(self, token: int) -> bytes:
         """The bytes of one token as text (control tokens such as <eos> give b"")."""
-        return token_piece(self.lc, self.model.vocab, token)
+        return token_piece(self.lc, self.model.vocab, token, special=token in self.shown_controls)
 
     def _deliver(self) -> None:
         """Hand the step's events over (llamacpp_outbox.py); a request whose loop is gone is aborted next step."""

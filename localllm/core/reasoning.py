@@ -18,6 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from localllm.core.errors import BadRequest
+from localllm.core.harmony import HarmonyStream, prompt_header, split_harmony, template_is_harmony
+from localllm.core.reply_parts import Split
 from localllm.core.requests import SamplingParams
 
 OPEN = "<think>"
@@ -27,8 +29,9 @@ _BEFORE, _THINKING, _ANSWER = "before", "thinking", "answer"
 
 
 def template_reasons(template: str | None) -> bool:
-    """True when a chat template is a reasoning model's: it writes or mentions the thinking tags."""
-    return bool(template) and (OPEN in template or "enable_thinking" in template)
+    """True when a chat template is a reasoning model's: it writes or mentions the thinking tags,
+    or writes harmony messages (gpt-oss), whose analysis channel is its thoughts."""
+    return bool(template) and (OPEN in template or "enable_thinking" in template or template_is_harmony(template))
 
 
 def template_switches_thinking(template: str | None) -> bool:
@@ -40,17 +43,6 @@ def prompt_opens_thoughts(prompt: str) -> bool:
     """True when a rendered prompt ends inside a ``<think>`` block: the reply starts as reasoning."""
     tail = prompt.rstrip()
     return tail.endswith(OPEN)
-
-
-@dataclass
-class Split:
-    """Text that is safe to show now, by kind."""
-
-    reasoning: str = ""
-    answer: str = ""
-
-    def __bool__(self) -> bool:
-        return bool(self.reasoning or self.answer)
 
 
 @dataclass
@@ -149,10 +141,16 @@ def split_reply(text: str, *, inside: bool = False) -> Split:
 
 @dataclass(frozen=True)
 class ReplyReasoning:
-    """How one reply is to be read: whether the model reasons, and whether its prompt opened the thoughts."""
+    """How one reply is to be read: whether the model reasons, and whether its prompt opened the thoughts.
+
+    `harmony`: the template writes harmony messages (core/harmony.py reads the reply);
+    `header` is then what the prompt already wrote of the reply's first header.
+    """
 
     reasons: bool = False
     inside: bool = False
+    harmony: bool = False
+    header: str | None = None
 
     @classmethod
     def of(cls, template: str | None, prompt: str | list[int], params: SamplingParams | None = None) -> "ReplyReasoning":
@@ -160,14 +158,20 @@ class ReplyReasoning:
         room for thoughts: such a reply is all answer, even after a prompt that opened them."""
         reasons = template_reasons(template)
         constrained = params is not None and params.grammar is not None and not params.grammar_triggers
+        if template_is_harmony(template):  # a constrained reply has no markers: read as all answer
+            return cls(True, False, True, prompt_header(prompt) if isinstance(prompt, str) else None)
         inside = reasons and not constrained and isinstance(prompt, str) and prompt_opens_thoughts(prompt)
         return cls(reasons, inside)
 
-    def stream(self) -> ReasoningStream | None:
+    def stream(self) -> ReasoningStream | HarmonyStream | None:
         """A fresh splitter for one reply, or None for a model that does not reason."""
+        if self.harmony:
+            return HarmonyStream(header=self.header)
         return ReasoningStream(inside=self.inside) if self.reasons else None
 
     def split(self, text: str) -> Split:
+        if self.harmony:
+            return split_harmony(text, header=self.header)
         return split_reply(text, inside=self.inside) if self.reasons else Split(answer=text)
 
 
