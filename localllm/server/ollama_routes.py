@@ -276,7 +276,8 @@ def _prepare_generate(body: OllamaGenerateRequest, params: SamplingParams, backe
         prompt, templated = backend.render_chat(messages, template_vars=template_vars), True
     _format(params, body.format, None)
     reasoning = ReplyReasoning.of(template, prompt, params) if templated else ReplyReasoning()
-    return backend.prepare(GenerationRequest(new_id(), prompt, params, templated=templated, messages=messages)), reasoning
+    generation = GenerationRequest(new_id(), prompt, params, templated=templated, messages=messages, template_vars=template_vars)
+    return backend.prepare(generation), reasoning
 
 
 @router.post("/api/chat")
@@ -324,7 +325,7 @@ def _prepare_chat(
         messages = tools.prepare_messages(messages)
     prompt = backend.render_chat(messages, tools=tools.template_tools() if tools else None, template_vars=template_vars)
     _format(params, body.format, tools)
-    generation = GenerationRequest(new_id(), prompt, params, templated=True, messages=messages)
+    generation = GenerationRequest(new_id(), prompt, params, templated=True, messages=messages, template_vars=template_vars)
     return backend.prepare(generation), tools, ReplyReasoning.of(backend.info.chat_template, prompt, params)
 
 
