@@ -22,6 +22,17 @@ How requests travel:
   the upstream accepts it (status 200); the server waits for it, so an
   upstream that is down or refuses the request becomes that reply's HTTP
   status (502, or the upstream's own 4xx) instead of an error inside a stream.
+* Reasoning the upstream returns apart (`reasoning_content`: vLLM, llama.cpp's
+  server, DeepSeek; `reasoning`: Ollama's /v1, OpenRouter) becomes text wrapped
+  in ``<think>…</think>`` ahead of the answer, which is how a local reasoning
+  model writes it: the front ends split it off the same way (the remote model's
+  template, remotes.REMOTE_TEMPLATE, says replies may carry those tags), so every
+  route shows it as its own reasoning field. A reply whose text itself carries
+  the tags is split the same way.
+* The request's template variables (`enable_thinking`, a client's
+  chat_template_kwargs) go upstream as `chat_template_kwargs`, which vLLM and
+  llama.cpp's server pass to their template, and a client's `reasoning_effort`
+  as it is.
 * Closing a stream early or `abort` cancels the upstream request by closing
   its connection, which is how OpenAI-compatible servers learn of a cancel.
 
@@ -44,6 +55,7 @@ from typing import Any, AsyncIterator, Callable, Coroutine, TypeVar
 
 import httpx
 
+from localllm.core.reasoning import CLOSE, OPEN
 from localllm.core.requests import EngineStats, Event, FinishEvent, FinishReason, GenerationRequest, SamplingParams, Timings, TokenEvent, Usage
 from localllm.core.env_vars import check_header_value, check_proxy_settings
 from localllm.core.errors import BackendError, BadRequest, UpstreamRefused, UpstreamUnavailable
@@ -280,6 +292,10 @@ class RemoteBackend:
         body.update(self._extensions(p))
         if req.messages is not None:
             body["messages"] = req.messages
+            if req.template_vars:
+                body["chat_template_kwargs"] = dict(req.template_vars)
+            if req.reasoning_effort is not None:
+                body["reasoning_effort"] = req.reasoning_effort
             if p.logprobs is not None:
                 body["logprobs"], body["top_logprobs"] = True, p.logprobs
             return "/chat/completions", body
@@ -338,6 +354,7 @@ class RemoteBackend:
         chat: bool,
     ) -> FinishEvent:
         reason: str | None = None
+        thoughts = _Thoughts()
         async for line in response.aiter_lines():
             if not line.startswith("data:"):
                 continue  # blank separators, comments, event names
@@ -356,6 +373,8 @@ class RemoteBackend:
                 progress.usage = _usage(chunk["usage"])
             for choice in chunk.get("choices") or []:
                 text, logprobs = _chat_piece(choice) if chat else _completion_piece(choice)
+                if chat:
+                    text = thoughts.wrap(_reasoning_piece(choice), text)
                 if text or logprobs:
                     now = time.perf_counter()
                     progress.first_at = progress.first_at or now
@@ -457,6 +476,39 @@ def _chat_piece(choice: dict[str, Any]) -> tuple[str, list[dict] | None]:
         if isinstance(e, dict)
     ]
     return text, logprobs or None
+
+
+def _reasoning_piece(choice: dict[str, Any]) -> str:
+    """The reasoning in a chat chunk's delta: `reasoning_content` (vLLM, llama.cpp's server) or `reasoning` (Ollama, OpenRouter)."""
+    delta = choice.get("delta") or {}
+    for key in ("reasoning_content", "reasoning"):
+        if isinstance(delta.get(key), str) and delta[key]:
+            return delta[key]
+    return ""
+
+
+@dataclass
+class _Thoughts:
+    """Writes a reply's separately sent reasoning into its text as a local reasoning model would."""
+
+    open: bool = False
+    answered: bool = False  # answer text has been sent: the thoughts are over
+
+    def wrap(self, reasoning: str, text: str) -> str:
+        """The text for one chunk. Reasoning after the answer began (no upstream sends it) stays in the answer, not lost."""
+        out = ""
+        if reasoning and self.answered:
+            out += reasoning
+        elif reasoning:
+            out += reasoning if self.open else OPEN + reasoning
+            self.open = True
+        if text:
+            if self.open:
+                out += CLOSE
+                self.open = False
+            self.answered = True
+            out += text
+        return out
 
 
 def _completion_piece(choice: dict[str, Any]) -> tuple[str, list[dict] | None]:

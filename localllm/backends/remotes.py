@@ -123,6 +123,19 @@ def _route(path: Path, name: str, table: Any) -> RemoteRoute:
     return RemoteRoute(name, url, model, key_env, float(timeout) if timeout is not None else None)
 
 
+# The chat template a remote model shows. The upstream renders the chat with its own template;
+# this one writes the plain transcript the remote backend logs (RemoteBackend.render_chat) and
+# tells the front ends two facts: a reply may open with <think>...</think> (reasoning that the
+# upstream returned apart, or its model wrote), so they split it off as for a local reasoning
+# model; and enable_thinking, like every template variable, travels upstream as
+# chat_template_kwargs, so a request's think switch is honoured there.
+REMOTE_TEMPLATE = (
+    "{#- Rendered upstream by its own template: replies may open with <think>...</think>, "
+    "and enable_thinking goes upstream in chat_template_kwargs. -#}\n"
+    "{%- for m in messages %}{{ m.role }}: {{ m.content or '' }}\n{% endfor %}assistant:"
+)
+
+
 def remote_model_info(name: str, listing: dict[str, Any] | None) -> ModelInfo:
     """A ModelInfo from the upstream's /v1/models entry for the model (None: nothing known).
 
@@ -153,7 +166,7 @@ def remote_model_info(name: str, listing: dict[str, Any] | None) -> ModelInfo:
         sliding_window=None,
         sliding_window_layers=[],
         rope_freq_base=None,
-        chat_template=None,  # the upstream applies its own
+        chat_template=REMOTE_TEMPLATE,  # the upstream applies its own
         bos_token_id=None,
         eos_token_id=None,
         bos_token=None,

@@ -81,6 +81,11 @@ class GenerationRequest:
     # True once a backend's `prepare` checked it and made `prompt` token ids (on a worker thread,
     # off the server's event loop): `generate` then skips that work.
     prepared: bool = False
+    # Template variables the front end rendered with (`enable_thinking`, a client's
+    # chat_template_kwargs) and the client's `reasoning_effort`: local engines have used
+    # them already; the remote backend sends them upstream, whose template renders the chat.
+    template_vars: dict | None = None
+    reasoning_effort: str | None = None
 
 
 @dataclass

@@ -107,8 +107,8 @@ def _template_vars(body: CountTokensRequest, template: str | None) -> dict[str, 
     return thinking_switch(template, think, body.model)
 
 
-def _templated(body: CountTokensRequest, backend: Any, n_ctx: int | None) -> tuple[str, list[dict[str, Any]], ToolPlan | None]:
-    """(prompt, messages, tool plan): model work, run off the event loop."""
+def _templated(body: CountTokensRequest, backend: Any, n_ctx: int | None) -> tuple[str, list[dict[str, Any]], ToolPlan | None, dict]:
+    """(prompt, messages, tool plan, template variables): model work, run off the event loop."""
     messages = shapes.chat_messages(body)
     check_prompt_chars(text_chars(m.get("content") for m in messages), n_ctx, "messages")
     plan = drop_optional_tools(shapes.tool_plan(body.tools, body.tool_choice, backend.info.chat_template), body.model)
@@ -116,12 +116,12 @@ def _templated(body: CountTokensRequest, backend: Any, n_ctx: int | None) -> tup
         messages = plan.prepare_messages(messages)
     template_vars = _template_vars(body, backend.info.chat_template)
     prompt = backend.render_chat(messages, tools=plan.template_tools() if plan else None, template_vars=template_vars)
-    return prompt, messages, plan
+    return prompt, messages, plan, template_vars
 
 
 def _prepare(body: MessagesRequest, backend: Any, n_ctx: int | None) -> tuple[GenerationRequest, ToolPlan | None, ReplyReasoning]:
     params = shapes.sampling(body)  # cheap refusals before templating
-    prompt, messages, plan = _templated(body, backend, n_ctx)
+    prompt, messages, plan, template_vars = _templated(body, backend, n_ctx)
     output_format = body.output_config.format if body.output_config else None
     if plan is not None and plan.choice != "none":
         if output_format is not None:
@@ -129,12 +129,12 @@ def _prepare(body: MessagesRequest, backend: Any, n_ctx: int | None) -> tuple[Ge
         params.grammar, params.grammar_triggers = plan.grammar()
     elif output_format is not None:
         params.grammar = schema_grammar(output_format.schema_, "output_config.format.schema")
-    generation = GenerationRequest(new_id(), prompt, params, templated=True, messages=messages)
+    generation = GenerationRequest(new_id(), prompt, params, templated=True, messages=messages, template_vars=template_vars)
     return backend.prepare(generation), plan, ReplyReasoning.of(backend.info.chat_template, prompt, params)
 
 
 def _count(body: CountTokensRequest, backend: Any, n_ctx: int | None) -> int:
-    prompt, _, _ = _templated(body, backend, n_ctx)
+    prompt, *_ = _templated(body, backend, n_ctx)
     tokens = backend.prompt_tokens(GenerationRequest("count", prompt, templated=True))
     if tokens is None:
         raise APIError(400, f"model '{body.model}' runs on a remote server: its tokens cannot be counted here", param="model")

@@ -62,6 +62,8 @@ NDJSON = "application/x-ndjson"
 # hardware settings are the server's (--threads, --ctx; one engine serves every request),
 # and llama.cpp samplers we do not offer. They are accepted, as Ollama accepts them, and
 # the server log says once per request which were ignored. The values listed change nothing.
+# num_thread and num_gpu (LOAD_OPTIONS) apply when the request loads the model; a model
+# loaded already keeps its settings (no engine changes them without a reload) and they are logged.
 OPTIONS_IGNORED: dict[str, Any] = {
     "num_keep": None,
     "typical_p": 1.0,
@@ -72,7 +74,6 @@ OPTIONS_IGNORED: dict[str, Any] = {
     "mirostat_eta": None,
     "numa": None,
     "num_batch": None,
-    "num_gpu": None,
     "main_gpu": None,
     "low_vram": None,
     "f16_kv": None,
@@ -80,8 +81,8 @@ OPTIONS_IGNORED: dict[str, Any] = {
     "vocab_only": None,
     "use_mmap": None,
     "use_mlock": None,
-    "num_thread": None,
 }
+LOAD_OPTIONS = {"num_thread": "n_threads", "num_gpu": "n_gpu_layers"}  # Ollama's name -> LoadOptions field
 _NEVER = "2318-08-30T00:00:00Z"  # Ollama's "expires_at" for a model that never unloads (year 2318)
 
 
@@ -242,12 +243,13 @@ async def generate(body: OllamaGenerateRequest, request: Request) -> Response:
     if body.context:
         raise APIError(400, "'context' is not supported by this server; send the conversation to /api/chat")
     keep_alive = _keep_alive(body.keep_alive)
-    params, n_ctx = _options(await with_model_parameters(state.registry, body.model, body.options), body.model)
+    options = await with_model_parameters(state.registry, body.model, body.options)
+    params, n_ctx = _options(options, body.model)
     started = time.perf_counter()
     if not body.prompt:
-        return await _load_or_unload(state, body.model, keep_alive, n_ctx, "response")
+        return await _load_or_unload(state, body.model, keep_alive, n_ctx, "response", options)
 
-    lease = await state.registry.acquire(body.model, n_ctx=n_ctx)
+    lease = await _acquire(state, body.model, n_ctx, options)
     try:
         if keep_alive is not _KEEP:
             lease.keep_alive_s = keep_alive
@@ -276,22 +278,24 @@ def _prepare_generate(body: OllamaGenerateRequest, params: SamplingParams, backe
         prompt, templated = backend.render_chat(messages, template_vars=template_vars), True
     _format(params, body.format, None)
     reasoning = ReplyReasoning.of(template, prompt, params) if templated else ReplyReasoning()
-    return backend.prepare(GenerationRequest(new_id(), prompt, params, templated=templated, messages=messages)), reasoning
+    generation = GenerationRequest(new_id(), prompt, params, templated=templated, messages=messages, template_vars=template_vars)
+    return backend.prepare(generation), reasoning
 
 
 @router.post("/api/chat")
 async def chat(body: OllamaChatRequest, request: Request) -> Response:
     state = _state(request)
     keep_alive = _keep_alive(body.keep_alive)
-    params, n_ctx = _options(await with_model_parameters(state.registry, body.model, body.options), body.model)
+    options = await with_model_parameters(state.registry, body.model, body.options)
+    params, n_ctx = _options(options, body.model)
     started = time.perf_counter()
     if not body.messages:
-        return await _load_or_unload(state, body.model, keep_alive, n_ctx, "message")
+        return await _load_or_unload(state, body.model, keep_alive, n_ctx, "message", options)
     for i, message in enumerate(body.messages):
         if message.images:
             raise APIError(400, f"model '{body.model}' does not support images (messages[{i}].images)")
 
-    lease = await state.registry.acquire(body.model, n_ctx=n_ctx)
+    lease = await _acquire(state, body.model, n_ctx, options)
     try:
         if keep_alive is not _KEEP:
             lease.keep_alive_s = keep_alive
@@ -324,7 +328,7 @@ def _prepare_chat(
         messages = tools.prepare_messages(messages)
     prompt = backend.render_chat(messages, tools=tools.template_tools() if tools else None, template_vars=template_vars)
     _format(params, body.format, tools)
-    generation = GenerationRequest(new_id(), prompt, params, templated=True, messages=messages)
+    generation = GenerationRequest(new_id(), prompt, params, templated=True, messages=messages, template_vars=template_vars)
     return backend.prepare(generation), tools, ReplyReasoning.of(backend.info.chat_template, prompt, params)
 
 
@@ -430,14 +434,16 @@ def _ns(seconds: float) -> int:
     return int(seconds * 1e9)
 
 
-async def _load_or_unload(state: ServerState, model: str, keep_alive: Any, n_ctx: int | None, kind: str) -> Response:
+async def _load_or_unload(
+    state: ServerState, model: str, keep_alive: Any, n_ctx: int | None, kind: str, options: OllamaOptions | None
+) -> Response:
     """An empty prompt loads a model (or, with keep_alive 0, unloads it), as in Ollama."""
     if keep_alive == 0:
         resolved = await state.registry.find(model)  # 404 for unknown names, as for any request
         await state.registry.unload(resolved.name)
         reason = "unload"
     else:
-        lease = await state.registry.acquire(model, n_ctx=n_ctx)
+        lease = await _acquire(state, model, n_ctx, options)
         if keep_alive is not _KEEP:
             lease.keep_alive_s = keep_alive
         lease.release()
@@ -463,12 +469,29 @@ def _keep_alive(value: Any) -> Any:
         raise APIError(400, str(exc)) from None
 
 
+async def _acquire(state: ServerState, model: str, n_ctx: int | None, options: OllamaOptions | None) -> Lease:
+    """The model's lease; num_thread and num_gpu go to its load if this request loads it."""
+    load = _load_settings(options)
+    lease = await state.registry.acquire(model, n_ctx=n_ctx, load={LOAD_OPTIONS[k]: v for k, v in load.items()})
+    if options is not None:
+        _log_ignored_options(options, model, [k for k, v in load.items() if lease.model.load.get(LOAD_OPTIONS[k]) != v])
+    return lease
+
+
+def _load_settings(options: OllamaOptions | None) -> dict[str, int]:
+    """The request's num_thread and num_gpu, by Ollama's names; 0 threads and a negative num_gpu mean Ollama's "auto": ours."""
+    if options is None:
+        return {}
+    settings = {"num_thread": options.num_thread if options.num_thread and options.num_thread > 0 else None,
+                "num_gpu": options.num_gpu if options.num_gpu is not None and options.num_gpu >= 0 else None}
+    return {k: v for k, v in settings.items() if v is not None}
+
+
 def _options(options: OllamaOptions | None, model: str) -> tuple[SamplingParams, int | None]:
     """Ollama's options as sampling parameters, plus the context size asked for."""
     params = SamplingParams()
     if options is None:
         return params, None
-    _log_ignored_options(options, model)
     for name in ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "repeat_last_n", "presence_penalty", "frequency_penalty"):
         value = getattr(options, name)
         if value is not None:
@@ -492,17 +515,21 @@ def _options(options: OllamaOptions | None, model: str) -> tuple[SamplingParams,
     return params, options.num_ctx
 
 
-def _log_ignored_options(options: OllamaOptions, model: str) -> None:
-    """One server-log line naming the options this request set that nothing here applies."""
+def _log_ignored_options(options: OllamaOptions, model: str, not_loaded: list[str]) -> None:
+    """One server-log line naming the options this request set that nothing here applies
+    (`not_loaded`: the LOAD_OPTIONS the model, loaded already, was not loaded with)."""
     ignored = [
         f"{key}={value}"
         for key, neutral in OPTIONS_IGNORED.items()
         if (value := getattr(options, key)) is not None and value != neutral
     ]
     unknown = sorted(options.model_extra or {})
-    if not ignored and not unknown:
+    if not ignored and not unknown and not not_loaded:
         return
     parts = []
+    if not_loaded:
+        loaded = ", ".join(f"{key}={getattr(options, key)}" for key in not_loaded)
+        parts.append(f"{loaded} (they apply when a request loads the model; it was loaded already)")
     if ignored:
         parts.append(f"{', '.join(ignored)} (the server's own settings and samplers apply)")
     if unknown:

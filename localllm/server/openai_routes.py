@@ -164,7 +164,8 @@ def _prepare_chat(body: ChatCompletionRequest, backend: Any) -> tuple[Generation
     if body.logprobs:
         params.logprobs = body.top_logprobs or 0
     _constrain(params, body, plan)
-    generation = GenerationRequest(new_id(), prompt, params, templated=True, messages=messages)
+    generation = GenerationRequest(new_id(), prompt, params, templated=True, messages=messages,
+                                   template_vars=template_vars, reasoning_effort=body.reasoning_effort)
     return backend.prepare(generation), plan, ReplyReasoning.of(backend.info.chat_template, prompt, params)
 
 

@@ -33,7 +33,8 @@ import errno
 import time
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
-from typing import Callable
+from functools import partial
+from typing import Any, Callable
 
 from localllm.backends.base import Backend
 
@@ -85,6 +86,7 @@ class LoadedModel:
     last_used: float = field(default_factory=time.monotonic)
     in_flight: int = 0
     holders: int = 0  # front ends holding it (the chat): kept loaded whatever the keep-alive says
+    load: dict[str, Any] = field(default_factory=dict)  # the request's LoadOptions it was loaded with (num_thread...)
 
     @property
     def idle(self) -> bool:
@@ -195,8 +197,11 @@ class ModelRegistry:
         return sorted(names)
 
     # -- leases ---------------------------------------------------------------
-    async def acquire(self, name: str, *, n_ctx: int | None = None) -> Lease:
-        """Lease model `name`, loading it if needed. Raises ModelNotFound, QueueFull, load errors."""
+    async def acquire(self, name: str, *, n_ctx: int | None = None, load: dict[str, Any] | None = None) -> Lease:
+        """Lease model `name`, loading it if needed. Raises ModelNotFound, QueueFull, load errors.
+
+        `load`: LoadOptions fields (n_threads, n_gpu_layers) that apply if this request loads the
+        model; a loaded model is not reloaded for them (`lease.model.load` says what it got)."""
         resolved = await self.find(name)
         limit = self.settings.parallel + self.settings.max_queue
         if self._pending >= limit:
@@ -207,7 +212,7 @@ class ModelRegistry:
         self._pending += 1
         started = time.monotonic()
         try:
-            model = await self._get(resolved, n_ctx)
+            model = await self._get(resolved, n_ctx, load)
         except BaseException:
             self._pending -= 1
             self._notify()
@@ -252,7 +257,7 @@ class ModelRegistry:
         self._pending -= 1
         self._notify()
 
-    async def _get(self, resolved: ResolvedModel, n_ctx: int | None) -> LoadedModel:
+    async def _get(self, resolved: ResolvedModel, n_ctx: int | None, load: dict[str, Any] | None = None) -> LoadedModel:
         name = resolved.name
         while True:
             model = self._models.get(name)
@@ -275,14 +280,16 @@ class ModelRegistry:
                 else:
                     await self._wait_for_change()
                 continue
-            task = asyncio.create_task(self._load(resolved, n_ctx))
+            task = asyncio.create_task(self._load(resolved, n_ctx, load or {}))
             self._loading[name] = task
             return await asyncio.shield(task)
 
-    async def _load(self, resolved: ResolvedModel, n_ctx: int | None) -> LoadedModel:
+    async def _load(self, resolved: ResolvedModel, n_ctx: int | None, load: dict[str, Any]) -> LoadedModel:
         started = time.monotonic()
+        if self._opener != self._open_backend:
+            load = {}  # a front end's own opener (the TUI's, a test's) takes no per-request settings
         try:
-            backend = await in_thread(self._opener, resolved, n_ctx)
+            backend = await in_thread(partial(self._open_backend, load=load) if load else self._opener, resolved, n_ctx)
             model = LoadedModel(
                 name=resolved.name,
                 resolved=resolved,
@@ -290,6 +297,7 @@ class ModelRegistry:
                 n_ctx=backend.n_ctx,
                 load_s=time.monotonic() - started,
                 keep_alive_s=self.settings.keep_alive_s,
+                load=load,
             )
             self._models[resolved.name] = model
             return model
@@ -297,11 +305,11 @@ class ModelRegistry:
             del self._loading[resolved.name]
             self._notify()
 
-    def _open_backend(self, resolved: ResolvedModel, n_ctx: int | None) -> Backend:
+    def _open_backend(self, resolved: ResolvedModel, n_ctx: int | None, load: dict[str, Any] | None = None) -> Backend:
         from localllm.backends.select import open_backend, with_n_ctx
 
         s = self.settings
-        options = replace(with_n_ctx(s.load, n_ctx), n_parallel=s.parallel)
+        options = replace(with_n_ctx(s.load, n_ctx), n_parallel=s.parallel, **(load or {}))
         route = s.remotes.get(resolved.name)
         if route is not None:
             options = replace(

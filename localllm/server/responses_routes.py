@@ -168,7 +168,8 @@ def _prepare(
     effort = (body.reasoning or {}).get("effort")
     template_vars = thinking_switch(backend.info.chat_template, False if effort in ("none", "minimal") else None, body.model)
     prompt = backend.render_chat(messages, tools=plan.template_tools() if plan else None, template_vars=template_vars)
-    generation = GenerationRequest(new_id(), prompt, params, templated=True, messages=messages)
+    generation = GenerationRequest(new_id(), prompt, params, templated=True, messages=messages,
+                                   template_vars=template_vars, reasoning_effort=effort)
     return backend.prepare(generation), plan, own, ReplyReasoning.of(backend.info.chat_template, prompt, params)
 
 
