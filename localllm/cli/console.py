@@ -8,7 +8,8 @@ import sys
 from typing import Callable, TextIO
 
 from localllm.backends.base import Backend
-from localllm.core.reasoning import ReasoningStream, Split
+from localllm.core.reasoning import ReasoningStream
+from localllm.core.reply_parts import Split
 from localllm.core.requests import FinishEvent, GenerationRequest, TokenEvent
 
 DIM, RESET = "\x1b[2m", "\x1b[0m"
