@@ -17,7 +17,8 @@ are not carried over, and tools are sent again with each request.
 A reasoning model's thoughts are a `reasoning` item (its text in `content`,
 streamed as `response.reasoning_text.delta`) before the message item;
 `reasoning.effort` "none" or "minimal" turns thinking off where the template
-takes `enable_thinking`. Thoughts are not replayed in later turns.
+takes `enable_thinking`, any other effort on; no effort follows the catalog's
+reasoning flag. Thoughts are not replayed in later turns.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from typing import Any, AsyncIterator, Literal
 from fastapi import APIRouter, Query, Request
 from starlette.responses import JSONResponse, Response
 
-from localllm.core.reasoning import ReasoningStream, ReplyReasoning, thinking_switch
+from localllm.core.reasoning import ReasoningStream, ReplyReasoning
 from localllm.core.requests import FinishEvent, GenerationRequest, TokenEvent
 from localllm.server import responses_items as items
 from localllm.server.capabilities import drop_optional_tools
@@ -42,6 +43,7 @@ from localllm.server.responses_schemas import ResponsesRequest
 from localllm.server.responses_store import ResponseStore, StoredResponse
 from localllm.server.sampling import sampling_params
 from localllm.server.state import ServerState
+from localllm.server.thinking import ThoughtCounter, effort_think, model_reasons, reasoning_tokens, template_vars_for
 from localllm.server.tools import ToolCall, ToolPlan
 
 router = APIRouter(route_class=OffLoopBodyRoute)
@@ -87,7 +89,7 @@ async def create_response(body: ResponsesRequest, request: Request) -> Response:
     output = [items.reasoning_item(items.item_id("rs"), split.reasoning, thought_status)] if split.reasoning else []
     output += [items.message_item(items.item_id("msg"), content, status)] if content else []
     output += [items.call_item(call, items.item_id("fc")) for call in reply.allowed(calls)]
-    return JSONResponse(reply.finished(output, finish))
+    return JSONResponse(reply.finished(output, finish, reasoning_tokens(reasoning, tokens)))
 
 
 @router.get("/v1/responses/{response_id}")
@@ -165,8 +167,8 @@ def _prepare(
     if plan is not None:
         messages = plan.prepare_messages(messages)
     items.constrain(params, body, plan)
-    effort = (body.reasoning or {}).get("effort")
-    template_vars = thinking_switch(backend.info.chat_template, False if effort in ("none", "minimal") else None, body.model)
+    think = effort_think((body.reasoning or {}).get("effort"))
+    template_vars = template_vars_for(backend.info.chat_template, think, body.model, model_reasons(backend))
     prompt = backend.render_chat(messages, tools=plan.template_tools() if plan else None, template_vars=template_vars)
     generation = GenerationRequest(new_id(), prompt, params, templated=True, messages=messages)
     return backend.prepare(generation), plan, own, ReplyReasoning.of(backend.info.chat_template, prompt, params)
@@ -193,10 +195,10 @@ class _Reply:
         """The calls `max_tool_calls` lets through."""
         return calls[: self.body.max_tool_calls] if self.body.max_tool_calls else calls
 
-    def finished(self, output: list[dict[str, Any]], finish: FinishEvent) -> dict[str, Any]:
+    def finished(self, output: list[dict[str, Any]], finish: FinishEvent, thought_tokens: int = 0) -> dict[str, Any]:
         """The final object; stored (unless `store: false`) so it can be read and continued."""
         status, details = items.status_of(finish)
-        self.object.update(status=status, incomplete_details=details, output=output, usage=items.usage(finish))
+        self.object.update(status=status, incomplete_details=details, output=output, usage=items.usage(finish, thought_tokens))
         if self.body.store is not False:
             history = (*self.conversation, *items.output_messages(output))
             self.store.put(StoredResponse(self.object, history, tuple(items.listed_input(self.body))))
@@ -214,12 +216,16 @@ async def _stream(run: Run, reply: _Reply, plan: ToolPlan | None, thoughts: Reas
     thinking = _TextItem(reply, "reasoning")
     message = _TextItem(reply, "message")
     tool_stream = plan.stream() if plan else None
+    counter = ThoughtCounter()
 
-    def pieces(text: str, *, final: bool = False) -> list[bytes]:
-        """Events for a piece of reply text: thoughts to the reasoning item, the rest to the message."""
+    def pieces(event: TokenEvent | None) -> list[bytes]:
+        """Events for a token's text (None: the end of the reply): thoughts to the reasoning item, the rest to the message."""
         lines: list[bytes] = []
+        text = event.text if event is not None else ""
         if thoughts is not None:
-            split = thoughts.flush() if final else thoughts.feed(text)
+            split = thoughts.flush() if event is None else thoughts.feed(text)
+            if event is not None:
+                counter.count(event, thoughts, split)
             lines += thinking.delta(split.reasoning)
             text = split.answer
         if text:
@@ -231,7 +237,7 @@ async def _stream(run: Run, reply: _Reply, plan: ToolPlan | None, thoughts: Reas
 
     async for event in run.events():
         if isinstance(event, TokenEvent):
-            for line in pieces(event.text):
+            for line in pieces(event):
                 yield line
             continue
         if event.reason in ("error", "abort"):
@@ -239,7 +245,7 @@ async def _stream(run: Run, reply: _Reply, plan: ToolPlan | None, thoughts: Reas
             yield reply.event("response.failed", response=reply.failed(message_text))
             return
         status, _ = items.status_of(event)
-        for line in pieces("", final=True):
+        for line in pieces(None):
             yield line
         calls: list[ToolCall] = []
         if tool_stream:
@@ -267,7 +273,7 @@ async def _stream(run: Run, reply: _Reply, plan: ToolPlan | None, thoughts: Reas
             yield reply.event("response.function_call_arguments.done", item_id=item["id"], output_index=index, name=item["name"], arguments=item["arguments"])
             yield reply.event("response.output_item.done", output_index=index, item=item)
             output.append(item)
-        final = reply.finished(output, event)
+        final = reply.finished(output, event, counter.tokens)
         yield reply.event(f"response.{final['status']}", response=final)
         return
 
