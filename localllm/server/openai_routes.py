@@ -38,6 +38,7 @@ from localllm.server.generation import (
 )
 from localllm.server.json_bodies import OffLoopBodyRoute
 from localllm.server.json_grammar import json_object_grammar, schema_grammar
+from localllm.server.logprobs import token_logprobs
 from localllm.server.offloop import off_loop
 from localllm.server.prompt_limits import check_message_count, check_prompt_chars, text_chars
 from localllm.server.registry import Lease
@@ -252,7 +253,7 @@ async def _chat_reply(
             {
                 "index": index,
                 "message": message,
-                "logprobs": {"content": _chat_logprobs(tokens), "refusal": None} if logprobs else None,
+                "logprobs": {"content": token_logprobs(tokens), "refusal": None} if logprobs else None,
                 "finish_reason": reason,
             }
         )
@@ -299,7 +300,7 @@ async def _chat_stream(
                 if thought:
                     yield chunk(index, thought)
                 text = tool_stream.feed(answer) if tool_stream else answer
-                lp = {"content": _chat_logprobs([event]), "refusal": None} if event.logprobs else None
+                lp = {"content": token_logprobs([event]), "refusal": None} if event.logprobs else None
                 if text or lp:
                     yield chunk(index, {"content": text}, logprobs=lp)
                 continue
@@ -481,24 +482,6 @@ def _usage(finishes: list[FinishEvent], thought_tokens: int = 0) -> dict[str, An
         "prompt_tokens_details": {"cached_tokens": first.cached_prompt_tokens},
         "completion_tokens_details": {"reasoning_tokens": thought_tokens},
     }
-
-
-def _chat_logprobs(tokens: list[TokenEvent]) -> list[dict[str, Any]]:
-    out = []
-    for event in tokens:
-        for lp in event.logprobs or []:
-            out.append(
-                {
-                    "token": lp["text"],
-                    "logprob": lp["logprob"],
-                    "bytes": list(lp["text"].encode("utf-8")),
-                    "top_logprobs": [
-                        {"token": t["text"], "logprob": t["logprob"], "bytes": list(t["text"].encode("utf-8"))}
-                        for t in lp["top"]
-                    ],
-                }
-            )
-    return out
 
 
 def _completion_logprobs(tokens: list[TokenEvent]) -> dict[str, Any]:

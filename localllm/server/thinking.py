@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 from localllm.core.reasoning import ReasoningStream, ReplyReasoning, Split, template_reasons, thinking_switch
 from localllm.core.requests import TokenEvent
@@ -52,27 +52,32 @@ class ThoughtCounter:
 
     A token counts while the reply reasons and no answer text has come out yet; the
     tokens of the closing tag (and the blank space after it) are thoughts' tokens too.
+    From the token that brings the first answer text on, tokens are the answer's.
     """
 
     tokens: int = 0
-    _answered: bool = False
+    answered: bool = False
 
     def count(self, event: TokenEvent, stream: ReasoningStream | None, split: Split) -> None:
-        if stream is None or self._answered:
+        if self.answered:
             return
-        if split.answer:
-            self._answered = True
-            return
-        if stream.reasoned:
+        if stream is None or split.answer:
+            self.answered = True
+        elif stream.reasoned:
             self.tokens += len(event.token_ids)
 
 
-def reasoning_tokens(reasoning: ReplyReasoning, tokens: Iterable[TokenEvent]) -> int:
-    """Thought tokens of a whole (not streamed) reply."""
+def split_tokens(reasoning: ReplyReasoning, tokens: list[TokenEvent]) -> tuple[int, list[TokenEvent]]:
+    """A whole (not streamed) reply's thought token count, and its answer's token events."""
     stream = reasoning.stream()
-    if stream is None:
-        return 0
     counter = ThoughtCounter()
-    for event in tokens:
-        counter.count(event, stream, stream.feed(event.text))
-    return counter.tokens
+    for at, event in enumerate(tokens):
+        counter.count(event, stream, stream.feed(event.text) if stream else Split(answer=event.text))
+        if counter.answered:
+            return counter.tokens, tokens[at:]
+    return counter.tokens, []
+
+
+def reasoning_tokens(reasoning: ReplyReasoning, tokens: list[TokenEvent]) -> int:
+    """Thought tokens of a whole (not streamed) reply."""
+    return split_tokens(reasoning, tokens)[0]
