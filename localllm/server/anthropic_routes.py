@@ -100,7 +100,7 @@ async def count_tokens(body: CountTokensRequest, request: Request) -> dict[str, 
 
 def _template_vars(body: CountTokensRequest, backend: Any) -> dict[str, bool]:
     """`thinking` as the template's `enable_thinking`; unsaid, the model's reasoning flag decides."""
-    return template_vars_for(backend.info.chat_template, shapes.think_choice(body.thinking), body.model, model_reasons(backend))
+    return template_vars_for(backend.info.chat_template, shapes.think_choice(body.thinking), body.model, model_reasons(backend), "thinking")
 
 
 def _templated(body: CountTokensRequest, backend: Any, n_ctx: int | None) -> tuple[str, list[dict[str, Any]], ToolPlan | None]:

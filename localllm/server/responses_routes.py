@@ -175,7 +175,7 @@ def _prepare(
     if items.wants_logprobs(body):
         params.logprobs = body.top_logprobs or 0
     think = effort_think((body.reasoning or {}).get("effort"))
-    template_vars = template_vars_for(backend.info.chat_template, think, body.model, model_reasons(backend))
+    template_vars = template_vars_for(backend.info.chat_template, think, body.model, model_reasons(backend), "reasoning.effort")
     prompt = backend.render_chat(messages, tools=plan.template_tools() if plan else None, template_vars=template_vars)
     generation = GenerationRequest(new_id(), prompt, params, templated=True, messages=messages)
     return backend.prepare(generation), plan, own, ReplyReasoning.of(backend.info.chat_template, prompt, params)

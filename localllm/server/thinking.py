@@ -33,10 +33,12 @@ def effort_think(effort: Any) -> bool | None:
     return effort not in _OFF_EFFORTS
 
 
-def template_vars_for(template: str | None, think: bool | None, model: str, reasons: bool | None) -> dict[str, bool]:
-    """`enable_thinking` for a request's choice; the model's reasoning flag decides an unsaid one."""
+def template_vars_for(
+    template: str | None, think: bool | None, model: str, reasons: bool | None, field: str
+) -> dict[str, bool]:
+    """`enable_thinking` for a request's choice (`field` names it in the log); the model's reasoning flag decides an unsaid one."""
     if think and not (template_reasons(template) or reasons):
-        log.warning("request for model '%s' asks for thinking: ignored, the model does not reason", model)
+        log.warning("request for model '%s' asks for '%s': ignored, the model does not reason", model, field)
         think = None
     return thinking_switch(template, think, model, reasons)
 
