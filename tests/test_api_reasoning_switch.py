@@ -14,7 +14,7 @@ import pytest
 
 from localllm.core.reasoning import ReplyReasoning
 from localllm.core.requests import TokenEvent
-from localllm.server.thinking import reasoning_tokens
+from localllm.server.thinking import reasoning_tokens, split_tokens
 from server_harness import copy_with_string_key, make_store, start_server, served
 from test_catalog_reasoning import ASK_FIRST_TEMPLATE, CATALOG_NAME
 
@@ -99,6 +99,8 @@ def test_reasoning_tokens_stop_where_the_answer_starts():
     assert reasoning_tokens(ReplyReasoning(reasons=True, inside=True), events[1:]) == 5
     assert reasoning_tokens(ReplyReasoning(reasons=True), events[6:]) == 0  # no thoughts at all
     assert reasoning_tokens(ReplyReasoning(reasons=False), events) == 0
+    assert split_tokens(ReplyReasoning(reasons=True), events) == (6, events[6:])  # the answer's tokens carry its logprobs
+    assert split_tokens(ReplyReasoning(reasons=True), events[:5]) == (5, [])  # cut while thinking: no answer
 
 
 # -- Anthropic Messages ------------------------------------------------------------------------
