@@ -274,3 +274,38 @@ def test_the_store_keeps_the_newest_responses():
         store.put(StoredResponse({"id": f"resp_{i}"}, ({"role": "user", "content": str(i)},)))
     assert len(store) == 3 and store.get("resp_1") is None and store.get("resp_4") is not None
     assert store.delete("resp_4") and not store.delete("resp_4") and store.get("resp_4") is None
+
+
+# -- logprobs ------------------------------------------------------------------------------------
+
+LOGPROBS = dict(model=MODEL, input="Name a colour.", max_output_tokens=5, temperature=0, top_logprobs=3, include=["message.output_text.logprobs"])
+
+
+def test_output_text_logprobs_match_chat_completions(client):
+    response = client.responses.create(**LOGPROBS)
+    part = response.output[0].content[0]
+    assert part.type == "output_text" and len(part.logprobs) == response.usage.output_tokens, response
+    assert "".join(lp.token for lp in part.logprobs) == part.text
+    for lp in part.logprobs:
+        assert lp.logprob <= 0 and bytes(lp.bytes) == lp.token.encode() and len(lp.top_logprobs) == 3
+        assert lp.top_logprobs[0].logprob >= lp.logprob  # the most likely alternative first
+
+    chat = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Name a colour."}], max_tokens=5, temperature=0, logprobs=True, top_logprobs=3
+    )
+    same_prompt = chat.choices[0].logprobs.content
+    assert [lp.token for lp in part.logprobs] == [lp.token for lp in same_prompt]
+    assert [lp.logprob for lp in part.logprobs] == pytest.approx([lp.logprob for lp in same_prompt], abs=1e-3)
+
+    plain = client.responses.create(**{**LOGPROBS, "include": None, "top_logprobs": None})
+    assert plain.output[0].content[0].logprobs == [] and plain.output[0].content[0].text == part.text
+
+
+def test_streamed_output_text_logprobs_are_the_same(client):
+    whole = client.responses.create(**LOGPROBS).output[0].content[0].logprobs
+    events = list(client.responses.create(stream=True, **LOGPROBS))
+    deltas = [lp for e in events if e.type == "response.output_text.delta" for lp in e.logprobs]
+    done = next(e for e in events if e.type == "response.output_text.done")
+    final = events[-1].response.output[0].content[0]
+    assert [lp.model_dump() for lp in deltas] == [lp.model_dump() for lp in done.logprobs] == [lp.model_dump() for lp in final.logprobs]
+    assert [lp.token for lp in deltas] == [lp.token for lp in whole] and len(deltas) == 5

@@ -11,21 +11,21 @@ run is aborted when the client goes away. Only the shapes differ
 
 A reasoning model's thoughts come back as a `thinking` block (streamed as
 `thinking_delta`s) before the text; `thinking: {type: "disabled"}` turns
-thinking off where the template can (`enable_thinking`). Asking a model that
-does not reason to think is accepted and logged as ignored. `output_config.format` (structured output) is a grammar, as
+thinking off where the template can (`enable_thinking`); a request that says
+nothing follows the catalog's reasoning flag. Asking a model that does not
+reason to think is accepted and logged as ignored. `output_config.format` (structured output) is a grammar, as
 `response_format` is on OpenAI's route.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 from typing import Any, AsyncIterator
 
 from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
-from localllm.core.reasoning import ReplyReasoning, template_reasons, thinking_switch
+from localllm.core.reasoning import ReplyReasoning
 from localllm.core.requests import GenerationRequest, TokenEvent
 from localllm.server import anthropic_messages as shapes
 from localllm.server.anthropic_schemas import CountTokensRequest, MessagesRequest
@@ -37,10 +37,10 @@ from localllm.server.json_grammar import schema_grammar
 from localllm.server.offloop import off_loop
 from localllm.server.prompt_limits import check_message_count, check_prompt_chars, text_chars
 from localllm.server.state import ServerState
+from localllm.server.thinking import model_reasons, template_vars_for
 from localllm.server.tools import ToolPlan
 
 router = APIRouter(route_class=OffLoopBodyRoute)
-log = logging.getLogger("localllm.server")
 
 
 def _state(request: Request) -> ServerState:
@@ -98,13 +98,9 @@ async def count_tokens(body: CountTokensRequest, request: Request) -> dict[str, 
         lease.release()
 
 
-def _template_vars(body: CountTokensRequest, template: str | None) -> dict[str, bool]:
-    """`thinking` as the template's `enable_thinking`; for a model that does not reason, a log line."""
-    think = shapes.think_choice(body.thinking)
-    if think and not template_reasons(template):
-        log.warning("request for model '%s' asks for 'thinking': ignored, the model does not reason", body.model)
-        think = None
-    return thinking_switch(template, think, body.model)
+def _template_vars(body: CountTokensRequest, backend: Any) -> dict[str, bool]:
+    """`thinking` as the template's `enable_thinking`; unsaid, the model's reasoning flag decides."""
+    return template_vars_for(backend.info.chat_template, shapes.think_choice(body.thinking), body.model, model_reasons(backend), "thinking")
 
 
 def _templated(body: CountTokensRequest, backend: Any, n_ctx: int | None) -> tuple[str, list[dict[str, Any]], ToolPlan | None, dict]:
@@ -114,7 +110,7 @@ def _templated(body: CountTokensRequest, backend: Any, n_ctx: int | None) -> tup
     plan = drop_optional_tools(shapes.tool_plan(body.tools, body.tool_choice, backend.info.chat_template), body.model)
     if plan is not None:
         messages = plan.prepare_messages(messages)
-    template_vars = _template_vars(body, backend.info.chat_template)
+    template_vars = _template_vars(body, backend)
     prompt = backend.render_chat(messages, tools=plan.template_tools() if plan else None, template_vars=template_vars)
     return prompt, messages, plan, template_vars
 

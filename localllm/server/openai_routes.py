@@ -38,12 +38,14 @@ from localllm.server.generation import (
 )
 from localllm.server.json_bodies import OffLoopBodyRoute
 from localllm.server.json_grammar import json_object_grammar, schema_grammar
+from localllm.server.logprobs import token_logprobs
 from localllm.server.offloop import off_loop
 from localllm.server.prompt_limits import check_message_count, check_prompt_chars, text_chars
 from localllm.server.registry import Lease
 from localllm.server.sampling import sampling_params
 from localllm.server.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest
 from localllm.server.state import ServerState
+from localllm.server.thinking import ThoughtCounter, effort_think, model_reasons, reasoning_tokens, template_vars_for
 from localllm.server.tools import ToolCall, ToolPlan, plan_tools
 
 router = APIRouter(route_class=OffLoopBodyRoute)
@@ -158,7 +160,7 @@ def _prepare_chat(body: ChatCompletionRequest, backend: Any) -> tuple[Generation
     messages = [_message_dict(i, m) for i, m in enumerate(body.messages)]
     if plan is not None:
         messages = plan.prepare_messages(messages)
-    template_vars = _template_vars(body)
+    template_vars = _template_vars(body, backend)
     prompt = backend.render_chat(messages, tools=plan.template_tools() if plan else None, template_vars=template_vars)
     params = _sampling(body, body.max_completion_tokens or body.max_tokens)
     if body.logprobs:
@@ -172,14 +174,16 @@ def _prepare_chat(body: ChatCompletionRequest, backend: Any) -> tuple[Generation
 _TEMPLATE_OWN_VARS = ("messages", "tools", "add_generation_prompt")
 
 
-def _template_vars(body: ChatCompletionRequest) -> dict[str, Any]:
-    """`chat_template_kwargs` for the template (the chat and tools stay ours), and `reasoning_effort` "none"/"minimal" as thinking off."""
+def _template_vars(body: ChatCompletionRequest, backend: Any) -> dict[str, Any]:
+    """`chat_template_kwargs` for the template (the chat and tools stay ours); thinking from
+    `chat_template_kwargs.enable_thinking`, else `reasoning_effort`, else the model's reasoning flag."""
     extra = dict(body.chat_template_kwargs or {})
     for name in _TEMPLATE_OWN_VARS:
         if name in extra:
             raise APIError(400, f"'chat_template_kwargs.{name}' is set by the server", param=f"chat_template_kwargs.{name}")
-    if body.reasoning_effort in ("none", "minimal"):
-        extra.setdefault("enable_thinking", False)
+    if "enable_thinking" not in extra:
+        think = effort_think(body.reasoning_effort)
+        extra.update(template_vars_for(backend.info.chat_template, think, body.model, model_reasons(backend), "reasoning_effort"))
     return extra
 
 
@@ -232,8 +236,10 @@ async def _chat_reply(
     except ClientGone:
         return Response(status_code=499)  # nobody is listening; the request was aborted
     choices = []
+    thought_tokens = 0
     for index, (tokens, finish) in enumerate(results):
         _raise_on_engine_error(finish)
+        thought_tokens += reasoning_tokens(reasoning, tokens)
         split = reasoning.split("".join(t.text for t in tokens))
         text = split.answer
         content, calls = plan.parse(text, cut=finish.reason == "length") if plan else (text, [])
@@ -248,11 +254,11 @@ async def _chat_reply(
             {
                 "index": index,
                 "message": message,
-                "logprobs": {"content": _chat_logprobs(tokens), "refusal": None} if logprobs else None,
+                "logprobs": {"content": token_logprobs(tokens), "refusal": None} if logprobs else None,
                 "finish_reason": reason,
             }
         )
-    usage = _usage([finish for _, finish in results])
+    usage = _usage([finish for _, finish in results], thought_tokens)
     return JSONResponse({**meta.head("chat.completion"), "choices": choices, "usage": usage})
 
 
@@ -273,13 +279,16 @@ async def _chat_stream(
 
     tool_streams = [plan.stream() if plan else None for _ in runs]
     thought_streams = [reasoning.stream() for _ in runs]
+    thought_counters = [ThoughtCounter() for _ in runs]
 
-    def answer_and_thoughts(index: int, text: str, *, final: bool = False) -> tuple[str, dict[str, Any]]:
-        """A piece of reply text as (answer text for the tool parser, reasoning delta)."""
+    def answer_and_thoughts(index: int, event: TokenEvent | None) -> tuple[str, dict[str, Any]]:
+        """A token's text (None: the end of the reply) as (answer text for the tool parser, reasoning delta)."""
         thoughts: ReasoningStream | None = thought_streams[index]
         if thoughts is None:
-            return text, {}
-        split = thoughts.flush() if final else thoughts.feed(text)
+            return (event.text if event else ""), {}
+        split = thoughts.flush() if event is None else thoughts.feed(event.text)
+        if event is not None:
+            thought_counters[index].count(event, thoughts, split)
         return split.answer, ({"reasoning_content": split.reasoning} if split.reasoning else {})
     finishes: list[FinishEvent] = []
     for index in range(len(runs)):
@@ -288,11 +297,11 @@ async def _chat_stream(
         async for index, event in events:
             tool_stream = tool_streams[index]
             if isinstance(event, TokenEvent):
-                answer, thought = answer_and_thoughts(index, event.text)
+                answer, thought = answer_and_thoughts(index, event)
                 if thought:
                     yield chunk(index, thought)
                 text = tool_stream.feed(answer) if tool_stream else answer
-                lp = {"content": _chat_logprobs([event]), "refusal": None} if event.logprobs else None
+                lp = {"content": token_logprobs([event]), "refusal": None} if event.logprobs else None
                 if text or lp:
                     yield chunk(index, {"content": text}, logprobs=lp)
                 continue
@@ -300,7 +309,7 @@ async def _chat_stream(
                 yield _sse({"error": _stream_error(event)})
                 return
             reason = _finish_reason(event)
-            answer, thought = answer_and_thoughts(index, "", final=True)
+            answer, thought = answer_and_thoughts(index, None)
             if thought:
                 yield chunk(index, thought)
             if tool_stream:
@@ -317,7 +326,7 @@ async def _chat_stream(
             yield chunk(index, {}, finish_reason=reason)
             finishes.append(event)
     if include_usage:
-        yield _sse({**head, "choices": [], "usage": _usage(finishes)})
+        yield _sse({**head, "choices": [], "usage": _usage(finishes, sum(c.tokens for c in thought_counters))})
     yield b"data: [DONE]\n\n"
 
 
@@ -463,8 +472,8 @@ def _stream_error(finish: FinishEvent) -> dict[str, Any]:
     return {"message": finish.error or "the engine failed", "type": "server_error", "param": None, "code": "engine_error"}
 
 
-def _usage(finishes: list[FinishEvent]) -> dict[str, Any]:
-    """Usage of all choices: the prompt counted once (as OpenAI does), the completions summed."""
+def _usage(finishes: list[FinishEvent], thought_tokens: int = 0) -> dict[str, Any]:
+    """Usage of all choices: the prompt counted once (as OpenAI does), the completions (and their thoughts) summed."""
     first = finishes[0].usage
     completion = sum(f.usage.completion_tokens for f in finishes)
     return {
@@ -472,25 +481,8 @@ def _usage(finishes: list[FinishEvent]) -> dict[str, Any]:
         "completion_tokens": completion,
         "total_tokens": first.prompt_tokens + completion,
         "prompt_tokens_details": {"cached_tokens": first.cached_prompt_tokens},
+        "completion_tokens_details": {"reasoning_tokens": thought_tokens},
     }
-
-
-def _chat_logprobs(tokens: list[TokenEvent]) -> list[dict[str, Any]]:
-    out = []
-    for event in tokens:
-        for lp in event.logprobs or []:
-            out.append(
-                {
-                    "token": lp["text"],
-                    "logprob": lp["logprob"],
-                    "bytes": list(lp["text"].encode("utf-8")),
-                    "top_logprobs": [
-                        {"token": t["text"], "logprob": t["logprob"], "bytes": list(t["text"].encode("utf-8"))}
-                        for t in lp["top"]
-                    ],
-                }
-            )
-    return out
 
 
 def _completion_logprobs(tokens: list[TokenEvent]) -> dict[str, Any]:

@@ -42,10 +42,6 @@ def check_refused(body: ResponsesRequest) -> None:
             raise APIError(400, f"'{name}' is not supported by this server", param=name)
     if body.truncation not in (None, "disabled"):
         raise APIError(400, "'truncation' other than 'disabled' is not supported by this server", param="truncation")
-    if body.top_logprobs:
-        raise APIError(400, "'top_logprobs' is not supported by this server", param="top_logprobs")
-    if body.include and "message.output_text.logprobs" in body.include:
-        raise APIError(400, "'include': message.output_text.logprobs is not supported by this server", param="include")
     if body.text is not None and body.text.verbosity not in (None, "medium"):
         raise APIError(400, "'text.verbosity' other than 'medium' is not supported by this server", param="text.verbosity")
     if body.stream_options is not None and not body.stream:
@@ -215,12 +211,17 @@ def item_id(prefix: str) -> str:
     return f"{prefix}_{secrets.token_hex(16)}"
 
 
-def message_item(mid: str, text: str, status: str) -> dict[str, Any]:
-    return {"id": mid, "type": "message", "status": status, "role": "assistant", "content": [text_part(text)]}
+def message_item(mid: str, text: str, status: str, logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    return {"id": mid, "type": "message", "status": status, "role": "assistant", "content": [text_part(text, logprobs)]}
 
 
-def text_part(text: str) -> dict[str, Any]:
-    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+def text_part(text: str, logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """`logprobs`: one entry per answer token (logprobs.py), when the request's `include` asks for them."""
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs or []}
+
+
+def wants_logprobs(body: ResponsesRequest) -> bool:
+    return "message.output_text.logprobs" in (body.include or [])
 
 
 def reasoning_item(rid: str, text: str, status: str) -> dict[str, Any]:

@@ -17,7 +17,10 @@ are not carried over, and tools are sent again with each request.
 A reasoning model's thoughts are a `reasoning` item (its text in `content`,
 streamed as `response.reasoning_text.delta`) before the message item;
 `reasoning.effort` "none" or "minimal" turns thinking off where the template
-takes `enable_thinking`. Thoughts are not replayed in later turns.
+takes `enable_thinking`, any other effort on; no effort follows the catalog's
+reasoning flag. `include: ["message.output_text.logprobs"]` puts the answer
+tokens' logprobs (with `top_logprobs` alternatives) on the output_text part
+and its deltas; usage counts the thought tokens as `reasoning_tokens`. Thoughts are not replayed in later turns.
 """
 
 from __future__ import annotations
@@ -29,19 +32,21 @@ from typing import Any, AsyncIterator, Literal
 from fastapi import APIRouter, Query, Request
 from starlette.responses import JSONResponse, Response
 
-from localllm.core.reasoning import ReasoningStream, ReplyReasoning, thinking_switch
+from localllm.core.reasoning import ReasoningStream, ReplyReasoning, Split
 from localllm.core.requests import FinishEvent, GenerationRequest, TokenEvent
 from localllm.server import responses_items as items
 from localllm.server.capabilities import drop_optional_tools
 from localllm.server.errors import APIError
 from localllm.server.generation import ClientGone, EventStreamResponse, Run, collect, guarded, new_id, start_run
 from localllm.server.json_bodies import OffLoopBodyRoute
+from localllm.server.logprobs import token_logprobs
 from localllm.server.offloop import off_loop
 from localllm.server.prompt_limits import check_message_count, check_prompt_chars, text_chars
 from localllm.server.responses_schemas import ResponsesRequest
 from localllm.server.responses_store import ResponseStore, StoredResponse
 from localllm.server.sampling import sampling_params
 from localllm.server.state import ServerState
+from localllm.server.thinking import ThoughtCounter, effort_think, model_reasons, split_tokens, template_vars_for
 from localllm.server.tools import ToolCall, ToolPlan
 
 router = APIRouter(route_class=OffLoopBodyRoute)
@@ -80,14 +85,16 @@ async def create_response(body: ResponsesRequest, request: Request) -> Response:
     if finish.reason == "abort":
         raise APIError(503, _STOPPED, code="server_stopping")
     split = reasoning.split("".join(t.text for t in tokens))
+    thought_tokens, answer_tokens = split_tokens(reasoning, tokens)
+    logprobs = token_logprobs(answer_tokens) if items.wants_logprobs(body) else None
     text = split.answer
     content, calls = plan.parse(text, cut=finish.reason == "length") if plan else (text, [])
     status, _ = items.status_of(finish)
     thought_status = "completed" if text else status  # an answer followed: the thoughts ended
     output = [items.reasoning_item(items.item_id("rs"), split.reasoning, thought_status)] if split.reasoning else []
-    output += [items.message_item(items.item_id("msg"), content, status)] if content else []
+    output += [items.message_item(items.item_id("msg"), content, status, logprobs)] if content else []
     output += [items.call_item(call, items.item_id("fc")) for call in reply.allowed(calls)]
-    return JSONResponse(reply.finished(output, finish))
+    return JSONResponse(reply.finished(output, finish, thought_tokens))
 
 
 @router.get("/v1/responses/{response_id}")
@@ -165,8 +172,10 @@ def _prepare(
     if plan is not None:
         messages = plan.prepare_messages(messages)
     items.constrain(params, body, plan)
-    effort = (body.reasoning or {}).get("effort")
-    template_vars = thinking_switch(backend.info.chat_template, False if effort in ("none", "minimal") else None, body.model)
+    if items.wants_logprobs(body):
+        params.logprobs = body.top_logprobs or 0
+    think = effort_think((body.reasoning or {}).get("effort"))
+    template_vars = template_vars_for(backend.info.chat_template, think, body.model, model_reasons(backend), "reasoning.effort")
     prompt = backend.render_chat(messages, tools=plan.template_tools() if plan else None, template_vars=template_vars)
     generation = GenerationRequest(new_id(), prompt, params, templated=True, messages=messages,
                                    template_vars=template_vars, reasoning_effort=effort)
@@ -194,10 +203,10 @@ class _Reply:
         """The calls `max_tool_calls` lets through."""
         return calls[: self.body.max_tool_calls] if self.body.max_tool_calls else calls
 
-    def finished(self, output: list[dict[str, Any]], finish: FinishEvent) -> dict[str, Any]:
+    def finished(self, output: list[dict[str, Any]], finish: FinishEvent, thought_tokens: int = 0) -> dict[str, Any]:
         """The final object; stored (unless `store: false`) so it can be read and continued."""
         status, details = items.status_of(finish)
-        self.object.update(status=status, incomplete_details=details, output=output, usage=items.usage(finish))
+        self.object.update(status=status, incomplete_details=details, output=output, usage=items.usage(finish, thought_tokens))
         if self.body.store is not False:
             history = (*self.conversation, *items.output_messages(output))
             self.store.put(StoredResponse(self.object, history, tuple(items.listed_input(self.body))))
@@ -215,14 +224,21 @@ async def _stream(run: Run, reply: _Reply, plan: ToolPlan | None, thoughts: Reas
     thinking = _TextItem(reply, "reasoning")
     message = _TextItem(reply, "message")
     tool_stream = plan.stream() if plan else None
+    counter = ThoughtCounter()
 
-    def pieces(text: str, *, final: bool = False) -> list[bytes]:
-        """Events for a piece of reply text: thoughts to the reasoning item, the rest to the message."""
+    def pieces(event: TokenEvent | None) -> list[bytes]:
+        """Events for a token's text (None: the end of the reply): thoughts to the reasoning item, the rest to the message."""
         lines: list[bytes] = []
+        text = event.text if event is not None else ""
+        split = Split(answer=text)
         if thoughts is not None:
-            split = thoughts.flush() if final else thoughts.feed(text)
+            split = thoughts.flush() if event is None else thoughts.feed(text)
             lines += thinking.delta(split.reasoning)
             text = split.answer
+        if event is not None:
+            counter.count(event, thoughts, split)
+            if counter.answered and event.logprobs:
+                message.logprobs_to_come += token_logprobs([event])
         if text:
             answer = tool_stream.feed(text) if tool_stream else text
             if answer and thinking.item is not None and not thinking.closed:
@@ -232,7 +248,7 @@ async def _stream(run: Run, reply: _Reply, plan: ToolPlan | None, thoughts: Reas
 
     async for event in run.events():
         if isinstance(event, TokenEvent):
-            for line in pieces(event.text):
+            for line in pieces(event):
                 yield line
             continue
         if event.reason in ("error", "abort"):
@@ -240,7 +256,7 @@ async def _stream(run: Run, reply: _Reply, plan: ToolPlan | None, thoughts: Reas
             yield reply.event("response.failed", response=reply.failed(message_text))
             return
         status, _ = items.status_of(event)
-        for line in pieces("", final=True):
+        for line in pieces(None):
             yield line
         calls: list[ToolCall] = []
         if tool_stream:
@@ -268,7 +284,7 @@ async def _stream(run: Run, reply: _Reply, plan: ToolPlan | None, thoughts: Reas
             yield reply.event("response.function_call_arguments.done", item_id=item["id"], output_index=index, name=item["name"], arguments=item["arguments"])
             yield reply.event("response.output_item.done", output_index=index, item=item)
             output.append(item)
-        final = reply.finished(output, event)
+        final = reply.finished(output, event, counter.tokens)
         yield reply.event(f"response.{final['status']}", response=final)
         return
 
@@ -283,6 +299,8 @@ class _TextItem:
         self.index = 0
         self.text = ""
         self.closed = False
+        self.logprobs: list[dict[str, Any]] = []  # the message's, when the request includes them
+        self.logprobs_to_come: list[dict[str, Any]] = []  # tokens whose text is still held back
 
     def delta(self, text: str) -> list[bytes]:
         if not text:
@@ -299,7 +317,9 @@ class _TextItem:
             lines.append(self.reply.event("response.content_part.added", **self._where(), part=self._part("")))
         self.text += text
         if self.kind == "message":
-            lines.append(self.reply.event("response.output_text.delta", **self._where(), delta=text, logprobs=[]))
+            fresh, self.logprobs_to_come = self.logprobs_to_come, []
+            self.logprobs += fresh
+            lines.append(self.reply.event("response.output_text.delta", **self._where(), delta=text, logprobs=fresh))
         else:
             lines.append(self.reply.event("response.reasoning_text.delta", **self._where(), delta=text))
         return lines
@@ -308,8 +328,10 @@ class _TextItem:
         assert self.item is not None
         self.closed = True
         if self.kind == "message":
-            self.item = items.message_item(self.item["id"], self.text, status)
-            done = self.reply.event("response.output_text.done", **self._where(), text=self.text, logprobs=[])
+            self.logprobs += self.logprobs_to_come
+            self.logprobs_to_come = []
+            self.item = items.message_item(self.item["id"], self.text, status, self.logprobs)
+            done = self.reply.event("response.output_text.done", **self._where(), text=self.text, logprobs=self.logprobs)
         else:
             self.item = items.reasoning_item(self.item["id"], self.text, status)
             done = self.reply.event("response.reasoning_text.done", **self._where(), text=self.text)

@@ -69,9 +69,9 @@ class ResponsesRequest(BaseModel):
     prompt_cache_retention: str | None = None
     service_tier: str | None = None
     reasoning: dict[str, Any] | None = None  # effort "none"/"minimal" turns a switchable template's thinking off
-    include: list[str] | None = None  # checked item by item (responses_items.check_refused)
+    include: list[str] | None = None  # "message.output_text.logprobs" adds logprobs; other parts are accepted, none here to add
     truncation: str | None = None  # only "disabled", the default
-    top_logprobs: int | None = Field(default=None, ge=0, le=20)  # only 0
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)  # alternatives per token, with include's logprobs
     # known to OpenAI, refused by name when set (they would change the answer)
     background: bool | None = None
     conversation: Any = None

@@ -9,7 +9,8 @@ Which fields a request may carry, the policy:
   caching and scheduling hints (`prompt_cache_key`, `prompt_cache_retention`,
   `prompt_cache_options`, `service_tier`), `prediction` (it only saves time),
   `modalities: ["text"]`, and `reasoning_effort` beyond turning thinking
-  off ("none", "minimal"), which is all a template can be told.
+  off ("none", "minimal") or on (any other effort), which is all a template
+  can be told.
 * A field the API knows that would change the answer and that we cannot
   honour is a 400 naming it (`audio`, `web_search_options`, `functions`,
   `moderation`, a non-empty `logit_bias`, ...). The same field at the value
@@ -162,7 +163,7 @@ class ChatCompletionRequest(_OpenAISampling):
     prompt_cache_retention: str | None = None
     prompt_cache_options: dict[str, Any] | None = None
     prediction: dict[str, Any] | None = None
-    reasoning_effort: str | None = None  # "none"/"minimal" turn thinking off where the template can
+    reasoning_effort: str | None = None  # "none"/"minimal" turn thinking off where the template can, others on
     chat_template_kwargs: dict[str, Any] | None = None  # vLLM's and llama.cpp's: e.g. {"enable_thinking": false}
     modalities: list[str] | None = None  # only ["text"]
     verbosity: str | None = None  # only "medium", the default
