@@ -174,7 +174,8 @@ def _prepare(
     items.constrain(params, body, plan)
     if items.wants_logprobs(body):
         params.logprobs = body.top_logprobs or 0
-    think = effort_think((body.reasoning or {}).get("effort"))
+    effort = (body.reasoning or {}).get("effort")
+    think = effort_think(effort)
     template_vars = template_vars_for(backend.info.chat_template, think, body.model, model_reasons(backend), "reasoning.effort")
     prompt = backend.render_chat(messages, tools=plan.template_tools() if plan else None, template_vars=template_vars)
     generation = GenerationRequest(new_id(), prompt, params, templated=True, messages=messages,
