@@ -58,7 +58,7 @@ from localllm.backends.logprobs import top_logprobs
 from localllm.backends.textstream import TextStream
 from localllm.core.errors import BackendError
 from localllm.core.speculation import SpeculationOptions
-from localllm.core.harmony import MARKERS as HARMONY_MARKERS
+from localllm.core.harmony import CHANNEL as HARMONY_CHANNEL, MARKERS as HARMONY_MARKERS
 from localllm.engine_kit.llama_glue import single_tokens, token_piece
 
 
@@ -117,7 +117,10 @@ class LlamaCppEngine:
         self.mem = llama_cpp.llama_get_memory(self.ctx.ctx)
         self.batch = StepBatch(llama_cpp, self.ctx, cfg.n_batch, self.control)
         self.n_vocab = self.model.n_vocab()
-        self.shown_controls = single_tokens(self.model, HARMONY_MARKERS)  # gpt-oss: its reader needs them
+        # gpt-oss: its reader needs harmony's markers, control tokens in its vocabulary; only a vocabulary with
+        # <|channel|> is harmony's (Phi's <|end|> is a control token too, and must stay unprinted there)
+        harmony = single_tokens(self.model, (HARMONY_CHANNEL,))
+        self.shown_controls = single_tokens(self.model, HARMONY_MARKERS) if harmony else frozenset()
         spec = cfg.speculation
         if spec is not None and spec.enabled:
             guesser = make_guesser(
