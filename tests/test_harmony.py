@@ -243,3 +243,16 @@ def test_the_ollama_sdk_may_ask_a_harmony_model_to_think(server):
     assert reply.prompt_eval_count > 30
     shown = client.show(MODEL)
     assert "thinking" in (shown.capabilities or [])
+
+
+def test_a_template_that_reads_reasoning_effort_gets_the_requests_effort():
+    from localllm.server.thinking import template_vars_for
+
+    harmony_like = "{{ '<|start|>system<|message|>Reasoning: ' + (reasoning_effort or 'medium') + '<|end|>' }}<|channel|>"
+    assert template_vars_for(harmony_like, True, "gpt-oss:20b", True, "reasoning_effort", effort="high") == {
+        "reasoning_effort": "high"
+    }
+    assert template_vars_for(harmony_like, None, "gpt-oss:20b", True, "reasoning_effort") == {}
+    assert template_vars_for(harmony_like, False, "gpt-oss:20b", True, "reasoning_effort", effort="none") == {}
+    plain = "{% for m in messages %}{{ m.content }}{% endfor %}"
+    assert template_vars_for(plain, None, "other", None, "reasoning_effort", effort="high") == {}

@@ -183,7 +183,8 @@ def _template_vars(body: ChatCompletionRequest, backend: Any) -> dict[str, Any]:
             raise APIError(400, f"'chat_template_kwargs.{name}' is set by the server", param=f"chat_template_kwargs.{name}")
     if "enable_thinking" not in extra:
         think = effort_think(body.reasoning_effort)
-        extra.update(template_vars_for(backend.info.chat_template, think, body.model, model_reasons(backend), "reasoning_effort"))
+        extra.update(template_vars_for(backend.info.chat_template, think, body.model, model_reasons(backend), "reasoning_effort",
+                                       effort=body.reasoning_effort))
     return extra
 
 

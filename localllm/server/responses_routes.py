@@ -176,7 +176,8 @@ def _prepare(
         params.logprobs = body.top_logprobs or 0
     effort = (body.reasoning or {}).get("effort")
     think = effort_think(effort)
-    template_vars = template_vars_for(backend.info.chat_template, think, body.model, model_reasons(backend), "reasoning.effort")
+    template_vars = template_vars_for(backend.info.chat_template, think, body.model, model_reasons(backend), "reasoning.effort",
+                                      effort=effort)
     prompt = backend.render_chat(messages, tools=plan.template_tools() if plan else None, template_vars=template_vars)
     generation = GenerationRequest(new_id(), prompt, params, templated=True, messages=messages,
                                    template_vars=template_vars, reasoning_effort=effort)

@@ -33,14 +33,21 @@ def effort_think(effort: Any) -> bool | None:
     return effort not in _OFF_EFFORTS
 
 
+_TEMPLATE_EFFORTS = ("low", "medium", "high")  # what templates that take `reasoning_effort` (gpt-oss's) know
+
+
 def template_vars_for(
-    template: str | None, think: bool | None, model: str, reasons: bool | None, field: str
-) -> dict[str, bool]:
-    """`enable_thinking` for a request's choice (`field` names it in the log); the model's reasoning flag decides an unsaid one."""
+    template: str | None, think: bool | None, model: str, reasons: bool | None, field: str, effort: Any = None
+) -> dict[str, Any]:
+    """`enable_thinking` for a request's choice (`field` names it in the log); the model's reasoning flag decides an
+    unsaid one. A template that reads `reasoning_effort` (gpt-oss's) also gets the request's low/medium/high."""
     if think and not (template_reasons(template) or reasons):
         log.warning("request for model '%s' asks for '%s': ignored, the model does not reason", model, field)
         think = None
-    return thinking_switch(template, think, model, reasons)
+    variables: dict[str, Any] = dict(thinking_switch(template, think, model, reasons))
+    if effort in _TEMPLATE_EFFORTS and template and "reasoning_effort" in template:
+        variables["reasoning_effort"] = effort
+    return variables
 
 
 def model_reasons(backend: Any) -> bool | None:
