@@ -151,3 +151,9 @@ def transformers_gguf_model(path: Path):
 
     torch.set_num_threads(2)
     return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+
+
+def permute_for_llama_cpp(w, n_heads: int):
+    """llama.cpp's converter order for Q/K rows (a numpy array): per head, the two rotary halves interleaved."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)

@@ -21,7 +21,7 @@ import torch
 
 from localllm.core.requests import SamplingParams
 from native.engine import EngineOptions, LLMEngine
-from builders import TINY_VOCAB, random_model, save_tiny, tiny_config
+from builders import TINY_VOCAB, permute_for_llama_cpp, random_model, save_tiny, tiny_config
 
 transformers = pytest.importorskip("transformers")
 
@@ -118,12 +118,6 @@ def test_hf_folder_config_is_read_as_transformers_reads_it(tiny_models):
 # -- a Llama written as GGUF --------------------------------------------------------------
 
 
-def _permute_for_llama_cpp(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """llama.cpp's converter order for Q/K rows: per head, the two rotary halves interleaved."""
-    rows = w.shape[0]
-    return w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
 def _write_llama_gguf(model, config, path: Path) -> None:
     """Write `model` as llama.cpp would, and round its Q8_0 tensors in `model` the same way."""
     import gguf
@@ -159,9 +153,9 @@ def _write_llama_gguf(model, config, path: Path) -> None:
                 module = rest.rsplit(".", 1)[0]
                 gname = f"blk.{layer}.{names[module]}.weight"
             if gname.endswith("attn_q.weight"):
-                w = _permute_for_llama_cpp(w, config.num_attention_heads)
+                w = permute_for_llama_cpp(w, config.num_attention_heads)
             elif gname.endswith("attn_k.weight"):
-                w = _permute_for_llama_cpp(w, config.num_key_value_heads)
+                w = permute_for_llama_cpp(w, config.num_key_value_heads)
             if gname.endswith(("ffn_gate.weight", "ffn_up.weight", "output.weight")):
                 q = quantize(w, gguf.GGMLQuantizationType.Q8_0)
                 writer.add_tensor(gname, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)

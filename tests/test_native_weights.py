@@ -22,6 +22,8 @@ import numpy as np
 import pytest
 import torch
 
+from builders import permute_for_llama_cpp
+
 from localllm.core.requests import SamplingParams
 from native.engine import EngineOptions, LLMEngine
 from native.loader import load_weights
@@ -65,11 +67,6 @@ def test_starter_quantized_equals_a_float_model_of_the_same_values(starter_gguf,
 # -- a Llama whose matrices are all Q4_0 blocks, in llama.cpp's Q/K row order ---------------
 
 
-def _permute_for_llama_cpp(w: np.ndarray, n_heads: int) -> np.ndarray:
-    rows = w.shape[0]
-    return w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
 def _write_q4_0_llama(model, config, path: Path) -> None:
     """Every matrix as Q4_0 (kept exactly by int4), norms as F32; Q and K rows permuted as llama.cpp does."""
     import gguf
@@ -97,9 +94,9 @@ def _write_q4_0_llama(model, config, path: Path) -> None:
             _, _, layer, rest = name.split(".", 3)
             gname = f"blk.{layer}.{names[rest.rsplit('.', 1)[0]]}.weight"
         if gname.endswith("attn_q.weight"):
-            w = _permute_for_llama_cpp(w, config.num_attention_heads)
+            w = permute_for_llama_cpp(w, config.num_attention_heads)
         elif gname.endswith("attn_k.weight"):
-            w = _permute_for_llama_cpp(w, config.num_key_value_heads)
+            w = permute_for_llama_cpp(w, config.num_key_value_heads)
         if w.ndim == 2:
             q = quantize(w, gguf.GGMLQuantizationType.Q4_0)
             writer.add_tensor(gname, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q4_0)

@@ -192,3 +192,16 @@ def test_curl_style_form_content_type_is_read_as_json(server):
     body = json.dumps({"model": "starter", "prompt": FRANCE, "raw": True, "stream": False, "options": greedy(3)})
     r = httpx.post(f"{server.url}/api/generate", content=body, headers={"content-type": "application/x-www-form-urlencoded"})
     assert r.status_code == 200 and r.json()["response"].startswith(" the")
+
+
+def test_generate_reports_logprobs_in_ollamas_shape(server):
+    body = {"model": "starter", "prompt": "The capital of France is", "stream": False, "raw": True,
+            "options": greedy(3), "logprobs": True, "top_logprobs": 2}
+    reply = httpx.post(f"{server.url}/api/generate", json=body, timeout=120).json()
+    entries = reply["logprobs"]
+    assert len(entries) == reply["eval_count"] == 3
+    for entry in entries:
+        assert set(entry) == {"token", "logprob", "top_logprobs"}  # no `bytes`: that is OpenAI's shape
+        assert entry["logprob"] <= 0 and len(entry["top_logprobs"]) == 2
+        assert set(entry["top_logprobs"][0]) == {"token", "logprob"}
+        assert entry["top_logprobs"][0]["logprob"] >= entry["logprob"] - 1e-4  # greedy: the best is the one taken

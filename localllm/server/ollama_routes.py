@@ -24,6 +24,7 @@ from localllm import __version__
 from localllm.core.reasoning import ReplyReasoning, thinking_switch
 from localllm.core.requests import FinishEvent, GenerationRequest, SamplingParams, TokenEvent
 from localllm.core.errors import BadRequest, LocalLLMError
+from localllm.server.logprobs import token_logprobs
 from localllm.server.capabilities import capabilities, refuse_unsupported_tools, stop_tokens, used_template
 from localllm.server.errors import APIError, from_localllm_error
 from localllm.server.generation import (
@@ -356,7 +357,7 @@ async def _respond(reply: _Reply, request: Request, stream: bool, kind: str) -> 
     body = _head(reply.model, kind, content or "", _whole(calls), thinking=split.reasoning)
     body.update(_final_stats(reply, finish))
     if reply.logprobs:
-        body["logprobs"] = _ollama_logprobs(tokens)
+        body["logprobs"] = token_logprobs(tokens, with_bytes=False)
     return JSONResponse(body)
 
 
@@ -373,7 +374,7 @@ async def _stream(reply: _Reply, kind: str) -> AsyncIterator[bytes]:
             if text or thinking or (reply.logprobs and event.logprobs):
                 line = _head(reply.model, kind, text, [], done=False, thinking=thinking)
                 if reply.logprobs and event.logprobs:
-                    line["logprobs"] = _ollama_logprobs([event])
+                    line["logprobs"] = token_logprobs([event], with_bytes=False)
                 yield _ndjson(line)
             continue
         if event.reason == "error":
@@ -550,20 +551,6 @@ def _logprobs(params: SamplingParams, logprobs: bool | None, top: int | None) ->
         params.logprobs = top or 0
     elif top:
         raise APIError(400, "'top_logprobs' needs 'logprobs': true")
-
-
-def _ollama_logprobs(tokens: list[TokenEvent]) -> list[dict[str, Any]]:
-    out = []
-    for event in tokens:
-        for lp in event.logprobs or []:
-            out.append(
-                {
-                    "token": lp["text"],
-                    "logprob": lp["logprob"],
-                    "top_logprobs": [{"token": t["text"], "logprob": t["logprob"]} for t in lp["top"]],
-                }
-            )
-    return out
 
 
 # -- pull ------------------------------------------------------------------------------
